@@ -1,0 +1,74 @@
+"""XLA reference attention: the definition every kernel is tested against.
+
+Plain einsums with an explicit mask, fp32 softmax.  Grouped-query attention is
+done by folding query heads into ``[kv_heads, groups]`` instead of repeating
+k/v, so memory stays at the kv-head count, as in the kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int = 0,
+) -> jax.Array:
+    """Boolean ``[batch|1, q_len, kv_len]`` mask: True where a query may attend a key.
+
+    Causality is by position (query ``i + q_offset`` sees keys ``<= i + q_offset``),
+    segments by equality of ids, so packed samples never see each other.
+    """
+    mask = jnp.ones((1, q_len, kv_len), dtype=bool)
+    if causal:
+        qi = jnp.arange(q_len)[:, None] + q_offset
+        ki = jnp.arange(kv_len)[None, :]
+        mask = mask & (qi >= ki)[None]
+    if q_segment_ids is not None:
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = mask & (q_segment_ids[:, :, None] == kv_seg[:, None, :])
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """``q [b, lq, h, d]``, ``k/v [b, lk, kv, d]`` -> ``[b, lq, h, d]``.
+
+    A query row with nothing to attend returns zeros (not NaN), matching the kernel.
+    """
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"attention: {h} query heads are not a multiple of {kvh} kv heads")
+    groups = h // kvh
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    qg = q.reshape(b, lq, kvh, groups, d)
+    logits = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    mask = attention_mask(lq, k.shape[1], causal=causal, q_segment_ids=segment_ids)
+    mask = mask[:, None, None]  # [b, 1, 1, q, k]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("attention dropout_rate > 0 needs a dropout_rng")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bngqk,bknd->bqngd", probs.astype(v.dtype), v)
+    return out.reshape(b, lq, h, d)
