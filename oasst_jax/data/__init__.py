@@ -1,0 +1,1 @@
+"""Dataset loading for the pretokenizer: upstream-format readers yielding conversations."""

@@ -1,0 +1,56 @@
+"""The conversation types every dataset loader returns.
+
+A loader turns one upstream dataset into a list of :class:`Sample` (a conversation of
+role-tagged turns) plus a counter of the records it skipped and why, so the
+pretokenizer can report drops instead of crashing on bad input.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+# Role id == index; the pretokenizer stores these ids per token (upstream
+# ``pretokenize.py``: system 0, user 1, assistant 2, context 3).
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "context")
+
+
+class DataError(ValueError):
+    """A user-facing input error (missing file, unknown dataset, unsafe archive member).
+
+    The message is one line naming the offending file, field or value.
+    """
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation; ``role`` is one of :data:`ROLES`."""
+
+    role: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {ROLES}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training conversation.
+
+    ``group`` is the split unit: samples sharing a group always land in the same
+    train/val split (oasst: the ``message_tree_id``, so threads of one tree never
+    straddle splits; other datasets: a unique per-record key).
+    """
+
+    turns: tuple[Turn, ...]
+    group: str
+
+
+@dataclass
+class LoadResult:
+    """A loaded dataset: display ``name`` (stats header), samples, and skip reasons."""
+
+    name: str
+    samples: list[Sample]
+    skipped: collections.Counter = field(default_factory=collections.Counter)
