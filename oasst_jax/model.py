@@ -1,0 +1,345 @@
+"""Llama-2 decoder in Flax linen, annotated with logical axis names only.
+
+Why linen rather than nnx: the trainer, the checkpointer, the pipeline schedule
+and the ahead-of-time planner all want parameters as a plain pytree that can be
+built abstractly (``jax.eval_shape``), sharded from a spec tree and passed into
+one pure jitted function.  linen's ``init``/``apply`` give exactly that, and its
+``nn.scan`` + ``nn.remat`` lift stacks the layers with a leading ``layers`` axis
+so compile time does not grow with depth.
+
+Shapes in names: ``B`` batch, ``L`` length, ``D`` embed, ``H`` heads, ``K`` kv
+heads, ``Dh`` head dim, ``F`` mlp, ``V`` padded vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from oasst_jax.attention import IMPLEMENTATIONS, dot_product_attention
+from oasst_jax.sharding import constrain
+
+REMAT_POLICIES = ("none", "full", "selective")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture + numerics.  Field names follow Hugging Face's LlamaConfig."""
+
+    vocab_size: int = 32002  # 32000 + <|im_start|>, <|im_end|>
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # linear position interpolation; the card uses 1.0
+    rms_norm_eps: float = 1e-5
+    vocab_pad_multiple: int = 128
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights
+    remat_policy: str = "selective"
+    attention_impl: str = "xla"
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"model: remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}"
+            )
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"model: attention_impl={self.attention_impl!r}; choose one of {IMPLEMENTATIONS}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> LlamaConfig:
+        """Build from a ConfigDict/dict, rejecting unknown keys with the key's name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"model: unknown config field {unknown[0]!r}")
+        return cls(**dict(cfg))
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, h, k = self.hidden_size, self.intermediate_size, self.head_size, 0
+        k = self.num_key_value_heads * h
+        per_layer = d * self.num_attention_heads * h * 2 + d * k * 2 + 3 * d * f + 2 * d
+        n = self.num_hidden_layers * per_layer + d
+        if include_embedding:
+            n += 2 * self.padded_vocab_size * d
+        return n
+
+
+def remat_policy(name: str):
+    """The named rematerialisation policies.
+
+    ``none``: keep every activation.  ``full``: keep only the layer input and
+    recompute the whole layer in the backward pass.  ``selective``: keep the
+    outputs of the weight matmuls (projections, MLP) but recompute attention
+    scores/softmax and the elementwise ops (norms, RoPE, SwiGLU, dropout) -- the
+    activations that are large but cheap to recompute, as in Megatron's
+    selective recompute.  Attention einsums have batch dimensions (batch, heads)
+    so ``dots_with_no_batch_dims_saveable`` leaves them out.
+    """
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "selective":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat policy {name!r} has no checkpoint policy")
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at each segment boundary of a packed row."""
+    length = segment_ids.shape[-1]
+    idx = jnp.arange(length)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=1,
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: float) -> jax.Array:
+    """Rotary embedding in Hugging Face's rotate-half layout, computed in fp32."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    angles = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq  # [B, L, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
+    """Inverted dropout with a possibly traced rate (LIMA gives each layer its own)."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _init(cfg: LlamaConfig, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            jnp.dtype(self.cfg.param_dtype),
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (xf * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    def _w(self, name: str, shape: tuple[int, ...], names: tuple[str, ...]) -> jax.Array:
+        w = self.param(name, _init(self.cfg, names), shape, jnp.dtype(self.cfg.param_dtype))
+        return w.astype(self.cfg.dtype)
+
+    @nn.compact
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool) -> jax.Array:
+        c = self.cfg
+        d, h, k, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_size
+        wq = self._w("q", (d, h, dh), ("embed", "heads", "head_dim"))
+        wk = self._w("k", (d, k, dh), ("embed", "kv_heads", "head_dim"))
+        wv = self._w("v", (d, k, dh), ("embed", "kv_heads", "head_dim"))
+        wo = self._w("o", (h, dh, d), ("heads", "head_dim", "embed"))
+        q_BLHD = constrain(
+            jnp.einsum("bld,dhk->blhk", x_BLD, wq), ("batch", "length", "act_heads", None)
+        )
+        k_BLKD = constrain(
+            jnp.einsum("bld,dhk->blhk", x_BLD, wk), ("batch", "length", "act_kv_heads", None)
+        )
+        v_BLKD = constrain(
+            jnp.einsum("bld,dhk->blhk", x_BLD, wv), ("batch", "length", "act_kv_heads", None)
+        )
+        q_BLHD = rope(q_BLHD, positions_BL, c.rope_theta, c.rope_scaling_factor)
+        k_BLKD = rope(k_BLKD, positions_BL, c.rope_theta, c.rope_scaling_factor)
+        use_dropout = c.attention_dropout > 0.0 and not deterministic
+        out_BLHD = dot_product_attention(
+            q_BLHD,
+            k_BLKD,
+            v_BLKD,
+            segment_ids=segment_ids_BL,
+            causal=True,
+            implementation=c.attention_impl,
+            dropout_rate=c.attention_dropout if use_dropout else 0.0,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+        )
+        out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
+        return jnp.einsum("blhk,hkd->bld", out_BLHD, wo)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        c = self.cfg
+        pd = jnp.dtype(c.param_dtype)
+        shape_in, shape_out = (
+            (c.hidden_size, c.intermediate_size),
+            (c.intermediate_size, c.hidden_size),
+        )
+        gate = self.param("gate", _init(c, ("embed", "mlp")), shape_in, pd).astype(c.dtype)
+        up = self.param("up", _init(c, ("embed", "mlp")), shape_in, pd).astype(c.dtype)
+        down = self.param("down", _init(c, ("mlp", "embed")), shape_out, pd).astype(c.dtype)
+        g_BLF = jnp.einsum("bld,df->blf", x_BLD, gate)
+        u_BLF = jnp.einsum("bld,df->blf", x_BLD, up)
+        h_BLF = constrain(nn.silu(g_BLF) * u_BLF, ("batch", "length", "act_mlp"))
+        return jnp.einsum("blf,fd->bld", h_BLF, down)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block.  Signature fits ``nn.scan``: ``(carry, per-layer input) -> (carry, None)``.
+
+    The per-layer input is this layer's hidden-dropout rate, so LIMA dropout
+    (a rate rising with depth) costs nothing extra inside the scan.
+    """
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, carry, dropout_rate, deterministic: bool = True):
+        x_BLD, positions_BL, segment_ids_BL = carry
+        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+        h = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BLD), positions_BL, segment_ids_BL, deterministic
+        )
+        if not deterministic:
+            h = dropout(h, dropout_rate, self.make_rng("dropout"))
+        x_BLD = x_BLD + h
+        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+        if not deterministic:
+            h = dropout(h, dropout_rate, self.make_rng("dropout"))
+        x_BLD = constrain(x_BLD + h, ("batch", "length", "act_embed"))
+        return (x_BLD, positions_BL, segment_ids_BL), None
+
+
+class DecoderStack(nn.Module):
+    """All layers as one ``nn.scan`` over a leading ``layers`` parameter axis."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic: bool):
+        layer = DecoderLayer
+        if self.cfg.remat_policy != "none":
+            layer = nn.remat(
+                layer,
+                policy=remat_policy(self.cfg.remat_policy),
+                static_argnums=(3,),
+                prevent_cse=False,
+            )
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
+            length=self.cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        (x_BLD, _, _), _ = stack(self.cfg, name="layers")(
+            (x_BLD, positions_BL, segment_ids_BL), dropout_rates, deterministic
+        )
+        return x_BLD
+
+
+def hidden_dropout_rates(num_layers: int, hidden_dropout: float, lima: bool) -> np.ndarray:
+    """Per-layer hidden-dropout rates.
+
+    LIMA dropout (Megatron-LLM ``--lima_dropout``): ``linspace(0, p, L)``, i.e.
+    layer ``i`` of ``L`` uses ``p * i / (L - 1)`` -- 0 at the first layer, ``p``
+    at the last.  Without LIMA every layer uses ``p``.
+    """
+    if not lima:
+        return np.full((num_layers,), hidden_dropout, np.float32)
+    return np.linspace(0.0, hidden_dropout, num_layers, dtype=np.float32)
+
+
+class Llama(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        *,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        dropout_rates: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits ``[B, L, V]`` (fp32; padded vocab columns set to -inf-like).
+
+        With ``segment_ids`` the row is a pack of samples: attention stays inside
+        each segment and, unless given, positions restart at 0 per segment.
+        """
+        c = self.cfg
+        if positions_BL is None:
+            if segment_ids_BL is None:
+                positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+            else:
+                positions_BL = positions_from_segments(segment_ids_BL)
+        if dropout_rates is None:
+            dropout_rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
+        embedding = self.param(
+            "embedding",
+            _init(c, ("vocab", "embed")),
+            (c.padded_vocab_size, c.hidden_size),
+            jnp.dtype(c.param_dtype),
+        )
+        x_BLD = jnp.take(embedding, tokens_BL, axis=0).astype(c.dtype)
+        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = DecoderStack(c, name="decoder")(
+            x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic
+        )
+        x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
+        head = self.param(
+            "lm_head",
+            _init(c, ("embed", "vocab")),
+            (c.hidden_size, c.padded_vocab_size),
+            jnp.dtype(c.param_dtype),
+        )
+        logits_BLV = jnp.einsum(
+            "bld,dv->blv", x_BLD, head.astype(c.dtype), preferred_element_type=jnp.float32
+        )
+        logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
+        if c.padded_vocab_size != c.vocab_size:
+            valid = jnp.arange(c.padded_vocab_size) < c.vocab_size
+            logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
+        return logits_BLV
