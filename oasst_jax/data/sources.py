@@ -1,0 +1,225 @@
+"""The card's datasets as loaders over local files in their upstream formats.
+
+Each loader mirrors the Open-Assistant class that reads the dataset
+(``model/model_training/custom_datasets/``): ``InstructionDataset`` for megacode2 and
+oa_leet10k, ``OrcaChat``, ``Dolly15kMultilingual`` and ``load_oasst_export``.  A loader takes
+its dataset's options (a dict or ``ml_collections.ConfigDict``; keys it does not know, such
+as ``fraction`` / ``val_split`` / ``max_val_set``, belong to the splitter and are ignored)
+and returns a :class:`LoadResult`.  Records that upstream would crash on, or turn into
+unusable samples, are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
+from oasst_jax.data.oasst_export import load_oasst_export
+from oasst_jax.data.readers import read_records, require_path
+
+# Upstream ``INSTRUCTION_DATASETS`` column names (role -> column).
+INSTRUCTION_COLUMNS: dict[str, dict[str, str]] = {
+    "megacode2": {"user": "USER", "assistant": "ASSISTANT"},
+    "oa_leet10k": {"user": "INSTRUCTION", "assistant": "RESPONSE"},
+}
+DOLLY_SPLITS = ("en", "de", "es", "fr")
+# Files holding one split of the Hugging Face dataset, in lookup order: the hub's parquet
+# conversion (``data/en-00000-of-00001.parquet``) or a local export per split.
+DOLLY_SPLIT_PATTERNS = (
+    "data/{split}-*.parquet",
+    "{split}-*.parquet",
+    "{split}.parquet",
+    "{split}.jsonl",
+    "{split}.jsonl.gz",
+    "{split}.json",
+)
+# Citation markers in Wikipedia-derived contexts: ``[1]``, ``[1, 2]``, ``[12-14]``, ``[a]``,
+# ``[citation needed]`` (upstream ``re_reference_remove`` / ``re_single_reference_remove``
+# plus a ``[citation needed]`` replace).
+CITATION_RE = re.compile(r"\[(?:\s*\d+\s*(?:[,–-]\s*\d+\s*)*|[a-z]|citation needed)\]")
+
+
+def _text(record: Mapping[str, Any], column: str) -> tuple[str | None, str | None]:
+    """``(text, None)`` for a usable string column, else ``(None, reason)``: a missing or
+    null column is ``missing_field``, a non-string ``bad_field``, blank ``empty_text``."""
+    value = record.get(column)
+    if value is None:
+        return None, "missing_field"
+    if not isinstance(value, str):
+        return None, "bad_field"
+    if not value.strip():
+        return None, "empty_text"
+    return value, None
+
+
+def _phrases(options: Mapping[str, Any]) -> tuple[str, ...]:
+    phrases = options.get("phrase_filter") or ()
+    if isinstance(phrases, str):
+        phrases = (phrases,)
+    return tuple(p.lower() for p in phrases if p)
+
+
+def _columns(name: str, options: Mapping[str, Any]) -> dict[str, str]:
+    """Default upstream columns, overridden per role by the ``columns`` option."""
+    columns = dict(INSTRUCTION_COLUMNS[name])
+    override = options.get("columns") or {}
+    for role in override.keys():
+        if role not in columns:
+            raise DataError(f"{name}.columns: unknown role {role!r}; expected user/assistant")
+        columns[role] = str(override[role])
+    return columns
+
+
+def shuffled(records: Sequence[Any], seed: int) -> Iterator[tuple[int, Any]]:
+    """``(original_index, record)`` in a seeded permutation order: upstream's
+    ``InstructionDataset`` shuffles row order with ``np.random.default_rng(seed)``."""
+    for i in np.random.default_rng(seed).permutation(len(records)):
+        yield int(i), records[i]
+
+
+def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]], LoadResult]:
+    """Loader for a one-pair-per-row instruction dataset (megacode2, oa_leet10k)."""
+
+    def load(options: Mapping[str, Any]) -> LoadResult:
+        path = require_path(options.get("path"), f"{name}.path")
+        columns = _columns(name, options)
+        phrases = _phrases(options)
+        seed = int(options.get("shuffle_seed", 42))
+        skipped: collections.Counter = collections.Counter()
+        records = list(read_records(path, skipped))
+        samples = []
+        for index, record in shuffled(records, seed):
+            user, reason = _text(record, columns["user"])
+            if reason is None:
+                answer, reason = _text(record, columns["assistant"])
+            if reason is None and any(p in answer.lower() for p in phrases):
+                reason = "phrase_filter"
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            turns = (Turn("user", user), Turn("assistant", answer))
+            samples.append(Sample(turns, f"{name}:{index}"))
+        return LoadResult(display, samples, skipped)
+
+    return load
+
+
+def orca_turns(record: Mapping[str, Any]) -> tuple[tuple[Turn, ...] | None, str | None]:
+    """``OrcaChat``: ``instruction`` -> system turn (only when non-blank), each
+    ``{input, output}`` of ``conversation`` -> a user and an assistant turn."""
+    conversation = record.get("conversation")
+    if conversation is None:
+        return None, "missing_field"
+    if not isinstance(conversation, list):
+        return None, "bad_field"
+    if not conversation:
+        return None, "empty_text"
+    system = record.get("instruction")
+    if system is not None and not isinstance(system, str):
+        return None, "bad_field"
+    turns = [Turn("system", system)] if system and system.strip() else []
+    for exchange in conversation:
+        if not isinstance(exchange, Mapping):
+            return None, "bad_field"
+        for column, role in (("input", "user"), ("output", "assistant")):
+            text, reason = _text(exchange, column)
+            if reason is not None:
+                return None, reason
+            turns.append(Turn(role, text))
+    return tuple(turns), None
+
+
+def load_orca_chat(options: Mapping[str, Any]) -> LoadResult:
+    """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (option ``path``)."""
+    path = require_path(options.get("path"), "orca-chat.path")
+    skipped: collections.Counter = collections.Counter()
+    samples = []
+    for index, record in enumerate(read_records(path, skipped)):
+        turns, reason = orca_turns(record)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        samples.append(Sample(turns, f"orca-chat:{index}"))
+    return LoadResult("OrcaChat (orca-chat)", samples, skipped)
+
+
+def clean_context(context: str) -> str:
+    """Remove citation markers (``[1]``, ``[1, 2]``, ``[a]``, ``[citation needed]``) as
+    upstream ``Dolly15kMultilingual._process_instruction`` does, then strip."""
+    return CITATION_RE.sub("", context).strip()
+
+
+def dolly_turns(record: Mapping[str, Any]) -> tuple[tuple[Turn, ...] | None, str | None]:
+    """``instruction`` -> user, cleaned non-empty ``context`` -> its own ``context`` turn,
+    ``response`` -> assistant (upstream ``create_dataset_entry_qa(context=...)``)."""
+    user, reason = _text(record, "instruction")
+    if reason is None:
+        answer, reason = _text(record, "response")
+    context = record.get("context") or ""
+    if reason is None and not isinstance(context, str):
+        reason = "bad_field"
+    if reason is not None:
+        return None, reason
+    context = clean_context(context)
+    middle = (Turn("context", context),) if context else ()
+    return (Turn("user", user), *middle, Turn("assistant", answer)), None
+
+
+def dolly_split_files(root: Path, split: str) -> list[Path]:
+    """The files of one split under ``root``: the first layout pattern that matches."""
+    for pattern in DOLLY_SPLIT_PATTERNS:
+        files = sorted(root.glob(pattern.format(split=split)))
+        if files:
+            return files
+    raise DataError(f"dolly15k_multilingual.path: no file for split {split!r} under {root}")
+
+
+def _iter_dolly(root: Path, skipped: collections.Counter) -> Iterator[tuple[str, int, Any]]:
+    """``(split, index within split, record)`` over the splits in upstream order."""
+    for split in DOLLY_SPLITS:
+        records = (
+            r for file in dolly_split_files(root, split) for r in read_records(file, skipped)
+        )
+        for index, record in enumerate(records):
+            yield split, index, record
+
+
+def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
+    """``Dolly15kMultilingual``: splits en, de, es, fr of a directory (option ``path``)."""
+    root = require_path(options.get("path"), "dolly15k_multilingual.path")
+    if not root.is_dir():
+        raise DataError(f"dolly15k_multilingual.path: not a directory: {root}")
+    for split in DOLLY_SPLITS:  # fail at start, before reading anything
+        dolly_split_files(root, split)
+    skipped: collections.Counter = collections.Counter()
+    samples = []
+    for split, index, record in _iter_dolly(root, skipped):
+        turns, reason = dolly_turns(record)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        samples.append(Sample(turns, f"dolly15k_multilingual:{split}:{index}"))
+    return LoadResult("Dolly15kMultilingual", samples, skipped)
+
+
+LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
+    "megacode2": instruction_loader("megacode2", "InstructionDataset (megacode2)"),
+    "orca-chat": load_orca_chat,
+    "dolly15k_multilingual": load_dolly15k_multilingual,
+    "oa_leet10k": instruction_loader("oa_leet10k", "InstructionDataset (oa_leet10k)"),
+    "oasst_export": load_oasst_export,
+}
+
+
+def load_dataset(name: str, options: Mapping[str, Any]) -> LoadResult:
+    """Load dataset ``name`` of the card's mixes with its options."""
+    loader = LOADERS.get(name)
+    if loader is None:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
+    return loader(options)
