@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,17 +37,40 @@ def latest_step(directory: str) -> int | None:
         return mngr.latest_step()
 
 
-def save_weights(directory: str, params: Any, cfg: LlamaConfig, step: int = 0) -> None:
-    """Write ``params`` + model config as a weights-only checkpoint at ``step``."""
+def save_weights(
+    directory: str,
+    params: Any,
+    cfg: LlamaConfig,
+    step: int = 0,
+    extra_json: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Write ``params`` + model config as a weights-only checkpoint at ``step``.
+
+    ``extra_json`` adds named JSON items beside them (``convert`` keeps the
+    source Hugging Face config there so an export restores its dtype and ids).
+    """
+    extra = {name: ocp.args.JsonSave(dict(item)) for name, item in (extra_json or {}).items()}
     with _manager(directory, enable_async_checkpointing=False) as mngr:
         mngr.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
+                **extra,
             ),
         )
         mngr.wait_until_finished()
+
+
+def load_json_item(directory: str, name: str, step: int | None = None) -> dict | None:
+    """A JSON item saved with ``extra_json``; None when the step has no such item."""
+    step = _resolve_step(directory, step)
+    with _manager(directory) as mngr:
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+        except KeyError:
+            return None
+    return restored[name]
 
 
 def load_model_config(directory: str, step: int | None = None) -> LlamaConfig:
@@ -99,3 +123,60 @@ def _resolve_step(directory: str, step: int | None) -> int:
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint under {directory}")
     return found
+
+
+class TrainCheckpointer:
+    """Resumable training checkpoints: params, optimizer state, step and data-iterator state.
+
+    Saves are asynchronous (orbax writes in the background and commits by
+    renaming a temporary folder), keep the newest ``max_to_keep``, and restore
+    falls back to the previous step if the newest one cannot be read.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._mngr = _manager(
+            self.directory, max_to_keep=max_to_keep, enable_async_checkpointing=async_save
+        )
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def save(self, step: int, state: dict, meta: dict, cfg: LlamaConfig) -> None:
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                opt_state=ocp.args.StandardSave(state["opt_state"]),
+                meta=ocp.args.JsonSave({"step": step, **meta}),
+                model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state: dict) -> tuple[dict, dict] | None:
+        """``(state, meta)`` from the newest readable step, or None if there is none."""
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                restored = self._mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract_state["params"]),
+                        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+            except (OSError, ValueError, KeyError) as e:
+                print(f"checkpoint step {step} unreadable ({type(e).__name__}: {e}); trying older")
+                continue
+            state = {
+                "step": jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
+                "params": restored["params"],
+                "opt_state": restored["opt_state"],
+            }
+            return state, dict(restored["meta"])
+        return None
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
