@@ -232,10 +232,11 @@ def test_oasst_malformed_lines_counted(tmp_path):
     }
 
 
-def test_oasst_corrupt_gzip_is_data_error(tmp_path):
-    path = tmp_path / "x.jsonl.gz"
-    path.write_bytes(JSONL_GZ.read_bytes()[:-40])
-    with pytest.raises(DataError, match="x.jsonl.gz"):
+@pytest.mark.parametrize("source, name", [(JSONL_GZ, "x.jsonl.gz"), (TAR, "x.tar.gz")])
+def test_oasst_truncated_input_is_data_error(tmp_path, source, name):
+    path = tmp_path / name
+    path.write_bytes(source.read_bytes()[:-40])
+    with pytest.raises(DataError, match=name):
         oasst(path)
 
 

@@ -132,10 +132,9 @@ def _select_jsonl_member(members: list[tarfile.TarInfo], archive: Path) -> tarfi
     (Open-Assistant publishes ``*.trees.jsonl.gz`` beside ``*.messages.jsonl.gz``), the
     ``trees`` file is the one holding message trees."""
     candidates = [m for m in members if m.isfile() and m.name.lower().endswith(JSONL_SUFFIXES)]
-    if len(candidates) > 1:
-        candidates = [m for m in candidates if ".trees." in PurePosixPath(m.name).name] or (
-            candidates
-        )
+    trees = [m for m in candidates if ".trees." in PurePosixPath(m.name).name.lower()]
+    if len(candidates) > 1 and trees:
+        candidates = trees
     if len(candidates) != 1:
         names = [m.name for m in candidates] or "none"
         raise DataError(f"{archive}: expected exactly one .jsonl[.gz] member, found {names}")
@@ -149,17 +148,17 @@ def iter_tar_jsonl(archive: Path, skipped: collections.Counter) -> Iterator[dict
     """
     try:
         tar = tarfile.open(archive, "r:*")
-    except tarfile.TarError as e:
+        members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{archive}: not a readable tar archive ({e})") from None
     with tar:
-        members = tar.getmembers()
         for member in members:
             check_tar_member(member, archive)
         member = _select_jsonl_member(members, archive)
         raw = tar.extractfile(member)
         assert raw is not None  # regular file, checked above
         with raw:
-            stream = gzip.GzipFile(fileobj=raw) if member.name.endswith(".gz") else raw
+            stream = gzip.GzipFile(fileobj=raw) if member.name.lower().endswith(".gz") else raw
             yield from parse_json_lines(stream, skipped, archive)
 
 

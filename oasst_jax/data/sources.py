@@ -59,6 +59,9 @@ def _text(record: Mapping[str, Any], column: str) -> tuple[str | None, str | Non
 
 
 def _phrases(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """Option ``phrase_filter``: a row whose assistant answer contains one of these phrases
+    (case-insensitive) is dropped, as upstream drops canned refusals.  Empty by default
+    (recipe), so the card's accepted counts are reproduced unless a list is configured."""
     phrases = options.get("phrase_filter") or ()
     if isinstance(phrases, str):
         phrases = (phrases,)
@@ -77,8 +80,10 @@ def _columns(name: str, options: Mapping[str, Any]) -> dict[str, str]:
 
 
 def shuffled(records: Sequence[Any], seed: int) -> Iterator[tuple[int, Any]]:
-    """``(original_index, record)`` in a seeded permutation order: upstream's
-    ``InstructionDataset`` shuffles row order with ``np.random.default_rng(seed)``."""
+    """``(original_index, record)`` in a seeded permutation order.  Upstream's
+    ``InstructionDataset`` shuffles row order with a seeded RNG (seed 42, option
+    ``shuffle_seed``); ours is ``np.random.default_rng(seed)``, deterministic but not
+    upstream's exact order."""
     for i in np.random.default_rng(seed).permutation(len(records)):
         yield int(i), records[i]
 
