@@ -10,3 +10,33 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+import pytest  # noqa: E402
+
+_SP_WORDS = (
+    "the quick brown fox jumps over the lazy dog while a helpful assistant answers every "
+    "question about python code , numbers 0123456789 and lists ; def return import class "
+    "user system context hello world please explain why how what is this"
+).split()
+
+
+def sp_corpus(lines: int = 400) -> list[str]:
+    """A deterministic little corpus: enough for a tiny BPE model in ~0.1 s."""
+    import random
+
+    rng = random.Random(0)
+    return [
+        " ".join(rng.choice(_SP_WORDS) for _ in range(rng.randint(5, 30))) for _ in range(lines)
+    ]
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory):
+    """A small SentencePiece BPE model (newline-keeping settings) trained at test time."""
+    from oasst_jax.tokenizer import train_sentencepiece
+
+    out = tmp_path_factory.mktemp("sp") / "tiny"
+    return train_sentencepiece(iter(sp_corpus()), out, 300)

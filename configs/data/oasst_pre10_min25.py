@@ -1,0 +1,51 @@
+"""Stage 1 data mix ``oasst_pre10_min25`` of the model card (SFT v10, instruction tuning).
+
+Mirrors the card's pretokenizer YAML (a key with a dash is overridden as
+``--config.datasets['orca-chat'].path=...``). Input paths are placeholders: point them at local
+copies of the Hugging Face datasets, and ``tokenizer_path`` at Llama-2's tokenizer.model::
+
+    python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py \\
+      --config.tokenizer_path=/models/llama2/tokenizer.model \\
+      --config.datasets.megacode2.path=/data/DeDuped_LosslessMegaCode..._Uncensored.json \\
+      --config.datasets['orca-chat'].path=/data/orca-chat-gpt4.json \\
+      --config.datasets.dolly15k_multilingual.path=/data/dolly-15k-curated-multilingual \\
+      --config.datasets.oa_leet10k.path=/data/oa_leet10k.parquet
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.output_dir = "output/oasst_pre10_min25"
+    c.filename_prefix = "oasst_pre10"
+    c.min_assistant_tokens = 25
+    c.tokenizer_path = "/path/to/llama2/tokenizer.model"
+    c.megatron_new_tokens = False  # True: the 32007-token layout the released model used
+    c.check_tokenization = True
+    c.seed = 42
+    c.num_workers = 2
+    # sort_keys=False keeps the card's dataset order (the order of the output files).
+    c.datasets = ConfigDict(sort_keys=False)
+    c.datasets.megacode2 = ConfigDict(
+        dict(
+            path="/path/to/DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json",
+            fraction=0.5,
+            val_split=0.01,
+            max_val_set=1000,
+        )
+    )
+    c.datasets["orca-chat"] = ConfigDict(
+        dict(path="/path/to/orca-chat-gpt4.json", val_split=0.01, max_val_set=1000)
+    )
+    c.datasets.dolly15k_multilingual = ConfigDict(
+        dict(
+            path="/path/to/databricks-dolly-15k-curated-multilingual",
+            val_split=0.05,
+            max_val_set=300,
+        )
+    )
+    c.datasets.oa_leet10k = ConfigDict(
+        dict(path="/path/to/oa_leet10k.parquet", val_split=0.05, max_val_set=250)
+    )
+    return c

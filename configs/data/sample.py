@@ -1,0 +1,48 @@
+"""The README demo: all five card datasets from the small fixtures bundled in ``tests/data/``.
+
+Train the small tokenizer first (seconds), then pretokenize (run from the repo root)::
+
+    python -m oasst_jax.tokenizer train --input tests/data --out output/sample/tokenizer.model \\
+      --vocab-size 1000
+    python -m oasst_jax.pretokenize --config=configs/data/sample.py
+
+Split options follow the card (stage 1 sets, then the stage 2 oasst export with ``top_k=1``);
+``val_split`` is larger than the card's so the tiny fixtures still get a validation split.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.output_dir = "output/sample/data"
+    c.filename_prefix = "sample"
+    c.min_assistant_tokens = 25
+    c.tokenizer_path = "output/sample/tokenizer.model"
+    c.megatron_new_tokens = False
+    c.check_tokenization = True
+    c.seed = 42
+    c.num_workers = 2
+    c.datasets = ConfigDict(sort_keys=False)
+    c.datasets.megacode2 = ConfigDict(
+        dict(path="tests/data/megacode2.json", fraction=0.5, val_split=0.1, max_val_set=1000)
+    )
+    c.datasets["orca-chat"] = ConfigDict(
+        dict(path="tests/data/orca-chat-gpt4.json", val_split=0.1, max_val_set=1000)
+    )
+    c.datasets.dolly15k_multilingual = ConfigDict(
+        dict(path="tests/data/dolly15k", val_split=0.1, max_val_set=300)
+    )
+    c.datasets.oa_leet10k = ConfigDict(
+        dict(path="tests/data/oa_leet10k.parquet", val_split=0.1, max_val_set=250)
+    )
+    c.datasets.oasst_export = ConfigDict(
+        dict(
+            lang="bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk",
+            input_file_path="tests/data/oasst_ready.tar.gz",
+            top_k=1,
+            val_split=0.2,
+            max_val_set=100,
+        )
+    )
+    return c

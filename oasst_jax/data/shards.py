@@ -1,0 +1,263 @@
+"""On-disk format of pretokenized splits, its atomic writer and a memory-mapped grain source.
+
+One split is a directory ``{output_dir}/{prefix}-{split}`` holding
+
+- ``tokens.bin``: all token ids back to back, ``uint16`` when the vocabulary is < 65500
+  (as upstream's Megatron indexed datasets), else ``uint32``;
+- ``roles.bin``: the aligned role id of every token (``uint8``, ``ROLES`` order);
+- ``offsets.bin``: ``int64[num_samples + 1]``, sample ``i`` is ``[offsets[i], offsets[i+1])``;
+- ``metadata.json``: format version, dtype, counts, tokenizer identity, the config.
+
+Raw little-endian arrays read with ``np.memmap``: nothing is unpickled and nothing is loaded
+into memory until a sample is read. A split directory only exists once complete: the
+writer fills a hidden temp directory, fsyncs it and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oasst_jax.data.conversation import DataError
+
+FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.bin"
+ROLES_FILE = "roles.bin"
+OFFSETS_FILE = "offsets.bin"
+METADATA_FILE = "metadata.json"
+_UINT16_LIMIT = 65500  # upstream's threshold (Megatron indexed dataset best_fitting_dtype)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every id."""
+    return np.dtype("<u2") if vocab_size < _UINT16_LIMIT else np.dtype("<u4")
+
+
+def split_path(output_dir: str | os.PathLike, prefix: str, split: str) -> Path:
+    """``{output_dir}/{prefix}-{split}``, the directory of one split."""
+    return Path(output_dir) / f"{prefix}-{split}"
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What the metadata records about the tokenizer (compared by :func:`check_tokenizer`)."""
+    return {
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "base_vocab_size": tokenizer.base_vocab_size,
+        "special_ids": tokenizer.special_ids(),
+        "megatron_new_tokens": tokenizer.megatron_new_tokens,
+        "model_path": tokenizer.model_path,
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a fsynced temp file and a rename, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Streams samples of one split into a hidden temp dir; :meth:`commit` moves it into place.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an exception, or a
+    forgotten commit) deletes the temp dir, so a failed run leaves nothing that looks done.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, vocab_size: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._vocab_size = vocab_size
+        self._dtype = token_dtype(vocab_size)
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir()
+        self._tokens = open(self._tmp / TOKENS_FILE, "wb")
+        self._roles = open(self._tmp / ROLES_FILE, "wb")
+        self._offsets = [np.zeros(1, dtype=np.int64)]
+        self._num_tokens = 0
+        self._num_samples = 0
+        self._done = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def add(self, tokens: np.ndarray, roles: np.ndarray) -> None:
+        """Append one sample."""
+        tokens = np.asarray(tokens)
+        self.add_batch(tokens, roles, np.array([tokens.size], dtype=np.int64))
+
+    def add_batch(self, tokens: np.ndarray, roles: np.ndarray, lengths: np.ndarray) -> None:
+        """Append samples given as concatenated tokens/roles and their lengths."""
+        tokens, roles, lengths = np.asarray(tokens), np.asarray(roles), np.asarray(lengths)
+        if tokens.shape != roles.shape or tokens.ndim != 1 or int(lengths.sum()) != tokens.size:
+            raise ValueError("tokens, roles and lengths are not aligned")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self._vocab_size):
+            raise ValueError(f"token id out of range for vocab_size {self._vocab_size}")
+        self._tokens.write(tokens.astype(self._dtype, copy=False).tobytes())
+        self._roles.write(roles.astype(np.uint8, copy=False).tobytes())
+        self._offsets.append(self._num_tokens + np.cumsum(lengths, dtype=np.int64))
+        self._num_tokens += tokens.size
+        self._num_samples += lengths.size
+
+    def commit(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Finish: write index + metadata, fsync, and atomically replace ``path``."""
+        for f in (self._tokens, self._roles):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        offsets = np.concatenate(self._offsets)
+        with open(self._tmp / OFFSETS_FILE, "wb") as f:
+            f.write(offsets.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "num_samples": self._num_samples,
+            "num_tokens": self._num_tokens,
+            "token_dtype": self._dtype.str,
+            **metadata,
+        }
+        write_json_atomic(self._tmp / METADATA_FILE, meta)
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+        os.rename(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old)
+        self._done = True
+        return meta
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        for f in (self._tokens, self._roles):
+            f.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """``metadata.json`` of a split or output directory; one-line DataError when absent."""
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise DataError(f"{path} has no {METADATA_FILE}: not a finished pretokenizer output")
+    with open(file) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: shard format version {meta.get('format_version')} is not "
+            f"{FORMAT_VERSION}; re-run pretokenize"
+        )
+    return meta
+
+
+def check_tokenizer(path: str | os.PathLike, tokenizer: Any) -> None:
+    """Refuse shards (split dir or output dir) made with a different tokenizer.
+
+    Compares the sha256 of the model bytes + extra-token layout, so the released
+    checkpoint's 32007-token layout and the compact 32002 one are told apart too.
+    """
+    meta = read_metadata(path)
+    made = meta["tokenizer"]
+    if made["sha256"] != tokenizer.sha256:
+        raise DataError(
+            f"{path} was pretokenized with another tokenizer (sha256 {made['sha256'][:12]}, "
+            f"vocab {made['vocab_size']}) than {tokenizer.model_path} (sha256 "
+            f"{tokenizer.sha256[:12]}, vocab {tokenizer.vocab_size}); re-run pretokenize"
+        )
+
+
+class ShardDataSource:
+    """A split as a grain ``RandomAccessDataSource``: ``len`` and ``[i]`` over samples.
+
+    ``source[i]`` is ``{"tokens": int32[n], "roles": uint8[n]}``. Files are memory-mapped
+    lazily on first access in each process; pickling carries only the path (grain workers).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        self._len = int(self.metadata["num_samples"])
+        self._dtype = np.dtype(self.metadata["token_dtype"])
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "metadata": self.metadata}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.metadata = state["metadata"]
+        self._len = int(self.metadata["num_samples"])
+        self._dtype = np.dtype(self.metadata["token_dtype"])
+        self._arrays = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"ShardDataSource({str(self.path)!r}, num_samples={self._len})"
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < self._len:
+            raise IndexError(f"sample {index} out of range for {self._len} samples")
+        tokens, roles, offsets = self._open()
+        start, end = int(offsets[index]), int(offsets[index + 1])
+        return {
+            "tokens": tokens[start:end].astype(np.int32),
+            "roles": np.array(roles[start:end], dtype=np.uint8),
+        }
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample (int64), e.g. for packing plans; reads only the index."""
+        return np.diff(self._open()[2])
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            n_tok = int(self.metadata["num_tokens"])
+            offsets = _memmap(self.path / OFFSETS_FILE, np.dtype("<i8"), self._len + 1)
+            if int(offsets[-1]) != n_tok:
+                raise DataError(f"{self.path}: index does not match metadata; re-run pretokenize")
+            self._arrays = (
+                _memmap(self.path / TOKENS_FILE, self._dtype, n_tok),
+                _memmap(self.path / ROLES_FILE, np.dtype(np.uint8), n_tok),
+                offsets,
+            )
+        return self._arrays
+
+
+def _memmap(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """Read-only map of exactly ``count`` items (missing or mis-sized: a damaged split)."""
+    if not file.is_file() or file.stat().st_size != count * dtype.itemsize:
+        raise DataError(f"{file} has the wrong size for {count} items; re-run pretokenize")
+    if count == 0:  # mmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=(count,))

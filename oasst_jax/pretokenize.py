@@ -1,0 +1,407 @@
+"""Pretokenizer: the card's data mixes -> chatml token + role shards, splits, stats report.
+
+``python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py
+[--config.datasets.megacode2.path=...] [--config.tokenizer_path=/path/llama2/tokenizer.model]``
+
+Per dataset, in the config's order (upstream ``custom_datasets/__init__.py``):
+
+1. load with the dataset's loader (``sources.load_dataset``), malformed records counted;
+2. ``val_split`` (default 0.2): a seeded shuffle of the *groups* (oasst: message trees, so
+   threads of a tree never straddle splits; others: one group per record), the first
+   ``ceil(val_split * n_groups)`` go to val (sklearn ``train_test_split``'s rounding);
+3. ``max_val_set``: a seeded subset of val of that many samples, drawn *without* replacement
+   (upstream draws with replacement, a bug);
+4. ``fraction``: a seeded subset of ``int(len(train) * fraction)`` train samples;
+5. chatml encoding (:mod:`oasst_jax.chatml`) in a process pool; samples whose assistant turns
+   have fewer than ``min_assistant_tokens`` tokens (header, text, ``<|im_end|>``, newline) are
+   skipped, and so are samples failing upstream's joined-text tokenisation check.
+
+Each dataset has its own RNG seeded by ``(seed, crc32(name))``, so editing one dataset does
+not reshuffle the others. Samples keep their (loader) order inside a split and datasets are
+concatenated in config order; the trainer's sampler shuffles (upstream permuted the file).
+The output is byte-identical for any ``num_workers``.
+
+Outputs (:mod:`oasst_jax.data.shards`): ``{output_dir}/{prefix}-train``, ``{prefix}-val``,
+``stats.md`` (the card's report per split plus skip counts by reason) and ``metadata.json``,
+written last: an output directory without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import sys
+import zlib
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from oasst_jax.chatml import EncodedBatch, encode_batch
+from oasst_jax.data import shards
+from oasst_jax.data.conversation import DataError, Sample, Turn
+from oasst_jax.data.sources import LOADERS, load_dataset
+from oasst_jax.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+SPLIT_OPTIONS = ("fraction", "val_split", "max_val_set")
+PATH_OPTIONS = ("path", "input_file_path")
+DEFAULT_VAL_SPLIT = 0.2
+CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
+STATS_RULE = "-----------------"
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def dataset_rng(seed: int, name: str) -> np.random.Generator:
+    """The RNG of one dataset, independent of the other datasets of the mix."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def split_dataset(
+    samples: Sequence[Sample],
+    *,
+    val_split: float,
+    max_val_set: int | None,
+    fraction: float,
+    rng: np.random.Generator,
+) -> tuple[list[Sample], list[Sample]]:
+    """``(train, val)`` by group, then the val cap, then the train fraction (module doc)."""
+    groups = list(dict.fromkeys(s.group for s in samples))
+    n_val = min(len(groups), math.ceil(round(val_split * len(groups), 9)))
+    val_groups = {groups[i] for i in rng.permutation(len(groups))[:n_val]}
+    train = [s for s in samples if s.group not in val_groups]
+    val = [s for s in samples if s.group in val_groups]
+    if max_val_set is not None and len(val) > max_val_set:
+        val = _subset(val, max_val_set, rng)
+    if fraction < 1.0:
+        train = _subset(train, int(len(train) * fraction), rng)
+    return train, val
+
+
+def _subset(samples: list[Sample], size: int, rng: np.random.Generator) -> list[Sample]:
+    """A seeded random subset without replacement, in the original order."""
+    return [samples[i] for i in np.sort(rng.choice(len(samples), size, replace=False))]
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass
+class Stats:
+    """One block of the card's statistics report."""
+
+    name: str  # the loader's display name, as upstream's report
+    total: int
+    fraction: float = 1.0
+    key: str = ""  # the config's dataset name
+    accepted: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    min_tokens: int | None = None
+    max_tokens: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, lengths: np.ndarray, reasons: Mapping[str, int]) -> None:
+        """Record accepted sample lengths and skips by reason."""
+        self.accepted += int(lengths.size)
+        self.tokens += int(lengths.sum())
+        if lengths.size:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            self.min_tokens = lo if self.min_tokens is None else min(self.min_tokens, lo)
+            self.max_tokens = max(self.max_tokens, hi)
+        for reason, count in reasons.items():
+            if count:
+                self.reasons[reason] += int(count)
+                self.skipped += int(count)
+
+    def format(self) -> str:
+        """The card's block; 0 accepted prints 0 for min/max/avg instead of crashing."""
+        processed = self.accepted + self.skipped
+        return "\n".join(
+            [
+                f"## Stats for '{self.name}' ({self.total} samples ({self.fraction:.1%}))",
+                STATS_RULE,
+                f"  Accepted: {self.accepted}/{processed} ({_ratio(self.accepted, processed):.1%})",
+                f"  Accepted tokens: {self.tokens}",
+                f"  Skipped: {self.skipped} ({_ratio(self.skipped, processed):.1%})",
+                f"  Min tokens per sample: {self.min_tokens or 0}",
+                f"  Max tokens per sample: {self.max_tokens}",
+                f"  Avg tokens per sample: {_ratio(self.tokens, self.accepted)}",
+                STATS_RULE,
+                "",
+            ]
+        )
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def total_stats(blocks: Sequence[Stats]) -> Stats:
+    """The ``total`` block of a split."""
+    total = Stats("total", sum(b.total for b in blocks))
+    for b in blocks:
+        total.accepted += b.accepted
+        total.skipped += b.skipped
+        total.tokens += b.tokens
+        total.max_tokens = max(total.max_tokens, b.max_tokens)
+        if b.min_tokens is not None:
+            total.min_tokens = min(b.min_tokens, total.min_tokens or b.min_tokens)
+        total.reasons.update(b.reasons)
+    return total
+
+
+def format_report(
+    output_dir: str, prefix: str, stats: Mapping[str, Sequence[Stats]], load_skips: Mapping
+) -> str:
+    """``stats.md``: the card's report for each split, then skip counts by reason."""
+    parts = []
+    for split, blocks in stats.items():
+        parts.append(f"# Stats for {output_dir}/{prefix}-{split}\n")
+        parts.extend(b.format() for b in (*blocks, total_stats(blocks)))
+    parts.append("# Skipped records by reason\n")
+    for name, reasons in load_skips.items():
+        parts.append(f"- {name} (load): {_reasons(reasons)}")
+    for split, blocks in stats.items():
+        parts.extend(f"- {b.key} ({split}): {_reasons(b.reasons)}" for b in blocks if b.skipped)
+    return "\n".join(parts) + "\n"
+
+
+def _reasons(reasons: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v) or "none"
+
+
+# ----------------------------------------------------------------------------- encoding
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Tokenizer, check: bool) -> None:
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["check"] = check
+
+
+def _encode_chunk(conversations: list[tuple[Turn, ...]]) -> EncodedBatch:
+    return encode_batch(_WORKER["tokenizer"], conversations, check=_WORKER["check"])
+
+
+class Encoder:
+    """Encodes samples in fixed-size chunks, in a process pool when ``num_workers > 1``.
+
+    Results come back in submission order with a bounded number of chunks in flight, so
+    output is identical for any worker count and memory stays flat.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, num_workers: int, check: bool = True):
+        self._pool = None
+        if num_workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+            self._pool = ctx.Pool(num_workers, _init_worker, (tokenizer, check))
+        else:
+            _init_worker(tokenizer, check)
+        self._window = 2 * max(num_workers, 1)
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
+        """Encoded chunks of ``CHUNK_SIZE`` samples, in order."""
+        chunks = (
+            [s.turns for s in samples[i : i + CHUNK_SIZE]]
+            for i in range(0, len(samples), CHUNK_SIZE)
+        )
+        if self._pool is None:
+            yield from map(_encode_chunk, chunks)
+            return
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= self._window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_samples(
+    samples: Sequence[Sample],
+    encoder: Encoder,
+    writer: shards.ShardWriter,
+    stats: Stats,
+    *,
+    min_assistant_tokens: int | None,
+    desc: str = "",
+) -> None:
+    """Encode, filter and append ``samples`` to ``writer``, updating ``stats``."""
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None) as bar:
+        for batch in encoder.encode(samples):
+            too_short = np.zeros(batch.lengths.size, dtype=bool)
+            if min_assistant_tokens:
+                too_short = ~batch.mismatch & (batch.assistant_tokens() < min_assistant_tokens)
+            keep = ~(batch.mismatch | too_short)
+            token_keep = np.repeat(keep, batch.lengths)
+            writer.add_batch(batch.tokens[token_keep], batch.roles[token_keep], batch.lengths[keep])
+            reasons = {
+                "min_assistant_tokens": int(too_short.sum()),
+                "tokenization_mismatch": int(batch.mismatch.sum()),
+            }
+            stats.add(batch.lengths[keep], reasons)
+            bar.update(batch.lengths.size)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _options(config: Any, name: str) -> dict[str, Any]:
+    options = config.datasets[name]
+    return dict(options.to_dict() if hasattr(options, "to_dict") else options)
+
+
+def validate_config(config: Any) -> list[str]:
+    """Check the config before any work; returns the dataset names in config order."""
+    for key in ("output_dir", "filename_prefix", "tokenizer_path", "datasets"):
+        if not config.get(key):
+            raise DataError(f"config: '{key}' is required")
+    names = list(config.datasets.keys())
+    for name in names:
+        if name not in LOADERS:
+            raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
+        opts = _options(config, name)
+        val_split = opts.get("val_split", DEFAULT_VAL_SPLIT)
+        if not 0.0 <= float(val_split) < 1.0:
+            raise DataError(f"datasets.{name}.val_split must be in [0, 1), got {val_split}")
+        fraction = opts.get("fraction", 1.0)
+        if not 0.0 < float(fraction) <= 1.0:
+            raise DataError(f"datasets.{name}.fraction must be in (0, 1], got {fraction}")
+        max_val = opts.get("max_val_set")
+        if max_val is not None and int(max_val) < 0:
+            raise DataError(f"datasets.{name}.max_val_set must be >= 0, got {max_val}")
+        for key in PATH_OPTIONS:
+            if opts.get(key) and not Path(opts[key]).exists():
+                raise DataError(f"datasets.{name}.{key}: input not found: {opts[key]}")
+    if int(config.get("num_workers", 1)) < 1:
+        raise DataError(f"config: num_workers must be >= 1, got {config.num_workers}")
+    return names
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    """The config as JSON data, in its field order (``to_dict`` would sort the datasets)."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config: Any) -> dict[str, list[Stats]]:
+    """Pretokenize the mix described by ``config``; returns the stats blocks per split."""
+    names = validate_config(config)
+    tokenizer = Tokenizer(
+        config.tokenizer_path, megatron_new_tokens=bool(config.get("megatron_new_tokens", False))
+    )
+    out_dir, prefix = Path(config.output_dir), config.filename_prefix
+    seed = int(config.get("seed", 42))
+    min_tokens = config.get("min_assistant_tokens")
+    stats: dict[str, list[Stats]] = {s: [] for s in SPLITS}
+    load_skips: dict[str, Counter] = {}
+    common = {"tokenizer": shards.tokenizer_identity(tokenizer), "config": _config_json(config)}
+    with contextlib.ExitStack() as stack:
+        writers = {
+            split: stack.enter_context(
+                shards.ShardWriter(
+                    shards.split_path(out_dir, prefix, split), vocab_size=tokenizer.vocab_size
+                )
+            )
+            for split in SPLITS
+        }
+        encoder = stack.enter_context(
+            Encoder(
+                tokenizer,
+                num_workers=int(config.get("num_workers", 1)),
+                check=bool(config.get("check_tokenization", True)),
+            )
+        )
+        for name in names:
+            opts = _options(config, name)
+            result = load_dataset(name, opts)
+            load_skips[name] = result.skipped
+            fraction = float(opts.get("fraction", 1.0))
+            parts = split_dataset(
+                result.samples,
+                val_split=float(opts.get("val_split", DEFAULT_VAL_SPLIT)),
+                max_val_set=opts.get("max_val_set"),
+                fraction=fraction,
+                rng=dataset_rng(seed, name),
+            )
+            # fraction is reported on train only: val is never subsampled by it.
+            for split, samples, frac in zip(SPLITS, parts, (fraction, 1.0), strict=True):
+                block = Stats(result.name, len(samples), frac, key=name)
+                write_samples(
+                    samples, encoder, writers[split], block,
+                    min_assistant_tokens=min_tokens, desc=f"{name} {split}",
+                )  # fmt: skip
+                stats[split].append(block)
+        _begin_commit(out_dir)
+        metas = {split: w.commit({"split": split, **common}) for split, w in writers.items()}
+    report = format_report(str(out_dir), prefix, stats, load_skips)
+    (out_dir / "stats.md").write_text(report)
+    print(report)
+    shards.write_json_atomic(out_dir / shards.METADATA_FILE, _output_metadata(common, metas, stats))
+    return stats
+
+
+def _begin_commit(out_dir: Path) -> None:
+    """Remove the old completion marker first, so a crash mid-commit reads as incomplete."""
+    (out_dir / shards.METADATA_FILE).unlink(missing_ok=True)
+
+
+def _output_metadata(common: dict, metas: dict, stats: dict[str, list[Stats]]) -> dict[str, Any]:
+    splits = {
+        split: {k: meta[k] for k in ("num_samples", "num_tokens", "token_dtype")}
+        for split, meta in metas.items()
+    }
+    counts = {
+        split: {b.key: {"accepted": b.accepted, "skipped": dict(b.reasons)} for b in blocks}
+        for split, blocks in stats.items()
+    }
+    return {"format_version": shards.FORMAT_VERSION, **common, "splits": splits, "counts": counts}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main() -> None:
+    """absl entry point: ``--config`` file plus ``--config.a.b=value`` overrides."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "data config (configs/data/*.py)")
+    flags.mark_flag_as_required("config")
+
+    def _main(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            run(config.value)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""SentencePiece tokenizer with the chatml markers as extra ids, plus a tiny-model trainer.
+
+Why a wrapper: Llama-2's ``tokenizer.model`` has no ``<|im_start|>``/``<|im_end|>`` pieces.
+Megatron-LLM (the trainer of the card) appends them *after* the SentencePiece vocabulary and
+encodes text by splitting it on those markers, SentencePiece-encoding the pieces in between,
+and emitting the marker ids verbatim. We do the same, so ids match data made upstream:
+
+- default (compact, Megatron ``--no_new_tokens``): ``<|im_start|>`` = base, ``<|im_end|>`` =
+  base + 1 (32000/32001 for Llama-2);
+- ``megatron_new_tokens=True`` (what the card actually ran): ``<CLS> <SEP> <EOD> <MASK> <PAD>``
+  first, then the markers: 32005/32006 in a 32007-token vocabulary.
+
+No BOS/EOS is ever added by :meth:`Tokenizer.encode` (the recipe's samples start with
+``<|im_start|>``).
+
+CLI: ``python -m oasst_jax.tokenizer train --input tests/data --out output/sample/tokenizer.model
+--vocab-size 1000`` trains a small BPE model from text, json(l)(.gz), tar.gz and parquet files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from oasst_jax.data.conversation import DataError
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHATML_TOKENS: tuple[str, ...] = (IM_START, IM_END)
+# Megatron-LLM's SentencePiece tokenizer adds these before --vocab_extra_ids_list unless
+# --no_new_tokens is given.
+MEGATRON_NEW_TOKENS: tuple[str, ...] = ("<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>")
+
+
+def extra_tokens(megatron_new_tokens: bool = False) -> tuple[str, ...]:
+    """The extra tokens appended after the SentencePiece vocabulary, in id order."""
+    return (MEGATRON_NEW_TOKENS if megatron_new_tokens else ()) + CHATML_TOKENS
+
+
+class Tokenizer:
+    """SentencePiece model + extra ids appended after its vocabulary.
+
+    Picklable (pickles the model bytes, not the C++ object) so process pools can use it.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, megatron_new_tokens: bool = False):
+        path = Path(model_path)
+        if not path.is_file():
+            raise DataError(f"tokenizer model not found: {path}")
+        self._model_path = str(path)
+        self._megatron_new_tokens = megatron_new_tokens
+        self._proto = path.read_bytes()
+        self._setup()
+
+    def _setup(self) -> None:
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        base = self._sp.get_piece_size()
+        extras = extra_tokens(self._megatron_new_tokens)
+        self._extra_ids = {tok: base + i for i, tok in enumerate(extras)}
+        self._id_to_extra = {i: tok for tok, i in self._extra_ids.items()}
+        self._split_re = re.compile("(" + "|".join(re.escape(t) for t in extras) + ")")
+
+    def __getstate__(self) -> dict:
+        return {"proto": self._proto, "path": self._model_path, "mnt": self._megatron_new_tokens}
+
+    def __setstate__(self, state: dict) -> None:
+        self._proto = state["proto"]
+        self._model_path = state["path"]
+        self._megatron_new_tokens = state["mnt"]
+        self._setup()
+
+    @property
+    def model_path(self) -> str:
+        return self._model_path
+
+    @property
+    def megatron_new_tokens(self) -> bool:
+        return self._megatron_new_tokens
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary plus the extra tokens (unpadded; the model pads its embedding)."""
+        return self.base_vocab_size + len(self._extra_ids)
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def im_start_id(self) -> int:
+        return self._extra_ids[IM_START]
+
+    @property
+    def im_end_id(self) -> int:
+        return self._extra_ids[IM_END]
+
+    @property
+    def extra_ids(self) -> dict[str, int]:
+        return dict(self._extra_ids)
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the id mapping: model bytes plus the extra-token layout.
+
+        Shards record it so the trainer can refuse data made with another tokenizer.
+        """
+        h = hashlib.sha256(self._proto)
+        h.update(json.dumps(sorted(self._extra_ids.items(), key=lambda kv: kv[1])).encode())
+        return h.hexdigest()
+
+    def special_ids(self) -> dict[str, int]:
+        """The ids a consumer needs (bos, eos, markers, extras), for metadata files."""
+        return {"bos": self.bos_id, "eos": self.eos_id, **self._extra_ids}
+
+    def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """SentencePiece-encode marker-free strings in one batched C++ call (no extra ids)."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=1)
+
+    def has_extra_tokens(self, text: str) -> bool:
+        """Whether ``text`` contains an extra-token string (it then encodes to its id)."""
+        return self._split_re.search(text) is not None
+
+    def encode(self, text: str) -> list[int]:
+        """Encode ``text``; extra tokens inside it become their single ids."""
+        ids: list[int] = []
+        for i, part in enumerate(self._split_re.split(text)):
+            if i % 2:
+                ids.append(self._extra_ids[part])
+            elif part:
+                ids.extend(self._sp.encode(part, out_type=int))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids; extra ids become their marker strings."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._id_to_extra:
+                out.append(self._sp.decode(run))
+                out.append(self._id_to_extra[i])
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+
+# --------------------------------------------------------------------------- training
+
+_TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    # Keep newlines and runs of spaces (chatml needs "\n"; code needs indentation).
+    add_dummy_prefix=False,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    character_coverage=1.0,
+    hard_vocab_limit=False,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    input_sentence_size=2_000_000,
+    shuffle_input_sentence=True,
+    max_sentence_length=16384,
+    num_threads=2,
+    minloglevel=2,
+)
+
+
+def train_sentencepiece(
+    texts: Iterable[str | os.PathLike] | Iterator[str],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+) -> Path:
+    """Train a small BPE SentencePiece model and write ``{model_prefix}.model``.
+
+    ``texts`` is a list of files/directories (read with :func:`iter_corpus_text`) or an
+    iterator of text chunks. Only the ``.model`` file is written (atomically).
+    """
+    if isinstance(texts, (list, tuple)) and all(isinstance(t, (str, os.PathLike)) for t in texts):
+        chunks: Iterable[str] = iter_corpus_text([Path(t) for t in texts])
+    else:
+        chunks = texts
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(chunks), model_writer=buf, vocab_size=vocab_size,
+        **_TRAINER_SETTINGS,
+    )  # fmt: skip
+    out = Path(f"{model_prefix}.model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+    return out
+
+
+def _sentences(chunks: Iterable[str]) -> Iterator[str]:
+    """Split text into non-empty lines (SentencePiece's unit), keeping it bounded in length."""
+    for chunk in chunks:
+        for line in chunk.splitlines():
+            if line.strip():
+                yield line[:8000]
+
+
+def iter_corpus_text(paths: Sequence[Path]) -> Iterator[str]:
+    """Text from files and directories (recursively): plain text, json/jsonl, gzip, tar, parquet.
+
+    JSON is parsed and its string values yielded, so the model learns the content rather
+    than the quoting; anything unparsable is used as raw text. Tar members are read in
+    memory, never extracted.
+    """
+    for path in paths:
+        if path.is_dir():
+            yield from iter_corpus_text(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            yield from _file_text(path.name, path.read_bytes())
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+
+
+def _file_text(name: str, data: bytes) -> Iterator[str]:
+    lower = name.lower()
+    if lower.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                if member.isfile():
+                    fh = tar.extractfile(member)
+                    if fh is not None:
+                        yield from _file_text(member.name, fh.read())
+    elif lower.endswith(".gz"):
+        yield from _file_text(name[:-3], gzip.decompress(data))
+    elif lower.endswith(".parquet"):
+        yield from _parquet_text(data)
+    elif lower.endswith((".json", ".jsonl")):
+        yield from _json_text(data.decode("utf-8", errors="replace"))
+    elif lower.endswith((".txt", ".md", ".py", ".csv", ".tsv")):
+        yield data.decode("utf-8", errors="replace")
+
+
+def _json_text(text: str) -> Iterator[str]:
+    try:
+        docs = [json.loads(text)]
+    except json.JSONDecodeError:
+        docs = []
+        for line in text.splitlines():
+            try:
+                docs.append(json.loads(line))
+            except json.JSONDecodeError:
+                docs.append(line)
+    for doc in docs:
+        yield from _json_strings(doc)
+
+
+def _json_strings(obj: object) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _json_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _json_strings(v)
+
+
+def _parquet_text(data: bytes) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # parquet support is optional (extras: parquet)
+        return
+    table = pq.read_table(io.BytesIO(data))
+    for column in table.to_pylist():
+        yield from _json_strings(column)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m oasst_jax.tokenizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a small BPE SentencePiece model")
+    train.add_argument("--input", nargs="+", required=True, help="files or directories")
+    train.add_argument("--out", required=True, help="output path, e.g. tokenizer.model")
+    train.add_argument("--vocab-size", type=int, default=1000)
+    args = parser.parse_args(argv)
+    out = args.out[: -len(".model")] if args.out.endswith(".model") else args.out
+    try:
+        path = train_sentencepiece(list(args.input), out, args.vocab_size)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tok = Tokenizer(path)
+    print(f"wrote {path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
