@@ -8,11 +8,23 @@ Scripts rely on this signature.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 
+from oasst_jax import sharding
 from oasst_jax.attention import xla
+from oasst_jax.attention.flash import BlockSizes, flash_attention
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "dot_product_attention"]
+
+# Logical layouts of the kernel's operands; sharding.py maps them to mesh axes.
+_Q_NAMES = ("batch", None, "act_heads", None)
+_KV_NAMES = ("batch", None, "act_kv_heads", None)
+_SEG_NAMES = ("batch", None)
 
 
 def dot_product_attention(
@@ -26,8 +38,16 @@ def dot_product_attention(
     softmax_scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
-    """``q [batch, length, heads, head_dim]``, ``k, v [batch, length, kv_heads, head_dim]``."""
+    """``q [batch, length, heads, head_dim]``, ``k, v [batch, length, kv_heads, head_dim]``.
+
+    ``block_sizes``, ``backend`` (``'gpu'`` Triton / ``'tpu'`` Mosaic; default:
+    the current device, GPU kernel on CPU) and ``interpret`` (default: on CPU)
+    only affect ``'pallas'``.
+    """
     if implementation == "xla":
         return xla.dot_product_attention(
             q,
@@ -39,7 +59,82 @@ def dot_product_attention(
             dropout_rate=dropout_rate,
             dropout_rng=dropout_rng,
         )
-    raise ValueError(
-        f"attention implementation {implementation!r} is not available; "
-        f"choose one of {IMPLEMENTATIONS}"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not available; "
+            f"choose one of {IMPLEMENTATIONS}"
+        )
+    if dropout_rate > 0.0:
+        raise ValueError(
+            f"attention dropout ({dropout_rate}) is not supported by implementation="
+            f"{implementation!r}; the recipe uses 0.0, or use implementation='xla'"
+        )
+    if implementation == "cudnn":
+        return _cudnn(q, k, v, segment_ids, causal=causal, softmax_scale=softmax_scale)
+    platform = jax.default_backend()
+    kernel = functools.partial(
+        flash_attention,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        block_sizes=block_sizes,
+        backend=backend or ("tpu" if platform == "tpu" else "gpu"),
+        interpret=platform == "cpu" if interpret is None else interpret,
     )
+    return _per_shard(kernel, q, k, v, segment_ids)
+
+
+def _cudnn(q, k, v, segment_ids, *, causal: bool, softmax_scale: float | None) -> jax.Array:
+    """cuDNN fused attention (GQA native).
+
+    ``jax.nn`` exposes no packed-sequence offsets, so segment ids become a dense
+    ``[b, 1, l, l]`` mask (a bias inside cuDNN): correct, but O(l^2) memory, so
+    only a baseline for packed batches.
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, scale=softmax_scale, implementation="cudnn"
+    )
+
+
+def _per_shard(kernel, q, k, v, segment_ids) -> jax.Array:
+    """Run ``kernel`` on each device's shard when a mesh is set (``jax.set_mesh``).
+
+    A Pallas call is opaque to the SPMD partitioner, which would otherwise
+    all-gather its operands; under ``shard_map`` every device runs the kernel on
+    its own batch rows and heads, which needs no communication at all.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    free_axes = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
+    if mesh.empty or not free_axes:
+        return kernel(q, k, v, segment_ids)
+    _reject_sequence_sharding(mesh)
+    q_spec = sharding.logical_spec(_Q_NAMES)
+    kv_spec = sharding.logical_spec(_KV_NAMES)
+    args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+    if segment_ids is None:
+        kernel = functools.partial(kernel, segment_ids=None)
+    else:
+        args, specs = (*args, segment_ids), (*specs, sharding.logical_spec(_SEG_NAMES))
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=q_spec,
+        axis_names=free_axes,
+        check_vma=False,
+    )(*args)
+
+
+def _reject_sequence_sharding(mesh) -> None:
+    axes = sharding.logical_spec(("length",))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+    if size > 1:
+        raise NotImplementedError(
+            f"pallas attention: the mesh shards the sequence ('length') axis over {axes} "
+            f"(size {size}); the flash kernel needs whole sequences per device. Context "
+            "parallelism for it needs the ring/all-gather path (not implemented yet); "
+            "use implementation='xla' or a mesh without sequence sharding."
+        )

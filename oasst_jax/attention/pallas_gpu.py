@@ -1,0 +1,259 @@
+"""Flash attention kernels for GPU: Pallas lowered to Triton.
+
+Layout stays ``[batch, length, heads, head_dim]`` (no transposes): each program
+owns one block of query rows (forward, dq) or key rows (dk/dv) of one head and
+streams the other side with a ``fori_loop``, so causally invisible blocks are
+never visited rather than masked.  Grouped-query attention maps query head
+``h`` to kv head ``h // groups`` in the BlockSpec; the dk/dv program of a kv
+head loops over its whole group of query heads, so k/v are never repeated and
+dk/dv need no reduction afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, mm
+
+# Triton tutorial (FA2) settings for H100, head_dim 128: big query tiles in the
+# forward amortise k/v loads; the backward kernels keep the streamed side small
+# because they hold two fp32 accumulators.
+DEFAULT_BLOCKS = BlockSizes(
+    block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32
+)
+MIN_BLOCK = 16  # smallest tile tl.dot accepts
+NUM_STAGES = 3  # software-pipelining depth of the streamed k/v (or q/do) loads
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton tiles must be powers of two; zero columns change no dot product."""
+    return max(16, pl.next_power_of_2(head_dim))
+
+
+def _num_warps(rows: int, cols: int) -> int:
+    """8 warps once a tile is 128x64 or larger (the tutorial's H100 choice), else 4."""
+    return 8 if rows * cols >= 128 * 64 else 4
+
+
+def _compiler_params(rows: int, cols: int) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=_num_warps(rows, cols), num_stages=NUM_STAGES)
+
+
+def _positions(start: jax.Array, size: int) -> jax.Array:
+    return start + lax.broadcasted_iota(jnp.int32, (size,), 0)
+
+
+def _unmasked_prefix(
+    row_start: jax.Array, kv_rows: int, n_blocks: int, cfg: KernelConfig
+) -> jax.Array | int:
+    """Number of leading key blocks every query row of this tile sees unmasked."""
+    if cfg.has_segments:
+        return 0
+    if cfg.causal:
+        return row_start // kv_rows
+    if cfg.kv_len is not None:
+        return cfg.kv_len // kv_rows
+    return n_blocks
+
+
+def _masked_logits(s, q_pos, k_pos, q_seg, k_seg, cfg: KernelConfig) -> jax.Array:
+    seg = (None, None) if q_seg is None else (q_seg[:, None], k_seg[None, :])
+    mask = block_mask(q_pos[:, None], k_pos[None, :], *seg, cfg)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConfig):
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    n_kv = k_ref.shape[0] // bk
+    qi = pl.program_id(0)
+    q = q_ref[...]
+    q_pos = _positions(qi * bq, bq)
+    q_seg = None if seg_ref is None else seg_ref[pl.ds(qi * bq, bq)]
+
+    def body(j, carry, masked: bool):
+        acc, m, denom = carry
+        rows = pl.ds(j * bk, bk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        s = mm(q, k.T) * cfg.scale
+        if masked:
+            k_seg = None if seg_ref is None else seg_ref[rows]
+            s = _masked_logits(s, q_pos, _positions(j * bk, bk), q_seg, k_seg, cfg)
+        m_next = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        denom = alpha * denom + p.sum(axis=1)
+        acc = acc * alpha[:, None] + mm(p.astype(v.dtype), v)
+        return acc, m_next, denom
+
+    carry = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((bq,), M_FLOOR, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    hi = pl.cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
+    split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
+    carry = lax.fori_loop(0, split, functools.partial(body, masked=False), carry)
+    acc, m, denom = lax.fori_loop(split, hi, functools.partial(body, masked=True), carry)
+    empty = denom == 0.0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, denom)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(denom))
+
+
+def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """Output ``[b, l, h, d]`` and log-sum-exp ``[b, h, l]`` (fp32)."""
+    b, length, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    bq = cfg.blocks.block_q
+    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, h // groups, 0))
+    q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
+    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(length // bq, b, heads),
+        in_specs=[q_spec, full_kv, full_kv, seg_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, heads, length), jnp.float32),
+        ],
+        compiler_params=_compiler_params(bq, cfg.blocks.block_k),
+        interpret=cfg.interpret,
+        name="flash_fwd",
+    )(q, k, v, seg)
+
+
+# ----------------------------------------------------------------------------- dq
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig
+):
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    n_kv = k_ref.shape[0] // bk
+    qi = pl.program_id(0)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    q_pos = _positions(qi * bq, bq)
+    q_seg = None if seg_ref is None else seg_ref[pl.ds(qi * bq, bq)]
+
+    def body(j, dq, masked: bool):
+        rows = pl.ds(j * bk, bk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        s = mm(q, k.T) * cfg.scale
+        if masked:
+            k_seg = None if seg_ref is None else seg_ref[rows]
+            s = _masked_logits(s, q_pos, _positions(j * bk, bk), q_seg, k_seg, cfg)
+        p = jnp.exp(s - lse)
+        ds = p * (mm(do, v.T) - delta)
+        return dq + mm(ds.astype(k.dtype), k)
+
+    hi = pl.cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
+    split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, split, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(split, hi, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
+    b, length, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    bq = cfg.blocks.block_q_dq
+    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, h // groups, 0))
+    q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))
+    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(length // bq, b, heads),
+        in_specs=[q_spec, full_kv, full_kv, seg_spec, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(bq, cfg.blocks.block_k_dq),
+        interpret=cfg.interpret,
+        name="flash_dq",
+    )(q, k, v, seg, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------- dk, dv
+
+
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig
+):
+    """One key block of one kv head; loops over (query head in group, query block)."""
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    length, groups, _ = q_ref.shape
+    n_q = length // bq
+    kj = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]
+    k_pos = _positions(kj * bk, bk)
+    k_seg = None if seg_ref is None else seg_ref[pl.ds(kj * bk, bk)]
+
+    def step(g, i, carry, masked: bool):
+        dk, dv = carry
+        rows = pl.ds(i * bq, bq)
+        q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+        s = mm(q, k.T) * cfg.scale
+        if masked:
+            q_seg = None if seg_ref is None else seg_ref[rows]
+            s = _masked_logits(s, _positions(i * bq, bq), k_pos, q_seg, k_seg, cfg)
+        p = jnp.exp(s - lse_ref[g, rows][:, None])
+        dv = dv + mm(p.astype(do.dtype).T, do)
+        ds = p * (mm(do, v.T) - delta_ref[g, rows][:, None])
+        return dk + mm(ds.astype(q.dtype).T, q), dv
+
+    def sweep(lo, hi, carry, masked: bool):
+        """Query blocks ``[lo, hi)`` of every head in the group, as one flat loop."""
+        n = hi - lo
+        body = lambda t, c: step(t // n, lo + t % n, c, masked)
+        return lax.fori_loop(0, groups * n, body, carry)
+
+    # Causal: query blocks before `lo` see none of this key block, blocks from
+    # `mid` on see all of it, so only [lo, mid) needs the mask.
+    lo = (kj * bk) // bq if cfg.causal else 0
+    if cfg.causal and not cfg.has_segments:
+        mid = jnp.minimum(pl.cdiv((kj + 1) * bk, bq), n_q)
+    else:
+        mid = n_q if (cfg.has_segments or cfg.kv_len is not None) else lo
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    carry = sweep(lo, mid, carry, masked=True)
+    dk, dv = sweep(mid, n_q, carry, masked=False)
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkv(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    b, length, kv_heads, dim = k.shape
+    groups = q.shape[2] // kv_heads
+    bk = cfg.blocks.block_k_dkv
+    group_spec = pl.BlockSpec((None, length, groups, dim), lambda j, bi, n: (bi, 0, n, 0))
+    group_rows = pl.BlockSpec((None, groups, length), lambda j, bi, n: (bi, n, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, dim), lambda j, bi, n: (bi, j, n, 0))
+    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda j, bi, n: (bi, 0))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid=(length // bk, b, kv_heads),
+        in_specs=[group_spec, kv_spec, kv_spec, seg_spec, group_spec, group_rows, group_rows],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(cfg.blocks.block_q_dkv, bk),
+        interpret=cfg.interpret,
+        name="flash_dkv",
+    )(q, k, v, seg, do, lse, delta)
+
+
+def backward(q, k, v, seg, do, lse, delta, cfg: KernelConfig):
+    """``dq, dk, dv`` from the saved log-sum-exp and ``delta = rowsum(o * do)``."""
+    dq = _dq(q, k, v, seg, do, lse, delta, cfg)
+    dk, dv = _dkv(q, k, v, seg, do, lse, delta, cfg)
+    return dq, dk, dv

@@ -1,0 +1,321 @@
+"""Flash attention kernels for TPU: Pallas lowered to Mosaic.
+
+Mosaic tiles the last two dims of every block as (sublanes, lanes), so the
+kernels work on ``[batch, heads, length, head_dim]`` (transposed in and out
+here) and keep per-row statistics lane-replicated as ``[rows, 128]``.  The
+streamed side is the innermost grid axis (``"arbitrary"``, accumulating into
+VMEM scratch); the others are ``"parallel"`` so megacore chips split them.
+Causally invisible blocks are skipped with ``pl.when`` and their index_map is
+clamped to the last visible block, so the pipeline issues no DMA for them.
+Grouped-query attention indexes kv head ``h // groups``; the dk/dv grid walks
+(query head in group, query block) on its innermost axis, so k/v are never
+repeated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, mm
+
+LANES = 128
+SUBLANES = 8
+# 512x512 tiles keep the MXU busy and fit v4/v5 VMEM with double buffering at
+# head_dim 128 (MaxText's splash defaults); the backward holds two fp32
+# accumulators, hence its smaller query tile.
+DEFAULT_BLOCKS = BlockSizes(
+    block_q=512, block_k=512, block_q_dkv=256, block_k_dkv=512, block_q_dq=256, block_k_dq=512
+)
+MIN_BLOCK = LANES  # key blocks are the lane axis of the logits tile
+PARALLEL, ARBITRARY = "parallel", "arbitrary"
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """A block equal to the full head dim is legal on TPU, so no padding."""
+    return head_dim
+
+
+def _widen(x: jax.Array, width: int) -> jax.Array:
+    """Lane-replicated ``[rows, 128]`` statistic -> ``[rows, width]``."""
+    if width % LANES == 0:
+        return jnp.tile(x, (1, width // LANES))
+    return x[:, :width]
+
+
+def _params(*semantics: str) -> pltpu.CompilerParams:
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _interpret(cfg: KernelConfig):
+    return pltpu.InterpretParams() if cfg.interpret else False
+
+
+def _last_kv_block(qi, bq: int, bk: int):
+    """Last key block a causal query block sees."""
+    return ((qi + 1) * bq - 1) // bk
+
+
+def _first_q_block(kj, bq: int, bk: int):
+    """First query block that sees a causal key block."""
+    return (kj * bk) // bq
+
+
+def _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg: KernelConfig, bq: int, bk: int):
+    """Scaled, masked ``[bq, bk]`` logits of one (query block, key block) pair."""
+    s = mm(q_ref[...], k_ref[...].T) * cfg.scale
+    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    k_pos = kj * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    segs = (None, None)
+    if qseg_ref is not None:
+        segs = (_widen(qseg_ref[...], bk), kseg_ref[:1, :])
+    mask = block_mask(q_pos, k_pos, *segs, cfg)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _segment_inputs(seg: jax.Array | None):
+    """Query ids lane-replicated ``[b, l, 128]``, key ids sublane-replicated ``[b, 8, l]``."""
+    if seg is None:
+        return None, None
+    b, length = seg.shape
+    return (
+        lax.broadcast_in_dim(seg, (b, length, LANES), (0, 1)),
+        lax.broadcast_in_dim(seg, (b, SUBLANES, length), (0, 2)),
+    )
+
+
+def _to_bhld(x: jax.Array) -> jax.Array:
+    return x.transpose(0, 2, 1, 3)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg
+):
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    qi, kj = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(kj == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, M_FLOOR, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(kj <= _last_kv_block(qi, bq, bk) if cfg.causal else True)
+    def _step():
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        m_prev = m_sc[...]
+        m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+        alpha = jnp.exp(m_prev - m_next)
+        p = jnp.exp(s - _widen(m_next, bk))
+        m_sc[...] = m_next
+        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+        pv = mm(p.astype(v_ref.dtype), v_ref[...])
+        acc_sc[...] = acc_sc[...] * _widen(alpha, pv.shape[1]) + pv
+
+    @pl.when(kj == pl.num_programs(3) - 1)
+    def _finish():
+        denom = l_sc[...]
+        empty = denom == 0.0
+        inv = _widen(1.0 / jnp.where(empty, 1.0, denom), acc_sc.shape[1])
+        o_ref[...] = (acc_sc[...] * inv).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(denom))
+
+
+def _kv_index(cfg: KernelConfig, bq: int, bk: int):
+    """Key block for grid step ``kj``: clamped under causality (no DMA when skipped)."""
+    if not cfg.causal:
+        return lambda qi, kj: kj
+    return lambda qi, kj: jnp.minimum(kj, _last_kv_block(qi, bq, bk))
+
+
+def _q_major_specs(q, k, cfg: KernelConfig, bq: int, bk: int):
+    """BlockSpecs of the (b, h, query block, key block) grid shared by forward and dq."""
+    _, heads, _, dim = q.shape
+    groups = heads // k.shape[1]
+    kv_at = _kv_index(cfg, bq, bk)
+    return dict(
+        q=pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j: (b, h, i, 0)),
+        kv=pl.BlockSpec((None, None, bk, dim), lambda b, h, i, j: (b, h // groups, kv_at(i, j), 0)),
+        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
+        qseg=pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
+        kseg=pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_at(i, j))),
+    )
+
+
+def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """Output ``[b, l, h, d]`` and log-sum-exp ``[b, h, l]`` (fp32)."""
+    q, k, v = _to_bhld(q), _to_bhld(k), _to_bhld(v)
+    b, heads, length, dim = q.shape
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    specs = _q_major_specs(q, k, cfg, bq, bk)
+    qseg, kseg = _segment_inputs(seg)
+    has_seg = seg is not None
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(b, heads, length // bq, length // bk),
+        in_specs=[
+            specs["q"],
+            specs["kv"],
+            specs["kv"],
+            specs["qseg"] if has_seg else None,
+            specs["kseg"] if has_seg else None,
+        ],
+        out_specs=[specs["q"], specs["row"]],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, heads, length, LANES), jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bq, LANES), jnp.float32),
+            pltpu.VMEM((bq, LANES), jnp.float32),
+            pltpu.VMEM((bq, dim), jnp.float32),
+        ],
+        compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
+        interpret=_interpret(cfg),
+        name="flash_fwd",
+    )(q, k, v, qseg, kseg)
+    # Keep one lane as the residual: 128x less memory saved for the backward.
+    return _to_bhld(o), lse[..., 0]
+
+
+# ----------------------------------------------------------------------------- dq
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, cfg
+):
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    qi, kj = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(kj == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @pl.when(kj <= _last_kv_block(qi, bq, bk) if cfg.causal else True)
+    def _step():
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        p = jnp.exp(s - _widen(lse_ref[...], bk))
+        dp = mm(do_ref[...], v_ref[...].T)
+        ds = p * (dp - _widen(delta_ref[...], bk))
+        dq_sc[...] += mm(ds.astype(k_ref.dtype), k_ref[...])
+
+    @pl.when(kj == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(q, k, v, qseg, kseg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
+    b, heads, length, dim = q.shape
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    specs = _q_major_specs(q, k, cfg, bq, bk)
+    has_seg = qseg is not None
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(b, heads, length // bq, length // bk),
+        in_specs=[
+            specs["q"],
+            specs["kv"],
+            specs["kv"],
+            specs["qseg"] if has_seg else None,
+            specs["kseg"] if has_seg else None,
+            specs["q"],
+            specs["row"],
+            specs["row"],
+        ],
+        out_specs=specs["q"],
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)],
+        compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
+        interpret=_interpret(cfg),
+        name="flash_dq",
+    )(q, k, v, qseg, kseg, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------- dk, dv
+
+
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
+    dk_ref, dv_ref, dk_sc, dv_sc, *, cfg, n_q: int,
+):  # fmt: skip
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    kj, t = pl.program_id(2), pl.program_id(3)
+    qi = t % n_q
+
+    @pl.when(t == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    @pl.when(qi >= _first_q_block(kj, bq, bk) if cfg.causal else True)
+    def _step():
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        p = jnp.exp(s - _widen(lse_ref[...], bk))
+        do = do_ref[...]
+        dv_sc[...] += mm(p.astype(do.dtype).T, do)
+        ds = p * (mm(do, v_ref[...].T) - _widen(delta_ref[...], bk))
+        dk_sc[...] += mm(ds.astype(q_ref.dtype).T, q_ref[...])
+
+    @pl.when(t == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dkv(q, k, v, qseg, kseg, do, lse, delta, cfg: KernelConfig):
+    """Grid (b, kv head, key block, group x query block); the last axis accumulates."""
+    b, kv_heads, length, dim = k.shape
+    groups = q.shape[1] // kv_heads
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    n_q = length // bq
+
+    def q_at(j, t):
+        qi = t % n_q
+        return jnp.maximum(qi, _first_q_block(j, bq, bk)) if cfg.causal else qi
+
+    head = lambda n, t: n * groups + t // n_q
+    q_spec = pl.BlockSpec((None, None, bq, dim), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
+    row = pl.BlockSpec((None, None, bq, LANES), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, dim), lambda b, n, j, t: (b, n, j, 0))
+    has_seg = qseg is not None
+    qseg_spec = pl.BlockSpec((None, bq, LANES), lambda b, n, j, t: (b, q_at(j, t), 0))
+    kseg_spec = pl.BlockSpec((None, SUBLANES, bk), lambda b, n, j, t: (b, 0, j))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, n_q=n_q),
+        grid=(b, kv_heads, length // bk, groups * n_q),
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            qseg_spec if has_seg else None,
+            kseg_spec if has_seg else None,
+            q_spec,
+            row,
+            row,
+        ],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
+        compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
+        interpret=_interpret(cfg),
+        name="flash_dkv",
+    )(q, k, v, qseg, kseg, do, lse, delta)
+
+
+def backward(q, k, v, seg, do, lse, delta, cfg: KernelConfig):
+    """``dq, dk, dv`` from the saved log-sum-exp and ``delta = rowsum(o * do)``."""
+    q, k, v, do = (_to_bhld(x) for x in (q, k, v, do))
+    qseg, kseg = _segment_inputs(seg)
+    lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+    lse, delta = lanes(lse), lanes(delta)
+    dq = _dq(q, k, v, qseg, kseg, do, lse, delta, cfg)
+    dk, dv = _dkv(q, k, v, qseg, kseg, do, lse, delta, cfg)
+    return _to_bhld(dq), _to_bhld(dk), _to_bhld(dv)
