@@ -1,0 +1,287 @@
+"""Pretokenizer: splits, fraction/val caps, min_assistant_tokens, report, determinism, CLI."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from oasst_jax import pretokenize as pt
+from oasst_jax.chatml import assistant_token_count, encode_turns
+from oasst_jax.data import shards
+from oasst_jax.data.conversation import DataError, Sample, Turn
+from oasst_jax.data.sources import load_dataset
+from oasst_jax.tokenizer import Tokenizer
+
+SAMPLE_CONFIG = "configs/data/sample.py"
+
+
+def _samples(n_groups, per_group=1):
+    return [
+        Sample((Turn("user", f"q{g}.{k}"), Turn("assistant", f"a{g}.{k}")), f"g{g}")
+        for g in range(n_groups)
+        for k in range(per_group)
+    ]
+
+
+def _split(samples, seed=0, **kw):
+    kw = {"val_split": 0.2, "max_val_set": None, "fraction": 1.0, **kw}
+    return pt.split_dataset(samples, rng=pt.dataset_rng(seed, "x"), **kw)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_val_split_counts_and_partition():
+    samples = _samples(101)
+    train, val = _split(samples, val_split=0.05)
+    assert len(val) == math.ceil(0.05 * 101) == 6
+    assert len(train) == 95
+    assert sorted(s.group for s in train + val) == sorted(s.group for s in samples)
+
+
+def test_groups_never_straddle_splits():
+    samples = _samples(40, per_group=3)
+    train, val = _split(samples, val_split=0.25)
+    assert {s.group for s in train}.isdisjoint({s.group for s in val})
+    assert len(val) == 3 * math.ceil(0.25 * 40)
+
+
+def test_oasst_trees_never_straddle_splits():
+    result = load_dataset("oasst_export", {"input_file_path": "tests/data/oasst_ready.tar.gz",
+                                           "lang": "en,de,es,fr", "top_k": None})  # fmt: skip
+    assert len({s.group for s in result.samples}) < len(result.samples)  # trees with branches
+    train, val = _split(result.samples, val_split=0.5)
+    assert val and train
+    assert {s.group for s in train}.isdisjoint({s.group for s in val})
+
+
+def test_max_val_set_and_fraction_counts():
+    samples = _samples(1000)
+    train, val = _split(samples, val_split=0.1, max_val_set=30, fraction=0.5)
+    assert len(val) == 30
+    assert len(train) == int(900 * 0.5) == 450
+    assert len({s.group for s in train}) == 450  # without replacement
+    order = {s.group: i for i, s in enumerate(samples)}
+    assert [order[s.group] for s in train] == sorted(order[s.group] for s in train)
+
+
+def test_splits_are_seeded():
+    samples = _samples(200)
+    a, b, c = _split(samples, fraction=0.3), _split(samples, fraction=0.3), _split(samples, 1)
+    assert a == b and a != c
+
+
+def test_zero_val_split():
+    train, val = _split(_samples(10), val_split=0.0)
+    assert len(train) == 10 and val == []
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_stats_block_format():
+    s = pt.Stats("megacode2", 4, 0.5)
+    s.add(np.array([30, 50, 40]), {"min_assistant_tokens": 1})
+    assert s.format() == (
+        "## Stats for 'megacode2' (4 samples (50.0%))\n"
+        "-----------------\n"
+        "  Accepted: 3/4 (75.0%)\n"
+        "  Accepted tokens: 120\n"
+        "  Skipped: 1 (25.0%)\n"
+        "  Min tokens per sample: 30\n"
+        "  Max tokens per sample: 50\n"
+        "  Avg tokens per sample: 40.0\n"
+        "-----------------\n"
+    )
+
+
+def test_stats_with_nothing_accepted_does_not_crash():
+    s = pt.Stats("empty", 2)
+    s.add(np.array([], dtype=np.int64), {"min_assistant_tokens": 2})
+    empty = pt.Stats("none", 0)
+    total = pt.total_stats([s, empty])
+    assert "Accepted: 0/2 (0.0%)" in total.format()
+    assert "Avg tokens per sample: 0.0" in total.format()
+    assert "Accepted: 0/0 (0.0%)" in empty.format()
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _megacode_file(tmp_path, n=30):
+    """Rows with answers of growing length, so min_assistant_tokens drops the short ones."""
+    rows = [
+        {"USER": f"question {i} about python", "ASSISTANT": " ".join(["the fox"] * (i + 1))}
+        for i in range(n)
+    ]
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _config(tmp_path, sp_model_path, **datasets):
+    c = ConfigDict()
+    c.output_dir = str(tmp_path / "out")
+    c.filename_prefix = "p"
+    c.min_assistant_tokens = 25
+    c.tokenizer_path = str(sp_model_path)
+    c.seed = 42
+    c.num_workers = 1
+    c.datasets = ConfigDict(sort_keys=False)
+    for name, opts in datasets.items():
+        c.datasets[name] = ConfigDict(opts)
+    return c
+
+
+def test_run_filters_and_reports(tmp_path, sp_model_path, capsys):
+    path = _megacode_file(tmp_path)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path), "val_split": 0.1})
+    stats = pt.run(cfg)
+    tok = Tokenizer(sp_model_path)
+    samples = load_dataset("megacode2", {"path": str(path)}).samples
+    train, val = pt.split_dataset(
+        samples, val_split=0.1, max_val_set=None, fraction=1.0,
+        rng=pt.dataset_rng(42, "megacode2"),  # the rng run() uses for this dataset
+    )  # fmt: skip
+    for split, part in (("train", train), ("val", val)):
+        encoded = [encode_turns(tok, s.turns) for s in part]
+        kept = [t for t, r in encoded if assistant_token_count(r) >= 25]
+        block = stats[split][0]
+        assert (block.total, block.accepted) == (len(part), len(kept))
+        assert block.skipped == block.reasons["min_assistant_tokens"] == len(part) - len(kept)
+        assert block.tokens == sum(len(t) for t in kept)
+        src = shards.ShardDataSource(tmp_path / "out" / f"p-{split}")
+        assert [src[i]["tokens"].tolist() for i in range(len(src))] == [t.tolist() for t in kept]
+    assert 0 < stats["train"][0].skipped < stats["train"][0].total
+    report = (tmp_path / "out" / "stats.md").read_text()
+    assert report in capsys.readouterr().out
+    assert f"Accepted: {stats['train'][0].accepted}/{len(train)}" in report
+    assert "## Stats for 'total'" in report and "min_assistant_tokens" in report
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["splits"]["train"]["num_samples"] == stats["train"][0].accepted
+    assert meta["config"]["datasets"]["megacode2"]["val_split"] == 0.1
+    shards.check_tokenizer(tmp_path / "out", tok)
+    shards.check_tokenizer(tmp_path / "out" / "p-train", tok)
+
+
+def test_default_val_split_is_point_two(tmp_path, sp_model_path):
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(_megacode_file(tmp_path))})
+    cfg.min_assistant_tokens = None
+    stats = pt.run(cfg)
+    assert (stats["train"][0].total, stats["val"][0].total) == (24, 6)
+
+
+def test_one_and_two_workers_give_identical_bytes(tmp_path, sp_model_path, monkeypatch):
+    monkeypatch.setattr(pt, "CHUNK_SIZE", 4)  # several chunks per dataset, out of order risk
+    outs = []
+    for workers in (1, 2):
+        cfg = _sample_config(tmp_path / f"w{workers}", sp_model_path)
+        cfg.num_workers = workers
+        pt.run(cfg)
+        outs.append(tmp_path / f"w{workers}")
+    for split in ("sample-train", "sample-val"):
+        for name in (shards.TOKENS_FILE, shards.ROLES_FILE, shards.OFFSETS_FILE):
+            a, b = (o / split / name for o in outs)
+            assert a.read_bytes() == b.read_bytes(), (split, name)
+    assert (outs[0] / "stats.md").read_text().replace("w1", "w2") == (
+        outs[1] / "stats.md"
+    ).read_text()
+
+
+def _sample_config(out_dir, sp_model_path):
+    """configs/data/sample.py with its output and tokenizer redirected."""
+    spec = importlib.util.spec_from_file_location("sample_cfg", SAMPLE_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.output_dir = str(out_dir)
+    cfg.tokenizer_path = str(sp_model_path)
+    return cfg
+
+
+def test_failed_run_leaves_previous_output_intact(tmp_path, sp_model_path):
+    good = _megacode_file(tmp_path)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(good)})
+    pt.run(cfg)
+    out = tmp_path / "out"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{not json")
+    cfg = _config(
+        tmp_path, sp_model_path, megacode2={"path": str(good)}, oa_leet10k={"path": str(bad)}
+    )
+    with pytest.raises(DataError):
+        pt.run(cfg)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # no temp dirs, nothing half-replaced
+
+
+def test_config_errors(tmp_path, sp_model_path):
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        pt.run(_config(tmp_path, sp_model_path, nope={"path": "x"}))
+    with pytest.raises(DataError, match="input not found"):
+        pt.run(_config(tmp_path, sp_model_path, megacode2={"path": str(tmp_path / "x")}))
+    with pytest.raises(DataError, match="fraction"):
+        pt.run(_config(tmp_path, sp_model_path, megacode2={"path": ".", "fraction": 0.0}))
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": "."})
+    cfg.tokenizer_path = str(tmp_path / "missing.model")
+    with pytest.raises(DataError, match="tokenizer model not found"):
+        pt.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    cmd = [sys.executable, "-m", "oasst_jax.pretokenize", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end_on_sample_config(tmp_path, sp_model_path):
+    out = tmp_path / "sample"
+    res = _cli(f"--config={SAMPLE_CONFIG}", f"--config.output_dir={out}",
+               f"--config.tokenizer_path={sp_model_path}", "--config.num_workers=2",
+               "--config.datasets.oasst_export.top_k=2")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = (out / "stats.md").read_text()
+    for name in ("megacode2", "orca-chat", "Dolly15kMultilingual", "oa_leet10k", "oasst_export"):
+        assert name in report
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["config"]["datasets"]["oasst_export"]["top_k"] == 2
+    assert list(meta["config"]["datasets"]) == [
+        "megacode2", "orca-chat", "dolly15k_multilingual", "oa_leet10k", "oasst_export",
+    ]  # fmt: skip
+    src = shards.ShardDataSource(out / "sample-train")
+    assert len(src) == meta["splits"]["train"]["num_samples"] > 0
+    item = src[0]
+    assert item["tokens"][0] == Tokenizer(sp_model_path).im_start_id
+    assert set(np.unique(item["roles"])) <= {0, 1, 2, 3}
+
+
+def test_cli_errors_are_one_line(tmp_path, sp_model_path):
+    missing = _cli(f"--config={SAMPLE_CONFIG}", f"--config.output_dir={tmp_path / 'o'}",
+                   f"--config.tokenizer_path={sp_model_path}",
+                   f"--config.datasets.oa_leet10k.path={tmp_path / 'nope.parquet'}")  # fmt: skip
+    assert missing.returncode != 0
+    assert "Traceback" not in missing.stderr
+    err = [ln for ln in missing.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "oa_leet10k.path" in err[0] and "nope.parquet" in err[0]
+
+    cfg_file = tmp_path / "bad_cfg.py"
+    cfg_file.write_text(
+        "from ml_collections import ConfigDict\n"
+        "def get_config():\n"
+        "    c = ConfigDict(dict(output_dir='o', filename_prefix='p', tokenizer_path='t'))\n"
+        "    c.datasets = ConfigDict({'no_such_set': {'path': 'x'}})\n"
+        "    return c\n"
+    )
+    unknown = _cli(f"--config={cfg_file}")
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    assert "error: unknown dataset 'no_such_set'" in unknown.stderr
+    assert not (tmp_path / "o").exists()
