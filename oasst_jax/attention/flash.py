@@ -114,6 +114,24 @@ def mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
+def div(a, b: int):
+    """Floor division of non-negative ints.
+
+    ``//`` on traced ints adds sign corrections that neither Triton (type
+    mismatch) nor Mosaic (needs the chip generation) lowers; ``lax.div`` is exact
+    for the non-negative block indices used here.
+    """
+    return lax.div(a, b) if isinstance(a, jax.Array) else a // b
+
+
+def rem(a, b: int):
+    return lax.rem(a, b) if isinstance(a, jax.Array) else a % b
+
+
+def cdiv(a, b: int):
+    return div(a + b - 1, b)
+
+
 def _backend_module(backend: str) -> ModuleType:
     if backend == "gpu":
         from oasst_jax.attention import pallas_gpu

@@ -19,7 +19,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, mm
+from oasst_jax.attention.flash import (
+    M_FLOOR,
+    BlockSizes,
+    KernelConfig,
+    block_mask,
+    cdiv,
+    div,
+    mm,
+    rem,
+)
 
 # Triton tutorial (FA2) settings for H100, head_dim 128: big query tiles in the
 # forward amortise k/v loads; the backward kernels keep the streamed side small
@@ -56,7 +65,7 @@ def _unmasked_prefix(
     if cfg.has_segments:
         return 0
     if cfg.causal:
-        return row_start // kv_rows
+        return div(row_start, kv_rows)
     if cfg.kv_len is not None:
         return cfg.kv_len // kv_rows
     return n_blocks
@@ -99,7 +108,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConf
         jnp.full((bq,), M_FLOOR, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    hi = pl.cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
+    hi = cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
     split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
     carry = lax.fori_loop(0, split, functools.partial(body, masked=False), carry)
     acc, m, denom = lax.fori_loop(split, hi, functools.partial(body, masked=True), carry)
@@ -113,7 +122,7 @@ def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
     b, length, heads, dim = q.shape
     groups = heads // k.shape[2]
     bq = cfg.blocks.block_q
-    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, h // groups, 0))
+    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, div(h, groups), 0))
     q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
     seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
     return pl.pallas_call(
@@ -156,7 +165,7 @@ def _dq_kernel(
         ds = p * (mm(do, v.T) - delta)
         return dq + mm(ds.astype(k.dtype), k)
 
-    hi = pl.cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
+    hi = cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
     split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = lax.fori_loop(0, split, functools.partial(body, masked=False), dq)
@@ -168,7 +177,7 @@ def _dq(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
     b, length, heads, dim = q.shape
     groups = heads // k.shape[2]
     bq = cfg.blocks.block_q_dq
-    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, h // groups, 0))
+    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, div(h, groups), 0))
     q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))
     seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
@@ -215,14 +224,14 @@ def _dkv_kernel(
     def sweep(lo, hi, carry, masked: bool):
         """Query blocks ``[lo, hi)`` of every head in the group, as one flat loop."""
         n = hi - lo
-        body = lambda t, c: step(t // n, lo + t % n, c, masked)
+        body = lambda t, c: step(div(t, n), lo + rem(t, n), c, masked)
         return lax.fori_loop(0, groups * n, body, carry)
 
     # Causal: query blocks before `lo` see none of this key block, blocks from
     # `mid` on see all of it, so only [lo, mid) needs the mask.
-    lo = (kj * bk) // bq if cfg.causal else 0
+    lo = div(kj * bk, bq) if cfg.causal else 0
     if cfg.causal and not cfg.has_segments:
-        mid = jnp.minimum(pl.cdiv((kj + 1) * bk, bq), n_q)
+        mid = jnp.minimum(cdiv((kj + 1) * bk, bq), n_q)
     else:
         mid = n_q if (cfg.has_segments or cfg.kv_len is not None) else lo
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, mm
+from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, div, mm, rem
 
 LANES = 128
 SUBLANES = 8
@@ -58,12 +58,12 @@ def _interpret(cfg: KernelConfig):
 
 def _last_kv_block(qi, bq: int, bk: int):
     """Last key block a causal query block sees."""
-    return ((qi + 1) * bq - 1) // bk
+    return div((qi + 1) * bq - 1, bk)
 
 
 def _first_q_block(kj, bq: int, bk: int):
     """First query block that sees a causal key block."""
-    return (kj * bk) // bq
+    return div(kj * bk, bq)
 
 
 def _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg: KernelConfig, bq: int, bk: int):
@@ -141,9 +141,10 @@ def _q_major_specs(q, k, cfg: KernelConfig, bq: int, bk: int):
     _, heads, _, dim = q.shape
     groups = heads // k.shape[1]
     kv_at = _kv_index(cfg, bq, bk)
+    kv_block = lambda b, h, i, j: (b, div(h, groups), kv_at(i, j), 0)
     return dict(
         q=pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j: (b, h, i, 0)),
-        kv=pl.BlockSpec((None, None, bk, dim), lambda b, h, i, j: (b, h // groups, kv_at(i, j), 0)),
+        kv=pl.BlockSpec((None, None, bk, dim), kv_block),
         row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
         qseg=pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
         kseg=pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_at(i, j))),
@@ -248,7 +249,7 @@ def _dkv_kernel(
 ):  # fmt: skip
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
     kj, t = pl.program_id(2), pl.program_id(3)
-    qi = t % n_q
+    qi = rem(t, n_q)
 
     @pl.when(t == 0)
     def _init():
@@ -278,10 +279,10 @@ def _dkv(q, k, v, qseg, kseg, do, lse, delta, cfg: KernelConfig):
     n_q = length // bq
 
     def q_at(j, t):
-        qi = t % n_q
+        qi = rem(t, n_q)
         return jnp.maximum(qi, _first_q_block(j, bq, bk)) if cfg.causal else qi
 
-    head = lambda n, t: n * groups + t // n_q
+    head = lambda n, t: n * groups + div(t, n_q)
     q_spec = pl.BlockSpec((None, None, bq, dim), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
     row = pl.BlockSpec((None, None, bq, LANES), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
     kv_spec = pl.BlockSpec((None, None, bk, dim), lambda b, n, j, t: (b, n, j, 0))
