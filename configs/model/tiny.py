@@ -6,7 +6,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            vocab_size=1026,  # 1024-piece sentencepiece model + 2 chatml ids
+            vocab_size=1002,  # 1000-piece sentencepiece model (README) + 2 chatml ids
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=4,

@@ -1,0 +1,49 @@
+"""Stage 1 of the model card: Llama-2-70B on the `oasst_pre10_min25` mix (run45_oasst_pre10).
+
+Megatron-LLM flags as the card ran them: TP 8 x PP 4 with sequence parallelism,
+seq 4096, global batch 64, micro batch 2, bf16, lr 1e-5 -> 1e-6 cosine,
+warmup 100, 12000 iterations, Adam (0.9, 0.95, 1e-12), weight decay 1e-6,
+no dropout, eval every 50 x 10, save every 500, selective recompute, flash attention.
+Start from a converted base model: `--config.load=/path/to/llama2-70b-orbax`.
+"""
+
+import os
+
+from oasst_jax.config import base_config, load_config
+
+HERE = os.path.dirname(__file__)
+
+
+def get_config():
+    c = base_config()
+    c.model = load_config(os.path.join(HERE, "model", "llama2_70b.py"))
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "selective"
+    c.model.attention_impl = "pallas"
+    c.mesh.tensor = 8
+    c.mesh.pipeline = 4
+    c.mesh.data = -1
+    c.workdir = "runs/oasst_pre10_llama2_70b"
+    c.data_path = "output/oasst_pre10_min25"
+    c.data_prefix = "oasst_pre10"
+    c.seq_length = 4096
+    c.global_batch_size = 64
+    c.micro_batch_size = 2
+    c.train_iters = 12000
+    c.optim.lr = 1e-5
+    c.optim.min_lr = 1e-6
+    c.optim.lr_warmup_iters = 100
+    c.optim.adam_beta1 = 0.9
+    c.optim.adam_beta2 = 0.95
+    c.optim.adam_eps = 1e-12
+    c.optim.weight_decay = 1e-6
+    c.optim.clip_grad = 1.0
+    c.hidden_dropout = 0.0
+    c.attention_dropout = 0.0
+    c.eval_interval = 50
+    c.eval_iters = 10
+    c.save_interval = 500
+    c.log_interval = 1
+    c.finetune = True  # the base Llama-2 weights, fresh optimizer
+    c.load = "checkpoints/llama2-70b-chatml"  # `convert hf-to-orbax --add-chatml-tokens`
+    return c

@@ -1,0 +1,145 @@
+"""Training config: defaults, loading with dotted overrides, start-up validation.
+
+``configs/*.py`` files start from :func:`base_config` and change what the model
+card changes, so a reader can diff them against the card.  Field names follow
+Megatron-LLM's arguments (README has the flag -> field table).  Everything is
+validated once at start-up and reported as one line naming the field and value.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+from oasst_jax.loss import LOSS_NORMALIZATIONS
+from oasst_jax.model import LlamaConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"  # checkpoints/, tb/ and metrics.jsonl live here
+    c.seed = 1234
+    c.model = ml_collections.ConfigDict()  # filled from configs/model/*.py
+    c.use_checkpoint_args = False  # take the model shape from the loaded checkpoint
+    # data
+    c.data_path = ""  # a pretokenizer output_dir
+    c.data_prefix = ""  # its filename_prefix ({prefix}-train, {prefix}-val)
+    c.tokenizer_path = ""  # if set, shards made with another tokenizer are refused
+    c.packing = True  # False = one right-padded sample per row (Megatron-exact)
+    c.loss_on = "assistant_turn"  # or "assistant_answer"
+    c.loss_normalization = "global_token_mean"  # or "microbatch_mean" (Megatron-exact)
+    c.num_packing_bins = 16
+    c.data_threads = 2
+    # batch
+    c.seq_length = 4096
+    c.global_batch_size = 64
+    c.micro_batch_size = 2
+    # schedule / loop (flat: scripts rely on these names)
+    c.train_iters = 1000
+    c.log_interval = 10
+    c.save_interval = 500
+    c.eval_interval = 50
+    c.eval_iters = 10
+    c.exit_interval = 0
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    # regularisation
+    c.hidden_dropout = 0.0
+    c.attention_dropout = 0.0
+    c.lima_dropout = False
+    # optimizer
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-5,
+            min_lr=1e-6,
+            lr_warmup_iters=100,
+            lr_decay_iters=0,  # 0 = train_iters
+            lr_decay_style="cosine",
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_eps=1e-12,
+            weight_decay=1e-6,
+            clip_grad=1.0,
+        )
+    )
+    c.nonfinite = "skip"  # or "halt"
+    # checkpoints in
+    c.load = ""  # orbax checkpoint dir or HF directory to start from
+    c.finetune = False  # True: load weights only (fresh optimizer, step 0, fresh data)
+    # hardware
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, pipeline=1, sequence=1, tensor=1))
+    c.peak_flops_per_device = 989e12  # H100 SXM dense bf16
+    return c
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """Import a ``get_config()`` file (what ``config_flags`` does, usable from tests)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("_oasst_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
+    fields = dict(cfg.model)
+    fields["attention_dropout"] = cfg.attention_dropout
+    return LlamaConfig.from_mapping(fields)
+
+
+def data_parallel_size(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+    m = {k: int(v) for k, v in cfg.mesh.items()}
+    fixed = math.prod(v for v in m.values() if v != -1)
+    sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in m.items()}
+    return sizes["data"] * sizes["fsdp"]
+
+
+def accumulation_steps(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+    """``global_batch / (micro_batch * data-parallel size)`` micro-steps per update."""
+    dp = data_parallel_size(cfg, num_devices)
+    per_step = cfg.micro_batch_size * dp
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"config: global_batch_size={cfg.global_batch_size} is not divisible by "
+            f"micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}"
+        )
+    return cfg.global_batch_size // per_step
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Check everything that can be checked before touching data or devices."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"config: {msg}")
+
+    for name in ("train_iters", "seq_length", "global_batch_size", "micro_batch_size"):
+        need(cfg[name] > 0, f"{name}={cfg[name]} must be > 0")
+    for name in ("log_interval", "save_interval", "eval_interval", "eval_iters", "exit_interval"):
+        need(cfg[name] >= 0, f"{name}={cfg[name]} must be >= 0")
+    need(0.0 <= cfg.hidden_dropout < 1.0, f"hidden_dropout={cfg.hidden_dropout} not in [0, 1)")
+    need(
+        0.0 <= cfg.attention_dropout < 1.0,
+        f"attention_dropout={cfg.attention_dropout} not in [0, 1)",
+    )
+    need(cfg.optim.lr >= cfg.optim.min_lr >= 0, "need lr >= min_lr >= 0")
+    need(cfg.optim.lr_decay_style == "cosine", "only lr_decay_style='cosine' is implemented")
+    need(
+        cfg.loss_normalization in LOSS_NORMALIZATIONS,
+        f"loss_normalization={cfg.loss_normalization!r} not in {LOSS_NORMALIZATIONS}",
+    )
+    need(cfg.loss_on in ("assistant_turn", "assistant_answer"), f"loss_on={cfg.loss_on!r}")
+    need(cfg.nonfinite in ("skip", "halt"), f"nonfinite={cfg.nonfinite!r} not in (skip, halt)")
+    need(not cfg.finetune or bool(cfg.load), "finetune=True needs load=<checkpoint or HF dir>")
+    need(bool(cfg.data_path), "data_path is empty (point it at a pretokenizer output_dir)")
+    need(
+        cfg.seq_length <= cfg.model.max_position_embeddings,
+        f"seq_length={cfg.seq_length} > model.max_position_embeddings="
+        f"{cfg.model.max_position_embeddings}",
+    )
+    accumulation_steps(cfg, num_devices)
+    model_config(cfg)

@@ -1,0 +1,77 @@
+"""Run logging: tensorboardX scalars, ``metrics.jsonl`` and the stdout progress line.
+
+Only process 0 writes.  ``metrics.jsonl`` is opened in append mode so a
+resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._writer = None
+        self._jsonl = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._writer = SummaryWriter(os.path.join(workdir, "tb"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def write(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        for k, v in clean.items():
+            self._writer.add_scalar(f"{prefix}{k}", v, step)
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+
+    def text(self, tag: str, value: str) -> None:
+        if self.enabled:
+            self._writer.add_text(tag, value, 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()
+
+
+def progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val_loss {m['val_loss']:.4f}")
+    parts += [
+        f"lr {m['lr']:.3e}",
+        f"grad_norm {m['grad_norm']:.3f}",
+        f"tok/s {m['tokens_per_s']:.0f}",
+        f"mfu {100 * m['mfu']:.1f}%",
+        f"pack {100 * m['packing_efficiency']:.0f}%",
+    ]
+    return " | ".join(parts)
+
+
+class Timer:
+    """Accumulates wall time per named phase (data wait, step, checkpoint)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out

@@ -1,0 +1,306 @@
+"""``python -m oasst_jax.train --config=configs/sft10.py [--config.optim.lr=2e-5 ...]``.
+
+The loop around the jitted step: data, eval, logging, checkpoints, signals.
+Resumes automatically from ``{workdir}/checkpoints``; otherwise starts from
+``load`` (weights only when ``finetune``) or from a random init.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from oasst_jax import checkpoint, optim, sharding
+from oasst_jax.config import accumulation_steps, model_config, validate
+from oasst_jax.data import pipeline
+from oasst_jax.metrics import MetricsLogger, Timer, progress_line
+from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
+from oasst_jax.train_step import (
+    StepConfig,
+    abstract_params,
+    batch_sharding,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    model_flops_per_token,
+    param_shardings,
+    state_shardings,
+)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: finish the current step, save, exit 0."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        del frame
+        print(f"received signal {signum}: saving after this step", flush=True)
+        self.set = True
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def open_split(cfg: ml_collections.ConfigDict, split: str):
+    """The pretokenizer's shards for ``split``, checked against the tokenizer if given."""
+    from oasst_jax.data import shards
+
+    path = os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}")
+    if cfg.tokenizer_path:
+        from oasst_jax.tokenizer import Tokenizer
+
+        shards.check_tokenizer(cfg.data_path, Tokenizer(cfg.tokenizer_path))
+    return shards.ShardDataSource(path)
+
+
+def loss_mask_fn(cfg: ml_collections.ConfigDict):
+    if cfg.loss_on == "assistant_turn":
+        return pipeline.assistant_turn_mask
+    from oasst_jax.chatml import loss_mask
+    from oasst_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.tokenizer_path)
+    return lambda tokens, roles: loss_mask(roles, tokens, tok, cfg.loss_on)
+
+
+def make_iterator(cfg, source, rows: int, *, train: bool):
+    pc = pipeline.PipelineConfig(
+        seq_length=cfg.seq_length,
+        rows_per_batch=rows // jax.process_count(),
+        packing=cfg.packing,
+        seed=cfg.seed,
+        shuffle=train,
+        num_packing_bins=cfg.num_packing_bins,
+        num_threads=cfg.data_threads,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return iter(pipeline.build_dataset(source, pc, loss_mask_fn(cfg)))
+
+
+def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dict:
+    """Host-local rows -> one global array per field (works single- and multi-host)."""
+    out = {}
+    for k in ("inputs", "targets", "weights", "segment_ids", "positions"):
+        local = np.asarray(host_batch[k])
+        local = local.reshape((*global_shape[:-2], -1, global_shape[-1]))
+        out[k] = jax.make_array_from_process_local_data(sharding_, local, global_shape)
+    return out
+
+
+def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
+    """Weights from ``cfg.load``: an orbax checkpoint root or a Hugging Face directory."""
+    if os.path.isfile(os.path.join(cfg.load, "config.json")):
+        from oasst_jax.convert import load_hf_params
+
+        params = load_hf_params(cfg.load, model_cfg)
+        checkpoint.check_shapes(abstract, params, f"load={cfg.load}")
+        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
+    stored = checkpoint.load_model_config(cfg.load)
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if getattr(stored, field) != getattr(model_cfg, field):
+            raise ValueError(
+                f"load={cfg.load}: checkpoint has {field}={getattr(stored, field)}, the config "
+                f"asks for {getattr(model_cfg, field)} (set use_checkpoint_args=True to adopt it)"
+            )
+    return checkpoint.load_weights(cfg.load, abstract)
+
+
+def resolve_model_config(cfg) -> LlamaConfig:
+    model_cfg = model_config(cfg)
+    if cfg.use_checkpoint_args and cfg.load and not cfg.load.endswith(".json"):
+        if not os.path.isfile(os.path.join(cfg.load, "config.json")):
+            stored = checkpoint.load_model_config(cfg.load)
+            keep = ("dtype", "remat_policy", "attention_impl", "attention_dropout")
+            model_cfg = LlamaConfig(
+                **{**stored.__dict__, **{k: getattr(model_cfg, k) for k in keep}}
+            )
+    return model_cfg
+
+
+def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Train to ``train_iters`` (or until a signal / ``exit_interval``); returns last metrics."""
+    validate(cfg, jax.device_count())
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    model_cfg = resolve_model_config(cfg)
+    model = Llama(model_cfg)
+    tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
+    accum = accumulation_steps(cfg, jax.device_count())
+    rows_per_micro = cfg.global_batch_size // accum
+    rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
+    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed)
+
+    with jax.set_mesh(mesh):
+        boxed = abstract_params(model)
+        p_shard = param_shardings(mesh, boxed)
+        abs_params = nn.meta.unbox(boxed)
+        abs_state = jax.eval_shape(lambda p: init_state(p, tx), abs_params)
+        s_shard = state_shardings(mesh, p_shard, abs_state)
+        abs_state_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, s_shard
+        )
+        ckpt = checkpoint.TrainCheckpointer(
+            os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing
+        )
+        restored = ckpt.restore(abs_state_sharded)
+        init_fn = jax.jit(lambda p: init_state(p, tx), out_shardings=s_shard)
+        data_state = None
+        if restored is not None:
+            state, meta = restored
+            data_state = meta.get("data_iterator")
+            _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
+        elif cfg.load:
+            state = init_fn(load_start_params(cfg, model_cfg, abs_state_sharded["params"]))
+            _log(f"loaded weights from {cfg.load} (finetune: fresh optimizer, step 0)")
+        else:
+            tokens = jnp.zeros((1, 8), jnp.int32)
+            params = jax.jit(
+                lambda k: nn.meta.unbox(model.init(k, tokens)["params"]), out_shardings=p_shard
+            )(jax.random.key(cfg.seed))
+            state = init_fn(params)
+
+        b_shard = batch_sharding(mesh, leading=(None,))
+        step_fn = jax.jit(
+            make_train_step(model, tx, optim.schedule(cfg.optim, cfg.train_iters), step_cfg, rates),
+            in_shardings=(s_shard, b_shard),
+            out_shardings=(s_shard, None),
+            donate_argnums=(0,),
+        )
+        eval_fn = jax.jit(make_eval_step(model), in_shardings=(p_shard, batch_sharding(mesh)))
+        train_it = make_iterator(cfg, open_split(cfg, "train"), cfg.global_batch_size, train=True)
+        if data_state is not None:
+            train_it.set_state(data_state)
+        val_source = open_split(cfg, "val") if cfg.eval_iters and cfg.eval_interval else None
+
+        logger = MetricsLogger(cfg.workdir)
+        flops_tok = model_flops_per_token(model_cfg, cfg.seq_length)
+        _log(
+            f"model {model_cfg.num_params() / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
+            f"accumulation {accum} x {rows_per_micro} rows x {cfg.seq_length} tokens"
+        )
+        stop = _StopFlag()
+        timer = Timer()
+        global_shape = (accum, rows_per_micro, cfg.seq_length)
+        step = int(state["step"])
+        pending = None
+        last = {}
+        window = _Window(step)
+        while step < cfg.train_iters:
+            with timer("data_wait"):
+                host_batch = next(train_it)
+                batch = to_global(host_batch, b_shard, global_shape)
+            with timer("step_dispatch"):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            pack = pipeline.packing_efficiency(host_batch)
+            if pending is not None:
+                last = _report(cfg, logger, pending, window, flops_tok, timer)
+            pending = (step, metrics, pack, {})
+            if (
+                cfg.eval_interval
+                and val_source is not None
+                and (step % cfg.eval_interval == 0 or step == cfg.train_iters)
+            ):
+                val = evaluate(cfg, eval_fn, state["params"], val_source, rows_per_micro, mesh)
+                pending[3].update(val)
+                _log(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}")
+            exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
+            if (
+                (cfg.save_interval and step % cfg.save_interval == 0)
+                or exiting
+                or (step == cfg.train_iters)
+            ):
+                with timer("checkpoint"):
+                    ckpt.save(step, state, {"data_iterator": train_it.get_state()}, model_cfg)
+            if exiting:
+                _log(f"stopping cleanly after step {step}")
+                break
+        if pending is not None:
+            last = _report(cfg, logger, pending, window, flops_tok, timer)
+        ckpt.close()
+        logger.close()
+    return last
+
+
+class _Window:
+    """Wall time and steps since the last progress line (throughput is averaged over it)."""
+
+    def __init__(self, step: int):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.step, self.t0 = step, time.perf_counter()
+
+
+def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Timer) -> dict:
+    """Read step metrics (one step late, so dispatch stays ahead) and log at intervals."""
+    step, metrics, pack, val = pending
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m.update(val)
+    if m["nonfinite"] and cfg.nonfinite == "halt":
+        raise SystemExit(f"non-finite loss/grad at step {step} (nonfinite='halt')")
+    due = cfg.log_interval and (step % cfg.log_interval == 0 or step == cfg.train_iters)
+    if not (due or val):
+        return m
+    dt = max(time.perf_counter() - window.t0, 1e-9)
+    tokens = cfg.global_batch_size * cfg.seq_length * max(step - window.step, 1)
+    m.update(
+        step_time=dt / max(step - window.step, 1),
+        tokens_per_s=tokens / dt,
+        mfu=flops_tok * tokens / dt / (jax.device_count() * cfg.peak_flops_per_device),
+        packing_efficiency=pack,
+    )
+    m.update({f"time_{k}": v for k, v in timer.pop().items()})
+    logger.write(step, m)
+    _log(progress_line(step, cfg.train_iters, m))
+    window.reset(step)
+    return m
+
+
+def evaluate(cfg, eval_fn, params, source, rows: int, mesh) -> dict[str, float]:
+    """Token-weighted loss over ``eval_iters`` batches from the start of the val split."""
+    it = make_iterator(cfg, source, rows, train=False)
+    total, count = 0.0, 0.0
+    shard = batch_sharding(mesh)
+    for _ in range(cfg.eval_iters):
+        b = to_global(next(it), shard, (rows, cfg.seq_length))
+        s, n = eval_fn(params, b)
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))}
+
+
+def main(argv) -> None:
+    from absl import flags, logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    cfg = flags.FLAGS.config
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,193 @@
+"""The one jitted train step (and the eval step), with explicit shardings.
+
+``train_step(state, batch) -> (state, metrics)``: forward, loss and backward for
+each micro-batch inside an on-device ``lax.scan`` (gradient accumulation), then
+clipping and the AdamW update.  The state is donated; nothing syncs with the
+host inside the step; metrics are device scalars the loop reads one step late.
+
+State is a plain dict ``{step, params, opt_state}``.  Dropout randomness is
+``fold_in(key(seed), step)`` then per micro-batch and (inside the scanned
+layers) per layer, so a resumed run draws exactly the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from oasst_jax import sharding
+from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
+from oasst_jax.model import Llama, LlamaConfig
+
+BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    accumulation_steps: int
+    micro_batch_size: int
+    loss_normalization: str = "global_token_mean"
+    seed: int = 0
+
+
+def abstract_params(model: Llama, seq_length: int = 8) -> Any:
+    """Boxed (logically partitioned) parameter shapes, no memory allocated."""
+    tokens = jax.ShapeDtypeStruct((1, seq_length), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+
+
+def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
+    return sharding.tree_shardings(mesh, nn.get_partition_spec(boxed_params))
+
+
+def state_shardings(mesh: Mesh, params_sharding: Any, abstract_state: dict) -> dict:
+    """Shardings for ``{step, params, opt_state}``.
+
+    Optimizer moments mirror the parameters, so an optimizer leaf whose path
+    ends with a parameter's path (and has its shape) gets that parameter's
+    sharding; counters and other scalars are replicated.
+    """
+    by_path = {
+        tuple(jax.tree_util.keystr((k,)) for k in path): s
+        for path, s in jax.tree_util.tree_leaves_with_path(params_sharding)
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(jax.tree_util.keystr((k,)) for k in path)
+        for n in range(len(keys)):
+            s = by_path.get(keys[n:])
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+
+    return {
+        "step": replicated,
+        "params": params_sharding,
+        "opt_state": jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"]),
+    }
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def batch_sharding(mesh: Mesh, leading: tuple = ()) -> NamedSharding:
+    return sharding.logical_sharding(mesh, (*leading, "batch", "length"))
+
+
+def _microbatch_loss(
+    model: Llama,
+    params: Any,
+    mb: dict,
+    rng: jax.Array,
+    dropout_rates: jax.Array,
+    deterministic: bool,
+    step_cfg: StepConfig,
+):
+    logits = model.apply(
+        {"params": params},
+        mb["inputs"],
+        positions_BL=mb["positions"],
+        segment_ids_BL=mb["segment_ids"],
+        dropout_rates=dropout_rates,
+        deterministic=deterministic,
+        rngs={"dropout": rng},
+    )
+    nll = token_cross_entropy(logits, mb["targets"])
+    num, den = loss_sum_and_count(
+        nll,
+        mb["weights"],
+        normalization=step_cfg.loss_normalization,
+        micro_batch_size=step_cfg.micro_batch_size,
+    )
+    return num, (den, jnp.sum(mb["weights"]))
+
+
+def make_train_step(
+    model: Llama,
+    tx: optax.GradientTransformation,
+    lr_schedule: Callable,
+    step_cfg: StepConfig,
+    dropout_rates: jax.Array,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Build the (unjitted) step; ``batch`` fields are ``[accumulation, rows, length]``."""
+    deterministic = not bool(np.any(np.asarray(dropout_rates) > 0))
+    loss_fn = partial(
+        _microbatch_loss,
+        model,
+        dropout_rates=dropout_rates,
+        deterministic=deterministic,
+        step_cfg=step_cfg,
+    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+        rng = jax.random.fold_in(jax.random.key(step_cfg.seed), state["step"])
+
+        def micro(carry, xs):
+            grads, num, den, tokens = carry
+            mb, i = xs
+            (n, (d, t)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, num + n, den + d, tokens + t), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        idx = jnp.arange(step_cfg.accumulation_steps)
+        (grads, num, den, tokens), _ = jax.lax.scan(micro, init, (batch, idx))
+        scale = jnp.where(den > 0, 1.0 / jnp.maximum(den, 1e-9), 0.0)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        loss = num * scale
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(jax.tree.map(jnp.subtract, new_params, params)),
+            "param_norm": optax.global_norm(new_params),
+            "lr": lr_schedule(state["step"]),
+            "loss_tokens": tokens,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(model: Llama) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """``(params, batch [rows, length]) -> (sum of token losses, loss-token count)``."""
+
+    def eval_fn(params: Any, batch: dict):
+        logits = model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions_BL=batch["positions"],
+            segment_ids_BL=batch["segment_ids"],
+        )
+        nll = token_cross_entropy(logits, batch["targets"])
+        w = batch["weights"].astype(jnp.float32)
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    return eval_fn
+
+
+def model_flops_per_token(cfg: LlamaConfig, seq_length: int) -> float:
+    """Training FLOPs per token: ``6 N`` for the matmul weights (embedding lookup
+    excluded, LM head included) plus attention's ``QK^T`` and ``AV``:
+    ``6 * 2 * layers * seq * heads * head_dim`` (full, non-causal count, as PaLM/MaxText)."""
+    n = cfg.num_params(include_embedding=False) + cfg.hidden_size * cfg.padded_vocab_size
+    attn = 12 * cfg.num_hidden_layers * seq_length * cfg.num_attention_heads * cfg.head_size
+    return 6.0 * n + attn
