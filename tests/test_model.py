@@ -39,7 +39,7 @@ TINY = LlamaConfig(
 
 def _init(cfg: LlamaConfig, seed: int = 0):
     """Boxed (logically annotated) params of ``cfg``."""
-    return Llama(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    return jax.jit(Llama(cfg).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
 def _tokens(shape: tuple[int, int], seed: int = 1) -> np.ndarray:
@@ -72,14 +72,13 @@ def test_positions_restart_per_segment():
 
 
 def test_packed_row_equals_sequences_alone(tiny_params):
-    params = nn.meta.unbox(tiny_params)
-    model = Llama(TINY)
+    params = {"params": nn.meta.unbox(tiny_params)}
+    apply = jax.jit(Llama(TINY).apply)
     a, b = _tokens((1, 5), seed=2), _tokens((1, 9), seed=3)
     packed = np.concatenate([a, b], axis=1)
     seg = np.array([[1] * 5 + [2] * 9], np.int32)
-    got = model.apply({"params": params}, packed, segment_ids_BL=seg)
-    alone_a = model.apply({"params": params}, a)
-    alone_b = model.apply({"params": params}, b)
+    got = apply(params, packed, segment_ids_BL=seg)
+    alone_a, alone_b = apply(params, a), apply(params, b)
     v = TINY.vocab_size
     np.testing.assert_allclose(got[:, :5, :v], alone_a[..., :v], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[:, 5:, :v], alone_b[..., :v], atol=1e-5, rtol=0)
