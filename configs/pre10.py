@@ -45,5 +45,6 @@ def get_config():
     c.save_interval = 500
     c.log_interval = 1
     c.finetune = True  # the base Llama-2 weights, fresh optimizer
+    c.use_checkpoint_args = True
     c.load = "checkpoints/llama2-70b-chatml"  # `convert hf-to-orbax --add-chatml-tokens`
     return c
