@@ -189,8 +189,10 @@ def _init_worker(tokenizer: Tokenizer, check: bool) -> None:
     _WORKER["check"] = check
 
 
-def _encode_chunk(conversations: list[tuple[Turn, ...]]) -> EncodedBatch:
-    return encode_batch(_WORKER["tokenizer"], conversations, check=_WORKER["check"])
+def _encode_chunk(conversations: list[tuple[tuple[str, str], ...]]) -> EncodedBatch:
+    """Worker task; turns travel as ``(role, text)`` tuples (pickling dataclasses is slower)."""
+    turns = [tuple(Turn(role, text) for role, text in c) for c in conversations]
+    return encode_batch(_WORKER["tokenizer"], turns, check=_WORKER["check"])
 
 
 class Encoder:
@@ -220,7 +222,7 @@ class Encoder:
     def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
         """Encoded chunks of ``CHUNK_SIZE`` samples, in order."""
         chunks = (
-            [s.turns for s in samples[i : i + CHUNK_SIZE]]
+            [tuple((t.role, t.text) for t in s.turns) for s in samples[i : i + CHUNK_SIZE]]
             for i in range(0, len(samples), CHUNK_SIZE)
         )
         if self._pool is None:
