@@ -154,7 +154,8 @@ def total_stats(blocks: Sequence[Stats]) -> Stats:
         total.tokens += b.tokens
         total.max_tokens = max(total.max_tokens, b.max_tokens)
         if b.min_tokens is not None:
-            total.min_tokens = min(b.min_tokens, total.min_tokens or b.min_tokens)
+            lows = [b.min_tokens] + ([total.min_tokens] if total.min_tokens is not None else [])
+            total.min_tokens = min(lows)
         total.reasons.update(b.reasons)
     return total
 
@@ -181,7 +182,7 @@ def _reasons(reasons: Mapping[str, int]) -> str:
 
 # ----------------------------------------------------------------------------- encoding
 
-_WORKER: dict[str, Any] = {}
+_WORKER: dict[str, Any] = {}  # per worker process: set once by the pool initializer
 
 
 def _init_worker(tokenizer: Tokenizer, check: bool) -> None:
@@ -203,13 +204,13 @@ class Encoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, num_workers: int, check: bool = True):
+        self._tokenizer = tokenizer
+        self._check = check
+        self._window = 2 * num_workers
         self._pool = None
         if num_workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
             self._pool = ctx.Pool(num_workers, _init_worker, (tokenizer, check))
-        else:
-            _init_worker(tokenizer, check)
-        self._window = 2 * max(num_workers, 1)
 
     def __enter__(self) -> Encoder:
         return self
@@ -221,15 +222,15 @@ class Encoder:
 
     def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
         """Encoded chunks of ``CHUNK_SIZE`` samples, in order."""
-        chunks = (
-            [tuple((t.role, t.text) for t in s.turns) for s in samples[i : i + CHUNK_SIZE]]
-            for i in range(0, len(samples), CHUNK_SIZE)
-        )
+        starts = range(0, len(samples), CHUNK_SIZE)
         if self._pool is None:
-            yield from map(_encode_chunk, chunks)
+            for i in starts:
+                turns = [s.turns for s in samples[i : i + CHUNK_SIZE]]
+                yield encode_batch(self._tokenizer, turns, check=self._check)
             return
         pending: deque = deque()
-        for chunk in chunks:
+        for i in starts:
+            chunk = [tuple((t.role, t.text) for t in s.turns) for s in samples[i : i + CHUNK_SIZE]]
             pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
             if len(pending) >= self._window:
                 yield pending.popleft().get()
