@@ -163,7 +163,7 @@ def loss_mask(roles: np.ndarray, tokens: np.ndarray, tokenizer: Tokenizer, mode:
         raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
     mask = roles == ASSISTANT
     if mode == "assistant_answer":
-        for start, end in _assistant_turns(roles, tokens, tokenizer.im_start_id):
+        for start, end in _assistant_turns(roles):
             turn = tokens[start:end]
             mask[start : start + _header_len(tokenizer, turn)] = False
             closes = np.flatnonzero(turn == tokenizer.im_end_id)
@@ -172,12 +172,16 @@ def loss_mask(roles: np.ndarray, tokens: np.ndarray, tokenizer: Tokenizer, mode:
     return mask.astype(np.uint8)
 
 
-def _assistant_turns(roles: np.ndarray, tokens: np.ndarray, im_start: int) -> list[tuple[int, int]]:
-    """[start, end) of each assistant turn; a turn starts at a role change or ``<|im_start|>``."""
-    n = len(tokens)
-    new_turn = np.ones(n, dtype=bool)
-    new_turn[1:] = (roles[1:] != roles[:-1]) | (tokens[1:] == im_start)
-    bounds = np.append(np.flatnonzero(new_turn), n)
+def _assistant_turns(roles: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of assistant tokens, i.e. of each assistant turn.
+
+    Role runs rather than ``<|im_start|>`` ids delimit turns, so a marker quoted inside an
+    answer does not split it; conversations never hold two assistant turns in a row.
+    """
+    n = len(roles)
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = roles[1:] != roles[:-1]
+    bounds = np.append(np.flatnonzero(new_run), n)
     return [
         (int(s), int(e))
         for s, e in zip(bounds[:-1], bounds[1:], strict=True)

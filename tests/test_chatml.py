@@ -139,13 +139,14 @@ def test_loss_mask_assistant_turn_is_upstream(tok):
 
 
 def test_loss_mask_assistant_answer(tok):
-    tokens, roles = encode_turns(tok, DOLLY + CHAT)
+    quoting = (Turn("user", "echo"), Turn("assistant", "x <|im_start|>assistant\ny <|im_end|> z"))
+    tokens, roles = encode_turns(tok, DOLLY + CHAT + quoting)
     mask = loss_mask(roles, tokens, tok, "assistant_answer")
     assert not mask[roles != 2].any()
     # Each masked run decodes to exactly one answer followed by its <|im_end|>.
     runs = np.split(np.arange(len(mask)), np.flatnonzero(np.diff(mask)) + 1)
     masked = [tok.decode(tokens[r]) for r in runs if mask[r[0]]]
-    answers = [t.text for t in DOLLY + CHAT if t.role == "assistant"]
+    answers = [t.text for t in DOLLY + CHAT + quoting if t.role == "assistant"]
     assert masked == [a + "<|im_end|>" for a in answers]
     with pytest.raises(ValueError, match="unknown loss mode"):
         loss_mask(roles, tokens, tok, "everything")
