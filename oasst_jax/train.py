@@ -14,27 +14,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 from oasst_jax import checkpoint, optim, sharding
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import pipeline
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
-from oasst_jax.train_step import (
-    StepConfig,
-    abstract_params,
-    batch_sharding,
-    init_state,
-    make_eval_step,
-    make_train_step,
-    model_flops_per_token,
-    param_shardings,
-    state_shardings,
-)
+from oasst_jax.train_step import StepConfig, batch_sharding, build_trainer, model_flops_per_token
 
 
 class _StopFlag:
@@ -146,42 +134,26 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed)
 
     with jax.set_mesh(mesh):
-        boxed = abstract_params(model)
-        p_shard = param_shardings(mesh, boxed)
-        abs_params = nn.meta.unbox(boxed)
-        abs_state = jax.eval_shape(lambda p: init_state(p, tx), abs_params)
-        s_shard = state_shardings(mesh, p_shard, abs_state)
-        abs_state_sharded = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, s_shard
+        trainer = build_trainer(
+            model, tx, optim.schedule(cfg.optim, cfg.train_iters), step_cfg, rates, mesh
         )
         ckpt = checkpoint.TrainCheckpointer(
             os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing
         )
-        restored = ckpt.restore(abs_state_sharded)
-        init_fn = jax.jit(lambda p: init_state(p, tx), out_shardings=s_shard)
+        restored = ckpt.restore(trainer.abstract_state)
         data_state = None
         if restored is not None:
             state, meta = restored
             data_state = meta.get("data_iterator")
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
         elif cfg.load:
-            state = init_fn(load_start_params(cfg, model_cfg, abs_state_sharded["params"]))
-            _log(f"loaded weights from {cfg.load} (finetune: fresh optimizer, step 0)")
+            params = load_start_params(cfg, model_cfg, trainer.abstract_state["params"])
+            state = trainer.init_from_params(params)
+            _log(f"loaded weights from {cfg.load} (fresh optimizer, step 0)")
         else:
-            tokens = jnp.zeros((1, 8), jnp.int32)
-            params = jax.jit(
-                lambda k: nn.meta.unbox(model.init(k, tokens)["params"]), out_shardings=p_shard
-            )(jax.random.key(cfg.seed))
-            state = init_fn(params)
-
-        b_shard = batch_sharding(mesh, leading=(None,))
-        step_fn = jax.jit(
-            make_train_step(model, tx, optim.schedule(cfg.optim, cfg.train_iters), step_cfg, rates),
-            in_shardings=(s_shard, b_shard),
-            out_shardings=(s_shard, None),
-            donate_argnums=(0,),
-        )
-        eval_fn = jax.jit(make_eval_step(model), in_shardings=(p_shard, batch_sharding(mesh)))
+            state = trainer.init_random(jax.random.key(cfg.seed))
+        b_shard = trainer.batch_sharding
+        step_fn, eval_fn = trainer.step, trainer.eval
         train_it = make_iterator(cfg, open_split(cfg, "train"), cfg.global_batch_size, train=True)
         if data_state is not None:
             train_it.set_state(data_state)

@@ -184,6 +184,66 @@ def make_eval_step(model: Llama) -> Callable[[Any, dict], tuple[jax.Array, jax.A
     return eval_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledTrainer:
+    """Everything the loop (and the planner) needs: shardings and the jitted functions."""
+
+    param_shardings: Any
+    state_shardings: dict
+    batch_sharding: NamedSharding  # [accumulation, rows, length]
+    abstract_state: dict  # ShapeDtypeStructs carrying their shardings
+    init_random: Callable[[jax.Array], dict]  # PRNG key -> fresh state
+    init_from_params: Callable[[Any], dict]  # loaded weights -> fresh optimizer, step 0
+    step: Callable[[dict, dict], tuple[dict, dict]]
+    eval: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+
+
+def build_trainer(
+    model: Llama,
+    tx: optax.GradientTransformation,
+    lr_schedule: Callable,
+    step_cfg: StepConfig,
+    dropout_rates: jax.Array,
+    mesh: Mesh,
+) -> CompiledTrainer:
+    """Shardings from the logical rules and the jitted init/step/eval functions.
+
+    Call (and use the results) inside ``jax.set_mesh(mesh)`` so the model's
+    activation constraints resolve against this mesh.
+    """
+    boxed = abstract_params(model)
+    p_shard = param_shardings(mesh, boxed)
+    abs_state = jax.eval_shape(lambda p: init_state(p, tx), nn.meta.unbox(boxed))
+    s_shard = state_shardings(mesh, p_shard, abs_state)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, s_shard
+    )
+    init_from_params = jax.jit(lambda p: init_state(p, tx), out_shardings=s_shard)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def init_random(key: jax.Array) -> dict:
+        return init_state(nn.meta.unbox(model.init(key, tokens)["params"]), tx)
+
+    b_shard = batch_sharding(mesh, leading=(None,))
+    step = jax.jit(
+        make_train_step(model, tx, lr_schedule, step_cfg, dropout_rates),
+        in_shardings=(s_shard, b_shard),
+        out_shardings=(s_shard, None),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(make_eval_step(model), in_shardings=(p_shard, batch_sharding(mesh)))
+    return CompiledTrainer(
+        param_shardings=p_shard,
+        state_shardings=s_shard,
+        batch_sharding=b_shard,
+        abstract_state=abstract,
+        init_random=jax.jit(init_random, out_shardings=s_shard),
+        init_from_params=init_from_params,
+        step=step,
+        eval=eval_fn,
+    )
+
+
 def model_flops_per_token(cfg: LlamaConfig, seq_length: int) -> float:
     """Training FLOPs per token: ``6 N`` for the matmul weights (embedding lookup
     excluded, LM head included) plus attention's ``QK^T`` and ``AV``:
