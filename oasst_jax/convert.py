@@ -1,0 +1,552 @@
+"""Hugging Face ``LlamaForCausalLM`` <-> orbax weights, without torch and without pickle.
+
+    python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens]
+    python -m oasst_jax.convert orbax-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
+
+Import reads ``config.json`` and ``model.safetensors`` or the shards listed in
+``model.safetensors.index.json``; ``.bin``/``.pt`` files are refused because
+loading them means unpickling.  Tensors are read one at a time and written
+into the stacked ``[layers, ...]`` arrays, so peak memory is the fp32 tree
+plus one tensor; export writes one shard at a time (the tree plus one shard).
+
+Layouts: HF stores a linear layer as ``[out, in]``; ours are ``[in, out]`` with
+the head axes split out (``q [D, H, Dh]``, ``o [H, Dh, D]``).  Both use RoPE's
+rotate-half layout, so no row permutation is needed.  The vocab axis is padded
+to ``vocab_pad_multiple`` on import and cut back on export; the source dtype
+(read from the tensors) is kept in the checkpoint's ``hf_config`` item and
+restored on export, so HF -> orbax -> HF gives the same tensors bit for bit
+(fp32 / bf16 / fp16 sources are exact in the fp32 checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from oasst_jax import checkpoint
+from oasst_jax.model import Llama, LlamaConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HF_ITEM = "hf_config"  # orbax item holding the source config.json
+DTYPES = ("float32", "bfloat16", "float16")
+CHATML_TOKENS = 2  # <|im_start|>, <|im_end|>
+# Buffers some older conversions saved; they are derived from the config, not weights.
+DERIVED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+# (path in our param tree, HF name, layout kind).  ``{i}`` is the layer index.
+LAYER_TENSORS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("attn", "q"), "model.layers.{i}.self_attn.q_proj.weight", "heads_in"),
+    (("attn", "k"), "model.layers.{i}.self_attn.k_proj.weight", "kv_heads_in"),
+    (("attn", "v"), "model.layers.{i}.self_attn.v_proj.weight", "kv_heads_in"),
+    (("attn", "o"), "model.layers.{i}.self_attn.o_proj.weight", "heads_out"),
+    (("attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", "vector"),
+    (("mlp", "gate"), "model.layers.{i}.mlp.gate_proj.weight", "mlp_in"),
+    (("mlp", "up"), "model.layers.{i}.mlp.up_proj.weight", "mlp_in"),
+    (("mlp", "down"), "model.layers.{i}.mlp.down_proj.weight", "mlp_out"),
+    (("mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", "vector"),
+)
+EMBED_TENSOR = (("embedding",), "model.embed_tokens.weight", "embedding")
+NORM_TENSOR = (("final_norm", "scale"), "model.norm.weight", "vector")
+HEAD_TENSOR = (("lm_head",), "lm_head.weight", "lm_head")
+LAYERS_PATH = ("decoder", "layers")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, float]:
+    """``(theta, linear factor)`` from either transformers layout.
+
+    v4 writes top-level ``rope_theta`` and ``rope_scaling: {type|rope_type,
+    factor}``; v5 writes ``rope_parameters: {rope_theta, rope_type, factor}``.
+    When both are present, v5 lets ``rope_scaling`` win; so do we.
+    """
+    params = hf.get("rope_parameters") or {}
+    spec = hf.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return theta, 1.0
+    if kind == "linear":
+        return theta, float(spec["factor"])
+    raise ValueError(
+        f"config.json: rope type {kind!r} is not supported (only default and linear, as Llama-2)"
+    )
+
+
+def hf_dtype(hf: Mapping[str, Any]) -> str:
+    """The weights' dtype named by the config (v5 ``dtype``, v4 ``torch_dtype``)."""
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"config.json: dtype {name!r} is not supported; expected one of {DTYPES}")
+    return name
+
+
+def hf_config_to_llama(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+    """``LlamaConfig`` for a ``LlamaForCausalLM`` config.json (v4 or v5 layout).
+
+    Architecture variants Llama-2 does not have (biases, tied head, other
+    activations or RoPE types) are rejected rather than silently mis-loaded.
+    ``overrides`` set the non-architecture fields (compute dtype, remat ...).
+    """
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not 'llama'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not 'silu'")
+    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if hf.get(flag, False):
+            raise ValueError(f"config.json: {flag}=true is not supported (Llama-2 has none)")
+    theta, factor = _rope_from_hf(hf)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or 0
+    derived = hf["hidden_size"] // heads
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=0 if head_dim == derived else head_dim,  # 0 = derived, as configs/model
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        rope_scaling_factor=factor,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        initializer_range=hf.get("initializer_range", 0.02),
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def llama_to_hf_config(
+    cfg: LlamaConfig, dtype: str, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A config.json both transformers v4 and v5 read the same way.
+
+    ``base`` (the imported config) keeps the keys we do not model (token ids,
+    ``use_cache`` ...); every architecture key is rewritten from ``cfg``.  RoPE
+    is written in both layouts (top-level ``rope_theta``/``rope_scaling`` for
+    v4, ``rope_parameters`` for v5), and the dtype as ``torch_dtype`` and ``dtype``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
+    if cfg.rope_scaling_factor == 1.0:
+        rope_scaling = None
+        rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        f = cfg.rope_scaling_factor
+        rope_scaling = {"type": "linear", "rope_type": "linear", "factor": f}
+        rope_parameters = {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": f}
+    defaults = {"bos_token_id": 1, "eos_token_id": 2, "pretraining_tp": 1, "use_cache": True}
+    return {
+        **(defaults if base is None else dict(base)),
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": cfg.attention_dropout,
+        "mlp_bias": False,
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": False,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def hf_tensor_specs(cfg: LlamaConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, str]]:
+    """``(hf name, our path, layer index or None, kind)`` in HF file order."""
+    (path, name, kind) = EMBED_TENSOR
+    yield name, path, None, kind
+    for i in range(cfg.num_hidden_layers):
+        for path, name, kind in LAYER_TENSORS:
+            yield name.format(i=i), LAYERS_PATH + path, i, kind
+    for path, name, kind in (NORM_TENSOR, HEAD_TENSOR):
+        yield name, path, None, kind
+
+
+def hf_shape(cfg: LlamaConfig, kind: str) -> tuple[int, ...]:
+    """The HF (``[out, in]``) shape of a tensor of layout ``kind``."""
+    d, dh, f = cfg.hidden_size, cfg.head_size, cfg.intermediate_size
+    return {
+        "heads_in": (cfg.num_attention_heads * dh, d),
+        "kv_heads_in": (cfg.num_key_value_heads * dh, d),
+        "heads_out": (d, cfg.num_attention_heads * dh),
+        "mlp_in": (f, d),
+        "mlp_out": (d, f),
+        "vector": (d,),
+        "embedding": (cfg.vocab_size, d),
+        "lm_head": (cfg.vocab_size, d),
+    }[kind]
+
+
+def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a ``LlamaForCausalLM`` of this config has, with its shape."""
+    return {name: hf_shape(cfg, kind) for name, _, _, kind in hf_tensor_specs(cfg)}
+
+
+def to_jax_layout(w: np.ndarray, kind: str, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor in our layout (vocab rows padded with zeros)."""
+    d, dh = cfg.hidden_size, cfg.head_size
+    if kind in ("heads_in", "kv_heads_in"):
+        return w.T.reshape(d, -1, dh)
+    if kind == "heads_out":
+        return w.T.reshape(-1, dh, d)
+    if kind in ("mlp_in", "mlp_out"):
+        return w.T
+    if kind == "vector":
+        return w
+    padded = np.pad(w, ((0, cfg.padded_vocab_size - w.shape[0]), (0, 0)))
+    return padded if kind == "embedding" else padded.T
+
+
+def to_hf_layout(x: np.ndarray, kind: str, cfg: LlamaConfig) -> np.ndarray:
+    """Inverse of :func:`to_jax_layout` (vocab padding dropped), C-contiguous."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    if kind in ("heads_in", "kv_heads_in"):
+        w = x.reshape(d, -1).T
+    elif kind == "heads_out":
+        w = x.reshape(-1, d).T
+    elif kind in ("mlp_in", "mlp_out"):
+        w = x.T
+    elif kind == "vector":
+        w = x
+    elif kind == "embedding":
+        w = x[:v]
+    else:
+        w = x[:, :v].T
+    return np.ascontiguousarray(w)
+
+
+def append_mean_rows(w: np.ndarray, n: int) -> np.ndarray:
+    """``w [V, D]`` with ``n`` rows equal to the mean row appended.
+
+    New tokens start at the average embedding / output direction, so their
+    logits begin near the typical token's instead of at a random extreme.
+    """
+    mean = w.astype(np.float64).mean(axis=0, keepdims=True).astype(w.dtype)
+    return np.concatenate([w, np.repeat(mean, n, axis=0)], axis=0)
+
+
+def abstract_params(cfg: LlamaConfig) -> Any:
+    """The param tree's shapes/dtypes, built without allocating."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda t: Llama(cfg).init(jax.random.key(0), t), tokens)
+    return nn.meta.unbox(boxed["params"])
+
+
+def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------- safetensors io
+
+
+class SafetensorsReader:
+    """Lazy tensor access over ``model.safetensors`` or an index of shards.
+
+    ``safetensors.numpy`` cannot hand out bf16 tensors (numpy has no bf16),
+    so tensors are read with the ``flax`` framework onto the host CPU and
+    viewed as numpy (ml_dtypes' bfloat16); nothing is unpickled.
+    """
+
+    def __init__(self, hf_dir: str):
+        self.files = _tensor_files(hf_dir)
+        self._handles: dict[str, Any] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="flax")
+        with jax.default_device(jax.devices("cpu")[0]):
+            return np.asarray(self._handles[path].get_tensor(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self.files[name], framework="numpy") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+
+def _tensor_files(hf_dir: str) -> dict[str, str]:
+    """Tensor name -> file, from the index when there is one."""
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if os.path.exists(single):
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    pickled = sorted(n for n in os.listdir(hf_dir) if n.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise ValueError(
+            f"{hf_dir}: only pickle checkpoints ({pickled[0]}) found; loading them can run "
+            "arbitrary code, so convert them to safetensors first (save_pretrained(..., "
+            "safe_serialization=True))"
+        )
+    raise FileNotFoundError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``'5GB'``, ``'500MB'``, ``'64KiB'`` or a plain integer (HF's units: GB = 1e9)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 1048576")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy split of tensors (in order) into files of at most ``max_bytes``.
+
+    A tensor larger than the limit gets a file of its own, as transformers does.
+    """
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def write_safetensors(
+    out_dir: str,
+    tensors: Sequence[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+    dtype: str,
+    max_shard_bytes: int,
+) -> list[str]:
+    """Write ``(name, shape, make)`` tensors; only one shard is in memory at a time.
+
+    One file is ``model.safetensors``; several are ``model-0000k-of-0000n``
+    plus ``model.safetensors.index.json``, the layout ``from_pretrained`` reads.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    sizes = [(name, int(np.prod(shape)) * itemsize) for name, shape, _ in tensors]
+    shards = plan_shards(sizes, max_shard_bytes)
+    makers = {name: make for name, _, make in tensors}
+    files = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    for file, names in zip(files, shards, strict=True):
+        save_file(
+            {name: makers[name]() for name in names},
+            os.path.join(out_dir, file),
+            metadata={"format": "pt"},
+        )
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(n for _, n in sizes)},
+            "weight_map": {
+                name: file for file, names in zip(files, shards, strict=True) for name in names
+            },
+        }
+        _write_json(os.path.join(out_dir, INDEX_FILE), index)
+    return files
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def check_tensor_names(found: Mapping[str, tuple[int, ...]], cfg: LlamaConfig) -> None:
+    """One-line error naming the first missing, unexpected or mis-shaped tensor."""
+    expected = expected_hf_shapes(cfg)
+    for name in expected:
+        if name not in found:
+            raise ValueError(f"checkpoint: tensor {name!r} is missing")
+    for name, shape in found.items():
+        if name not in expected and not DERIVED_TENSOR.fullmatch(name):
+            raise ValueError(f"checkpoint: unexpected tensor {name!r} (not in LlamaForCausalLM)")
+        if name in expected and tuple(shape) != expected[name]:
+            raise ValueError(
+                f"checkpoint: tensor {name!r} has shape {tuple(shape)}, "
+                f"config.json implies {expected[name]}"
+            )
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{hf_dir}: no {CONFIG_FILE}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_hf(
+    hf_dir: str, *, add_chatml_tokens: bool = False, **overrides: Any
+) -> tuple[Any, LlamaConfig, dict[str, Any]]:
+    """``(fp32 params, LlamaConfig, hf config)`` from a Hugging Face directory.
+
+    With ``add_chatml_tokens`` the vocabulary grows by 2 rows initialised to
+    the mean row (embedding and LM head); the returned hf config records the
+    new size and the source tensors' dtype (what export writes back).
+    """
+    hf = read_hf_config(hf_dir)
+    src_cfg = hf_config_to_llama(hf, **overrides)
+    reader = SafetensorsReader(hf_dir)
+    check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg)
+    extra = CHATML_TOKENS if add_chatml_tokens else 0
+    cfg = dataclasses.replace(src_cfg, vocab_size=src_cfg.vocab_size + extra)
+    params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float32), abstract_params(cfg))
+    dtype = None
+    for name, path, layer, kind in hf_tensor_specs(src_cfg):
+        w = reader.get(name)
+        dtype = dtype or w.dtype.name
+        if kind in ("embedding", "lm_head") and extra:
+            w = append_mean_rows(w, extra)
+        target = _get(params, path)
+        target[... if layer is None else layer] = to_jax_layout(w, kind, cfg)
+    hf = {**hf, "vocab_size": cfg.vocab_size, "torch_dtype": dtype, "dtype": dtype}
+    return params, cfg, hf
+
+
+def hf_to_orbax(hf_dir: str, out: str, *, add_chatml_tokens: bool = False) -> LlamaConfig:
+    """Convert and write a weights-only checkpoint (step 0) with the hf config beside it."""
+    if checkpoint.latest_step(out) is not None:
+        raise ValueError(f"{out} already holds a checkpoint; choose a new --out")
+    params, cfg, hf = load_hf(hf_dir, add_chatml_tokens=add_chatml_tokens)
+    checkpoint.save_weights(out, params, cfg, extra_json={HF_ITEM: hf})
+    return cfg
+
+
+def hf_tensors(
+    params: Any, cfg: LlamaConfig, dtype: str
+) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """``(name, shape, make)`` for every HF tensor; ``make`` converts on demand."""
+    np_dtype = jnp.dtype(dtype)
+    shapes = expected_hf_shapes(cfg)
+
+    def maker(path: tuple[str, ...], layer: int | None, kind: str) -> Callable[[], np.ndarray]:
+        def make() -> np.ndarray:
+            x = np.asarray(_get(params, path))
+            x = x if layer is None else x[layer]
+            return to_hf_layout(x, kind, cfg).astype(np_dtype)
+
+        return make
+
+    return [
+        (name, shapes[name], maker(path, layer, kind))
+        for name, path, layer, kind in hf_tensor_specs(cfg)
+    ]
+
+
+def load_orbax(ckpt: str) -> tuple[Any, LlamaConfig, dict[str, Any] | None]:
+    """``(params on host, LlamaConfig, stored hf config or None)`` from a checkpoint."""
+    cfg = checkpoint.load_model_config(ckpt)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=cpu), abstract_params(cfg)
+    )
+    params = checkpoint.load_weights(ckpt, target)
+    return params, cfg, checkpoint.load_json_item(ckpt, HF_ITEM)
+
+
+def orbax_to_hf(
+    ckpt: str, out: str, *, max_shard_size: str = "5GB", dtype: str | None = None
+) -> list[str]:
+    """Write config.json + safetensors; returns the weight files written.
+
+    The dtype is ``dtype``, else the imported source's, else bfloat16 (a
+    training run saved without the hf item).  Tokenizer files are a separate
+    step to add here once the tokenizer module can write them.
+    """
+    params, cfg, base = load_orbax(ckpt)
+    dtype = dtype or (hf_dtype(base) if base else "bfloat16")
+    os.makedirs(out, exist_ok=True)
+    files = write_safetensors(
+        out, hf_tensors(params, cfg, dtype), dtype, parse_size(max_shard_size)
+    )
+    _write_json(os.path.join(out, CONFIG_FILE), llama_to_hf_config(cfg, dtype, base))
+    return files
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m oasst_jax.convert", description=__doc__.split("\n")[0]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("hf-to-orbax", help="Hugging Face safetensors -> orbax checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json + safetensors")
+    imp.add_argument("--out", required=True, help="new orbax checkpoint directory")
+    imp.add_argument(
+        "--add-chatml-tokens",
+        action="store_true",
+        help="append <|im_start|>, <|im_end|> rows (mean-initialised) to embedding and LM head",
+    )
+    exp = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> Hugging Face safetensors")
+    exp.add_argument("--ckpt", required=True, help="orbax checkpoint directory (latest step)")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
+    exp.add_argument("--dtype", choices=DTYPES, help="default: the imported model's dtype")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-orbax":
+            cfg = hf_to_orbax(args.hf_dir, args.out, add_chatml_tokens=args.add_chatml_tokens)
+            print(
+                f"wrote {args.out}: {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size} "
+                f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"
+            )
+        else:
+            files = orbax_to_hf(
+                args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype
+            )
+            print(f"wrote {args.out}: {CONFIG_FILE} + {len(files)} safetensors file(s)")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"convert: {e}")
+
+
+if __name__ == "__main__":
+    main()
