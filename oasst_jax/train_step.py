@@ -219,9 +219,11 @@ def build_trainer(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, s_shard
     )
     init_from_params = jax.jit(lambda p: init_state(p, tx), out_shardings=s_shard)
-    tokens = jnp.zeros((1, 8), jnp.int32)
 
     def init_random(key: jax.Array) -> dict:
+        # tokens made inside the trace: an eager array would need a concrete device,
+        # which an abstract (AOT, TPU-topology) mesh does not have
+        tokens = jnp.zeros((1, 8), jnp.int32)
         return init_state(nn.meta.unbox(model.init(key, tokens)["params"]), tx)
 
     b_shard = batch_sharding(mesh, leading=(None,))
