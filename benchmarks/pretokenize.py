@@ -4,7 +4,8 @@
 
 Generates a synthetic chat corpus (>= ``--mb`` MB of text, deterministic), trains a tiny
 BPE model on a slice of it, then times :func:`oasst_jax.pretokenize.write_samples` (the
-pool start-up included) and prints one JSON line. Goal: >= 1M tokens/s with 2 workers.
+pool start-up included), best of ``--repeats`` interleaved runs since the machine may be
+shared, and prints one JSON line. Goal: >= 1M tokens/s with 2 workers.
 The 1-worker run encodes in-process; the 2-worker run uses the spawn pool.
 """
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=50.0)
     parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N, runs interleaved")
     args = parser.parse_args()
     samples = synthetic_corpus(args.mb)
     corpus_bytes = sum(len(t.text) for s in samples for t in s.turns)
@@ -74,7 +76,10 @@ def main() -> None:
         tmp = Path(tmp)
         train_text = (t.text for s in samples[:200] for t in s.turns)
         tok = Tokenizer(train_sentencepiece(train_text, tmp / "tok", args.vocab_size))
-        runs = {w: measure(samples, tok, w, tmp) for w in (1, 2)}
+        trials = [(w, measure(samples, tok, w, tmp)) for _ in range(args.repeats) for w in (1, 2)]
+        runs = {
+            w: min((r for v, r in trials if v == w), key=lambda r: r["seconds"]) for w in (1, 2)
+        }
         same = all(
             (tmp / "w1" / f).read_bytes() == (tmp / "w2" / f).read_bytes()
             for f in (shards.TOKENS_FILE, shards.ROLES_FILE, shards.OFFSETS_FILE)
