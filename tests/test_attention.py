@@ -1,0 +1,280 @@
+"""Pallas flash attention vs the XLA reference (CPU, interpret mode).
+
+Errors are measured relative to the reference's largest magnitude, so one
+tolerance serves outputs and gradients of different scales: fp32 1e-5; bf16
+2e-2 (bf16 inputs, both sides compared with the fp32 reference on the same
+rounded inputs, the kernel must not be worse than XLA's own bf16 path by more
+than that).  The GPU (Triton) kernel is the default on CPU; the TPU (Mosaic)
+kernel runs a subset under Mosaic interpret mode, and both are lowered for
+their real platforms to catch lowering errors that interpret mode cannot see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from oasst_jax import sharding
+from oasst_jax.attention import BlockSizes, dot_product_attention
+from oasst_jax.attention.flash import KernelConfig, _flash
+from oasst_jax.model import Llama, LlamaConfig
+
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+GPU_BLOCKS = BlockSizes.uniform(32)
+# Different tiles per kernel, so padding to the largest (64) and the dq/dkv
+# loop bounds are exercised with unequal block counts.
+GPU_MIXED = BlockSizes(
+    block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32
+)
+TPU_BLOCKS = BlockSizes.uniform(128)  # 128 lanes is the smallest legal TPU key tile
+
+
+def _segments(length: int, batch: int = 1) -> np.ndarray:
+    """Three packed samples of different lengths per row (ids 1, 2, 3)."""
+    a, b = length // 4, length // 2
+    row = np.array([1] * a + [2] * b + [3] * (length - a - b), np.int32)
+    return np.tile(row, (batch, 1))
+
+
+def _inputs(b: int, length: int, heads: int, kv_heads: int, dim: int, dtype, seed: int = 0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, length, heads, dim), jnp.float32)
+    k = jax.random.normal(ks[1], (b, length, kv_heads, dim), jnp.float32)
+    v = jax.random.normal(ks[2], (b, length, kv_heads, dim), jnp.float32)
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def _loss_and_grads(impl: str, q, k, v, seg, causal: bool, **kw):
+    """Attention output and d(sum(out * w))/d(q, k, v) for a fixed non-uniform ``w``."""
+
+    def loss(q, k, v):
+        out = dot_product_attention(
+            q, k, v, segment_ids=seg, causal=causal, implementation=impl, **kw
+        )
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+        return (out.astype(jnp.float32) * w).sum(), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return (out, *grads)
+
+
+def _rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1.0))
+
+
+def _assert_matches(got, want, tol: float) -> None:
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        err = _rel_err(g, w)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+CASES = [
+    # (length, heads, kv_heads, dim, packed, blocks, softmax_scale)
+    pytest.param(128, 8, 2, 32, False, GPU_BLOCKS, None, id="gqa"),
+    pytest.param(128, 8, 2, 64, True, GPU_BLOCKS, None, id="gqa-packed"),
+    pytest.param(100, 4, 4, 32, True, GPU_BLOCKS, None, id="mha-packed-len100"),
+    pytest.param(150, 8, 2, 32, False, GPU_MIXED, 0.3, id="gqa-len150-mixed-blocks-scale0.3"),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("length,heads,kv_heads,dim,packed,blocks,scale", CASES)
+def test_gpu_kernel_fp32(length, heads, kv_heads, dim, packed, blocks, scale, causal):
+    q, k, v = _inputs(2 if packed else 1, length, heads, kv_heads, dim, jnp.float32)
+    seg = _segments(length, q.shape[0]) if packed else None
+    want = _loss_and_grads("xla", q, k, v, seg, causal, softmax_scale=scale)
+    got = _loss_and_grads("pallas", q, k, v, seg, causal, softmax_scale=scale, block_sizes=blocks)
+    _assert_matches(got, want, FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "backend,blocks,causal,packed",
+    [
+        ("gpu", GPU_BLOCKS, True, True),
+        ("gpu", GPU_MIXED, False, False),
+        ("tpu", TPU_BLOCKS, True, True),
+    ],
+)
+def test_bf16(backend, blocks, causal, packed):
+    q, k, v = _inputs(1, 200, 8, 2, 64, jnp.bfloat16, seed=1)
+    seg = _segments(200) if packed else None
+    exact = _loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, causal)
+    kernel = _loss_and_grads("pallas", q, k, v, seg, causal, block_sizes=blocks, backend=backend)
+    xla_bf16 = _loss_and_grads("xla", q, k, v, seg, causal)
+    names = ("out", "dq", "dk", "dv")
+    for name, got, ref, want in zip(names, kernel, xla_bf16, exact, strict=True):
+        assert got.dtype == jnp.bfloat16, name
+        err = _rel_err(got, want)
+        assert err <= max(BF16_TOL, 1.5 * _rel_err(ref, want)), f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "length,heads,kv_heads,causal,packed",
+    [(200, 8, 2, True, True), (200, 4, 4, False, False)],
+    ids=["gqa-causal-packed-len200", "mha-full-len200"],
+)
+def test_tpu_kernel_fp32(length, heads, kv_heads, causal, packed):
+    q, k, v = _inputs(1, length, heads, kv_heads, 64, jnp.float32, seed=2)
+    seg = _segments(length) if packed else None
+    want = _loss_and_grads("xla", q, k, v, seg, causal)
+    got = _loss_and_grads("pallas", q, k, v, seg, causal, block_sizes=TPU_BLOCKS, backend="tpu")
+    _assert_matches(got, want, FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "backend,blocks", [("gpu", GPU_BLOCKS), ("tpu", TPU_BLOCKS)], ids=["gpu", "tpu"]
+)
+def test_fully_masked_rows_give_zeros_not_nan(backend, blocks):
+    """Rows that see no key (here: every key hidden) output 0 with 0 gradients.
+
+    Self-attention through the public API always lets a row see itself, so the
+    kernel is driven directly with every key beyond ``kv_len = 0``.
+    """
+    q, k, v = _inputs(1, 128, 4, 2, 32, jnp.float32, seed=4)
+    cfg = KernelConfig(
+        causal=False,
+        scale=0.2,
+        blocks=blocks,
+        kv_len=0,
+        has_segments=False,
+        interpret=True,
+        backend=backend,
+    )
+    loss = lambda q, k, v: _flash(q, k, v, None, cfg).sum()
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    out = _flash(q, k, v, None, cfg)
+    np.testing.assert_array_equal(out, 0.0)
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+def test_dropout_is_rejected(implementation):
+    q, k, v = _inputs(1, 32, 2, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="dropout"):
+        dot_product_attention(
+            q, k, v, implementation=implementation, dropout_rate=0.1, dropout_rng=jax.random.key(0)
+        )
+
+
+def _mesh_run(mesh, q, k, v, seg):
+    """Forward + grads under ``jax.set_mesh`` with batch/head-sharded inputs."""
+    specs = {
+        "q": ("batch", None, "act_heads", None),
+        "kv": ("batch", None, "act_kv_heads", None),
+        "seg": ("batch", None),
+    }
+    put = lambda x, names: jax.device_put(x, sharding.logical_sharding(mesh, names))
+    args = (put(q, specs["q"]), put(k, specs["kv"]), put(v, specs["kv"]), put(seg, specs["seg"]))
+    run = jax.jit(
+        lambda q, k, v, s: _loss_and_grads("pallas", q, k, v, s, True, block_sizes=GPU_BLOCKS)
+    )
+    with jax.set_mesh(mesh):
+        return run(*args), run.lower(*args).compile().as_text()
+
+
+def test_sharded_equals_unsharded():
+    q, k, v = _inputs(4, 64, 8, 2, 32, jnp.float32, seed=5)
+    seg = _segments(64, 4)
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2, "data": 2})
+    got, hlo = _mesh_run(mesh, q, k, v, seg)
+    want = _loss_and_grads("pallas", q, k, v, seg, True, block_sizes=GPU_BLOCKS)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g.sharding, NamedSharding)
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # Each device ran the kernel on its own shard: nothing was gathered.
+    assert "all-gather" not in hlo
+
+
+def test_sequence_sharded_mesh_is_rejected():
+    q, k, v = _inputs(2, 64, 4, 2, 32, jnp.float32)
+    mesh = sharding.make_mesh({"sequence": 2, "tensor": 2, "data": 2})
+    with pytest.raises(NotImplementedError, match="(?i)context parallelism"):
+        _mesh_run(mesh, q, k, v, _segments(64, 2))
+
+
+@pytest.mark.parametrize(
+    "backend,platform,marker",
+    [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
+)
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_lowers_for_real_hardware(backend, platform, marker, packed):
+    """Lower fwd+bwd at a 70B-shard layout (bf16, 8 q / 1 kv heads, d=128) for the device.
+
+    Interpret mode skips the Triton / Mosaic lowering, so this is what catches
+    an op either compiler front end rejects.
+    """
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, 1, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if packed else None
+
+    def loss(q, k, v, seg):
+        out = dot_product_attention(
+            q, k, v, segment_ids=seg, implementation="pallas", backend=backend, interpret=False
+        )
+        return out.astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    text = grad.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_matches_reference(packed):
+    q, k, v = _inputs(2, 256, 8, 2, 64, jnp.bfloat16)
+    seg = _segments(256, 2) if packed else None
+    exact = _loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, True)
+    got = _loss_and_grads("cudnn", q, k, v, seg, True)
+    for g, w in zip(got, exact, strict=True):
+        assert _rel_err(g, w) <= BF16_TOL
+
+
+def test_block_sizes_must_be_powers_of_two():
+    q, k, v = _inputs(1, 64, 2, 2, 16, jnp.float32)
+    bad = dataclasses.replace(GPU_BLOCKS, block_k=48)
+    with pytest.raises(ValueError, match="power of two"):
+        dot_product_attention(q, k, v, implementation="pallas", block_sizes=bad)
+
+
+def test_tiny_llama_pallas_matches_xla():
+    """Same loss and parameter gradients through the whole model, packed batch."""
+    cfg = LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        dtype="float32",
+        remat_policy="none",
+        initializer_range=0.2,
+    )
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+    seg = _segments(40, 2)
+    params = Llama(cfg).init(jax.random.key(0), tokens[:, :8])["params"]
+
+    def loss(impl: str):
+        model = Llama(dataclasses.replace(cfg, attention_impl=impl))
+
+        def nll(params):
+            logits = model.apply({"params": params}, tokens, segment_ids_BL=seg)
+            logp = jax.nn.log_softmax(logits[:, :-1, : cfg.vocab_size])
+            return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+        return jax.value_and_grad(nll)(params)
+
+    (want, want_g), (got, got_g) = loss("xla"), loss("pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        assert _rel_err(g, w) <= FP32_TOL
