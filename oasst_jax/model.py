@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax.attention import IMPLEMENTATIONS, dot_product_attention
+from oasst_jax.attention import IMPLEMENTATIONS, dot_product_attention, xla
 from oasst_jax.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "selective")
+# Logical axes of the decoding KV cache: kv heads only (GQA), tensor-parallel like k/v.
+CACHE_KV_NAMES = ("batch", None, "act_kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,9 @@ class Attention(nn.Module):
         )
         q_BLHD = rope(q_BLHD, positions_BL, c.rope_theta, c.rope_scaling_factor)
         k_BLKD = rope(k_BLKD, positions_BL, c.rope_theta, c.rope_scaling_factor)
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+            return jnp.einsum("blhk,hkd->bld", out_BLHD, wo)
         use_dropout = c.attention_dropout > 0.0 and not deterministic
         out_BLHD = dot_product_attention(
             q_BLHD,
@@ -202,6 +207,46 @@ class Attention(nn.Module):
         )
         out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out_BLHD, wo)
+
+    def _cached_attention(self, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL) -> jax.Array:
+        """Decoding: write this call's keys/values at the cache index, attend to the cache.
+
+        Active when ``apply`` (not ``init``) has a mutable ``cache`` collection.  The cache is
+        preallocated (its length is fixed by the call that creates it) and holds
+        kv heads only, plus each slot's segment id so left padding stays masked;
+        queries sit at slots ``index ..`` so causality is by slot.  Always the XLA
+        reference: a few new queries against a cache gain nothing from flash tiling.
+        """
+        b, length, kv, dh = k_BLKD.shape
+        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_KV_NAMES)
+        ck = self.variable("cache", "k", zeros, (b, length, kv, dh), k_BLKD.dtype)
+        cv = self.variable("cache", "v", zeros, (b, length, kv, dh), v_BLKD.dtype)
+        seg_zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", None))
+        cs = self.variable("cache", "segment_ids", seg_zeros, (b, length), jnp.int32)
+        ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((b, length), jnp.int32)
+        idx = ci.value
+        ck.value = constrain(
+            jax.lax.dynamic_update_slice(ck.value, k_BLKD, (0, idx, 0, 0)), CACHE_KV_NAMES
+        )
+        cv.value = constrain(
+            jax.lax.dynamic_update_slice(cv.value, v_BLKD, (0, idx, 0, 0)), CACHE_KV_NAMES
+        )
+        cs.value = jax.lax.dynamic_update_slice(
+            cs.value, segment_ids_BL.astype(jnp.int32), (0, idx)
+        )
+        ci.value = idx + length
+        out_BLHD = xla.dot_product_attention(
+            q_BLHD,
+            ck.value,
+            cv.value,
+            segment_ids=segment_ids_BL,
+            kv_segment_ids=cs.value,
+            causal=True,
+            q_offset=idx,
+        )
+        return constrain(out_BLHD, ("batch", "length", "act_heads", None))
 
 
 class MLP(nn.Module):
@@ -267,7 +312,7 @@ class DecoderStack(nn.Module):
             )
         stack = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=self.cfg.num_hidden_layers,
@@ -308,6 +353,8 @@ class Llama(nn.Module):
 
         With ``segment_ids`` the row is a pack of samples: attention stays inside
         each segment and, unless given, positions restart at 0 per segment.
+        Applied with a mutable ``cache`` collection, attention appends to and reads
+        a preallocated KV cache (``oasst_jax.decode``); pass positions explicitly then.
         """
         c = self.cfg
         if positions_BL is None:
@@ -323,14 +370,7 @@ class Llama(nn.Module):
             (c.padded_vocab_size, c.hidden_size),
             jnp.dtype(c.param_dtype),
         )
-        # One-hot matmul instead of a gather: with the table sharded over vocab
-        # (tensor) and embed (fsdp) a gather makes XLA replicate the table, the
-        # matmul becomes a vocab-parallel lookup + all-reduce (Megatron's
-        # VocabParallelEmbedding), for < 0.2% of the model's FLOPs.
-        onehot_BLV = jax.nn.one_hot(tokens_BL, c.padded_vocab_size, dtype=c.dtype)
-        onehot_BLV = constrain(onehot_BLV, ("batch", "length", "act_vocab"))
-        x_BLD = jnp.einsum("blv,vd->bld", onehot_BLV, embedding.astype(c.dtype))
-        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = embed_tokens(c, embedding, tokens_BL)
         x_BLD = DecoderStack(c, name="decoder")(
             x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic
         )
@@ -341,11 +381,32 @@ class Llama(nn.Module):
             (c.hidden_size, c.padded_vocab_size),
             jnp.dtype(c.param_dtype),
         )
-        logits_BLV = jnp.einsum(
-            "bld,dv->blv", x_BLD, head.astype(c.dtype), preferred_element_type=jnp.float32
-        )
-        logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
-        if c.padded_vocab_size != c.vocab_size:
-            valid = jnp.arange(c.padded_vocab_size) < c.vocab_size
-            logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
-        return logits_BLV
+        return output_logits(c, head, x_BLD)
+
+
+def embed_tokens(cfg: LlamaConfig, embedding_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, L, D]``; a function so the pipeline schedule can embed
+    one micro-batch at a time with the same code as :class:`Llama`.
+
+    One-hot matmul instead of a gather: with the table sharded over vocab
+    (tensor) and embed (fsdp) a gather makes XLA replicate the table, the
+    matmul becomes a vocab-parallel lookup + all-reduce (Megatron's
+    VocabParallelEmbedding), for < 0.2% of the model's FLOPs.
+    """
+    onehot_BLV = jax.nn.one_hot(tokens_BL, cfg.padded_vocab_size, dtype=cfg.dtype)
+    onehot_BLV = constrain(onehot_BLV, ("batch", "length", "act_vocab"))
+    x_BLD = jnp.einsum("blv,vd->bld", onehot_BLV, embedding_VD.astype(cfg.dtype))
+    return constrain(x_BLD, ("batch", "length", "act_embed"))
+
+
+def output_logits(cfg: LlamaConfig, head_DV: jax.Array, x_BLD: jax.Array) -> jax.Array:
+    """fp32 logits ``[B, L, V]`` of final-normed hidden states, padded vocab columns
+    set to -inf-like (shared with the pipeline schedule, like :func:`embed_tokens`)."""
+    logits_BLV = jnp.einsum(
+        "bld,dv->blv", x_BLD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
+    )
+    logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
+    if cfg.padded_vocab_size != cfg.vocab_size:
+        valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
+    return logits_BLV

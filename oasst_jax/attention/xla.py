@@ -18,7 +18,7 @@ def attention_mask(
     causal: bool,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
-    q_offset: int = 0,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Boolean ``[batch|1, q_len, kv_len]`` mask: True where a query may attend a key.
 
@@ -46,10 +46,14 @@ def dot_product_attention(
     softmax_scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """``q [b, lq, h, d]``, ``k/v [b, lk, kv, d]`` -> ``[b, lq, h, d]``.
 
     A query row with nothing to attend returns zeros (not NaN), matching the kernel.
+    ``kv_segment_ids`` and ``q_offset`` (the key slot of the first query) serve
+    decoding with a KV cache, where the queries are the newest few of ``lk`` slots.
     """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
@@ -60,7 +64,14 @@ def dot_product_attention(
     qg = q.reshape(b, lq, kvh, groups, d)
     logits = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32)
     logits = logits * scale
-    mask = attention_mask(lq, k.shape[1], causal=causal, q_segment_ids=segment_ids)
+    mask = attention_mask(
+        lq,
+        k.shape[1],
+        causal=causal,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset,
+    )
     mask = mask[:, None, None]  # [b, 1, 1, q, k]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
