@@ -186,7 +186,7 @@ def llama_to_hf_config(
 
 def hf_tensor_specs(cfg: LlamaConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, str]]:
     """``(hf name, our path, layer index or None, kind)`` in HF file order."""
-    (path, name, kind) = EMBED_TENSOR
+    path, name, kind = EMBED_TENSOR
     yield name, path, None, kind
     for i in range(cfg.num_hidden_layers):
         for path, name, kind in LAYER_TENSORS:
