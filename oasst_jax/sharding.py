@@ -91,6 +91,18 @@ def tree_shardings(mesh: Mesh, logical_tree):
     return nn.logical_to_mesh_sharding(logical_tree, mesh, RULES)
 
 
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to (``()`` if replicated), for code that needs
+    the axis itself: ``vmap``'s ``spmd_axis_name``, collectives inside ``shard_map``."""
+    axes = dict(RULES)[name]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def axis_size(mesh: Mesh, name: str) -> int:
+    """How many ways ``mesh`` splits the logical axis ``name`` (e.g. pipeline stages)."""
+    return math.prod(mesh.shape[a] for a in mesh_axes(name))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Activation sharding constraint by logical names (no-op outside a mesh)."""
     return nn.with_logical_constraint(x, tuple(names), rules=RULES)

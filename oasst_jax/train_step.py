@@ -24,9 +24,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from oasst_jax import sharding
+from oasst_jax import pipeline_parallel, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama, LlamaConfig, RMSNorm, output_logits
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -37,6 +37,9 @@ class StepConfig:
     micro_batch_size: int
     loss_normalization: str = "global_token_mean"
     seed: int = 0
+    # > 1: the micro-batches flow through this many stages of a GPipe schedule
+    # (oasst_jax/pipeline_parallel.py); the mesh's pipeline axis size.
+    pipeline_stages: int = 1
 
 
 def abstract_params(model: Llama, seq_length: int = 8) -> Any:
@@ -103,6 +106,11 @@ def _microbatch_loss(
         deterministic=deterministic,
         rngs={"dropout": rng},
     )
+    return _loss_terms(logits, mb, step_cfg)
+
+
+def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
+    """``(numerator, (denominator, loss tokens))`` of one micro-batch's logits."""
     nll = token_cross_entropy(logits, mb["targets"])
     num, den = loss_sum_and_count(
         nll,
@@ -111,6 +119,64 @@ def _microbatch_loss(
         micro_batch_size=step_cfg.micro_batch_size,
     )
     return num, (den, jnp.sum(mb["weights"]))
+
+
+def _pipelined_loss(
+    model: Llama,
+    params: Any,
+    batch: dict,
+    rng: jax.Array,
+    dropout_rates: jax.Array,
+    deterministic: bool,
+    step_cfg: StepConfig,
+    layer_specs: Any,
+):
+    """Summed loss terms of all micro-batches, the decoder run as a pipeline.
+
+    The head and loss run per micro-batch in a checkpointed scan, so only one
+    micro-batch's logits exist at a time (as in the unpipelined accumulation).
+    """
+    cfg = model.cfg
+    hidden_MBLD = pipeline_parallel.pipeline_hidden(
+        cfg,
+        params,
+        batch,
+        rng,
+        dropout_rates,
+        stages=step_cfg.pipeline_stages,
+        layer_specs=layer_specs,
+        deterministic=deterministic,
+    )
+
+    @jax.checkpoint
+    def head(x_BLD, mb):
+        x_BLD = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_BLD)
+        return _loss_terms(output_logits(cfg, params["lm_head"], x_BLD), mb, step_cfg)
+
+    def micro(totals, xs):
+        n, (d, t) = head(*xs)
+        return jax.tree.map(jnp.add, totals, (n, (d, t))), None
+
+    zero = jnp.float32(0)
+    totals, _ = jax.lax.scan(micro, (zero, (zero, zero)), (hidden_MBLD, batch))
+    return totals
+
+
+def _pipeline_accumulate(
+    model: Llama, step_cfg: StepConfig, dropout_rates: jax.Array, deterministic: bool
+) -> Callable:
+    """``(params, batch, rng) -> (grads, num, den, tokens)`` with all micro-batches
+    differentiated at once through the pipeline schedule."""
+    grad_fn = jax.value_and_grad(_pipelined_loss, argnums=1, has_aux=True)
+    layer_specs = nn.get_partition_spec(abstract_params(model))["decoder"]
+
+    def accumulate(params: Any, batch: dict, rng: jax.Array):
+        (num, (den, tokens)), grads = grad_fn(
+            model, params, batch, rng, dropout_rates, deterministic, step_cfg, layer_specs
+        )
+        return grads, num, den, tokens
+
+    return accumulate
 
 
 def make_train_step(
@@ -131,9 +197,8 @@ def make_train_step(
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
-        params = state["params"]
-        rng = jax.random.fold_in(jax.random.key(step_cfg.seed), state["step"])
+    def accumulate(params: Any, batch: dict, rng: jax.Array):
+        """Summed gradients and loss terms over the micro-batches (one at a time)."""
 
         def micro(carry, xs):
             grads, num, den, tokens = carry
@@ -146,6 +211,15 @@ def make_train_step(
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
         idx = jnp.arange(step_cfg.accumulation_steps)
         (grads, num, den, tokens), _ = jax.lax.scan(micro, init, (batch, idx))
+        return grads, num, den, tokens
+
+    if step_cfg.pipeline_stages > 1:
+        accumulate = _pipeline_accumulate(model, step_cfg, dropout_rates, deterministic)
+
+    def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+        rng = jax.random.fold_in(jax.random.key(step_cfg.seed), state["step"])
+        grads, num, den, tokens = accumulate(params, batch, rng)
         scale = jnp.where(den > 0, 1.0 / jnp.maximum(den, 1e-9), 0.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
         loss = num * scale
