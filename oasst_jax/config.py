@@ -91,10 +91,15 @@ def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
     return LlamaConfig.from_mapping(fields)
 
 
-def data_parallel_size(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """``cfg.mesh`` with the ``-1`` axis resolved against ``num_devices``."""
     m = {k: int(v) for k, v in cfg.mesh.items()}
     fixed = math.prod(v for v in m.values() if v != -1)
-    sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in m.items()}
+    return {k: (num_devices // fixed if v == -1 else v) for k, v in m.items()}
+
+
+def data_parallel_size(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+    sizes = mesh_sizes(cfg, num_devices)
     return sizes["data"] * sizes["fsdp"]
 
 
@@ -140,6 +145,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         cfg.seq_length <= cfg.model.max_position_embeddings,
         f"seq_length={cfg.seq_length} > model.max_position_embeddings="
         f"{cfg.model.max_position_embeddings}",
+    )
+    stages = mesh_sizes(cfg, num_devices)["pipeline"]
+    need(
+        cfg.model.num_hidden_layers % stages == 0,
+        f"model.num_hidden_layers={cfg.model.num_hidden_layers} is not divisible by "
+        f"mesh.pipeline={stages} stages",
     )
     accumulation_steps(cfg, num_devices)
     model_config(cfg)

@@ -22,6 +22,7 @@ from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import pipeline
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
+from oasst_jax.pipeline_parallel import bubble_fraction
 from oasst_jax.train_step import StepConfig, batch_sharding, build_trainer, model_flops_per_token
 
 
@@ -131,7 +132,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     accum = accumulation_steps(cfg, jax.device_count())
     rows_per_micro = cfg.global_batch_size // accum
     rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
-    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed)
+    stages = sharding.axis_size(mesh, "stage")
+    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed, stages)
 
     with jax.set_mesh(mesh):
         trainer = build_trainer(
@@ -165,6 +167,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             f"model {model_cfg.num_params() / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
             f"accumulation {accum} x {rows_per_micro} rows x {cfg.seq_length} tokens"
         )
+        if stages > 1:
+            _log(
+                f"pipeline: {stages} stages x {model_cfg.num_hidden_layers // stages} layers, "
+                f"{accum} micro-batches, bubble {bubble_fraction(stages, accum):.1%}"
+            )
         stop = _StopFlag()
         timer = Timer()
         global_shape = (accum, rows_per_micro, cfg.seq_length)
