@@ -12,12 +12,13 @@ their real platforms to catch lowering errors that interpret mode cannot see.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
 from oasst_jax.attention import BlockSizes, dot_product_attention
@@ -60,7 +61,8 @@ def _loss_and_grads(impl: str, q, k, v, seg, causal: bool, **kw):
         w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
         return (out.astype(jnp.float32) * w).sum(), out
 
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = grad_fn(q, k, v)
     return (out, *grads)
 
 
@@ -206,15 +208,17 @@ def test_sequence_sharded_mesh_is_rejected():
     "backend,platform,marker",
     [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
 )
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_lowers_for_real_hardware(backend, platform, marker, packed):
-    """Lower fwd+bwd at a 70B-shard layout (bf16, 8 q / 1 kv heads, d=128) for the device.
+@pytest.mark.parametrize(
+    "packed,dtype", [(False, jnp.bfloat16), (True, jnp.bfloat16), (True, jnp.float32)]
+)
+def test_lowers_for_real_hardware(backend, platform, marker, packed, dtype):
+    """Lower fwd+bwd at a 70B-shard layout (8 q / 1 kv heads, d=128) for the device.
 
     Interpret mode skips the Triton / Mosaic lowering, so this is what catches
     an op either compiler front end rejects.
     """
-    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 1000, 1, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), dtype)
+    kv = jax.ShapeDtypeStruct((2, 1000, 1, 128), dtype)
     seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if packed else None
 
     def loss(q, k, v, seg):
@@ -226,6 +230,35 @@ def test_lowers_for_real_hardware(backend, platform, marker, packed):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     text = grad.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')"
+)
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_compiles_with_mosaic_for_tpu(topology, monkeypatch):
+    """Ahead-of-time compile fwd+bwd with libtpu's real Mosaic compiler, no TPU needed.
+
+    Lowering alone stops at Mosaic IR; this also runs layout assignment and
+    VMEM allocation at the default (512-row) tiles.
+    """
+    from jax.experimental import topologies
+
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    replicated = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+    q = jax.ShapeDtypeStruct((2, 4096, 8, 128), jnp.bfloat16, sharding=replicated)
+    kv = jax.ShapeDtypeStruct((2, 4096, 1, 128), jnp.bfloat16, sharding=replicated)
+    seg = jax.ShapeDtypeStruct((2, 4096), jnp.int32, sharding=replicated)
+
+    def loss(q, k, v, seg):
+        out = dot_product_attention(
+            q, k, v, segment_ids=seg, implementation="pallas", backend="tpu", interpret=False
+        )
+        return out.astype(jnp.float32).sum()
+
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower().compile()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
@@ -262,7 +295,7 @@ def test_tiny_llama_pallas_matches_xla():
     )
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)).astype(np.int32)
     seg = _segments(40, 2)
-    params = Llama(cfg).init(jax.random.key(0), tokens[:, :8])["params"]
+    params = jax.jit(Llama(cfg).init)(jax.random.key(0), tokens[:, :8])["params"]
 
     def loss(impl: str):
         model = Llama(dataclasses.replace(cfg, attention_impl=impl))
@@ -272,7 +305,7 @@ def test_tiny_llama_pallas_matches_xla():
             logp = jax.nn.log_softmax(logits[:, :-1, : cfg.vocab_size])
             return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
-        return jax.value_and_grad(nll)(params)
+        return jax.jit(jax.value_and_grad(nll))(params)
 
     (want, want_g), (got, got_g) = loss("xla"), loss("pallas")
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -9,7 +9,6 @@ Scripts rely on this signature.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 
@@ -22,9 +21,9 @@ IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 __all__ = ["IMPLEMENTATIONS", "BlockSizes", "dot_product_attention"]
 
 # Logical layouts of the kernel's operands; sharding.py maps them to mesh axes.
-_Q_NAMES = ("batch", None, "act_heads", None)
-_KV_NAMES = ("batch", None, "act_kv_heads", None)
-_SEG_NAMES = ("batch", None)
+_Q_NAMES = ("batch", "length", "act_heads", None)
+_KV_NAMES = ("batch", "length", "act_kv_heads", None)
+_SEG_NAMES = ("batch", "length")
 
 
 def dot_product_attention(
@@ -103,22 +102,23 @@ def _per_shard(kernel, q, k, v, segment_ids) -> jax.Array:
 
     A Pallas call is opaque to the SPMD partitioner, which would otherwise
     all-gather its operands; under ``shard_map`` every device runs the kernel on
-    its own batch rows and heads, which needs no communication at all.
+    its own batch rows and heads, which needs no communication at all -- unless
+    the sequence is sharded too (context parallelism, see :func:`_gather_sequence`).
     """
     mesh = jax.sharding.get_abstract_mesh()
     free_axes = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
     if mesh.empty or not free_axes:
         return kernel(q, k, v, segment_ids)
-    _reject_sequence_sharding(mesh)
     q_spec = sharding.logical_spec(_Q_NAMES)
     kv_spec = sharding.logical_spec(_KV_NAMES)
     args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
-    if segment_ids is None:
-        kernel = functools.partial(kernel, segment_ids=None)
-    else:
+    if segment_ids is not None:
         args, specs = (*args, segment_ids), (*specs, sharding.logical_spec(_SEG_NAMES))
+    length_axes = tuple(a for a in sharding.mesh_axes("length") if mesh.shape[a] > 1)
+    if length_axes:
+        kernel = _gather_sequence(kernel, length_axes)
     return jax.shard_map(
-        kernel,
+        lambda q, k, v, seg=None: kernel(q, k, v, seg),
         mesh=mesh,
         in_specs=specs,
         out_specs=q_spec,
@@ -127,14 +127,26 @@ def _per_shard(kernel, q, k, v, segment_ids) -> jax.Array:
     )(*args)
 
 
-def _reject_sequence_sharding(mesh) -> None:
-    axes = sharding.logical_spec(("length",))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
-    if size > 1:
-        raise NotImplementedError(
-            f"pallas attention: the mesh shards the sequence ('length') axis over {axes} "
-            f"(size {size}); the flash kernel needs whole sequences per device. Context "
-            "parallelism for it needs the ring/all-gather path (not implemented yet); "
-            "use implementation='xla' or a mesh without sequence sharding."
-        )
+def _gather_sequence(kernel, axes: tuple[str, ...]):
+    """Context parallelism for the flash kernel: all-gather q, k, v and segment ids over
+    the sequence shards, attend over the whole sequence, keep this shard's rows.
+
+    Causality and packing come out right because after the gather every token
+    sits at its global position with its own segment id.  The kernel computes
+    self-attention only (equal query/key lengths, one segment array), so the
+    gathered attention runs on every sequence shard: this splits activation
+    memory and all other FLOPs over ``sequence`` but not attention's own FLOPs;
+    splitting those needs a query-offset/key-segment input in the kernel.  The
+    gather's transpose is a reduce-scatter, so gradients need nothing extra.
+    """
+
+    def run(q, k, v, segment_ids):
+        chunk = q.shape[1]
+        q, k, v = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (q, k, v))
+        if segment_ids is not None:
+            segment_ids = jax.lax.all_gather(segment_ids, axes, axis=1, tiled=True)
+        out = kernel(q, k, v, segment_ids)
+        start = jax.lax.axis_index(axes) * chunk
+        return jax.lax.dynamic_slice_in_dim(out, start, chunk, axis=1)
+
+    return run

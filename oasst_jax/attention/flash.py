@@ -109,8 +109,13 @@ def block_mask(
 
 
 def mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` accumulated in fp32; fp32 inputs stay fp32 (no TF32/bf16 passes)."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    """``a @ b`` accumulated in fp32; fp32 inputs stay fp32 (no TF32/bf16 passes).
+
+    The precision is always explicit: a global ``jax_default_matmul_precision``
+    of ``highest`` would otherwise reach bf16 dots, which Mosaic rejects.
+    """
+    fp32 = a.dtype == jnp.float32
+    precision = lax.Precision.HIGHEST if fp32 else lax.Precision.DEFAULT
     return lax.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
