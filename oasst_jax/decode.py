@@ -1,0 +1,304 @@
+"""Autoregressive decoding with a preallocated KV cache: jitted prefill + on-device loop.
+
+Prompts of different lengths are left-padded to one length ``P`` so every row's
+last prompt token sits at slot ``P - 1`` and all rows advance one slot per step;
+padding has segment id 0 (real tokens 1), which the model's cached attention
+masks, and positions start at 0 at each row's first real token.  So a batched
+prompt decodes exactly as it would alone.  The cache holds ``P + max_new_tokens``
+slots of kv heads only (``model.CACHE_KV_NAMES``: tensor-parallel over kv heads).
+
+:func:`generate` runs prefill and a ``lax.while_loop`` over decode steps in one
+jitted call (reports, ``--json``); :func:`stream` runs the same prefill and step
+functions from Python, one token at a time, for interactive printing.
+
+Logits processing follows Hugging Face's order: repetition penalty (CTRL: a seen
+token's logit is divided by the penalty when positive, multiplied when negative;
+prompt tokens count as seen), temperature, top-k, top-p.  ``temperature == 0``
+is greedy (argmax after the penalty).  A row stops at the first stop id
+(``<|im_end|>``, EOS); the returned ids exclude it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from oasst_jax import sharding
+from oasst_jax.model import Llama, LlamaConfig
+
+PAD_ID = 0  # what fills left padding; masked, so any valid id works
+PAD_MULTIPLE = 32  # prompt lengths are rounded up to this, so chats rarely recompile
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static (hashable) decoding settings; a change recompiles the loop."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling settings {self}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class DecodeState(NamedTuple):
+    cache: Any
+    token_B: jax.Array  # last sampled token: the next step's input
+    position_B: jax.Array  # its position
+    seen_BV: jax.Array  # bool: ids in the prompt or sampled (repetition penalty)
+    out_BN: jax.Array  # sampled ids, stop tokens included
+    step: jax.Array  # how many tokens have been sampled
+    done_B: jax.Array  # row has sampled a stop id
+
+
+class Generation(NamedTuple):
+    ids: list[list[int]]  # per prompt, stop token excluded
+    seconds: float  # prefill + decode wall time, compilation excluded
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(r) for r in self.ids) / max(self.seconds, 1e-9)
+
+
+def inference_config(cfg: LlamaConfig) -> LlamaConfig:
+    """Training-only settings off: no rematerialisation, params in the compute dtype."""
+    return dataclasses.replace(cfg, remat_policy="none", param_dtype=cfg.dtype)
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], multiple: int = PAD_MULTIPLE
+) -> tuple[np.ndarray, ...]:
+    """``(tokens, segment_ids, positions)`` ``[B, P]``, rows right-aligned at ``P``."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, length - len(p) :] = p
+        segments[row, length - len(p) :] = 1
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    return tokens, segments, positions
+
+
+def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) -> Any:
+    """A zero KV cache of ``length`` slots, sharded by its logical axes under ``mesh``."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+
+    def create(params):
+        _, v = model.apply({"params": params}, tokens, positions_BL=tokens, mutable=["cache"])
+        return v["cache"]
+
+    params = nn.meta.unbox(
+        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:1, :1]))["params"]
+    )
+    boxed = jax.eval_shape(create, params)
+    abstract = nn.meta.unbox(boxed)
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.tree_shardings(mesh, nn.get_partition_spec(boxed))
+    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)  # noqa: E731
+    return jax.jit(zeros, out_shardings=shardings)()
+
+
+def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Penalty, temperature, top-k, top-p; removed tokens get ``-inf``."""
+    if sp.repetition_penalty != 1.0:
+        penalised = jnp.where(
+            logits_BV < 0, logits_BV * sp.repetition_penalty, logits_BV / sp.repetition_penalty
+        )
+        logits_BV = jnp.where(seen_BV, penalised, logits_BV)
+    if sp.temperature == 0.0:
+        return logits_BV
+    logits_BV = logits_BV / sp.temperature
+    if sp.top_k:
+        kth = jax.lax.top_k(logits_BV, sp.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+    if sp.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # the smallest logit whose preceding mass is still below top_p (the first always is)
+        cutoff = jnp.min(jnp.where(mass_before < sp.top_p, sorted_BV, jnp.inf), axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff[:, None], -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def choose(
+    logits_BV: jax.Array, seen_BV: jax.Array, key: jax.Array, sp: SamplingParams
+) -> jax.Array:
+    """Next ids ``[B]``: argmax when greedy, else a sample from the processed logits."""
+    logits_BV = process_logits(logits_BV, seen_BV, sp)
+    if sp.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def _record(state: DecodeState, token_B: jax.Array, stop_ids: tuple[int, ...]) -> DecodeState:
+    """Append ``token_B`` to the output and mark rows that hit a stop id."""
+    rows = jnp.arange(token_B.shape[0])
+    return state._replace(
+        token_B=token_B,
+        position_B=state.position_B + 1,
+        seen_BV=state.seen_BV.at[rows, token_B].set(True),
+        out_BN=state.out_BN.at[:, state.step].set(token_B),
+        step=state.step + 1,
+        done_B=state.done_B | jnp.isin(token_B, jnp.asarray(stop_ids, jnp.int32)),
+    )
+
+
+def prefill(
+    model: Llama,
+    sp: SamplingParams,
+    stop_ids: tuple[int, ...],
+    params: Any,
+    cache: Any,
+    tokens_BP: jax.Array,
+    segments_BP: jax.Array,
+    positions_BP: jax.Array,
+    key: jax.Array,
+) -> DecodeState:
+    """Run the prompt through the model, filling the cache, and sample the first token."""
+    logits, v = model.apply(
+        {"params": params, "cache": cache},
+        tokens_BP,
+        positions_BL=positions_BP,
+        segment_ids_BL=segments_BP,
+        mutable=["cache"],
+    )
+    batch, vocab = tokens_BP.shape[0], logits.shape[-1]
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, vocab), jnp.int32).at[rows, tokens_BP].add(segments_BP) > 0
+    state = DecodeState(
+        cache=v["cache"],
+        token_B=tokens_BP[:, -1],
+        position_B=positions_BP[:, -1],
+        seen_BV=seen,
+        out_BN=jnp.zeros((batch, sp.max_new_tokens), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        done_B=jnp.zeros((batch,), bool),
+    )
+    token = choose(logits[:, -1], seen, jax.random.fold_in(key, 0), sp)
+    return _record(state, token, stop_ids)
+
+
+def decode_step(
+    model: Llama, sp: SamplingParams, stop_ids: tuple[int, ...], params, state: DecodeState, key
+) -> DecodeState:
+    """Feed the last token through the cached model and sample the next one."""
+    logits, v = model.apply(
+        {"params": params, "cache": state.cache},
+        state.token_B[:, None],
+        positions_BL=state.position_B[:, None],
+        segment_ids_BL=jnp.ones_like(state.token_B)[:, None],
+        mutable=["cache"],
+    )
+    token = choose(logits[:, 0], state.seen_BV, jax.random.fold_in(key, state.step), sp)
+    return _record(state._replace(cache=v["cache"]), token, stop_ids)
+
+
+def _generate(model, sp, stop_ids, params, cache, tokens, segments, positions, key):
+    state = prefill(model, sp, stop_ids, params, cache, tokens, segments, positions, key)
+    state = jax.lax.while_loop(
+        lambda s: (s.step < sp.max_new_tokens) & ~jnp.all(s.done_B),
+        lambda s: decode_step(model, sp, stop_ids, params, s, key),
+        state,
+    )
+    return state.out_BN
+
+
+_STATIC = ("model", "sp", "stop_ids")
+_generate_jit = jax.jit(_generate, static_argnames=_STATIC)
+_prefill_jit = jax.jit(prefill, static_argnames=_STATIC, donate_argnames=("cache",))
+_step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+def trim(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """Ids before the first stop id."""
+    out = []
+    for i in ids:
+        if int(i) in stop_ids:
+            break
+        out.append(int(i))
+    return out
+
+
+def _setup(cfg, prompts, sp, mesh, seed):
+    model = Llama(inference_config(cfg))
+    tokens, segments, positions = left_pad(prompts)
+    if tokens.shape[1] + sp.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({tokens.shape[1]} slots padded) + max_new_tokens ({sp.max_new_tokens}) "
+            f"exceeds max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    cache = init_cache(model, len(prompts), tokens.shape[1] + sp.max_new_tokens, mesh)
+    return model, cache, (tokens, segments, positions, jax.random.key(seed))
+
+
+def generate(
+    params: Any,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    sp: SamplingParams,
+    stop_ids: Sequence[int],
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+) -> Generation:
+    """Generated ids per prompt (stop token excluded), the whole loop on device.
+
+    ``params`` must already sit on ``mesh`` (see ``sample.load_params``); with a
+    mesh the cache is sharded by its logical axes (kv heads over ``tensor``).
+    Compiled ahead of the timed run, so ``seconds`` excludes compilation.
+    """
+    model, cache, args = _setup(cfg, prompts, sp, mesh, seed)
+    stop = tuple(sorted({int(s) for s in stop_ids}))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        compiled = _generate_jit.lower(model, sp, stop, params, cache, *args).compile()
+        start = time.perf_counter()
+        out = np.asarray(compiled(params, cache, *args))
+        seconds = time.perf_counter() - start
+    return Generation([trim(row, stop) for row in out], seconds)
+
+
+def stream(
+    params: Any,
+    cfg: LlamaConfig,
+    prompt: Sequence[int],
+    sp: SamplingParams,
+    stop_ids: Sequence[int],
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+) -> Iterator[int]:
+    """Yield one prompt's generated ids as they decode (stop token excluded)."""
+    model, cache, args = _setup(cfg, [prompt], sp, mesh, seed)
+    stop = tuple(sorted({int(s) for s in stop_ids}))
+    key = args[-1]
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state = _prefill_jit(model, sp, stop, params, cache, *args)
+        for _ in range(sp.max_new_tokens):
+            token = int(state.token_B[0])
+            if token in stop:
+                return
+            yield token
+            if int(state.step) >= sp.max_new_tokens:
+                return
+            state = _step_jit(model, sp, stop, params, state, key)

@@ -1,0 +1,286 @@
+"""Talk to a checkpoint: one-shot prompts, interactive chat, JSON lines, sampling reports.
+
+    python -m oasst_jax.sample --ckpt CKPT_OR_HF_DIR --tokenizer tokenizer.model --prompt "Hi"
+    python -m oasst_jax.sample --ckpt ... --chat
+    python -m oasst_jax.sample --ckpt ... --prompt "Hi" --prompt "2+2?" --json
+    python -m oasst_jax.sample --ckpt ... --prompts prompts.jsonl --out report.json
+
+Every prompt is a user turn formatted in chatml (``chatml.prompt_ids``), after a
+system turn that defaults to the model card's recommended Llama-2 system prompt
+(``--system ''`` leaves it out), ending with ``<|im_start|>assistant\\n``.
+Decoding stops at ``<|im_end|>`` or EOS (``oasst_jax.decode``).  ``--temperature
+0`` is greedy.  ``--ckpt`` is an orbax checkpoint root (newest step, or
+``--step``) or a Hugging Face directory (``config.json`` + safetensors).
+
+``--json`` prints one line per prompt: ``{"prompt", "prompt_ids", "output_ids",
+"text"}``; ``prompt_ids`` is the full chatml prompt as fed to the model and
+``output_ids`` excludes the stop token.
+
+Sampling report (``--prompts FILE --out report.json``), the schema of
+Open-Assistant's ``oasst-model-eval`` sampling reports plus timing fields, so
+reports of two checkpoints line up prompt by prompt::
+
+    {"model_name": str, "date": ISO-8601 str,
+     "args": {"ckpt", "tokenizer", "system", "seed", "num_samples", "max_new_tokens", ...},
+     "tokens_per_second": float,                  # all prompts, compilation excluded
+     "prompts": [{"prompt": str,
+                  "results": [{"sampling_config": str,      # e.g. "greedy", "t0.7_p0.9"
+                               "sampling_params": {"max_new_tokens", "temperature", "top_k",
+                                                   "top_p", "repetition_penalty"},
+                               "outputs": [str, ...],        # --num-samples of them
+                               "output_ids": [[int, ...], ...],
+                               "tokens_per_second": float}]}]}  # of the batch it ran in
+
+``FILE`` holds one prompt per line: a JSON string or an object with ``"prompt"``
+(Open-Assistant's ``prompt_lottery`` files are such lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from oasst_jax import checkpoint, decode, sharding
+from oasst_jax.chatml import prompt_ids
+from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.train_step import abstract_params, param_shardings
+
+# The model card's recommended inference system prompt.
+SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
+    "possible, while being safe. Your answers should not include any harmful, unethical, "
+    "racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses "
+    "are socially unbiased and positive in nature.\nIf a question does not make any sense, or "
+    "is not factually coherent, explain why instead of answering something not correct. If "
+    "you don't know the answer to a question, please don't share false information."
+)
+
+
+def load_params(
+    path: str, mesh: jax.sharding.Mesh, *, step: int | None = None, dtype: str | None = None
+) -> tuple[Any, LlamaConfig]:
+    """``(params on mesh, inference LlamaConfig)`` from an orbax root or a HF directory.
+
+    Params are cast to the compute dtype (``dtype``, default the checkpoint's):
+    fp32 master weights are a training concern and would double inference memory.
+    """
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from oasst_jax import convert  # numpy/safetensors only; keeps the orbax path light
+
+        hf = convert.read_hf_config(path)
+        host, cfg, _ = convert.load_hf(path, dtype=dtype or convert.hf_dtype(hf))
+    else:
+        cfg = checkpoint.load_model_config(path, step)
+        cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
+        host = None
+    cfg = decode.inference_config(cfg)
+    boxed = abstract_params(Llama(cfg))
+    shardings = param_shardings(mesh, boxed)
+    if host is not None:
+        params = jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.dtype), s), host, shardings)
+        return params, cfg
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return checkpoint.load_weights(path, target, step), cfg
+
+
+def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
+    """The tokenizer, in the extra-id layout (compact or Megatron's) the model's vocab implies."""
+    tok = Tokenizer(path)
+    if cfg.vocab_size == tok.vocab_size + 5:  # <CLS> <SEP> <EOD> <MASK> <PAD> before chatml
+        tok = Tokenizer(path, megatron_new_tokens=True)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
+    return tok
+
+
+def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    return (tok.im_end_id, tok.eos_id)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a JSON-lines file: strings or objects with ``"prompt"``."""
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                item = json.loads(line)
+                prompts.append(item if isinstance(item, str) else item["prompt"])
+    return prompts
+
+
+def config_name(sp: decode.SamplingParams) -> str:
+    if sp.temperature == 0:
+        return "greedy"
+    parts = [f"t{sp.temperature:g}"]
+    parts += [f"k{sp.top_k}"] if sp.top_k else []
+    parts += [f"p{sp.top_p:g}"] if sp.top_p < 1 else []
+    parts += [f"r{sp.repetition_penalty:g}"] if sp.repetition_penalty != 1 else []
+    return "_".join(parts)
+
+
+def incremental_text(tok: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as ids arrive: decode the whole prefix, emit what is new.
+
+    Holds back while the tail is an incomplete UTF-8 sequence (byte-fallback pieces).
+    """
+    seen: list[int] = []
+    shown = ""
+    for i in ids:
+        seen.append(i)
+        text = tok.decode(seen)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_json(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> None:
+    for batch in _batches(prompts, args.batch_size):
+        ids = [prompt_ids(tok, [{"role": "user", "content": p}], args.system) for p in batch]
+        gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
+        for prompt, pids, out in zip(batch, ids, gen.ids, strict=True):
+            line = {"prompt": prompt, "prompt_ids": pids, "output_ids": out}
+            print(json.dumps({**line, "text": tok.decode(out)}, ensure_ascii=False), flush=True)
+
+
+def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> dict:
+    """The sampling report (schema in the module docstring)."""
+    rows = [p for p in prompts for _ in range(args.num_samples)]
+    results, tokens, seconds = [], 0, 0.0
+    for batch in _batches(rows, args.batch_size):
+        ids = [prompt_ids(tok, [{"role": "user", "content": p}], args.system) for p in batch]
+        seed = args.seed + len(results)
+        gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=seed, mesh=mesh)
+        results += [(out, gen.tokens_per_second) for out in gen.ids]
+        tokens, seconds = tokens + sum(len(o) for o in gen.ids), seconds + gen.seconds
+    params_json = dataclasses.asdict(sp)
+    entries = []
+    for n, prompt in enumerate(prompts):
+        mine = results[n * args.num_samples : (n + 1) * args.num_samples]
+        result = {
+            "sampling_config": config_name(sp),
+            "sampling_params": params_json,
+            "outputs": [tok.decode(out) for out, _ in mine],
+            "output_ids": [out for out, _ in mine],
+            "tokens_per_second": float(np.mean([tps for _, tps in mine])),
+        }
+        entries.append({"prompt": prompt, "results": [result]})
+    run_args = {k: v for k, v in vars(args).items() if k not in ("prompt", "out", "json", "chat")}
+    return {
+        "model_name": args.model_name or os.path.basename(os.path.normpath(args.ckpt)),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "args": run_args,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "prompts": entries,
+    }
+
+
+def reply(args, params, cfg, tok, mesh, sp, messages: list[dict[str, str]]) -> str:
+    """Stream one assistant reply to stdout and return its text."""
+    ids = prompt_ids(tok, messages, args.system)
+    pieces = []
+    stream = decode.stream(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
+    for piece in incremental_text(tok, stream):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(pieces)
+
+
+def chat(args, params, cfg, tok, mesh, sp) -> None:
+    """Multi-turn chat on stdin; the history is re-sent in chatml every turn."""
+    messages: list[dict[str, str]] = []
+    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("user> ")
+        except EOFError:
+            return
+        if not text.strip():
+            return
+        messages.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        messages.append(
+            {"role": "assistant", "content": reply(args, params, cfg, tok, mesh, sp, messages)}
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m oasst_jax.sample", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
+    p.add_argument("--step", type=int, help="orbax step (default: the newest)")
+    p.add_argument(
+        "--system", default=SYSTEM_PROMPT, help="system prompt ('' = none; default: the card's)"
+    )
+    p.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    p.add_argument("--prompts", help="JSON-lines file of prompts (strings or {'prompt': ...})")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.add_argument("--out", help="write a sampling report (JSON) here")
+    p.add_argument("--model-name", help="report's model_name (default: the checkpoint's folder)")
+    p.add_argument("--num-samples", type=int, default=1, help="report outputs per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.9, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not args.chat and not prompts:
+        sys.exit("sample: give --prompt, --prompts or --chat")
+    try:
+        sp = decode.SamplingParams(
+            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+        )
+        mesh = sharding.make_mesh({"tensor": args.tensor}, jax.devices()[: args.tensor])
+        params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
+        tok = load_tokenizer(args.tokenizer or os.path.join(args.ckpt, "tokenizer.model"), cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sample: {e}")
+    run = (params, cfg, tok, mesh, sp)
+    if args.chat:
+        chat(args, *run)
+    elif args.out:
+        with open(args.out, "w") as f:
+            json.dump(build_report(args, *run, prompts), f, indent=2, ensure_ascii=False)
+        print(f"wrote {args.out}: {len(prompts)} prompts")
+    elif args.json:
+        run_json(args, *run, prompts)
+    else:
+        for prompt in prompts:
+            reply(args, *run, [{"role": "user", "content": prompt}])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Decoding: KV cache == full recompute == transformers, batching, sharding, sampling, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+
+from oasst_jax import checkpoint, convert, decode, sample
+from oasst_jax.chatml import prompt_ids
+from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.sharding import make_mesh, tree_shardings
+from oasst_jax.tokenizer import Tokenizer
+
+# vocab 200 pads to 256, so padded logit columns are present (and must never be chosen).
+TINY = LlamaConfig(
+    vocab_size=200,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    dtype="float32",
+    remat_policy="none",
+    initializer_range=0.2,
+)
+GREEDY = decode.SamplingParams(max_new_tokens=10)
+SAMPLED = decode.SamplingParams(
+    max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3
+)
+
+
+def _params(cfg: LlamaConfig = TINY, seed: int = 0):
+    """Boxed params (``nn.get_partition_spec`` needs the boxes)."""
+    init = jax.jit(Llama(cfg).init)
+    return init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def _prompts(lengths=(5, 11, 3), vocab: int = TINY.vocab_size) -> list[list[int]]:
+    rs = np.random.RandomState(0)
+    return [rs.randint(0, vocab, n).tolist() for n in lengths]
+
+
+def _greedy_by_recompute(params, cfg: LlamaConfig, prompt: list[int], n: int) -> list[int]:
+    """Reference: the whole sequence through the plain forward for every new token.
+
+    Right-padded to one length (causal: later slots cannot change earlier logits),
+    so it compiles once.
+    """
+    apply = jax.jit(Llama(cfg).apply)
+    tokens = np.zeros((1, len(prompt) + n), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    for end in range(len(prompt), len(prompt) + n):
+        logits = apply({"params": params}, tokens)
+        tokens[0, end] = int(jnp.argmax(logits[0, end - 1]))
+    return tokens[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    boxed = _params()
+    return boxed, nn.meta.unbox(boxed)
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(tiny):
+    return decode.generate(tiny[1], TINY, _prompts(), GREEDY, stop_ids=()).ids
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_cached_greedy_equals_full_recompute(tiny, greedy_batch):
+    for prompt, out in zip(_prompts(), greedy_batch, strict=True):
+        assert out == _greedy_by_recompute(tiny[1], TINY, prompt, GREEDY.max_new_tokens)
+
+
+def test_left_padded_batch_equals_one_by_one_and_stream(tiny, greedy_batch):
+    params = tiny[1]
+    prompt = _prompts()[1]
+    alone = decode.generate(params, TINY, [prompt], GREEDY, stop_ids=()).ids[0]
+    assert alone == greedy_batch[1]
+    assert list(decode.stream(params, TINY, prompt, GREEDY, stop_ids=())) == alone
+
+
+def test_stop_token_ends_a_row_and_is_excluded(tiny, greedy_batch):
+    stop = greedy_batch[0][4]
+    first = greedy_batch[0].index(stop)
+    out = decode.generate(tiny[1], TINY, _prompts(), GREEDY, stop_ids=(stop,)).ids
+    assert out[0] == greedy_batch[0][:first]
+    for got, full in zip(out, greedy_batch, strict=True):
+        assert got == decode.trim(full, (stop,))
+
+
+def _hf_model(path) -> str:
+    """A random tiny GQA ``LlamaForCausalLM`` (std 0.1 weights: confident, tie-free argmax)."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    hf_dir = _hf_model(tmp_path / "hf")
+    params, cfg, _ = convert.load_hf(hf_dir, dtype="float32")
+    prompts = _prompts((7, 4), vocab=300)
+    ours = decode.generate(params, cfg, prompts, GREEDY, stop_ids=(2,)).ids
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    for prompt, out in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            hf = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=GREEDY.max_new_tokens,
+                eos_token_id=2,
+                pad_token_id=0,
+            )
+        assert out == decode.trim(hf[0, len(prompt) :].tolist(), (2,))
+
+
+def test_sharded_decoding_equals_unsharded(tiny, greedy_batch):
+    boxed, params = tiny
+    prompts = _prompts()[:2]
+    mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(params, tree_shardings(mesh, nn.get_partition_spec(boxed)))
+    cache = decode.init_cache(Llama(TINY), 2, 64, mesh)
+    assert cache["decoder"]["layers"]["attn"]["k"].sharding.spec[3] == "tensor"  # kv heads
+    greedy = decode.generate(sharded, TINY, prompts, GREEDY, stop_ids=(), mesh=mesh).ids
+    assert greedy == greedy_batch[:2]
+    sampled = decode.generate(sharded, TINY, prompts, SAMPLED, stop_ids=(), seed=3, mesh=mesh).ids
+    assert sampled == decode.generate(params, TINY, prompts, SAMPLED, stop_ids=(), seed=3).ids
+    assert sampled != greedy  # it really sampled
+
+
+# ----------------------------------------------------------------------------- logits processing
+
+
+def test_repetition_penalty_matches_transformers():
+    rs = np.random.RandomState(0)
+    logits = rs.randn(2, 50).astype(np.float32)
+    seen_ids = [[1, 7, 7, 30], [0, 49, 12, 3]]
+    seen = np.zeros((2, 50), bool)
+    for row, ids in enumerate(seen_ids):
+        seen[row, ids] = True
+    sp = decode.SamplingParams(repetition_penalty=1.5)
+    ours = decode.process_logits(jnp.asarray(logits), jnp.asarray(seen), sp)
+    hf = transformers.RepetitionPenaltyLogitsProcessor(1.5)(
+        torch.tensor(seen_ids), torch.from_numpy(logits.copy())
+    )
+    np.testing.assert_allclose(np.asarray(ours), hf.numpy(), rtol=1e-6)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    seen = jnp.zeros((1, 4), bool)
+
+    def kept(**kw):
+        sp = decode.SamplingParams(temperature=1.0, **kw)
+        return np.isfinite(np.asarray(decode.process_logits(logits, seen, sp)))[0].tolist()
+
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False]  # 0.5 alone reaches 0.5
+    assert kept(top_p=0.85) == [True, True, True, False]
+    assert kept(top_p=1.0) == [True] * 4
+    top1 = decode.SamplingParams(temperature=1.0, top_k=1)
+    keys = jax.random.split(jax.random.key(0), 5)
+    assert [int(decode.choose(logits, seen, k, top1)[0]) for k in keys] == [0] * 5
+
+
+def test_left_pad_layout():
+    tokens, segments, positions = decode.left_pad([[5, 6, 7], [8]], multiple=4)
+    assert tokens.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
+    assert segments.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert positions.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, sp_model_path):
+    """A random tiny checkpoint whose vocabulary is the test tokenizer's."""
+    tok = Tokenizer(sp_model_path)
+    # room for the card's system prompt (~550 tokens with this 300-piece tokenizer)
+    cfg = LlamaConfig(
+        **{**TINY.__dict__, "vocab_size": tok.vocab_size, "max_position_embeddings": 1024}
+    )
+    params = nn.meta.unbox(_params(cfg))
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoints")
+    checkpoint.save_weights(path, params, cfg)
+    return path, params, cfg, tok
+
+
+def test_cli_json_lines(tiny_ckpt, sp_model_path):
+    path, params, cfg, tok = tiny_ckpt
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    messages = ["hello world", "please explain python"]
+    cmd = [sys.executable, "-m", "oasst_jax.sample", "--ckpt", path, "--tokenizer"]
+    cmd += [str(sp_model_path), "--json", "--temperature", "0", "--max-new-tokens", "8"]
+    cmd += [a for m in messages for a in ("--prompt", m)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["prompt"] for line in lines] == messages
+    for line, message in zip(lines, messages, strict=True):
+        expected = prompt_ids(tok, [{"role": "user", "content": message}], sample.SYSTEM_PROMPT)
+        assert line["prompt_ids"] == expected
+        assert line["text"] == tok.decode(line["output_ids"])
+        stops = sample.stop_ids(tok)
+        ref = decode.generate(params, cfg, [expected], GREEDY, stop_ids=stops).ids[0]
+        assert line["output_ids"] == ref[: len(line["output_ids"])]
+        assert not set(line["output_ids"]) & set(stops)
+
+
+def test_sampling_report(tiny_ckpt, sp_model_path, tmp_path):
+    path, *_ = tiny_ckpt
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"hello world"\n{"prompt": "what is this"}\n')
+    out = tmp_path / "report.json"
+    sample.main(
+        ["--ckpt", path, "--tokenizer", str(sp_model_path), "--prompts", str(prompts)]
+        + ["--out", str(out), "--num-samples", "2", "--max-new-tokens", "6", "--system", ""]
+        + ["--temperature", "0.8", "--top-k", "20", "--model-name", "tiny"]
+    )
+    report = json.loads(out.read_text())
+    assert report["model_name"] == "tiny" and report["date"] and report["args"]["seed"] == 0
+    assert [p["prompt"] for p in report["prompts"]] == ["hello world", "what is this"]
+    assert report["tokens_per_second"] > 0
+    for entry in report["prompts"]:
+        (result,) = entry["results"]
+        assert result["sampling_config"] == "t0.8_k20_p0.9"
+        assert result["sampling_params"]["temperature"] == 0.8
+        assert len(result["outputs"]) == len(result["output_ids"]) == 2
+        assert all(len(ids) <= 6 for ids in result["output_ids"])
