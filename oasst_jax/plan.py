@@ -1,0 +1,362 @@
+"""``python -m oasst_jax.plan --config=configs/sft10.py --mesh tensor=8,pipeline=4``.
+
+Answers before renting hardware: does a layout fit, how fast will it be, and
+which layout is best.  Flags:
+
+* ``--topology v5p:2x4x4`` compiles the real train step for abstract TPU devices
+  (the real TPU compiler, via libtpu: ``pip install -e '.[plan]'``) and reports
+  its per-device HBM; without it the step is compiled for emulated CPU devices,
+  which proves it compiles and shards but whose memory figures are not predictive.
+* ``--search`` enumerates layouts for the device count, prunes and ranks them
+  with the analytic models and compiles the best ``--compile_top`` for the topology.
+* ``--chip h100`` picks the accelerator for the analytic verdicts (default: the
+  topology's chip, else H100) -- with a GPU chip the model card's Megatron
+  layout is modelled too (Korthikanti et al. 2022, :mod:`oasst_jax.planner.memory`).
+* ``--json`` prints only JSON lines.  The last stdout line is always one JSON
+  object (scripts rely on it) with ``peak_bytes_per_device``,
+  ``param_bytes_per_device``, ``optimizer_bytes_per_device``,
+  ``temp_bytes_per_device``, ``flops_per_step`` and ``mesh``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import ml_collections
+
+from oasst_jax.model import LlamaConfig
+from oasst_jax.planner import chips, memory, search, timing
+
+GIB = 2**30
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``tensor=8,pipeline=4`` -> all five axes (unnamed ones 1)."""
+    from oasst_jax.sharding import MESH_AXES
+
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in sizes or not value.lstrip("-").isdigit():
+            raise ValueError(f"plan: bad --mesh item {item!r}; use e.g. tensor=8,pipeline=4")
+        sizes[name] = int(value)
+    return sizes
+
+
+def config_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> memory.Layout:
+    return memory.Layout(mesh, cfg.micro_batch_size, cfg.model.remat_policy)
+
+
+def with_layout(cfg: ml_collections.ConfigDict, layout: memory.Layout):
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.mesh.update(dict(layout.mesh))
+    out.micro_batch_size = layout.micro_batch_size
+    out.model.remat_policy = layout.remat
+    return out
+
+
+def prepare_environment(devices: int) -> None:
+    """Before jax starts its backends: CPU platform with ``devices`` emulated devices, and
+    libtpu told it runs without hardware (silences its start-up error)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+
+
+def analytic_record(
+    model_cfg: LlamaConfig, cfg, layout: memory.Layout, chip: chips.Chip, efficiency: float
+) -> dict:
+    """This trainer's analytic memory and time for ``layout`` on ``chip``."""
+    table = memory.param_table(model_cfg)
+    mem = memory.jax_memory(model_cfg, layout, cfg.seq_length, table)
+    per_device = memory.sharded_elements(table, layout.mesh)
+    t = timing.estimate_time(
+        model_cfg,
+        layout,
+        chip,
+        cfg.seq_length,
+        cfg.global_batch_size,
+        per_device,
+        efficiency=efficiency,
+    )
+    return {
+        "mesh": dict(layout.mesh),
+        "micro_batch_size": layout.micro_batch_size,
+        "remat": layout.remat,
+        "chip": chip.name,
+        "hbm_bytes": chip.hbm_bytes,
+        "analytic": memory_dict(mem),
+        "analytic_bytes_per_device": mem.total,
+        "analytic_fits": mem.total <= chip.hbm_bytes,
+        "flops_per_step": t.flops_per_step,
+        "step_time_s": t.step_s,
+        "mfu": t.mfu,
+        "dominant": t.dominant(),
+        "efficiency": efficiency,
+        "overrides": layout.overrides(),
+    }
+
+
+def memory_dict(mem: memory.MemoryEstimate) -> dict:
+    return {
+        "params": mem.params,
+        "optimizer": mem.optimizer,
+        "grads": mem.grads,
+        "activations": mem.activations,
+        "transient": mem.transient,
+        "total": mem.total,
+    }
+
+
+def megatron_record(model_cfg: LlamaConfig, cfg, layout, chip: chips.Chip, eff: float) -> dict:
+    """The model card's run: Megatron-LLM, TP + SP, 1F1B, no distributed optimizer."""
+    model_cfg = LlamaConfig(**{**model_cfg.__dict__, "attention_impl": "pallas"})
+    mem = memory.megatron_memory(
+        model_cfg, layout, cfg.seq_length, cfg.global_batch_size, dropout=cfg.hidden_dropout > 0
+    )
+    first, _ = memory.megatron_param_counts(
+        model_cfg, layout.mesh["tensor"], layout.mesh["pipeline"]
+    )
+    t = timing.estimate_time(
+        model_cfg, layout, chip, cfg.seq_length, cfg.global_batch_size, first, "megatron", eff
+    )
+    return {
+        "framework": "megatron",
+        "chip": chip.name,
+        "hbm_bytes": chip.hbm_bytes,
+        "analytic": memory_dict(mem),
+        "analytic_bytes_per_device": mem.total,
+        "headroom_bytes": chip.hbm_bytes - mem.total,
+        "fits": mem.total <= chip.hbm_bytes,
+        "notes": list(mem.notes),
+        "step_time_s": t.step_s,
+        "mfu": t.mfu,
+        "dominant": t.dominant(),
+    }
+
+
+def compile_record(cfg, layout: memory.Layout, devices) -> dict:
+    """Compile ``layout`` for ``devices``; per-device figures from the compiler."""
+    from oasst_jax.planner import aot
+
+    r = aot.compile_step(with_layout(cfg, layout), devices)
+    grads_and_temps = r.temp_bytes
+    return {
+        "backend": r.backend,
+        "device_kind": r.device_kind,
+        "memory_predictive": r.backend == "tpu",
+        "param_bytes_per_device": r.param_bytes,
+        "optimizer_bytes_per_device": r.optimizer_bytes,
+        "temp_bytes_per_device": grads_and_temps,
+        "peak_bytes_per_device": r.peak_bytes,
+        "compiler_capacity_bytes": r.capacity_bytes,
+        "compile_error": r.error,
+        "compile_s": r.compile_s,
+        "attention_impl_compiled": r.attention_impl,
+    }
+
+
+def finish(rec: dict) -> dict:
+    """Fill the last-line contract when nothing was compiled, and the verdicts."""
+    a = rec["analytic"]
+    rec.setdefault("param_bytes_per_device", a["params"])
+    rec.setdefault("optimizer_bytes_per_device", a["optimizer"])
+    rec.setdefault("temp_bytes_per_device", a["grads"] + a["activations"] + a["transient"])
+    rec.setdefault("peak_bytes_per_device", a["total"])
+    rec.setdefault("memory_predictive", True)
+    if rec.get("backend") == "tpu":
+        rec["fits"] = rec["peak_bytes_per_device"] <= rec["hbm_bytes"]
+        rec["analytic_error"] = a["total"] / rec["peak_bytes_per_device"] - 1
+    elif "backend" not in rec:
+        rec["fits"] = rec["analytic_fits"]
+    return rec
+
+
+def gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / GIB:7.2f} GiB"
+
+
+def describe(rec: dict) -> list[str]:
+    """Human-readable block for one layout."""
+    a = rec["analytic"]
+    lines = [f"layout {memory.Layout(rec['mesh'], rec['micro_batch_size'], rec['remat']).label()}"]
+    if "backend" in rec:
+        tag = "" if rec["memory_predictive"] else "  [CPU emulation: NOT PREDICTIVE of HBM use]"
+        lines.append(f"  compiled for {rec['device_kind']} in {rec['compile_s']:.0f} s{tag}")
+        if rec["compile_error"]:
+            lines.append(f"  compiler: {rec['compile_error']}")
+    rows = [
+        ("params", rec["param_bytes_per_device"], a["params"]),
+        ("optimizer state", rec["optimizer_bytes_per_device"], a["optimizer"]),
+        ("grads + accumulators", None, a["grads"]),
+        ("activations (saved)", None, a["activations"]),
+        ("transients", None, a["transient"]),
+        ("temporaries (compiler)", rec["temp_bytes_per_device"], None),
+        ("total / peak", rec["peak_bytes_per_device"], a["total"]),
+    ]
+    lines.append(f"  {'per device':24s} {'compiled':>11s} {'analytic':>11s}")
+    for name, got, est in rows:
+        lines.append(f"  {name:24s} {gib(got):>11s} {gib(est):>11s}")
+    verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown"}[rec.get("fits")]
+    lines.append(f"  {rec['chip']} HBM {gib(rec['hbm_bytes'])}: {verdict}")
+    if "analytic_error" in rec:
+        lines.append(f"  analytic vs TPU compiler: {rec['analytic_error']:+.1%}")
+    lines.append(
+        f"  {rec['flops_per_step']:.3e} model FLOPs/step; at {rec['efficiency']:.0%} of peak: "
+        f"step {rec['step_time_s']:.2f} s, MFU {rec['mfu']:.1%} ({rec['dominant']})"
+    )
+    return lines
+
+
+def describe_megatron(rec: dict, layout: memory.Layout) -> list[str]:
+    a = rec["analytic"]
+    return [
+        f"model card layout on {rec['chip']} (Megatron-LLM, TP+SP, 1F1B, analytic): "
+        f"{layout.label()}",
+        f"  bf16 weights {gib(a['params'])}, fp32 grads {gib(a['grads'])}, "
+        f"fp32 master+Adam {gib(a['optimizer'])}",
+        f"  activations {gib(a['activations'])} ({rec['notes'][0]}), logits {gib(a['transient'])}",
+        f"  total {gib(a['total'])} of {gib(rec['hbm_bytes'])}: "
+        f"{'fits' if rec['fits'] else 'DOES NOT FIT'}, headroom {gib(rec['headroom_bytes'])}",
+        f"  step {rec['step_time_s']:.2f} s, MFU {rec['mfu']:.1%} ({rec['dominant']})",
+    ]
+
+
+def run(
+    cfg,
+    mesh: dict[str, int] | None,
+    topology: str,
+    chip_name: str,
+    *,
+    do_search: bool,
+    efficiency: float,
+    compile_top: int,
+    json_only: bool,
+    devices_hint: int,
+) -> dict:
+    """Plan (or search) and print; returns the record printed on the last line."""
+    from oasst_jax.config import model_config
+    from oasst_jax.planner import aot
+
+    chip = chips.chip(chip_name or topology or "h100")
+    model_cfg = model_config(cfg)
+    devices = aot.tpu_devices(topology) if topology else None
+    n = len(devices) if devices else (math.prod(mesh.values()) if mesh else devices_hint)
+    mesh = aot.mesh_sizes(mesh or dict(cfg.mesh), n)
+    say = (lambda *_: None) if json_only else print
+    say(
+        f"plan: {model_cfg.num_params() / 1e9:.2f}B params, {n} x {chip.name}, seq "
+        f"{cfg.seq_length}, global batch {cfg.global_batch_size}, timing at {efficiency:.0%} of "
+        f"peak ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16)"
+    )
+    if do_search:
+        layouts = search.enumerate_layouts(model_cfg, n, cfg.seq_length, cfg.global_batch_size)
+        ranked = search.rank(
+            model_cfg, layouts, chip, cfg.seq_length, cfg.global_batch_size, efficiency
+        )
+        say(
+            f"search: {len(layouts)} valid layouts, {sum(c.fits for c in ranked)} fit "
+            f"{chip.name} HBM x {search.HEADROOM:.0%} by the analytic model"
+        )
+        best = ranked[: max(compile_top, 1)]
+        records = []
+        for c in best:
+            rec = analytic_record(model_cfg, cfg, c.layout, chip, efficiency)
+            if devices is not None:
+                rec.update(compile_record(cfg, c.layout, devices))
+            records.append(finish(rec))
+        records.sort(key=lambda r: (not r["fits"], r["step_time_s"]))
+        say(
+            f"{'rank':>4s}  {'layout':34s} {'analytic':>11s} {'compiled':>11s} "
+            f"{'fits':>5s} {'step s':>7s} {'MFU':>6s}"
+        )
+        for i, r in enumerate(records):
+            lay = memory.Layout(r["mesh"], r["micro_batch_size"], r["remat"]).label()
+            comp = gib(r["peak_bytes_per_device"]) if "backend" in r else "-"
+            say(
+                f"{i + 1:4d}  {lay:34s} {gib(r['analytic_bytes_per_device']):>11s} {comp:>11s} "
+                f"{str(r['fits']):>5s} {r['step_time_s']:7.2f} {r['mfu']:6.1%}"
+            )
+        for r in records:
+            if json_only:
+                print(json.dumps(r))
+            else:
+                print("\n".join(describe(r)))
+        winner = records[0]
+        say("winner: " + " ".join(winner["overrides"]))
+        print(json.dumps(winner))
+        return winner
+    layout = config_layout(cfg, mesh)
+    rec = analytic_record(model_cfg, cfg, layout, chip, efficiency)
+    rec.update(compile_record(cfg, layout, devices or aot.cpu_devices(n)))
+    rec = finish(rec)
+    if chip.platform == "gpu" and mesh["fsdp"] == mesh["sequence"] == 1:
+        rec["megatron"] = megatron_record(model_cfg, cfg, layout, chip, efficiency)
+        say("\n".join(describe_megatron(rec["megatron"], layout)))
+    say("\n".join(describe(rec)))
+    print(json.dumps(rec))
+    return rec
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    try:
+        mesh = parse_mesh(f.mesh) if f.mesh else None
+        run(
+            f.config,
+            mesh,
+            f.topology,
+            f.chip,
+            do_search=f.search,
+            efficiency=f.efficiency,
+            compile_top=f.compile_top,
+            json_only=f.json,
+            devices_hint=f.devices,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
+    flags.DEFINE_string("mesh", "", "mesh override, e.g. tensor=8,pipeline=4 (others 1)")
+    flags.DEFINE_string("topology", "", "TPU topology to compile for, e.g. v5p:2x4x4")
+    flags.DEFINE_string("chip", "", f"chip for the analytic verdicts: {sorted(chips.CHIPS)}")
+    flags.DEFINE_integer("devices", 32, "device count when the mesh has a -1 axis")
+    flags.DEFINE_bool("search", False, "search layouts for the device count")
+    flags.DEFINE_integer("compile_top", 2, "--search: how many best layouts to model/compile")
+    flags.DEFINE_float("efficiency", timing.EFFICIENCY, "fraction of peak FLOP/s reached")
+    flags.DEFINE_bool("json", False, "print JSON lines only")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+
+    def _entry(argv):
+        from absl import flags
+
+        f = flags.FLAGS
+        mesh = parse_mesh(f.mesh) if f.mesh else {}
+        fixed = mesh and -1 not in mesh.values()
+        if "JAX_PLATFORMS" not in os.environ:  # jax read it at import: set the config too
+            import jax
+
+            jax.config.update("jax_platforms", "cpu")
+        prepare_environment(math.prod(mesh.values()) if fixed else f.devices)
+        main(argv)
+
+    app.run(_entry)

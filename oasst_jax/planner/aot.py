@@ -1,0 +1,197 @@
+"""Ahead-of-time compile of the real train step on real or abstract devices.
+
+Nothing is allocated: the state and batch are ``jax.ShapeDtypeStruct``s that
+carry their ``NamedSharding``s, the step is the trainer's own jitted step
+(:func:`oasst_jax.train_step.build_trainer`, same shardings and donation), and
+``lower(...).compile()`` runs the backend compiler for the target devices:
+
+* abstract TPU devices from ``jax.experimental.topologies`` (libtpu, the ``plan``
+  extra): the real TPU compiler, whose ``memory_analysis()`` is the HBM the
+  program will use; a layout that does not fit raises ``RESOURCE_EXHAUSTED``,
+  which is turned into a result carrying the bytes the compiler asked for.
+* emulated CPU devices: proves the step compiles and shards as intended, but
+  the CPU backend schedules and frees buffers differently (about 3x the TPU's
+  temporaries for 70B), so its memory figures are *not predictive*.
+
+The Pallas attention dispatch picks its kernel from the running platform (CPU
+here), so the compile uses the XLA attention instead and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from oasst_jax import optim, sharding
+from oasst_jax.config import accumulation_steps, model_config
+from oasst_jax.model import Llama, hidden_dropout_rates
+from oasst_jax.train_step import StepConfig, build_trainer
+
+_BATCH_DTYPES = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "weights": jnp.float32,
+    "segment_ids": jnp.int32,
+    "positions": jnp.int32,
+}
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """Per-device bytes of one compiled step (``temp``/``peak`` from the compiler)."""
+
+    backend: str  # 'tpu' | 'cpu'
+    device_kind: str
+    mesh: dict[str, int]
+    param_bytes: int  # from the state's shardings
+    optimizer_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int  # compiler temporaries: grads/accumulators, activations, workspace
+    peak_bytes: int  # arguments + outputs - aliased + temporaries (or the OOM request)
+    capacity_bytes: int | None  # what the compiler said it has (TPU OOM message)
+    fits: bool | None  # None: CPU emulation says nothing about fitting
+    compile_s: float
+    attention_impl: str
+    error: str = ""
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+    """Abstract devices of a TPU slice, e.g. ``v5p:2x4x4`` (needs libtpu: the ``plan`` extra)."""
+    from jax.experimental import topologies
+
+    # several planners (or tests) may hold libtpu at once; none of them drives hardware
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+
+
+def ordered_devices(devices: list[jax.Device], sizes: tuple[int, ...]) -> list[jax.Device]:
+    """Devices ordered so the mesh's last axes are physical neighbours (ICI rings), as
+    ``mesh_utils.create_device_mesh`` does; flat order where it has no rule for the shape."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return list(mesh_utils.create_device_mesh(sizes, devices).flat)
+    except (ValueError, NotImplementedError, AssertionError):
+        return list(devices)
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct``s."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+    """``(requested, capacity)`` bytes from an XLA:TPU ``RESOURCE_EXHAUSTED`` message."""
+    m = re.search(r"[Uu]sed ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    if m is None:
+        return None
+    used = float(m.group(1)) * _UNITS[m.group(2)]
+    cap = float(m.group(3)) * _UNITS[m.group(4)]
+    return int(used), int(cap)
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -> dict:
+    rows = cfg.global_batch_size // accum
+    shape = (accum, rows, cfg.seq_length)
+    return {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding)
+        for k, dt in _BATCH_DTYPES.items()
+    }
+
+
+def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> CompileReport:
+    """Lower and compile ``cfg``'s train step for ``devices`` (mesh from ``cfg.mesh``)."""
+    model_cfg = model_config(cfg)
+    attention = "xla" if model_cfg.attention_impl == "pallas" else model_cfg.attention_impl
+    model_cfg = dataclasses.replace(model_cfg, attention_impl=attention)
+    n = len(devices)
+    accum = accumulation_steps(cfg, n)
+    sizes = mesh_sizes(dict(cfg.mesh), n)
+    mesh = sharding.make_mesh(sizes, ordered_devices(devices, tuple(sizes.values())))
+    tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
+    rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
+    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        trainer = build_trainer(
+            Llama(model_cfg), tx, optim.schedule(cfg.optim, cfg.train_iters), step_cfg, rates, mesh
+        )
+        state = trainer.abstract_state
+        lowered = trainer.step.lower(state, abstract_batch(cfg, accum, trainer.batch_sharding))
+        base = dict(
+            backend=devices[0].platform,
+            device_kind=devices[0].device_kind,
+            mesh=sizes,
+            param_bytes=shard_bytes(state["params"]),
+            optimizer_bytes=shard_bytes(state["opt_state"]),
+            attention_impl=attention,
+        )
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 -- an OOM is a result; anything else re-raised
+            oom = parse_oom(str(e))
+            if oom is None:
+                raise
+            return CompileReport(
+                **base,
+                argument_bytes=0,
+                output_bytes=0,
+                alias_bytes=0,
+                temp_bytes=0,
+                peak_bytes=oom[0],
+                capacity_bytes=oom[1],
+                fits=False,
+                compile_s=time.perf_counter() - t0,
+                error=str(e).strip().splitlines()[0][:300],
+            )
+    mem = compiled.memory_analysis()
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    tpu = base["backend"] == "tpu"
+    return CompileReport(
+        **base,
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        peak_bytes=int(peak),
+        capacity_bytes=None,
+        fits=True if tpu else None,
+        compile_s=time.perf_counter() - t0,
+    )
+
+
+def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve a ``-1`` axis the way :func:`sharding.make_mesh` does (all axes, in order)."""
+    sizes = {a: int(shape.get(a, 1)) for a in sharding.MESH_AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    return {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+
+
+def cpu_devices(n: int) -> list[jax.Device]:
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise ValueError(
+            f"plan: the mesh needs {n} devices but only {len(devices)} CPU devices exist; "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts"
+        )
+    return devices[:n]

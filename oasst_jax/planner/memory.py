@@ -1,0 +1,245 @@
+"""Analytic per-device memory: parameters, optimizer, gradients, activations.
+
+Two programs are modelled, because the planner answers for both:
+
+``framework="jax"`` -- *this* trainer's jitted step (the TPU cross-check).
+  * params / optimizer / gradients: every parameter's shard from the logical
+    rules (:mod:`oasst_jax.sharding`) -- fp32 master weights, AdamW ``mu`` and
+    ``nu`` in fp32, and two fp32 gradient trees alive at once inside the
+    accumulation scan (the carry and the micro-batch's fresh gradient).
+  * activations per layer and micro-batch, bf16, for the remat policies of
+    :func:`oasst_jax.model.remat_policy`, with ``T`` tokens per device
+    (rows / (data*fsdp), length / sequence), ``t`` the tensor size, ``h``
+    hidden, ``k`` = kv_heads*head_dim, ``f`` mlp:
+      - ``full``: the scanned layer input only, ``2Th`` (the residual stream is
+        replicated over ``tensor`` by the rules: no Megatron sequence parallel);
+      - ``selective`` (dots without batch dims saved): input, attention output
+        projection and MLP output (``3 x 2Th``, replicated over tensor) plus
+        q, k, v, gate, up (``2T(h + 2k + 2f)/t``);
+      - ``none``: selective plus norms, RoPE'd q/k and SwiGLU product.
+    Every layer's residuals are alive at the start of the backward pass; until
+    pipeline parallelism lands, ``pipeline`` only shards the layer weights, so
+    each device runs (and stores) all layers.
+  * transients: the backward of one layer recomputes its forward (the
+    ``none`` set for one layer), the XLA attention's fp32 ``[rows, heads/t, L, L]``
+    scores/probabilities/gradient (3 copies; the flash kernel needs none), and
+    the fp32 logits, their softmax and gradient (3 x ``rows*L*V/t*4``).
+    Two more terms were found by comparing with the TPU compiler's figures:
+    XLA hoists the per-layer fp32 -> bf16 weight casts out of the layer scan,
+    so a bf16 copy of the device's weights (2 bytes/param) lives through the
+    step, and the AdamW update tree (4 bytes/param) is materialised before it
+    is applied (``apply_if_finite`` selects between old and new state).
+
+``framework="megatron"`` -- the model card's run (Megatron-LLM, GPUs), after
+  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models".  Their per-layer activation bytes with tensor + sequence
+  parallelism are ``sbh/t * (34 + 5as/h)``; selective recompute drops the
+  ``5as/h`` softmax term, full recompute keeps only the layer input ``2sbh/t``.
+  The ``34`` is GPT's (MHA, 4h GeLU MLP, LayerNorm, dropout); re-derived term by
+  term for Llama (GQA, SwiGLU, RMSNorm, bytes per token, all divided by ``t``):
+  norm inputs ``2 x 2h``; attention: QKV input ``2h``, q ``2h``, k and v
+  ``2 x 2k`` (GQA: kv heads only), output-projection input ``2h``; MLP: fc1
+  input ``2h``, the fused gate|up output that SwiGLU saves ``4f``, SwiGLU
+  output ``2f``; dropout masks ``2 x h`` only when hidden dropout > 0.  For 70B
+  (k = h/8, f = 3.5h) that is ``33.5h`` (``35.5h`` with dropout) vs GPT's 34h.
+  The flash kernel keeps no ``s x s`` tensors.  Non-interleaved 1F1B keeps ``p``
+  micro-batches in flight on the first stage, so the first stage stores
+  ``L/p x p`` layers' worth; the last stage adds the fp32 logits/loss buffer
+  ``4sb(h+v)/t``.  State per parameter: bf16 weight 2 + fp32 main gradient 4
+  (Megatron accumulates bf16 gradients in fp32) + fp32 master 4 + Adam 8 = 18
+  bytes, split over ``t x p`` (no distributed optimizer: not split over data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+from flax import linen as nn
+
+from oasst_jax import sharding
+from oasst_jax.model import Llama, LlamaConfig
+
+GIB = 2**30
+ATTN_COPIES = 3  # XLA attention: fp32 scores, probabilities, and their gradient
+LOGIT_COPIES = 3  # fp32 logits, softmax, gradient of the logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One candidate: mesh sizes (all five axes), micro batch (rows per data replica), remat."""
+
+    mesh: Mapping[str, int]
+    micro_batch_size: int
+    remat: str
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh["data"] * self.mesh["fsdp"]
+
+    def accumulation(self, global_batch: int) -> int:
+        return global_batch // (self.micro_batch_size * self.data_parallel)
+
+    def overrides(self) -> list[str]:
+        """The ``--config.*`` flags that select this layout."""
+        flags = [f"--config.mesh.{a}={s}" for a, s in self.mesh.items()]
+        return [
+            *flags,
+            f"--config.micro_batch_size={self.micro_batch_size}",
+            f"--config.model.remat_policy={self.remat}",
+        ]
+
+    def label(self) -> str:
+        axes = "x".join(f"{a[:2]}{s}" for a, s in self.mesh.items() if s > 1) or "1"
+        return f"{axes} mb{self.micro_batch_size} {self.remat}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device (the worst device: first/last pipeline stage for Megatron)."""
+
+    params: float
+    optimizer: float
+    grads: float
+    activations: float  # saved for the backward pass, all layers and in-flight micro-batches
+    transient: float  # one layer's recompute, attention workspace, logits/loss buffer
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> float:
+        return self.params + self.optimizer + self.grads + self.activations + self.transient
+
+
+def param_table(cfg: LlamaConfig) -> list[tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """(shape, logical axis names) of every parameter, traced abstractly (nothing allocated)."""
+    boxed = jax.eval_shape(
+        lambda: Llama(cfg).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))
+    )["params"]
+    specs = nn.get_partition_spec(boxed)
+    shapes = nn.meta.unbox(boxed)
+    return [
+        (tuple(s.shape), tuple(spec))
+        for s, spec in zip(
+            jax.tree.leaves(shapes),
+            jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+            strict=True,
+        )
+    ]
+
+
+def axis_size(names: str | tuple[str, ...] | None, mesh: Mapping[str, int]) -> int:
+    if names is None:
+        return 1
+    names = (names,) if isinstance(names, str) else names
+    return math.prod(mesh.get(n, 1) for n in names)
+
+
+def sharded_elements(table, mesh: Mapping[str, int]) -> float:
+    """Elements per device: each dim divided (rounded up) by the mesh axes its rule names."""
+    total = 0
+    for shape, names in table:
+        spec = sharding.logical_spec(names)
+        total += math.prod(-(-d // axis_size(a, mesh)) for d, a in zip(shape, spec, strict=False))
+    return float(total)
+
+
+def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int) -> float:
+    """This trainer's saved bytes per token per layer (bf16), per the docstring."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    k = cfg.num_key_value_heads * cfg.head_size
+    full = 2 * h
+    if remat == "full":
+        return full
+    selective = 2 * (3 * h + (h + 2 * k + 2 * f) / t)
+    if remat == "selective":
+        return selective
+    return selective + 2 * (2 * h + (h + k + f) / t)
+
+
+def jax_memory(cfg: LlamaConfig, layout: Layout, seq: int, table=None) -> MemoryEstimate:
+    """This trainer's step on ``layout`` (see the module docstring)."""
+    m = layout.mesh
+    table = param_table(cfg) if table is None else table
+    n = sharded_elements(table, m)
+    pbytes = 4 if cfg.param_dtype == "float32" else 2
+    t, sp = m["tensor"], m["sequence"]
+    rows = layout.micro_batch_size  # rows per data replica = rows per device
+    tokens = rows * seq / sp
+    per_layer = activation_bytes_per_token(cfg, layout.remat, t) * tokens
+    acts = per_layer * cfg.num_hidden_layers
+    recompute = activation_bytes_per_token(cfg, "none", t) * tokens
+    heads = -(-cfg.num_attention_heads // t)
+    attn = 0.0
+    if cfg.attention_impl in ("xla", "pallas"):  # the AOT compile uses XLA attention
+        attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
+    logits = LOGIT_COPIES * rows * (seq / sp) * cfg.padded_vocab_size / t * 4
+    cast = n * 2 if cfg.dtype == "bfloat16" and pbytes == 4 else 0.0
+    return MemoryEstimate(
+        params=n * pbytes,
+        optimizer=2 * n * pbytes,
+        grads=2 * n * 4,
+        activations=acts,
+        transient=recompute + attn + logits + cast + n * 4,
+    )
+
+
+def megatron_param_counts(cfg: LlamaConfig, t: int, p: int) -> tuple[float, float]:
+    """Parameters per GPU on the (first, last) pipeline stage: layers/p split over t,
+    plus the embedding (first) or LM head + final norm (last), vocab-parallel."""
+    layers = cfg.num_params(include_embedding=False) - cfg.hidden_size
+    per_stage = layers / p / t
+    vocab = cfg.padded_vocab_size * cfg.hidden_size / t
+    return per_stage + vocab, per_stage + vocab + cfg.hidden_size
+
+
+def megatron_bytes_per_token(cfg: LlamaConfig, remat: str, dropout: bool, seq: int) -> float:
+    """Korthikanti et al.'s per-layer activation bytes per token, re-derived for Llama
+    (before dividing by ``t``): ``33.5h`` for 70B selective, ``2h`` full recompute."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    k = cfg.num_key_value_heads * cfg.head_size
+    if remat == "full":
+        return 2 * h
+    norms = 2 * 2 * h
+    attention = 2 * h + 2 * h + 2 * 2 * k + 2 * h
+    mlp = 2 * h + 4 * f + 2 * f
+    masks = 2 * h if dropout else 0
+    extra = 0.0
+    if remat == "none" and cfg.attention_impl != "pallas":  # softmax terms: 5as bytes/token
+        extra = 5.0 * cfg.num_attention_heads * seq
+    return norms + attention + mlp + masks + extra
+
+
+def megatron_memory(
+    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, dropout: bool = False
+) -> MemoryEstimate:
+    """Megatron-LLM with TP + SP + 1F1B PP and no distributed optimizer (module docstring)."""
+    t, p = layout.mesh["tensor"], layout.mesh["pipeline"]
+    b = layout.micro_batch_size
+    first, last = megatron_param_counts(cfg, t, p)
+    per_layer = megatron_bytes_per_token(cfg, layout.remat, dropout, seq) * seq * b / t
+    layers = cfg.num_hidden_layers / p
+    in_flight = min(p, layout.accumulation(global_batch))
+    h, v = cfg.hidden_size, cfg.padded_vocab_size
+    stage_first = first * 18 + per_layer * layers * in_flight
+    logits = 4 * seq * b * (h + v) / t
+    stage_last = last * 18 + per_layer * layers + logits
+    worst_first = stage_first >= stage_last
+    n = first if worst_first else last
+    return MemoryEstimate(
+        params=n * 2,
+        optimizer=n * 12,
+        grads=n * 4,
+        activations=per_layer * layers * (in_flight if worst_first else 1),
+        transient=0.0 if worst_first else logits,
+        notes=(
+            f"per layer {per_layer / 2**20:.0f} MiB x {layers:g} layers x "
+            f"{in_flight if worst_first else 1} micro-batches in flight "
+            f"({'first' if worst_first else 'last'} stage is the fuller one)",
+        ),
+    )

@@ -1,0 +1,110 @@
+"""Layout search: enumerate meshes x micro-batch sizes x remat policies, prune, rank.
+
+The global batch is fixed (it is part of the recipe); a layout is valid when
+every sharded dimension divides evenly (kv heads, MLP width and padded vocab by
+``tensor``, layers by ``pipeline``, the model dimension by ``fsdp``, the
+sequence by ``sequence``) and ``global_batch`` is a whole number of
+``micro_batch x data x fsdp`` micro-steps.  The analytic memory model prunes
+layouts over the chip's HBM (with headroom for what it does not model); the
+rest are ranked by the time model's step time.  Compiling the best few for the
+real topology is the caller's job (the compiler's verdict outranks the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+from oasst_jax.model import REMAT_POLICIES, LlamaConfig
+from oasst_jax.planner.chips import Chip
+from oasst_jax.planner.memory import (
+    Layout,
+    MemoryEstimate,
+    jax_memory,
+    param_table,
+    sharded_elements,
+)
+from oasst_jax.planner.timing import TimeEstimate, estimate_time
+from oasst_jax.sharding import MESH_AXES
+
+MICRO_BATCHES = (1, 2, 4, 8)
+HEADROOM = 0.9  # keep 10% of HBM for what the model leaves out (fragmentation, workspaces)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    time: TimeEstimate
+    capacity: float  # HBM x headroom
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.capacity
+
+
+def factorisations(n: int, k: int) -> Iterator[tuple[int, ...]]:
+    """Ordered ``k``-tuples of positive integers whose product is ``n``."""
+    if k == 1:
+        yield (n,)
+        return
+    for first in range(1, n + 1):
+        if n % first == 0:
+            for rest in factorisations(n // first, k - 1):
+                yield (first, *rest)
+
+
+def valid(cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int) -> bool:
+    m = layout.mesh
+    t = m["tensor"]
+    return (
+        cfg.num_key_value_heads % t == 0
+        and cfg.intermediate_size % t == 0
+        and cfg.padded_vocab_size % t == 0
+        and cfg.num_hidden_layers % m["pipeline"] == 0
+        and cfg.hidden_size % m["fsdp"] == 0
+        and seq % m["sequence"] == 0
+        and global_batch % (layout.micro_batch_size * layout.data_parallel) == 0
+    )
+
+
+def enumerate_layouts(
+    cfg: LlamaConfig,
+    devices: int,
+    seq: int,
+    global_batch: int,
+    micro_batches: tuple[int, ...] = MICRO_BATCHES,
+    remats: tuple[str, ...] = REMAT_POLICIES,
+) -> list[Layout]:
+    """Every valid layout for ``devices`` (the recipe's global batch held fixed)."""
+    out = []
+    for sizes in factorisations(devices, len(MESH_AXES)):
+        mesh = dict(zip(MESH_AXES, sizes, strict=True))
+        for mb, remat in itertools.product(micro_batches, remats):
+            layout = Layout(mesh, mb, remat)
+            if valid(cfg, layout, seq, global_batch):
+                out.append(layout)
+    return out
+
+
+def rank(
+    cfg: LlamaConfig,
+    layouts: list[Layout],
+    chip: Chip,
+    seq: int,
+    global_batch: int,
+    efficiency: float,
+) -> list[Candidate]:
+    """Model every layout; those that fit (with headroom) first, fastest first."""
+    table = param_table(cfg)
+    capacity = chip.hbm_bytes * HEADROOM
+    out = []
+    for layout in layouts:
+        memory = jax_memory(cfg, layout, seq, table)
+        per_device = sharded_elements(table, layout.mesh)
+        time = estimate_time(
+            cfg, layout, chip, seq, global_batch, per_device, efficiency=efficiency
+        )
+        out.append(Candidate(layout, memory, time, capacity))
+    return sorted(out, key=lambda c: (not c.fits, c.time.step_s if c.fits else c.memory.total))

@@ -1,0 +1,140 @@
+"""Step-time model: compute at a stated fraction of peak plus the main collectives.
+
+* FLOPs: :func:`oasst_jax.train_step.model_flops_per_token` (the trainer's MFU
+  formula) x tokens per step.  Recompute adds hardware FLOPs (not model FLOPs):
+  full remat one more forward (+2N per token), selective the attention forward.
+* Compute: hardware FLOPs / (devices doing distinct work x peak x efficiency).
+  In this trainer the ``pipeline`` axis only shards the layer weights until
+  pipeline parallelism lands, so devices along it repeat the same work.
+* Tensor parallel: 2 all-reduces of the ``[T, h]`` bf16 activations per layer
+  forward and 2 backward (3 + 2 with full recompute), ring cost
+  ``2 (t-1)/t x bytes / bw``, on the critical path (not overlapped).
+* Context parallel (``sequence``): all-gather of k and v per layer, forward and backward.
+* FSDP: all-gather of the bf16 weights for forward and again for backward and a
+  reduce-scatter of the fp32 gradients, every micro-batch; data parallel: an
+  all-reduce of the fp32 gradients (this trainer: every micro-batch, since the
+  accumulator is replicated over ``data``; Megatron: once per step).  XLA
+  overlaps these with compute, so only their excess over compute is exposed.
+* Pipeline (Megatron 1F1B): bubble ``(p-1)/(m+p-1)`` of the step, plus the
+  point-to-point activation sends.
+Bandwidths come from :mod:`oasst_jax.planner.chips`: an axis whose devices fit
+in one NVLink node uses NVLink, otherwise InfiniBand; every TPU axis uses ICI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from oasst_jax.model import LlamaConfig
+from oasst_jax.planner.chips import Chip
+from oasst_jax.planner.memory import Layout
+from oasst_jax.sharding import MESH_AXES
+from oasst_jax.train_step import model_flops_per_token
+
+EFFICIENCY = 0.6  # matmul FLOP/s reached on the chip, a fraction of peak (stated in the output)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeEstimate:
+    flops_per_step: float  # model FLOPs (the MFU numerator)
+    compute_s: float
+    tp_s: float
+    cp_s: float
+    fsdp_dp_exposed_s: float
+    pp_send_s: float
+    bubble_s: float
+    step_s: float
+    mfu: float
+
+    def terms(self) -> dict[str, float]:
+        return {
+            "compute": self.compute_s,
+            "tensor-parallel collectives": self.tp_s,
+            "context-parallel k/v gathers": self.cp_s,
+            "FSDP/DP collectives (exposed)": self.fsdp_dp_exposed_s,
+            "pipeline sends": self.pp_send_s,
+            "pipeline bubble": self.bubble_s,
+        }
+
+    def dominant(self) -> str:
+        terms = sorted(self.terms().items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{k} {v / self.step_s:.0%}" for k, v in terms if v > 0.01 * self.step_s)
+
+
+def axis_bandwidth(chip: Chip, mesh: dict[str, int], axis: str) -> float:
+    """Bytes/s per direction for a ring over ``axis`` (later mesh axes are innermost)."""
+    inner = math.prod(mesh[a] for a in MESH_AXES[MESH_AXES.index(axis) + 1 :])
+    return chip.intra_bw if inner * mesh[axis] <= chip.node_size else chip.inter_bw
+
+
+def ring(bytes_: float, n: int, bw: float, all_reduce: bool = False) -> float:
+    """Ring all-gather / reduce-scatter (or all-reduce = both) of ``bytes_`` (full size)."""
+    if n <= 1:
+        return 0.0
+    return (2 if all_reduce else 1) * (n - 1) / n * bytes_ / bw
+
+
+def hardware_flops_per_token(cfg: LlamaConfig, seq: int, remat: str) -> float:
+    model = model_flops_per_token(cfg, seq)
+    attn = 12 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_size
+    if remat == "full":
+        return model + (model - attn) / 3 + attn / 3
+    if remat == "selective":
+        return model + attn / 3
+    return model
+
+
+def estimate_time(
+    cfg: LlamaConfig,
+    layout: Layout,
+    chip: Chip,
+    seq: int,
+    global_batch: int,
+    params_per_device: float,
+    framework: str = "jax",
+    efficiency: float = EFFICIENCY,
+) -> TimeEstimate:
+    """Step time of ``layout`` (see the module docstring for each term)."""
+    m = dict(layout.mesh)
+    n = layout.devices
+    t, sp, p, f, d = (m[a] for a in ("tensor", "sequence", "pipeline", "fsdp", "data"))
+    micro = layout.accumulation(global_batch)
+    tokens_step = global_batch * seq
+    flops = model_flops_per_token(cfg, seq) * tokens_step
+    megatron = framework == "megatron"
+    workers = n if megatron else n // p  # jax: pipeline devices repeat the same work
+    compute = hardware_flops_per_token(cfg, seq, layout.remat) * tokens_step
+    compute /= workers * chip.peak_flops * efficiency
+    tokens_dev = layout.micro_batch_size * seq / sp  # per device per micro-batch
+    act = 2 * tokens_dev * cfg.hidden_size  # one bf16 [T, h] activation
+    layers = cfg.num_hidden_layers / p if megatron else cfg.num_hidden_layers
+    reduces = 6 if layout.remat == "full" else 4
+    tp = micro * layers * reduces * ring(act, t, axis_bandwidth(chip, m, "tensor"), True)
+    kv = 2 * 2 * tokens_dev * sp * cfg.num_key_value_heads * cfg.head_size / t
+    cp = micro * layers * 2 * ring(kv, sp, axis_bandwidth(chip, m, "sequence"))
+    if megatron:
+        dp = ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
+        exposed = dp
+        send = micro * 2 * act / t / axis_bandwidth(chip, m, "pipeline") if p > 1 else 0.0
+        busy = compute + tp + cp + send
+        bubble = busy * (p - 1) / micro if p > 1 else 0.0  # = total * (p-1)/(m+p-1)
+    else:
+        gather = f * p  # weights sharded over fsdp and (until PP lands) pipeline
+        full_params = params_per_device * gather
+        per_micro = ring(8 * full_params, gather, axis_bandwidth(chip, m, "fsdp"))
+        per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
+        exposed = micro * max(0.0, per_micro - compute / micro)
+        send = bubble = 0.0
+    step = compute + tp + cp + exposed + send + bubble
+    return TimeEstimate(
+        flops_per_step=flops,
+        compute_s=compute,
+        tp_s=tp,
+        cp_s=cp,
+        fsdp_dp_exposed_s=exposed,
+        pp_send_s=send,
+        bubble_s=bubble,
+        step_s=step,
+        mfu=flops / (step * n * chip.peak_flops),
+    )

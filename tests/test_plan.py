@@ -1,0 +1,163 @@
+"""Planner: analytic memory/time models (hand-computed cases), layout enumeration,
+and AOT compiles of the tiny model for emulated CPU devices and abstract TPU devices."""
+
+import json
+import math
+import os
+
+import pytest
+
+from oasst_jax.config import load_config, model_config
+from oasst_jax.planner import chips, memory, search, timing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_70b():
+    return model_config(load_config(os.path.join(REPO, "configs", "pre10.py")))
+
+
+def tiny_cfg():
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
+    cfg.seq_length = 64
+    cfg.model.num_hidden_layers = 2
+    return cfg
+
+
+def mesh(**sizes):
+    return {a: sizes.get(a, 1) for a in ("data", "fsdp", "pipeline", "sequence", "tensor")}
+
+
+def test_megatron_activation_bytes_llama70b():
+    c = cfg_70b()
+    h = c.hidden_size
+    # norms 4h + attention (2h in, 2h q, 2*2*(h/8) k/v, 2h o-in) + MLP (2h in, 4f, 2f), f = 3.5h
+    assert memory.megatron_bytes_per_token(c, "selective", False, 4096) == pytest.approx(33.5 * h)
+    assert memory.megatron_bytes_per_token(c, "selective", True, 4096) == pytest.approx(35.5 * h)
+    assert memory.megatron_bytes_per_token(c, "full", False, 4096) == 2 * h
+
+
+def test_megatron_card_layout_by_hand():
+    c = cfg_70b()
+    layout = memory.Layout(mesh(tensor=8, pipeline=4), 2, "selective")
+    est = memory.megatron_memory(c, layout, 4096, 64)
+    h, v = c.hidden_size, c.padded_vocab_size
+    per_layer_params = 2 * h * h + 2 * h * (h // 8) + 3 * h * c.intermediate_size + 2 * h
+    first = 80 * per_layer_params / 4 / 8 + v * h / 8
+    acts = 33.5 * h * 4096 * 2 / 8 * 20 * 4  # 20 layers/stage x 4 micro-batches in flight
+    assert est.params + est.grads + est.optimizer == pytest.approx(18 * first)
+    assert est.activations == pytest.approx(acts)
+    assert est.total < chips.CHIPS["h100"].hbm_bytes
+
+
+def test_jax_params_sharded_by_rules():
+    c = model_config(tiny_cfg())
+    est = memory.jax_memory(c, memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"), 64)
+    norms = 2 * c.num_hidden_layers * c.hidden_size + c.hidden_size
+    elements = (c.num_params() - norms) / 4 + norms  # every weight split 4 ways, norms replicated
+    assert est.params == 4 * elements
+    assert est.optimizer == 8 * elements and est.grads == 8 * elements
+    assert est.activations == 2 * c.hidden_size * 2 * 64 * c.num_hidden_layers  # 2Th per layer
+
+
+def test_jax_selective_activations_by_hand():
+    c = model_config(tiny_cfg())  # h 128, f 256, 2 kv heads x 32
+    h, f, k, t = 128, 256, 64, 2
+    assert memory.activation_bytes_per_token(c, "selective", t) == 2 * (
+        3 * h + (h + 2 * k + 2 * f) / t
+    )
+
+
+def test_ring_and_bubble():
+    assert timing.ring(100.0, 4, 10.0) == pytest.approx(7.5)
+    assert timing.ring(100.0, 4, 10.0, all_reduce=True) == pytest.approx(15.0)
+    assert timing.ring(100.0, 1, 10.0) == 0.0
+    c = cfg_70b()
+    layout = memory.Layout(mesh(tensor=8, pipeline=4), 2, "selective")
+    first, _ = memory.megatron_param_counts(c, 8, 4)
+    t = timing.estimate_time(c, layout, chips.CHIPS["h100"], 4096, 64, first, "megatron")
+    assert t.bubble_s / (t.step_s - t.fsdp_dp_exposed_s) == pytest.approx(3 / 35)  # (p-1)/(m+p-1)
+    assert t.flops_per_step == pytest.approx(64 * 4096 * timing.model_flops_per_token(c, 4096))
+
+
+def test_axis_bandwidth_nvlink_vs_infiniband():
+    h100 = chips.CHIPS["h100"]
+    m = mesh(tensor=8, pipeline=4)
+    assert timing.axis_bandwidth(h100, m, "tensor") == h100.intra_bw
+    assert timing.axis_bandwidth(h100, m, "pipeline") == h100.inter_bw
+    assert (
+        timing.axis_bandwidth(chips.chip("v5p:2x4x4"), m, "pipeline") == chips.CHIPS["v5p"].intra_bw
+    )
+
+
+def test_factorisations_and_enumeration():
+    assert sum(1 for _ in search.factorisations(32, 5)) == 126  # C(5+4, 4)
+    assert all(math.prod(f) == 12 for f in search.factorisations(12, 3))
+    c = model_config(tiny_cfg())
+    layouts = search.enumerate_layouts(c, 8, 64, 8, micro_batches=(1, 2), remats=("full",))
+    assert layouts and all(lay.devices == 8 for lay in layouts)
+    assert all(c.num_key_value_heads % lay.mesh["tensor"] == 0 for lay in layouts)
+    assert all(8 % (lay.micro_batch_size * lay.data_parallel) == 0 for lay in layouts)
+    assert memory.Layout(mesh(fsdp=2, sequence=2, tensor=2), 2, "full") in layouts
+
+
+def test_search_ranks_fitting_layouts_first():
+    c = model_config(tiny_cfg())
+    layouts = search.enumerate_layouts(c, 8, 64, 8, micro_batches=(1,), remats=("full",))
+    ranked = search.rank(c, layouts, chips.CHIPS["v5e"], 64, 8, 0.6)
+    times = [r.time.step_s for r in ranked if r.fits]
+    assert times == sorted(times)
+
+
+def test_parse_oom_and_mesh():
+    from oasst_jax import plan
+    from oasst_jax.planner import aot
+
+    msg = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 107.02G of 95.74G hbm."
+    assert aot.parse_oom(msg) == (int(107.02 * 2**30), int(95.74 * 2**30))
+    assert aot.parse_oom("some other error") is None
+    assert plan.parse_mesh("tensor=8,pipeline=4") == mesh(tensor=8, pipeline=4)
+    with pytest.raises(ValueError, match="bad --mesh"):
+        plan.parse_mesh("tensr=8")
+
+
+def test_cpu_compile_tiny_last_line_json(capsys):
+    from oasst_jax import plan
+
+    plan.run(
+        tiny_cfg(),
+        mesh(fsdp=2, sequence=2, tensor=2),
+        "",
+        "h100",
+        do_search=False,
+        efficiency=0.6,
+        compile_top=1,
+        json_only=False,
+        devices_hint=8,
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    rec = json.loads(out[-1])
+    for key in (
+        "peak_bytes_per_device",
+        "param_bytes_per_device",
+        "optimizer_bytes_per_device",
+        "temp_bytes_per_device",
+        "flops_per_step",
+        "mesh",
+    ):
+        assert key in rec
+    assert rec["backend"] == "cpu" and rec["memory_predictive"] is False
+    assert "NOT PREDICTIVE" in "\n".join(out)
+    assert rec["param_bytes_per_device"] == pytest.approx(rec["analytic"]["params"])
+
+
+def test_tpu_topology_compile_tiny():
+    pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
+    from oasst_jax import plan
+    from oasst_jax.planner import aot
+
+    devices = aot.tpu_devices("v5e:2x2")
+    cfg = plan.with_layout(tiny_cfg(), memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"))
+    r = aot.compile_step(cfg, devices)
+    assert r.backend == "tpu" and r.fits and r.error == ""
+    assert r.peak_bytes >= r.param_bytes + r.optimizer_bytes > 0
