@@ -20,6 +20,7 @@ which layout is best.  Flags:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import sys
 
 import ml_collections
 
+from oasst_jax.config import model_config
 from oasst_jax.model import LlamaConfig
 from oasst_jax.planner import chips, memory, search, timing
 
@@ -227,6 +229,81 @@ def describe_megatron(rec: dict, layout: memory.Layout) -> list[str]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What is planned for: the chip, its device count, and abstract TPU devices if any."""
+
+    chip: chips.Chip
+    num_devices: int
+    devices: list | None  # abstract TPU devices; None = analytic / CPU emulation
+    efficiency: float
+
+
+def ranking_key(rec: dict) -> tuple:
+    """Fitting layouts fastest first, then the rest by memory (closest to fitting)."""
+    return (not rec["fits"], rec["step_time_s"] if rec["fits"] else rec["peak_bytes_per_device"])
+
+
+def table_lines(records: list[dict]) -> list[str]:
+    lines = [
+        f"{'rank':>4s}  {'layout':34s} {'analytic':>11s} {'compiled':>11s} "
+        f"{'fits':>5s} {'step s':>7s} {'MFU':>6s}"
+    ]
+    for i, r in enumerate(records):
+        lay = memory.Layout(r["mesh"], r["micro_batch_size"], r["remat"]).label()
+        comp = gib(r["peak_bytes_per_device"]) if "backend" in r else "-"
+        lines.append(
+            f"{i + 1:4d}  {lay:34s} {gib(r['analytic_bytes_per_device']):>11s} {comp:>11s} "
+            f"{str(r['fits']):>5s} {r['step_time_s']:7.2f} {r['mfu']:6.1%}"
+        )
+    return lines
+
+
+def run_search(cfg, target: Target, compile_top: int, say) -> list[dict]:
+    """Enumerate, model and rank layouts; compile the best ``compile_top`` when TPU
+    devices are given (the compiler's verdict then decides ``fits``)."""
+    model_cfg = model_config(cfg)
+    seq, batch = cfg.seq_length, cfg.global_batch_size
+    layouts = search.enumerate_layouts(model_cfg, target.num_devices, seq, batch)
+    ranked = search.rank(model_cfg, layouts, target.chip, seq, batch, target.efficiency)
+    fitting = sum(c.fits for c in ranked)
+    say(
+        f"search: {len(layouts)} valid layouts, {fitting} fit {target.chip.name} HBM x "
+        f"{search.HEADROOM:.0%} by the analytic model"
+    )
+    if not fitting:
+        state = gib(ranked[0].memory.params + ranked[0].memory.optimizer).strip()
+        say(
+            f"no layout fits: fp32 parameters + Adam state alone are {state} per device on "
+            f"{target.num_devices} x {target.chip.name}; the least memory-hungry are listed"
+        )
+    records = []
+    for c in ranked[: max(compile_top, 1)]:
+        rec = analytic_record(model_cfg, cfg, c.layout, target.chip, target.efficiency)
+        if target.devices is not None:
+            rec.update(compile_record(cfg, c.layout, target.devices))
+        records.append(finish(rec))
+    return sorted(records, key=ranking_key)
+
+
+def run_single(cfg, mesh: dict[str, int], target: Target, say) -> dict:
+    """Compile the config's layout (CPU emulation or TPU topology) beside the analytic
+    estimate; with a GPU chip and a TP x PP x DP mesh, the Megatron (model card) figures too."""
+    from oasst_jax.planner import aot
+
+    model_cfg = model_config(cfg)
+    layout = config_layout(cfg, mesh)
+    rec = analytic_record(model_cfg, cfg, layout, target.chip, target.efficiency)
+    devices = target.devices or aot.cpu_devices(target.num_devices)
+    rec.update(compile_record(cfg, layout, devices))
+    rec = finish(rec)
+    if target.chip.platform == "gpu" and mesh["fsdp"] == mesh["sequence"] == 1:
+        rec["megatron"] = megatron_record(model_cfg, cfg, layout, target.chip, target.efficiency)
+        say("\n".join(describe_megatron(rec["megatron"], layout)))
+    say("\n".join(describe(rec)))
+    return rec
+
+
 def run(
     cfg,
     mesh: dict[str, int] | None,
@@ -239,68 +316,31 @@ def run(
     json_only: bool,
     devices_hint: int,
 ) -> dict:
-    """Plan (or search) and print; returns the record printed on the last line."""
-    from oasst_jax.config import model_config
+    """Plan (or search) and print; the returned record is the last stdout line."""
     from oasst_jax.planner import aot
 
     chip = chips.chip(chip_name or topology or "h100")
-    model_cfg = model_config(cfg)
     devices = aot.tpu_devices(topology) if topology else None
     n = len(devices) if devices else (math.prod(mesh.values()) if mesh else devices_hint)
-    mesh = aot.mesh_sizes(mesh or dict(cfg.mesh), n)
+    target = Target(chip, n, devices, efficiency)
     say = (lambda *_: None) if json_only else print
     say(
-        f"plan: {model_cfg.num_params() / 1e9:.2f}B params, {n} x {chip.name}, seq "
+        f"plan: {model_config(cfg).num_params() / 1e9:.2f}B params, {n} x {chip.name}, seq "
         f"{cfg.seq_length}, global batch {cfg.global_batch_size}, timing at {efficiency:.0%} of "
         f"peak ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16)"
     )
-    if do_search:
-        layouts = search.enumerate_layouts(model_cfg, n, cfg.seq_length, cfg.global_batch_size)
-        ranked = search.rank(
-            model_cfg, layouts, chip, cfg.seq_length, cfg.global_batch_size, efficiency
-        )
-        say(
-            f"search: {len(layouts)} valid layouts, {sum(c.fits for c in ranked)} fit "
-            f"{chip.name} HBM x {search.HEADROOM:.0%} by the analytic model"
-        )
-        best = ranked[: max(compile_top, 1)]
-        records = []
-        for c in best:
-            rec = analytic_record(model_cfg, cfg, c.layout, chip, efficiency)
-            if devices is not None:
-                rec.update(compile_record(cfg, c.layout, devices))
-            records.append(finish(rec))
-        records.sort(key=lambda r: (not r["fits"], r["step_time_s"]))
-        say(
-            f"{'rank':>4s}  {'layout':34s} {'analytic':>11s} {'compiled':>11s} "
-            f"{'fits':>5s} {'step s':>7s} {'MFU':>6s}"
-        )
-        for i, r in enumerate(records):
-            lay = memory.Layout(r["mesh"], r["micro_batch_size"], r["remat"]).label()
-            comp = gib(r["peak_bytes_per_device"]) if "backend" in r else "-"
-            say(
-                f"{i + 1:4d}  {lay:34s} {gib(r['analytic_bytes_per_device']):>11s} {comp:>11s} "
-                f"{str(r['fits']):>5s} {r['step_time_s']:7.2f} {r['mfu']:6.1%}"
-            )
-        for r in records:
-            if json_only:
-                print(json.dumps(r))
-            else:
-                print("\n".join(describe(r)))
-        winner = records[0]
-        say("winner: " + " ".join(winner["overrides"]))
-        print(json.dumps(winner))
-        return winner
-    layout = config_layout(cfg, mesh)
-    rec = analytic_record(model_cfg, cfg, layout, chip, efficiency)
-    rec.update(compile_record(cfg, layout, devices or aot.cpu_devices(n)))
-    rec = finish(rec)
-    if chip.platform == "gpu" and mesh["fsdp"] == mesh["sequence"] == 1:
-        rec["megatron"] = megatron_record(model_cfg, cfg, layout, chip, efficiency)
-        say("\n".join(describe_megatron(rec["megatron"], layout)))
-    say("\n".join(describe(rec)))
-    print(json.dumps(rec))
-    return rec
+    if not do_search:
+        rec = run_single(cfg, aot.mesh_sizes(mesh or dict(cfg.mesh), n), target, say)
+        print(json.dumps(rec))
+        return rec
+    records = run_search(cfg, target, compile_top, say)
+    say("\n".join(table_lines(records)))
+    for r in records:
+        print(json.dumps(r) if json_only else "\n".join(describe(r)))
+    lead = "winner: " if records[0]["fits"] else "nothing fits; least memory: "
+    say(lead + " ".join(records[0]["overrides"]))
+    print(json.dumps(records[0]))
+    return records[0]
 
 
 def main(argv) -> None:
