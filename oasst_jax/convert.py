@@ -2,6 +2,7 @@
 
     python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens]
     python -m oasst_jax.convert orbax-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
+        [--tokenizer tokenizer.model]
 
 Import reads ``config.json`` and ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; ``.bin``/``.pt`` files are refused because
@@ -37,7 +38,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from oasst_jax import checkpoint
+from oasst_jax.hf_tokenizer import write_hf_tokenizer
 from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.tokenizer import tokenizer_for_vocab
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -488,13 +491,19 @@ def load_orbax(ckpt: str) -> tuple[Any, LlamaConfig, dict[str, Any] | None]:
 
 
 def orbax_to_hf(
-    ckpt: str, out: str, *, max_shard_size: str = "5GB", dtype: str | None = None
+    ckpt: str,
+    out: str,
+    *,
+    max_shard_size: str = "5GB",
+    dtype: str | None = None,
+    tokenizer: str | None = None,
 ) -> list[str]:
-    """Write config.json + safetensors; returns the weight files written.
+    """Write config.json + safetensors (+ tokenizer files); returns the weight files written.
 
     The dtype is ``dtype``, else the imported source's, else bfloat16 (a
-    training run saved without the hf item).  Tokenizer files are a separate
-    step to add here once the tokenizer module can write them.
+    training run saved without the hf item).  ``tokenizer`` (a SentencePiece
+    model) adds the tokenizer files with the chatml chat template
+    (``oasst_jax.hf_tokenizer``).
     """
     params, cfg, base = load_orbax(ckpt)
     dtype = dtype or (hf_dtype(base) if base else "bfloat16")
@@ -503,6 +512,9 @@ def orbax_to_hf(
         out, hf_tensors(params, cfg, dtype), dtype, parse_size(max_shard_size)
     )
     _write_json(os.path.join(out, CONFIG_FILE), llama_to_hf_config(cfg, dtype, base))
+    if tokenizer:
+        tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size)
+        write_hf_tokenizer(tok, out, cfg.max_position_embeddings)
     return files
 
 
@@ -527,6 +539,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
     exp.add_argument("--dtype", choices=DTYPES, help="default: the imported model's dtype")
+    exp.add_argument(
+        "--tokenizer", help="SentencePiece model: also write tokenizer files + chat template"
+    )
     return p
 
 
@@ -541,9 +556,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         else:
             files = orbax_to_hf(
-                args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype
+                args.ckpt,
+                args.out,
+                max_shard_size=args.max_shard_size,
+                dtype=args.dtype,
+                tokenizer=args.tokenizer,
             )
-            print(f"wrote {args.out}: {CONFIG_FILE} + {len(files)} safetensors file(s)")
+            extra = (
+                " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
+            )
+            print(f"wrote {args.out}: {CONFIG_FILE} + {len(files)} safetensors file(s){extra}")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"convert: {e}")
 

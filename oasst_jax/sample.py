@@ -53,7 +53,7 @@ from flax import linen as nn
 from oasst_jax import checkpoint, decode, sharding
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.model import Llama, LlamaConfig
-from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 from oasst_jax.train_step import abstract_params, param_shardings
 
 # The model card's recommended inference system prompt.
@@ -96,16 +96,6 @@ def load_params(
         shardings,
     )
     return checkpoint.load_weights(path, target, step), cfg
-
-
-def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
-    """The tokenizer, in the extra-id layout (compact or Megatron's) the model's vocab implies."""
-    tok = Tokenizer(path)
-    if cfg.vocab_size == tok.vocab_size + 5:  # <CLS> <SEP> <EOD> <MASK> <PAD> before chatml
-        tok = Tokenizer(path, megatron_new_tokens=True)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
-    return tok
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
@@ -265,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         mesh = sharding.make_mesh({"tensor": args.tensor}, jax.devices()[: args.tensor])
         params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
-        tok = load_tokenizer(args.tokenizer or os.path.join(args.ckpt, "tokenizer.model"), cfg)
+        tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
+        tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample: {e}")
     run = (params, cfg, tok, mesh, sp)

@@ -165,6 +165,22 @@ class Tokenizer:
         return "".join(out)
 
 
+def tokenizer_for_vocab(model_path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """The tokenizer in the extra-id layout a model's vocabulary implies.
+
+    A model trained on Megatron's 32007 layout has 5 more rows than the compact
+    one, so a checkpoint picks its own layout without another flag.
+    """
+    tok = Tokenizer(model_path)
+    if vocab_size == tok.vocab_size + len(MEGATRON_NEW_TOKENS):
+        tok = Tokenizer(model_path, megatron_new_tokens=True)
+    if tok.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {model_path} has {tok.vocab_size} ids, the model only {vocab_size}"
+        )
+    return tok
+
+
 # --------------------------------------------------------------------------- training
 
 _TRAINER_SETTINGS = dict(
