@@ -38,6 +38,7 @@ DEFAULT_BLOCKS = BlockSizes(
 )
 MIN_BLOCK = 16  # smallest tile tl.dot accepts
 NUM_STAGES = 3  # software-pipelining depth of the streamed k/v (or q/do) loads
+TARGET_PROGRAMS = 264  # two waves on an H100's 132 SMs
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -199,7 +200,7 @@ def _dq(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
 def _dkv_kernel(
     q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig
 ):
-    """One key block of one kv head; loops over (query head in group, query block)."""
+    """One key block of one kv head; loops over (query head of its group split, query block)."""
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
     length, groups, _ = q_ref.shape
     n_q = length // bq
@@ -241,24 +242,47 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _group_splits(programs: int, groups: int) -> int:
+    """Split each kv head's query group over this many programs (a divisor of ``groups``).
+
+    With few kv heads (70B under TP8 has one per device) one program per
+    (key block, kv head) leaves most SMs idle: 2 x 4096 / 128 = 64 programs on
+    132 SMs.  Splitting until about two waves are queued trades that for a small
+    fp32 partial-sum buffer that XLA reduces afterwards.
+    """
+    fitting = [d for d in range(1, groups + 1) if groups % d == 0]
+    return next((d for d in fitting if programs * d >= TARGET_PROGRAMS), groups)
+
+
 def _dkv(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
     b, length, kv_heads, dim = k.shape
     groups = q.shape[2] // kv_heads
     bk = cfg.blocks.block_k_dkv
-    group_spec = pl.BlockSpec((None, length, groups, dim), lambda j, bi, n: (bi, 0, n, 0))
-    group_rows = pl.BlockSpec((None, groups, length), lambda j, bi, n: (bi, n, 0))
-    kv_spec = pl.BlockSpec((None, bk, None, dim), lambda j, bi, n: (bi, j, n, 0))
-    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda j, bi, n: (bi, 0))
-    return pl.pallas_call(
+    splits = _group_splits(length // bk * b * kv_heads, groups)
+    per_split = groups // splits
+    head_block = lambda n, s: n * splits + s  # in units of per_split query heads
+    group_spec = pl.BlockSpec(
+        (None, length, per_split, dim), lambda j, bi, n, s: (bi, 0, head_block(n, s), 0)
+    )
+    group_rows = pl.BlockSpec(
+        (None, per_split, length), lambda j, bi, n, s: (bi, head_block(n, s), 0)
+    )
+    kv_spec = pl.BlockSpec((None, bk, None, dim), lambda j, bi, n, s: (bi, j, n, 0))
+    out_spec = pl.BlockSpec((None, None, bk, None, dim), lambda j, bi, n, s: (s, bi, j, n, 0))
+    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda j, bi, n, s: (bi, 0))
+    # Partial sums stay fp32 until the reduction over splits.
+    out = jax.ShapeDtypeStruct((splits, *k.shape), k.dtype if splits == 1 else jnp.float32)
+    dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
-        grid=(length // bk, b, kv_heads),
+        grid=(length // bk, b, kv_heads, splits),
         in_specs=[group_spec, kv_spec, kv_spec, seg_spec, group_spec, group_rows, group_rows],
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=[out_spec, out_spec],
+        out_shape=[out, out],
         compiler_params=_compiler_params(cfg.blocks.block_q_dkv, bk),
         interpret=cfg.interpret,
         name="flash_dkv",
     )(q, k, v, seg, do, lse, delta)
+    return dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
 
 def backward(q, k, v, seg, do, lse, delta, cfg: KernelConfig):
