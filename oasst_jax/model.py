@@ -26,6 +26,8 @@ from oasst_jax.attention import IMPLEMENTATIONS, dot_product_attention, xla
 from oasst_jax.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "selective")
+# Logical axes of the residual stream between the layers' matmul blocks.
+RESIDUAL = ("batch", "res_length", "act_embed")
 # Logical axes of the decoding KV cache: kv heads only (GQA), tensor-parallel like k/v.
 CACHE_KV_NAMES = ("batch", None, "act_kv_heads", None)
 
@@ -274,6 +276,12 @@ class DecoderLayer(nn.Module):
 
     The per-layer input is this layer's hidden-dropout rate, so LIMA dropout
     (a rate rising with depth) costs nothing extra inside the scan.
+
+    Megatron sequence parallelism: the residual stream, the norms, dropout and
+    the residual adds work on ``res_length`` (the sequence split over the tensor
+    axis too), so XLA all-gathers the normed input into each tensor-parallel
+    matmul block and reduce-scatters its output, instead of all-reducing it and
+    keeping tensor-many copies of every elementwise activation.
     """
 
     cfg: LlamaConfig
@@ -281,17 +289,19 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, dropout_rate, deterministic: bool = True):
         x_BLD, positions_BL, segment_ids_BL = carry
-        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = constrain(x_BLD, RESIDUAL)
         h = Attention(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x_BLD), positions_BL, segment_ids_BL, deterministic
         )
+        h = constrain(h, RESIDUAL)
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
         x_BLD = x_BLD + h
         h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+        h = constrain(h, RESIDUAL)
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
-        x_BLD = constrain(x_BLD + h, ("batch", "length", "act_embed"))
+        x_BLD = constrain(x_BLD + h, RESIDUAL)
         return (x_BLD, positions_BL, segment_ids_BL), None
 
 

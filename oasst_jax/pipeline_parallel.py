@@ -36,7 +36,7 @@ from oasst_jax import sharding
 from oasst_jax.model import DecoderStack, LlamaConfig, embed_tokens
 
 # Logical axes of the rotating per-stage activation buffer.
-STAGE_ACTIVATION = ("stage", "batch", "length", "act_embed")
+STAGE_ACTIVATION = ("stage", "batch", "res_length", "act_embed")
 
 
 def layers_per_stage(num_layers: int, stages: int) -> int:

@@ -33,6 +33,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # ---- activations
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),  # context parallelism
+    # Megatron sequence parallelism: the residual stream (norms, dropout, residual adds)
+    # is also split over tensor; matmul blocks all-gather in / reduce-scatter out.
+    ("res_length", ("sequence", "tensor")),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

@@ -197,11 +197,16 @@ def test_sharded_equals_unsharded():
     assert "all-gather" not in hlo
 
 
-def test_sequence_sharded_mesh_is_rejected():
+def test_sequence_sharded_equals_unsharded():
+    """Context parallelism: the kernel all-gathers the sequence shards and keeps its rows."""
     q, k, v = _inputs(2, 64, 4, 2, 32, jnp.float32)
+    seg = _segments(64, 2)
     mesh = sharding.make_mesh({"sequence": 2, "tensor": 2, "data": 2})
-    with pytest.raises(NotImplementedError, match="(?i)context parallelism"):
-        _mesh_run(mesh, q, k, v, _segments(64, 2))
+    got, hlo = _mesh_run(mesh, q, k, v, seg)
+    want = _loss_and_grads("pallas", q, k, v, seg, True, block_sizes=GPU_BLOCKS)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert "all-gather" in hlo
 
 
 @pytest.mark.parametrize(
