@@ -13,3 +13,6 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 rm -rf runs/tiny
 "$PY" -m oasst_jax.train --config=configs/tiny.py
 echo "checkpoints: $(ls runs/tiny/checkpoints | tr '\n' ' ')| tensorboard: runs/tiny/tb | metrics: runs/tiny/metrics.jsonl"
+echo "--- a chat reply from the tiny model (python -m oasst_jax.sample; --chat for a conversation):"
+"$PY" -m oasst_jax.sample --ckpt runs/tiny/checkpoints --tokenizer output/sample/tokenizer.model \
+  --prompt "Explain what a list is." --max-new-tokens 64 --seed 0

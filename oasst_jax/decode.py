@@ -241,15 +241,19 @@ def trim(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 
 
 def _setup(cfg, prompts, sp, mesh, seed):
+    """Model, zero cache, the jitted functions' array arguments, and ``sp`` with
+    ``max_new_tokens`` cut to what the context window leaves after the longest prompt."""
     model = Llama(inference_config(cfg))
     tokens, segments, positions = left_pad(prompts)
-    if tokens.shape[1] + sp.max_new_tokens > cfg.max_position_embeddings:
+    room = cfg.max_position_embeddings - max(len(p) for p in prompts)
+    if room < 1:
         raise ValueError(
-            f"prompt ({tokens.shape[1]} slots padded) + max_new_tokens ({sp.max_new_tokens}) "
-            f"exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            f"a prompt of {max(len(p) for p in prompts)} tokens fills the context window "
+            f"(max_position_embeddings={cfg.max_position_embeddings})"
         )
+    sp = dataclasses.replace(sp, max_new_tokens=min(sp.max_new_tokens, room))
     cache = init_cache(model, len(prompts), tokens.shape[1] + sp.max_new_tokens, mesh)
-    return model, cache, (tokens, segments, positions, jax.random.key(seed))
+    return model, sp, cache, (tokens, segments, positions, jax.random.key(seed))
 
 
 def generate(
@@ -264,11 +268,14 @@ def generate(
 ) -> Generation:
     """Generated ids per prompt (stop token excluded), the whole loop on device.
 
+    At most ``sp.max_new_tokens`` per prompt, fewer where the longest prompt plus
+    that would pass ``max_position_embeddings``.
+
     ``params`` must already sit on ``mesh`` (see ``sample.load_params``); with a
     mesh the cache is sharded by its logical axes (kv heads over ``tensor``).
     Compiled ahead of the timed run, so ``seconds`` excludes compilation.
     """
-    model, cache, args = _setup(cfg, prompts, sp, mesh, seed)
+    model, sp, cache, args = _setup(cfg, prompts, sp, mesh, seed)
     stop = tuple(sorted({int(s) for s in stop_ids}))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         compiled = _generate_jit.lower(model, sp, stop, params, cache, *args).compile()
@@ -289,7 +296,7 @@ def stream(
     mesh: Mesh | None = None,
 ) -> Iterator[int]:
     """Yield one prompt's generated ids as they decode (stop token excluded)."""
-    model, cache, args = _setup(cfg, [prompt], sp, mesh, seed)
+    model, sp, cache, args = _setup(cfg, [prompt], sp, mesh, seed)
     stop = tuple(sorted({int(s) for s in stop_ids}))
     key = args[-1]
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
