@@ -4,8 +4,9 @@ FlashAttention-2 splits into a forward kernel (online softmax over key blocks,
 saving the per-row log-sum-exp) and two backward kernels (dq over key blocks;
 dk/dv over query blocks).  This module owns everything the GPU (Triton) and TPU
 (Mosaic) kernels share: block sizes, padding to whole blocks, the in-block
-mask, and the ``custom_vjp`` that wires forward to backward.  The backends only
-implement ``forward(q, k, v, seg, cfg) -> (o, lse)`` and
+mask, and the ``custom_vjp`` that wires forward to backward.  A backend module
+provides ``DEFAULT_BLOCKS``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
+``forward(q, k, v, seg, cfg) -> (o, lse)`` and
 ``backward(q, k, v, seg, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
 ``[batch, length, heads, head_dim]`` arrays.
 
