@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from oasst_jax import distributed
 from oasst_jax.loss import LOSS_NORMALIZATIONS
 from oasst_jax.model import LlamaConfig
 
@@ -72,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     # hardware
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, pipeline=1, sequence=1, tensor=1))
     c.peak_flops_per_device = 989e12  # H100 SXM dense bf16
+    # multi-process: mode auto|cluster|off, coordinator_address, num_processes, process_id
+    # (oasst_jax/distributed.py; README "Running on a cluster")
+    c.distributed = distributed.config()
     return c
 
 
