@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,7 +168,7 @@ class TrainCheckpointer:
                     ),
                 )
             except (OSError, ValueError, KeyError) as e:
-                print(f"checkpoint step {step} unreadable ({type(e).__name__}: {e}); trying older")
+                self._set_aside(step, e)
                 continue
             state = {
                 "step": jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
@@ -176,6 +177,15 @@ class TrainCheckpointer:
             }
             return state, dict(restored["meta"])
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Rename an unreadable step out of the manager's view (kept for inspection), so
+        training resumes from the previous one and can write this step number again."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable-{int(time.time())}"
+        print(f"checkpoint step {step} unreadable ({type(error).__name__}); moved to {dst}")
+        os.rename(src, dst)
+        self._mngr.reload()
 
     def close(self) -> None:
         self._mngr.wait_until_finished()

@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import multiprocessing
-import sys
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from oasst_jax.chatml import EncodedBatch, encode_batch
+from oasst_jax.cli import cli_main
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import DataError, Sample, Turn
 from oasst_jax.data.sources import LOADERS, load_dataset
@@ -387,23 +387,7 @@ def _output_metadata(common: dict, metas: dict, stats: dict[str, list[Stats]]) -
 
 
 def main() -> None:
-    """absl entry point: ``--config`` file plus ``--config.a.b=value`` overrides."""
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file("config", None, "data config (configs/data/*.py)")
-    flags.mark_flag_as_required("config")
-
-    def _main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        try:
-            run(config.value)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-
-    app.run(_main)
+    cli_main(run, "data config (configs/data/*.py)")
 
 
 if __name__ == "__main__":

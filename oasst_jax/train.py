@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from oasst_jax import checkpoint, distributed, optim, sharding
+from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import pipeline
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
@@ -272,22 +272,5 @@ def evaluate(cfg, eval_fn, params, source, rows: int, mesh) -> dict[str, float]:
     return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))}
 
 
-def main(argv) -> None:
-    from absl import flags, logging
-
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    cfg = flags.FLAGS.config
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli_main(run, "training config file (configs/*.py)")

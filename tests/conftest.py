@@ -40,3 +40,30 @@ def sp_model_path(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sp") / "tiny"
     return train_sentencepiece(iter(sp_corpus()), out, 300)
+
+
+# --------------------------------------------------------------------------- sample data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """The README demo's data: a 1000-piece tokenizer trained on ``tests/data`` and the
+    five bundled datasets pretokenized with ``configs/data/sample.py`` (paths made absolute)."""
+    from oasst_jax import pretokenize
+    from oasst_jax.config import load_config
+    from oasst_jax.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("sample")
+    tok = train_sentencepiece([os.path.join(REPO, "tests", "data")], root / "tokenizer", 1000)
+    cfg = load_config(os.path.join(REPO, "configs", "data", "sample.py"))
+    cfg.output_dir = str(root / "data")
+    cfg.tokenizer_path = str(tok)
+    cfg.num_workers = 1
+    for entry in cfg.datasets.values():
+        for key in ("path", "input_file_path"):
+            if key in entry:
+                entry[key] = os.path.join(REPO, entry[key])
+    pretokenize.run(cfg)
+    return {"data_path": cfg.output_dir, "data_prefix": cfg.filename_prefix, "tokenizer": str(tok)}
