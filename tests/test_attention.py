@@ -240,7 +240,7 @@ def test_lowers_for_real_hardware(backend, platform, marker, packed, dtype):
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')"
 )
-@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])  # v4, v6e also compile
 def test_compiles_with_mosaic_for_tpu(topology, monkeypatch):
     """Ahead-of-time compile fwd+bwd with libtpu's real Mosaic compiler, no TPU needed.
 
