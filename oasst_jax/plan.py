@@ -75,7 +75,7 @@ def analytic_record(
 ) -> dict:
     """This trainer's analytic memory and time for ``layout`` on ``chip``."""
     table = memory.param_table(model_cfg)
-    mem = memory.jax_memory(model_cfg, layout, cfg.seq_length, table)
+    mem = memory.jax_memory(model_cfg, layout, cfg.seq_length, cfg.global_batch_size, table)
     per_device = memory.sharded_elements(table, layout.mesh)
     t = timing.estimate_time(
         model_cfg,

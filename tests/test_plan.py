@@ -52,20 +52,21 @@ def test_megatron_card_layout_by_hand():
 
 def test_jax_params_sharded_by_rules():
     c = model_config(tiny_cfg())
-    est = memory.jax_memory(c, memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"), 64)
+    est = memory.jax_memory(c, memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"), 64, 8)
     norms = 2 * c.num_hidden_layers * c.hidden_size + c.hidden_size
     elements = (c.num_params() - norms) / 4 + norms  # every weight split 4 ways, norms replicated
     assert est.params == 4 * elements
     assert est.optimizer == 8 * elements and est.grads == 8 * elements
-    assert est.activations == 2 * c.hidden_size * 2 * 64 * c.num_hidden_layers  # 2Th per layer
+    # full remat: 2Th/r per layer, the residual stream split r = tensor = 2 ways (Megatron SP)
+    assert est.activations == 2 * c.hidden_size * 2 * 64 * c.num_hidden_layers / 2
 
 
 def test_jax_selective_activations_by_hand():
     c = model_config(tiny_cfg())  # h 128, f 256, 2 kv heads x 32
     h, f, k, t = 128, 256, 64, 2
-    assert memory.activation_bytes_per_token(c, "selective", t) == 2 * (
-        3 * h + (h + 2 * k + 2 * f) / t
-    )
+    got = memory.activation_bytes_per_token(c, "selective", t, t)
+    assert got == 2 * (3 * h / t + (h + 2 * k + 2 * f) / t)
+    assert memory.residual_split(mesh(sequence=2, tensor=4)) == 8  # res_length: sequence x tensor
 
 
 def test_ring_and_bubble():

@@ -136,7 +136,9 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> C
     mesh = sharding.make_mesh(sizes, ordered_devices(devices, tuple(sizes.values())))
     tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
     rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
-    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed)
+    step_cfg = StepConfig(
+        accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed, sizes["pipeline"]
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         trainer = build_trainer(

@@ -11,15 +11,21 @@ Two programs are modelled, because the planner answers for both:
     :func:`oasst_jax.model.remat_policy`, with ``T`` tokens per device
     (rows / (data*fsdp), length / sequence), ``t`` the tensor size, ``h``
     hidden, ``k`` = kv_heads*head_dim, ``f`` mlp:
-      - ``full``: the scanned layer input only, ``2Th`` (the residual stream is
-        replicated over ``tensor`` by the rules: no Megatron sequence parallel);
+      - ``full``: the scanned layer input only, ``2Th/r``, where ``r`` is how
+        many ways the rules split the residual stream (``res_length``: Megatron
+        sequence parallelism over sequence x tensor);
       - ``selective`` (dots without batch dims saved): input, attention output
-        projection and MLP output (``3 x 2Th``, replicated over tensor) plus
+        projection and MLP output (``3 x 2Th/r``, residual-stream sharded) plus
         q, k, v, gate, up (``2T(h + 2k + 2f)/t``);
-      - ``none``: selective plus norms, RoPE'd q/k and SwiGLU product.
-    Every layer's residuals are alive at the start of the backward pass; until
-    pipeline parallelism lands, ``pipeline`` only shards the layer weights, so
-    each device runs (and stores) all layers.
+      - ``none``: selective plus norms, RoPE'd q/k and SwiGLU product, and the
+        XLA attention's probabilities (fp32 and bf16, ``6 x heads/t x L`` per token).
+    Without pipelining every layer's residuals are alive at the start of the
+    backward pass and the gradient accumulator and the micro-batch's fresh
+    gradient coexist.  With ``pipeline = p`` (GPipe, :mod:`oasst_jax.pipeline_parallel`)
+    each of the ``m + p - 1`` checkpointed iterations keeps its stage input and
+    the last stage's output (``2 x 2Th/r`` each), the backward recomputes one
+    iteration's ``L/p`` layers with the layer policy, and all micro-batches are
+    differentiated at once (one gradient tree).
   * transients: the backward of one layer recomputes its forward (the
     ``none`` set for one layer), the XLA attention's fp32 ``[rows, heads/t, L, L]``
     scores/probabilities/gradient (3 copies; the flash kernel needs none), and
@@ -65,6 +71,7 @@ from oasst_jax.model import Llama, LlamaConfig
 GIB = 2**30
 ATTN_COPIES = 3  # XLA attention: fp32 scores, probabilities, and their gradient
 LOGIT_COPIES = 3  # fp32 logits, softmax, gradient of the logits
+ATTN_SAVED_BYTES = 6  # remat none: fp32 softmax output + its bf16 cast, per score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,32 +156,56 @@ def sharded_elements(table, mesh: Mapping[str, int]) -> float:
     return float(total)
 
 
-def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int) -> float:
-    """This trainer's saved bytes per token per layer (bf16), per the docstring."""
+def residual_split(mesh: Mapping[str, int]) -> int:
+    """How many ways the rules split a residual-stream token: the ``res_length`` rule
+    (Megatron sequence parallelism: sequence x tensor) or, without it, ``length``."""
+    for name in ("res_length", "length"):
+        spec = sharding.logical_spec((name,))[0]
+        if spec is not None or name == "length":
+            return axis_size(spec, mesh)
+    return 1
+
+
+def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int, res: int) -> float:
+    """This trainer's saved bytes per token per layer (bf16), per the docstring.
+
+    Per token of the *unsharded* micro-batch on this device's rows: residual
+    stream terms divide by ``res`` (see :func:`residual_split`), head and MLP
+    terms by ``sequence x tensor`` -- the caller passes ``t`` as that product.
+    """
     h, f = cfg.hidden_size, cfg.intermediate_size
     k = cfg.num_key_value_heads * cfg.head_size
-    full = 2 * h
     if remat == "full":
-        return full
-    selective = 2 * (3 * h + (h + 2 * k + 2 * f) / t)
+        return 2 * h / res
+    selective = 2 * (3 * h / res + (h + 2 * k + 2 * f) / t)
     if remat == "selective":
         return selective
-    return selective + 2 * (2 * h + (h + k + f) / t)
+    return selective + 2 * (2 * h / res + (h + k + f) / t)
 
 
-def jax_memory(cfg: LlamaConfig, layout: Layout, seq: int, table=None) -> MemoryEstimate:
+def jax_memory(
+    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, table=None
+) -> MemoryEstimate:
     """This trainer's step on ``layout`` (see the module docstring)."""
     m = layout.mesh
     table = param_table(cfg) if table is None else table
     n = sharded_elements(table, m)
     pbytes = 4 if cfg.param_dtype == "float32" else 2
-    t, sp = m["tensor"], m["sequence"]
+    t, sp, p = m["tensor"], m["sequence"], m["pipeline"]
     rows = layout.micro_batch_size  # rows per data replica = rows per device
-    tokens = rows * seq / sp
-    per_layer = activation_bytes_per_token(cfg, layout.remat, t) * tokens
-    acts = per_layer * cfg.num_hidden_layers
-    recompute = activation_bytes_per_token(cfg, "none", t) * tokens
+    tokens = rows * seq
+    res = residual_split(m)
+    per_layer = activation_bytes_per_token(cfg, layout.remat, t * sp, res) * tokens
     heads = -(-cfg.num_attention_heads // t)
+    if layout.remat == "none":  # XLA attention keeps fp32 + bf16 probabilities per layer
+        per_layer += ATTN_SAVED_BYTES * rows * heads * (seq / sp) * seq
+    if p > 1:  # GPipe: stage inputs + last-stage outputs per iteration, one stage recomputed
+        iterations = layout.accumulation(global_batch) + p - 1
+        acts = 2 * iterations * 2 * cfg.hidden_size * tokens / res
+        acts += per_layer * cfg.num_hidden_layers / p
+    else:
+        acts = per_layer * cfg.num_hidden_layers
+    recompute = activation_bytes_per_token(cfg, "none", t * sp, res) * tokens
     attn = 0.0
     if cfg.attention_impl in ("xla", "pallas"):  # the AOT compile uses XLA attention
         attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
@@ -183,7 +214,7 @@ def jax_memory(cfg: LlamaConfig, layout: Layout, seq: int, table=None) -> Memory
     return MemoryEstimate(
         params=n * pbytes,
         optimizer=2 * n * pbytes,
-        grads=2 * n * 4,
+        grads=(1 if p > 1 else 2) * n * 4,
         activations=acts,
         transient=recompute + attn + logits + cast + n * 4,
     )

@@ -101,7 +101,7 @@ def rank(
     capacity = chip.hbm_bytes * HEADROOM
     out = []
     for layout in layouts:
-        memory = jax_memory(cfg, layout, seq, table)
+        memory = jax_memory(cfg, layout, seq, global_batch, table)
         per_device = sharded_elements(table, layout.mesh)
         time = estimate_time(
             cfg, layout, chip, seq, global_batch, per_device, efficiency=efficiency

@@ -3,9 +3,7 @@
 * FLOPs: :func:`oasst_jax.train_step.model_flops_per_token` (the trainer's MFU
   formula) x tokens per step.  Recompute adds hardware FLOPs (not model FLOPs):
   full remat one more forward (+2N per token), selective the attention forward.
-* Compute: hardware FLOPs / (devices doing distinct work x peak x efficiency).
-  In this trainer the ``pipeline`` axis only shards the layer weights until
-  pipeline parallelism lands, so devices along it repeat the same work.
+* Compute: hardware FLOPs / (devices x peak x efficiency).
 * Tensor parallel: 2 all-reduces of the ``[T, h]`` bf16 activations per layer
   forward and 2 backward (3 + 2 with full recompute), ring cost
   ``2 (t-1)/t x bytes / bw``, on the critical path (not overlapped).
@@ -15,8 +13,8 @@
   all-reduce of the fp32 gradients (this trainer: every micro-batch, since the
   accumulator is replicated over ``data``; Megatron: once per step).  XLA
   overlaps these with compute, so only their excess over compute is exposed.
-* Pipeline (Megatron 1F1B): bubble ``(p-1)/(m+p-1)`` of the step, plus the
-  point-to-point activation sends.
+* Pipeline (Megatron 1F1B, and this trainer's GPipe schedule): bubble
+  ``(p-1)/(m+p-1)`` of the step, plus the activation sends between stages.
 Bandwidths come from :mod:`oasst_jax.planner.chips`: an axis whose devices fit
 in one NVLink node uses NVLink, otherwise InfiniBand; every TPU axis uses ICI.
 """
@@ -103,29 +101,27 @@ def estimate_time(
     tokens_step = global_batch * seq
     flops = model_flops_per_token(cfg, seq) * tokens_step
     megatron = framework == "megatron"
-    workers = n if megatron else n // p  # jax: pipeline devices repeat the same work
     compute = hardware_flops_per_token(cfg, seq, layout.remat) * tokens_step
-    compute /= workers * chip.peak_flops * efficiency
+    compute /= n * chip.peak_flops * efficiency
     tokens_dev = layout.micro_batch_size * seq / sp  # per device per micro-batch
     act = 2 * tokens_dev * cfg.hidden_size  # one bf16 [T, h] activation
-    layers = cfg.num_hidden_layers / p if megatron else cfg.num_hidden_layers
+    layers = cfg.num_hidden_layers / p
     reduces = 6 if layout.remat == "full" else 4
     tp = micro * layers * reduces * ring(act, t, axis_bandwidth(chip, m, "tensor"), True)
     kv = 2 * 2 * tokens_dev * sp * cfg.num_key_value_heads * cfg.head_size / t
     cp = micro * layers * 2 * ring(kv, sp, axis_bandwidth(chip, m, "sequence"))
+    stage_bw = axis_bandwidth(chip, m, "pipeline")
     if megatron:
-        dp = ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
-        exposed = dp
-        send = micro * 2 * act / t / axis_bandwidth(chip, m, "pipeline") if p > 1 else 0.0
-        busy = compute + tp + cp + send
-        bubble = busy * (p - 1) / micro if p > 1 else 0.0  # = total * (p-1)/(m+p-1)
+        exposed = ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
+        send = micro * 2 * act / t / stage_bw if p > 1 else 0.0
     else:
-        gather = f * p  # weights sharded over fsdp and (until PP lands) pipeline
-        full_params = params_per_device * gather
-        per_micro = ring(8 * full_params, gather, axis_bandwidth(chip, m, "fsdp"))
+        per_micro = ring(8 * params_per_device * f, f, axis_bandwidth(chip, m, "fsdp"))
         per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
         exposed = micro * max(0.0, per_micro - compute / micro)
-        send = bubble = 0.0
+        # GPipe: the stage buffer (and its gradient) rotates once per iteration
+        send = 2 * (micro + p - 1) * act / t / stage_bw if p > 1 else 0.0
+    busy = compute + tp + cp + send
+    bubble = busy * (p - 1) / micro  # = total x (p-1)/(m+p-1)
     step = compute + tp + cp + exposed + send + bubble
     return TimeEstimate(
         flops_per_step=flops,
