@@ -172,10 +172,13 @@ def finish(rec: dict) -> dict:
     rec.setdefault("peak_bytes_per_device", a["total"])
     rec.setdefault("memory_predictive", True)
     if rec.get("backend") == "tpu":
-        rec["fits"] = rec["peak_bytes_per_device"] <= rec["hbm_bytes"]
+        capacity = rec.get("compiler_capacity_bytes") or rec["hbm_bytes"]
+        rec["fits"] = rec["peak_bytes_per_device"] <= capacity
+        rec["fits_by"] = "TPU compiler"
         rec["analytic_error"] = a["total"] / rec["peak_bytes_per_device"] - 1
-    elif "backend" not in rec:
+    else:  # CPU emulation says nothing about HBM
         rec["fits"] = rec["analytic_fits"]
+        rec["fits_by"] = "analytic model"
     return rec
 
 
@@ -204,8 +207,8 @@ def describe(rec: dict) -> list[str]:
     lines.append(f"  {'per device':24s} {'compiled':>11s} {'analytic':>11s}")
     for name, got, est in rows:
         lines.append(f"  {name:24s} {gib(got):>11s} {gib(est):>11s}")
-    verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown"}[rec.get("fits")]
-    lines.append(f"  {rec['chip']} HBM {gib(rec['hbm_bytes'])}: {verdict}")
+    verdict = "fits" if rec["fits"] else "DOES NOT FIT"
+    lines.append(f"  {rec['chip']} HBM {gib(rec['hbm_bytes'])}: {verdict} ({rec['fits_by']})")
     if "analytic_error" in rec:
         lines.append(f"  analytic vs TPU compiler: {rec['analytic_error']:+.1%}")
     lines.append(
