@@ -126,6 +126,38 @@ def _resolve_step(directory: str, step: int | None) -> int:
     return found
 
 
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_pad_multiple",
+)
+
+
+def check_same_shape(stored: LlamaConfig | None, cfg: LlamaConfig, where: str) -> None:
+    """One-line error when a checkpoint's model shape differs from the config's."""
+    if stored is None:
+        return
+    for field in SHAPE_FIELDS:
+        if getattr(stored, field) != getattr(cfg, field):
+            raise ValueError(
+                f"{where}: checkpoint has model.{field}={getattr(stored, field)}, the config "
+                f"asks for {getattr(cfg, field)} (use_checkpoint_args=True adopts the checkpoint's)"
+            )
+
+
+def _read_model_config(mngr: ocp.CheckpointManager, step: int) -> LlamaConfig | None:
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    except (OSError, ValueError, KeyError):
+        return None
+    return LlamaConfig.from_mapping(restored["model"])
+
+
 class TrainCheckpointer:
     """Resumable training checkpoints: params, optimizer state, step and data-iterator state.
 
@@ -155,9 +187,14 @@ class TrainCheckpointer:
             force=True,
         )
 
-    def restore(self, abstract_state: dict) -> tuple[dict, dict] | None:
-        """``(state, meta)`` from the newest readable step, or None if there is none."""
+    def restore(self, abstract_state: dict, cfg: LlamaConfig) -> tuple[dict, dict] | None:
+        """``(state, meta)`` from the newest readable step, or None if there is none.
+
+        The model shape stored with the run must equal ``cfg``'s (a clear error
+        otherwise); only then is a step that fails to read treated as damaged.
+        """
         for step in sorted(self._mngr.all_steps(), reverse=True):
+            check_same_shape(_read_model_config(self._mngr, step), cfg, f"{self.directory}/{step}")
             try:
                 restored = self._mngr.restore(
                     step,

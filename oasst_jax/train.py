@@ -107,13 +107,9 @@ def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
         params = load_hf_params(cfg.load, model_cfg)
         checkpoint.check_shapes(abstract, params, f"load={cfg.load}")
         return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
-    stored = checkpoint.load_model_config(cfg.load)
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if getattr(stored, field) != getattr(model_cfg, field):
-            raise ValueError(
-                f"load={cfg.load}: checkpoint has {field}={getattr(stored, field)}, the config "
-                f"asks for {getattr(model_cfg, field)} (set use_checkpoint_args=True to adopt it)"
-            )
+    checkpoint.check_same_shape(
+        checkpoint.load_model_config(cfg.load), model_cfg, f"load={cfg.load}"
+    )
     return checkpoint.load_weights(cfg.load, abstract)
 
 
@@ -150,7 +146,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         ckpt = checkpoint.TrainCheckpointer(
             os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing
         )
-        restored = ckpt.restore(trainer.abstract_state)
+        restored = ckpt.restore(trainer.abstract_state, model_cfg)
         data_state = None
         if restored is not None:
             state, meta = restored

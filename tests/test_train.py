@@ -53,10 +53,14 @@ def test_megatron_schedule_matches_formula():
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
     for step in (0, 50, 100, 101, 6000, 12000, 12500):
-        got = float(optim.megatron_lr(step, lr=lr, min_lr=min_lr, warmup_iters=warm, decay_iters=total))
+        got = float(
+            optim.megatron_lr(step, lr=lr, min_lr=min_lr, warmup_iters=warm, decay_iters=total)
+        )
         want = expected(min(step, total))
         assert got == pytest.approx(want, rel=1e-6, abs=1e-13), step
-    assert float(optim.megatron_lr(0, lr=lr, min_lr=min_lr, warmup_iters=warm, decay_iters=total)) == 0
+    assert (
+        float(optim.megatron_lr(0, lr=lr, min_lr=min_lr, warmup_iters=warm, decay_iters=total)) == 0
+    )
 
 
 def test_weight_decay_skips_norm_scales_only():
@@ -81,8 +85,12 @@ def test_loss_only_counts_assistant_targets():
     weights = jnp.asarray([[0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]], jnp.float32)
     changed = jnp.where(weights > 0, targets, (targets + 3) % 11)  # new prompt/system targets
     for norm in ("global_token_mean", "microbatch_mean"):
-        a = loss_sum_and_count(token_cross_entropy(logits, targets), weights, normalization=norm, micro_batch_size=1)
-        b = loss_sum_and_count(token_cross_entropy(logits, changed), weights, normalization=norm, micro_batch_size=1)
+        a = loss_sum_and_count(
+            token_cross_entropy(logits, targets), weights, normalization=norm, micro_batch_size=1
+        )
+        b = loss_sum_and_count(
+            token_cross_entropy(logits, changed), weights, normalization=norm, micro_batch_size=1
+        )
         assert float(a[0] / a[1]) == float(b[0] / b[1])
 
 
@@ -123,7 +131,9 @@ def _train(mesh_shape, batch, steps=2, micro=2, devices=None, hidden_dropout=0.0
     accum = batch["inputs"].shape[0]
     rates = hidden_dropout_rates(TINY.num_hidden_layers, hidden_dropout, True)
     with jax.set_mesh(mesh):
-        t = build_trainer(model, tx, optim.schedule(_optim_cfg(), 10), StepConfig(accum, micro), rates, mesh)
+        t = build_trainer(
+            model, tx, optim.schedule(_optim_cfg(), 10), StepConfig(accum, micro), rates, mesh
+        )
         state = t.init_random(jax.random.key(0))
         b = {k: jax.device_put(v, t.batch_sharding) for k, v in batch.items()}
         losses = []
@@ -134,7 +144,10 @@ def _train(mesh_shape, batch, steps=2, micro=2, devices=None, hidden_dropout=0.0
 
 
 def _max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_sharded_step_equals_single_device():
@@ -206,18 +219,43 @@ def test_tiny_config_trains_and_logs(sample_data, tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.5, losses
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     tags = _event_tags(tmp_path)
-    for tag in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "update_norm", "tokens_per_s",
-                "step_time", "mfu", "packing_efficiency", "time_data_wait", "time_checkpoint"):
+    for tag in (
+        "loss",
+        "val_loss",
+        "val_ppl",
+        "lr",
+        "grad_norm",
+        "update_norm",
+        "tokens_per_s",
+        "step_time",
+        "mfu",
+        "packing_efficiency",
+        "time_data_wait",
+        "time_checkpoint",
+    ):
         assert tag in tags, tag
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
 
 
 def test_resume_is_bit_exact(sample_data, tmp_path):
-    straight = _tiny_cfg(sample_data, tmp_path / "a", train_iters=6, eval_interval=0,
-                         save_interval=0, hidden_dropout=0.2)
+    straight = _tiny_cfg(
+        sample_data,
+        tmp_path / "a",
+        train_iters=6,
+        eval_interval=0,
+        save_interval=0,
+        hidden_dropout=0.2,
+    )
     run(straight)
-    first = _tiny_cfg(sample_data, tmp_path / "b", train_iters=6, eval_interval=0,
-                      save_interval=0, hidden_dropout=0.2, exit_interval=3)
+    first = _tiny_cfg(
+        sample_data,
+        tmp_path / "b",
+        train_iters=6,
+        eval_interval=0,
+        save_interval=0,
+        hidden_dropout=0.2,
+        exit_interval=3,
+    )
     run(first)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
     first.exit_interval = 0
@@ -246,8 +284,15 @@ def test_truncated_checkpoint_falls_back(sample_data, tmp_path):
 def test_finetune_loads_weights_only(sample_data, tmp_path):
     base = _tiny_cfg(sample_data, tmp_path / "base", train_iters=3, eval_interval=0)
     run(base)
-    ft = _tiny_cfg(sample_data, tmp_path / "ft", train_iters=1, eval_interval=0, finetune=True,
-                   load=str(tmp_path / "base" / "checkpoints"), optim=base.optim)
+    ft = _tiny_cfg(
+        sample_data,
+        tmp_path / "ft",
+        train_iters=1,
+        eval_interval=0,
+        finetune=True,
+        load=str(tmp_path / "base" / "checkpoints"),
+        optim=base.optim,
+    )
     ft.optim.lr_warmup_iters = 5  # the first update uses lr 0: weights stay as loaded
     run(ft)
     from oasst_jax import checkpoint
@@ -260,16 +305,24 @@ def test_finetune_loads_weights_only(sample_data, tmp_path):
 
 def test_sigterm_saves_and_exits_zero(sample_data, tmp_path):
     args = [
-        sys.executable, "-m", "oasst_jax.train", f"--config={REPO}/configs/tiny.py",
+        sys.executable,
+        "-m",
+        "oasst_jax.train",
+        f"--config={REPO}/configs/tiny.py",
         f"--config.data_path={sample_data['data_path']}",
         f"--config.tokenizer_path={sample_data['tokenizer']}",
-        f"--config.workdir={tmp_path}", "--config.train_iters=100000", "--config.log_interval=1",
-        "--config.eval_interval=0", "--config.seq_length=64",
+        f"--config.workdir={tmp_path}",
+        "--config.train_iters=100000",
+        "--config.log_interval=1",
+        "--config.eval_interval=0",
+        "--config.seq_length=64",
     ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     metrics = tmp_path / "metrics.jsonl"
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -284,7 +337,9 @@ def test_sigterm_saves_and_exits_zero(sample_data, tmp_path):
 def test_config_errors_are_one_line():
     cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
     cfg.micro_batch_size = 3
-    with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by micro_batch_size=3"):
+    with pytest.raises(
+        ValueError, match="global_batch_size=8 is not divisible by micro_batch_size=3"
+    ):
         validate(cfg, 8)
     cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
     cfg.model.remat_policy = "sometimes"
@@ -293,16 +348,45 @@ def test_config_errors_are_one_line():
     for name in ("pre10.py", "sft10.py"):
         c = load_config(os.path.join(REPO, "configs", name))
         validate(c, 32)  # the card's layouts validate for 32 devices
-        assert (c.mesh.tensor, c.mesh.pipeline, c.seq_length, c.global_batch_size) == (8, 4, 4096, 64)
+        assert (c.mesh.tensor, c.mesh.pipeline, c.seq_length, c.global_batch_size) == (
+            8,
+            4,
+            4096,
+            64,
+        )
     sft = load_config(os.path.join(REPO, "configs", "sft10.py"))
-    assert (sft.hidden_dropout, sft.lima_dropout, sft.train_iters, sft.save_interval) == (0.25, True, 519, 346)
+    assert (sft.hidden_dropout, sft.lima_dropout, sft.train_iters, sft.save_interval) == (
+        0.25,
+        True,
+        519,
+        346,
+    )
 
 
 def test_cli_rejects_unknown_override(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "oasst_jax.train", f"--config={REPO}/configs/tiny.py",
-         "--config.optim.learning_rate=1"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "oasst_jax.train",
+            f"--config={REPO}/configs/tiny.py",
+            "--config.optim.learning_rate=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode != 0
     assert "learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_into_other_shape_is_refused(sample_data, tmp_path):
+    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
+    run(cfg)
+    cfg.model.hidden_size = 64
+    cfg.train_iters = 2
+    with pytest.raises(
+        ValueError, match="checkpoint has model.hidden_size=128, the config asks for 64"
+    ):
+        run(cfg)
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]  # nothing set aside
