@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_path = ""  # a pretokenizer output_dir
     c.data_prefix = ""  # its filename_prefix ({prefix}-train, {prefix}-val)
     c.tokenizer_path = ""  # if set, shards made with another tokenizer are refused
+    c.megatron_new_tokens = False  # tokenizer id layout of Megatron-LLM without --no_new_tokens
     c.packing = True  # False = one right-padded sample per row (Megatron-exact)
     c.loss_on = "assistant_turn"  # or "assistant_answer"
     c.loss_normalization = "global_token_mean"  # or "microbatch_mean" (Megatron-exact)

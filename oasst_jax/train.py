@@ -51,19 +51,22 @@ def open_split(cfg: ml_collections.ConfigDict, split: str):
 
     path = os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}")
     if cfg.tokenizer_path:
-        from oasst_jax.tokenizer import Tokenizer
-
-        shards.check_tokenizer(cfg.data_path, Tokenizer(cfg.tokenizer_path))
+        shards.check_tokenizer(cfg.data_path, _tokenizer(cfg))
     return shards.ShardDataSource(path)
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict):
+    from oasst_jax.tokenizer import Tokenizer
+
+    return Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
 
 
 def loss_mask_fn(cfg: ml_collections.ConfigDict):
     if cfg.loss_on == "assistant_turn":
         return pipeline.assistant_turn_mask
     from oasst_jax.chatml import loss_mask
-    from oasst_jax.tokenizer import Tokenizer
 
-    tok = Tokenizer(cfg.tokenizer_path)
+    tok = _tokenizer(cfg)
     return lambda tokens, roles: loss_mask(roles, tokens, tok, cfg.loss_on)
 
 
@@ -131,6 +134,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(dict(cfg.mesh))
     model_cfg = resolve_model_config(cfg)
+    if cfg.tokenizer_path and _tokenizer(cfg).vocab_size != model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer_path} has {_tokenizer(cfg).vocab_size} ids but "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
     model = Llama(model_cfg)
     tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
     accum = accumulation_steps(cfg, jax.device_count())
