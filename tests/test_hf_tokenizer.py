@@ -11,10 +11,11 @@ import torch
 import transformers
 from flax import linen as nn
 
-from oasst_jax import checkpoint, convert, decode
+from oasst_jax import checkpoint, convert, decode, sample
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf_tokenizer import write_hf_tokenizer
 from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.sharding import make_mesh
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 CONVERSATION = [
@@ -89,6 +90,11 @@ def test_exported_model_generates_what_we_generate(exported):
         hf = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)
     hf_new = hf[0, len(ids) :].tolist()
     assert decode.trim(hf_new, (tok.im_end_id, tok.eos_id)) == ours
+    # and the sampler's --ckpt reads the exported directory back (convert's loader)
+    mesh = make_mesh({"tensor": 1}, jax.devices()[:1])
+    hf_params, hf_cfg = sample.load_params(out, mesh, dtype="float32")
+    again = decode.generate(hf_params, hf_cfg, [ids], sp, stop_ids=sample.stop_ids(tok)).ids[0]
+    assert again == ours
 
 
 def test_megatron_layout_export(tmp_path, sp_model_path):
