@@ -1,6 +1,8 @@
 """Multi-host: two local processes (4 emulated CPU devices each, gloo collectives) train the
 tiny config to the same losses as one process with 8 devices, and save one checkpoint
-together.  Plus the coordinator decision table of ``oasst_jax.distributed``."""
+together.  The mesh (pipeline 2 x sequence 2 x tensor 2) puts pipeline stages, context and
+tensor parallelism across the process boundary.  Plus the decision table of
+``oasst_jax.distributed``."""
 
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Pop
         "eval_interval": 0,
         "save_interval": STEPS,
         "data_threads": 1,
+        "mesh.fsdp": 1,
+        "mesh.pipeline": 2,
         **{f"distributed.{k}": v for k, v in dist.items()},
     }
     env = {
