@@ -121,6 +121,12 @@ def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
     return num, (den, jnp.sum(mb["weights"]))
 
 
+def _head_logits(cfg: LlamaConfig, params: Any, x_BLD: jax.Array) -> jax.Array:
+    """Final norm + LM head of decoder outputs (the pipeline's tail, as in :class:`Llama`)."""
+    x_BLD = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_BLD)
+    return output_logits(cfg, params["lm_head"], x_BLD)
+
+
 def _pipelined_loss(
     model: Llama,
     params: Any,
@@ -150,8 +156,7 @@ def _pipelined_loss(
 
     @jax.checkpoint
     def head(x_BLD, mb):
-        x_BLD = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_BLD)
-        return _loss_terms(output_logits(cfg, params["lm_head"], x_BLD), mb, step_cfg)
+        return _loss_terms(_head_logits(cfg, params, x_BLD), mb, step_cfg)
 
     def micro(totals, xs):
         n, (d, t) = head(*xs)
@@ -241,16 +246,42 @@ def make_train_step(
     return step_fn
 
 
-def make_eval_step(model: Llama) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-    """``(params, batch [rows, length]) -> (sum of token losses, loss-token count)``."""
+def make_eval_step(
+    model: Llama, pipeline_stages: int = 1
+) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """``(params, batch [rows, length]) -> (sum of token losses, loss-token count)``.
+
+    With pipeline stages the batch goes through the schedule as one micro-batch:
+    the plain scan over a stage-sharded layer stack would make XLA all-gather
+    every layer onto every device (the whole model, for 70B).
+    """
+    cfg = model.cfg
+    layer_specs = None
+    if pipeline_stages > 1:
+        layer_specs = nn.get_partition_spec(abstract_params(model))["decoder"]
+
+    def logits_fn(params: Any, batch: dict) -> jax.Array:
+        if layer_specs is None:
+            return model.apply(
+                {"params": params},
+                batch["inputs"],
+                positions_BL=batch["positions"],
+                segment_ids_BL=batch["segment_ids"],
+            )
+        hidden_1BLD = pipeline_parallel.pipeline_hidden(
+            cfg,
+            params,
+            jax.tree.map(lambda x: x[None], batch),
+            jax.random.key(0),
+            jnp.zeros((cfg.num_hidden_layers,), jnp.float32),
+            stages=pipeline_stages,
+            layer_specs=layer_specs,
+            deterministic=True,
+        )
+        return _head_logits(cfg, params, hidden_1BLD[0])
 
     def eval_fn(params: Any, batch: dict):
-        logits = model.apply(
-            {"params": params},
-            batch["inputs"],
-            positions_BL=batch["positions"],
-            segment_ids_BL=batch["segment_ids"],
-        )
+        logits = logits_fn(params, batch)
         nll = token_cross_entropy(logits, batch["targets"])
         w = batch["weights"].astype(jnp.float32)
         return jnp.sum(nll * w), jnp.sum(w)
@@ -307,7 +338,10 @@ def build_trainer(
         out_shardings=(s_shard, None),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(make_eval_step(model), in_shardings=(p_shard, batch_sharding(mesh)))
+    eval_fn = jax.jit(
+        make_eval_step(model, step_cfg.pipeline_stages),
+        in_shardings=(p_shard, batch_sharding(mesh)),
+    )
     return CompiledTrainer(
         param_shardings=p_shard,
         state_shardings=s_shard,

@@ -139,6 +139,33 @@ def test_full_train_step_pipeline2_equals_pipeline1():
     assert _max_diff(got["params"], want["params"]) < 1e-5
 
 
+def _eval(cfg, mesh_shape, stages, batch, devices=None):
+    """Eval-step (loss sum, token count) and its compiled HLO."""
+    mesh = make_mesh(mesh_shape, devices)
+    with jax.set_mesh(mesh):
+        trainer = build_trainer(
+            Llama(cfg),
+            optax.sgd(1.0),
+            lambda step: 1.0,
+            StepConfig(1, batch["inputs"].shape[0], pipeline_stages=stages),
+            np.zeros(cfg.num_hidden_layers, np.float32),
+            mesh,
+        )
+        params = trainer.init_random(jax.random.key(0))["params"]
+        compiled = trainer.eval.lower(params, batch).compile()
+        return jax.device_get(compiled(params, batch)), compiled.as_text()
+
+
+def test_eval_step_runs_the_pipeline():
+    """Eval under pipeline=4 equals one device, and no layer is gathered across stages."""
+    batch = jax.tree.map(lambda x: x[0], _batch(1, ROWS))
+    cfg = _cfg(8)
+    want, _ = _eval(cfg, {}, 1, batch, jax.devices()[:1])
+    got, hlo = _eval(cfg, {"pipeline": 4, "data": 2}, 4, batch)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not re.search(r" all-gather(-start)?\(", hlo)
+
+
 def test_stages_must_divide_layers():
     assert layers_per_stage(80, 4) == 20
     with pytest.raises(ValueError, match="num_hidden_layers=6 is not divisible by 4 pipeline"):
