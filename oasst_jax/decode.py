@@ -114,7 +114,10 @@ def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) 
     shardings = None
     if mesh is not None:
         shardings = sharding.tree_shardings(mesh, nn.get_partition_spec(boxed))
-    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)  # noqa: E731
+
+    def zeros():
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+
     return jax.jit(zeros, out_shardings=shardings)()
 
 
