@@ -159,8 +159,7 @@ def _pipelined_loss(
         return _loss_terms(_head_logits(cfg, params, x_BLD), mb, step_cfg)
 
     def micro(totals, xs):
-        n, (d, t) = head(*xs)
-        return jax.tree.map(jnp.add, totals, (n, (d, t))), None
+        return jax.tree.map(jnp.add, totals, head(*xs)), None
 
     zero = jnp.float32(0)
     totals, _ = jax.lax.scan(micro, (zero, (zero, zero)), (hidden_MBLD, batch))
