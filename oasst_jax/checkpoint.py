@@ -220,8 +220,13 @@ class TrainCheckpointer:
         training resumes from the previous one and can write this step number again."""
         src = os.path.join(self.directory, str(step))
         dst = f"{src}.unreadable-{int(time.time())}"
-        print(f"checkpoint step {step} unreadable ({type(error).__name__}); moved to {dst}")
-        os.rename(src, dst)
+        if jax.process_index() == 0:  # one renamer; the others wait for it
+            print(f"checkpoint step {step} unreadable ({type(error).__name__}); moved to {dst}")
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
         self._mngr.reload()
 
     def close(self) -> None:

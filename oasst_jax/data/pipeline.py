@@ -8,8 +8,8 @@ next packed sample.  Rows are then either packed first-fit with segment ids and
 per-segment positions (default, fast) or hold one right-padded sample each
 (``packing=False``, Megatron-exact).
 
-The order is a seeded shuffle that changes every epoch, each host reads a
-disjoint slice of the source, and the iterator state is a small JSON-able dict
+The order is a seeded shuffle that changes every epoch; every host reads the
+same global stream (and keeps only its devices' rows), and the iterator state is a small JSON-able dict
 saved with every checkpoint, so a resumed run sees exactly the same batches.
 """
 
@@ -38,8 +38,6 @@ class PipelineConfig:
     num_packing_bins: int = 16
     num_threads: int = 2
     prefetch: int = 4
-    process_index: int = 0
-    process_count: int = 1
 
 
 def assistant_turn_mask(tokens: np.ndarray, roles: np.ndarray) -> np.ndarray:
@@ -98,8 +96,6 @@ def build_dataset(
     shards); with ``repeat`` the data cycles through epochs, reshuffled each time.
     """
     ds = grain.MapDataset.source(source)
-    if cfg.process_count > 1:
-        ds = ds[cfg.process_index :: cfg.process_count]
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if repeat:
