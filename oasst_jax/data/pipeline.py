@@ -10,7 +10,8 @@ per-segment positions (default, fast) or hold one right-padded sample each
 
 The order is a seeded shuffle that changes every epoch; every host reads the
 same global stream (and keeps only its devices' rows), and the iterator state
-is a small JSON-able dict saved with every checkpoint, so a resumed run sees exactly the same batches.
+is a small JSON-able dict saved with every checkpoint, so a resumed run sees
+exactly the same batches.
 """
 
 from __future__ import annotations
