@@ -80,6 +80,26 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def llama2_model(**sizes) -> ml_collections.ConfigDict:
+    """A ``configs/model/*.py`` body: Llama-2's shared constants (vocab 32000 + the two
+    chatml ids, 4096 positions, RoPE theta 10000, RMSNorm eps 1e-5, bf16 compute over
+    fp32 master weights, selective remat) with the sizes that differ per model."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=32002,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,
+            rope_scaling_factor=1.0,
+            rms_norm_eps=1e-5,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat_policy="selective",
+            attention_impl="xla",
+            **sizes,
+        )
+    )
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Import a ``get_config()`` file (what ``config_flags`` does, usable from tests)."""
     if not os.path.isfile(path):

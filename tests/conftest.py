@@ -67,3 +67,27 @@ def sample_data(tmp_path_factory):
                 entry[key] = os.path.join(REPO, entry[key])
     pretokenize.run(cfg)
     return {"data_path": cfg.output_dir, "data_prefix": cfg.filename_prefix, "tokenizer": str(tok)}
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def tiny_llama(**overrides):
+    """The suite's tiny Llama: vocab 200 pads to 256 (padding exercised), GQA 4/2, every
+    sharded dimension divisible by 2, fp32, weights large enough (std 0.2) that a wrong
+    layout changes the logits visibly."""
+    from oasst_jax.model import LlamaConfig
+
+    fields = dict(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        dtype="float32",
+        remat_policy="none",
+        initializer_range=0.2,
+    )
+    return LlamaConfig(**{**fields, **overrides})

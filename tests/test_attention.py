@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
 from oasst_jax.attention import BlockSizes, dot_product_attention
 from oasst_jax.attention.flash import KernelConfig, _flash
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -286,18 +287,7 @@ def test_block_sizes_must_be_powers_of_two():
 
 def test_tiny_llama_pallas_matches_xla():
     """Same loss and parameter gradients through the whole model, packed batch."""
-    cfg = LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        dtype="float32",
-        remat_policy="none",
-        initializer_range=0.2,
-    )
+    cfg = tiny_llama(hidden_size=64, intermediate_size=128)
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)).astype(np.int32)
     seg = _segments(40, 2)
     params = jax.jit(Llama(cfg).init)(jax.random.key(0), tokens[:, :8])["params"]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -23,18 +24,7 @@ from oasst_jax.sharding import logical_sharding, make_mesh, tree_shardings
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "model"
 # vocab 200 pads to 256 (padding exercised); every sharded dim divides by 2.
-TINY = LlamaConfig(
-    vocab_size=200,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    dtype="float32",
-    remat_policy="none",
-    initializer_range=0.2,
-)
+TINY = tiny_llama()
 
 
 def _init(cfg: LlamaConfig, seed: int = 0):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from flax import linen as nn
 
 from oasst_jax import checkpoint, convert, decode, sample
@@ -22,18 +23,7 @@ from oasst_jax.sharding import make_mesh, tree_shardings
 from oasst_jax.tokenizer import Tokenizer
 
 # vocab 200 pads to 256, so padded logit columns are present (and must never be chosen).
-TINY = LlamaConfig(
-    vocab_size=200,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    dtype="float32",
-    remat_policy="none",
-    initializer_range=0.2,
-)
+TINY = tiny_llama(max_position_embeddings=128)
 GREEDY = decode.SamplingParams(max_new_tokens=10)
 SAMPLED = decode.SamplingParams(
     max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama
 from flax import linen as nn
 
 from oasst_jax.model import RESIDUAL, DecoderLayer, Llama, LlamaConfig
@@ -18,19 +19,7 @@ SEGMENTS = np.array([[1] * 9 + [2] * 13 + [3] * 10, [1] * 20 + [2] * 7 + [0] * 5
 
 
 def _cfg(implementation: str) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=200,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        dtype="float32",
-        remat_policy="none",
-        initializer_range=0.2,
-        attention_impl=implementation,
-    )
+    return tiny_llama(attention_impl=implementation)
 
 
 def _loss_and_grads(cfg: LlamaConfig, boxed, mesh):

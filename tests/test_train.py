@@ -18,26 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_llama
 
 from oasst_jax import optim, sharding
 from oasst_jax.config import base_config, load_config, validate
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
-from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
+from oasst_jax.model import Llama, hidden_dropout_rates
 from oasst_jax.train import run
 from oasst_jax.train_step import StepConfig, build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = LlamaConfig(
-    vocab_size=200,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    dtype="float32",
-    remat_policy="none",
-)
+TINY = tiny_llama(initializer_range=0.02)
 
 
 # ------------------------------------------------------------------ schedule and optimizer

@@ -2,23 +2,14 @@
 
 import ml_collections
 
+from oasst_jax.config import llama2_model
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            vocab_size=32002,  # Llama-2's 32000 + <|im_start|>, <|im_end|>
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            max_position_embeddings=4096,
-            rope_theta=10000.0,
-            rope_scaling_factor=1.0,
-            rms_norm_eps=1e-5,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat_policy="selective",
-            attention_impl="xla",
-        )
+    return llama2_model(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
     )
