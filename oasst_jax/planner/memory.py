@@ -23,9 +23,9 @@ Two programs are modelled, because the planner answers for both:
     backward pass and the gradient accumulator and the micro-batch's fresh
     gradient coexist.  With ``pipeline = p`` (GPipe, :mod:`oasst_jax.pipeline_parallel`)
     each of the ``m + p - 1`` checkpointed iterations keeps its stage input and
-    the last stage's output (``2 x 2Th/r`` each), the backward recomputes one
-    iteration's ``L/p`` layers with the layer policy, and all micro-batches are
-    differentiated at once (one gradient tree).
+    the last stage's output (``2 x 2Th/r`` each) and the backward recomputes one
+    iteration's ``L/p`` layers with the layer policy; the backward scan over
+    iterations again holds an accumulated and a fresh gradient.
   * transients: the backward of one layer recomputes its forward (the
     ``none`` set for one layer), the XLA attention's fp32 ``[rows, heads/t, L, L]``
     scores/probabilities/gradient (3 copies; the flash kernel needs none), and
@@ -34,7 +34,10 @@ Two programs are modelled, because the planner answers for both:
     XLA hoists the per-layer fp32 -> bf16 weight casts out of the layer scan,
     so a bf16 copy of the device's weights (2 bytes/param) lives through the
     step, and the AdamW update tree (4 bytes/param) is materialised before it
-    is applied (``apply_if_finite`` selects between old and new state).
+    is applied (``apply_if_finite`` selects between old and new state).  With
+    pipeline *and* fsdp > 1, the FSDP all-gather of the stage's weights is loop
+    invariant and XLA hoists it out of the pipeline loop: an fp32 copy of the
+    weights unsharded over fsdp lives through the step.
 
 ``framework="megatron"`` -- the model card's run (Megatron-LLM, GPUs), after
   Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
@@ -211,12 +214,13 @@ def jax_memory(
         attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
     logits = LOGIT_COPIES * rows * (seq / sp) * cfg.padded_vocab_size / t * 4
     cast = n * 2 if cfg.dtype == "bfloat16" and pbytes == 4 else 0.0
+    gathered = n * m["fsdp"] * pbytes if p > 1 and m["fsdp"] > 1 else 0.0
     return MemoryEstimate(
         params=n * pbytes,
         optimizer=2 * n * pbytes,
-        grads=(1 if p > 1 else 2) * n * 4,
+        grads=2 * n * 4,
         activations=acts,
-        transient=recompute + attn + logits + cast + n * 4,
+        transient=recompute + attn + logits + cast + n * 4 + gathered,
     )
 
 
