@@ -147,14 +147,13 @@ def compile_record(cfg, layout: memory.Layout, devices) -> dict:
     from oasst_jax.planner import aot
 
     r = aot.compile_step(with_layout(cfg, layout), devices)
-    grads_and_temps = r.temp_bytes
     return {
         "backend": r.backend,
         "device_kind": r.device_kind,
         "memory_predictive": r.backend == "tpu",
         "param_bytes_per_device": r.param_bytes,
         "optimizer_bytes_per_device": r.optimizer_bytes,
-        "temp_bytes_per_device": grads_and_temps,
+        "temp_bytes_per_device": r.temp_bytes,  # gradients, activations, workspaces
         "peak_bytes_per_device": r.peak_bytes,
         "compiler_capacity_bytes": r.capacity_bytes,
         "compile_error": r.error,
@@ -384,22 +383,23 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
+def _entry(argv) -> None:
+    """Configure the platform before jax starts a backend, then plan."""
+    from absl import flags
+
+    f = flags.FLAGS
+    mesh = parse_mesh(f.mesh) if f.mesh else {}
+    fixed = mesh and -1 not in mesh.values()
+    if "JAX_PLATFORMS" not in os.environ:  # jax read it at import: set the config too
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    prepare_environment(math.prod(mesh.values()) if fixed else f.devices)
+    main(argv)
+
+
 if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-
-    def _entry(argv):
-        from absl import flags
-
-        f = flags.FLAGS
-        mesh = parse_mesh(f.mesh) if f.mesh else {}
-        fixed = mesh and -1 not in mesh.values()
-        if "JAX_PLATFORMS" not in os.environ:  # jax read it at import: set the config too
-            import jax
-
-            jax.config.update("jax_platforms", "cpu")
-        prepare_environment(math.prod(mesh.values()) if fixed else f.devices)
-        main(argv)
-
     app.run(_entry)
