@@ -5,6 +5,11 @@ seq 4096, global batch 64, micro batch 2, bf16, lr 1e-5 -> 1e-6 cosine,
 warmup 100, 12000 iterations, Adam (0.9, 0.95, 1e-12), weight decay 1e-6,
 no dropout, eval every 50 x 10, save every 500, selective recompute, flash attention.
 Start from a converted base model: `--config.load=/path/to/llama2-70b-orbax`.
+
+Rows hold one right-padded sample each (`packing=False`, as Megatron-LLM without
+`--variable_seq_lengths`), so a step sees the card's 64 samples and stage 2's 519
+steps are its ~2.9 epochs.  `--config.packing=True` packs ~8 samples per 4096-token
+row (the `samples` metric counts them): divide `train_iters` accordingly.
 """
 
 import os
@@ -27,6 +32,7 @@ def get_config():
     c.data_path = "output/oasst_pre10_min25"
     c.data_prefix = "oasst_pre10"
     c.seq_length = 4096
+    c.packing = False  # one padded sample per row: the card's 64 samples per step
     c.global_batch_size = 64
     c.micro_batch_size = 2
     c.train_iters = 12000

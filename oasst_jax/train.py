@@ -198,10 +198,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             with timer("step_dispatch"):
                 state, metrics = step_fn(state, batch)
             step += 1
-            pack = pipeline.packing_efficiency(host_batch)
+            host_stats = {
+                "packing_efficiency": pipeline.packing_efficiency(host_batch),
+                "samples": pipeline.samples_in_batch(host_batch),
+            }
             if pending is not None:
                 last = _report(cfg, logger, pending, window, flops_tok, timer)
-            pending = (step, metrics, pack, {})
+            pending = (step, metrics, host_stats, {})
             if (
                 cfg.eval_interval
                 and val_source is not None
@@ -240,8 +243,9 @@ class _Window:
 
 def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Timer) -> dict:
     """Read step metrics (one step late, so dispatch stays ahead) and log at intervals."""
-    step, metrics, pack, val = pending
+    step, metrics, host_stats, val = pending
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m.update(host_stats)
     m.update(val)
     if m["nonfinite"] and cfg.nonfinite == "halt":
         raise SystemExit(f"non-finite loss/grad at step {step} (nonfinite='halt')")
@@ -254,7 +258,6 @@ def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Time
         step_time=dt / max(step - window.step, 1),
         tokens_per_s=tokens / dt,
         mfu=flops_tok * tokens / dt / (jax.device_count() * cfg.peak_flops_per_device),
-        packing_efficiency=pack,
     )
     m.update({f"time_{k}": v for k, v in timer.pop().items()})
     logger.write(step, m)

@@ -381,3 +381,10 @@ def test_resume_into_other_shape_is_refused(sample_data, tmp_path):
     ):
         run(cfg)
     assert os.listdir(tmp_path / "checkpoints") == ["1"]  # nothing set aside
+
+
+def test_samples_in_batch_counts_segments():
+    from oasst_jax.data.pipeline import samples_in_batch
+
+    seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert samples_in_batch({"segment_ids": seg}) == 4

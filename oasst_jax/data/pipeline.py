@@ -121,3 +121,12 @@ def build_dataset(
 def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
     """Fraction of row slots holding real tokens (1.0 = no padding)."""
     return float(np.mean(batch["segment_ids"] > 0))
+
+
+def samples_in_batch(batch: dict[str, np.ndarray]) -> int:
+    """Samples (segments) in a batch: with packing a row holds several, so this is what
+    to compare with Megatron's samples per step (its ``global_batch_size``)."""
+    seg = batch["segment_ids"]
+    first = np.ones_like(seg[..., :1], dtype=bool)
+    starts = (seg > 0) & np.concatenate([first, seg[..., 1:] != seg[..., :-1]], axis=-1)
+    return int(starts.sum())
