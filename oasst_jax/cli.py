@@ -5,6 +5,7 @@ Kept free of jax imports so that light tools (the pretokenizer) start fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ def cli_main(fn: Callable[[ml_collections.ConfigDict], object], help_text: str) 
 
     A bad override (unknown key, wrong type) or a user error raised by ``fn``
     (``ValueError``, ``FileNotFoundError``) ends the process with one line on
-    stderr and exit status 1, never a traceback.
+    stderr and exit status 1, never a traceback (``OASST_TRACEBACK=1`` re-raises).
     """
     from absl import app, flags, logging
     from ml_collections import config_flags
@@ -40,6 +41,8 @@ def cli_main(fn: Callable[[ml_collections.ConfigDict], object], help_text: str) 
         try:
             fn(config.value)
         except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
+            if os.environ.get("OASST_TRACEBACK"):  # developers: see where it came from
+                raise
+            sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
 
     app.run(main, flags_parser=parse)
