@@ -30,6 +30,7 @@ REMAT_POLICIES = ("none", "full", "selective")
 RESIDUAL = ("batch", "res_length", "act_embed")
 # Logical axes of the decoding KV cache: kv heads only (GQA), tensor-parallel like k/v.
 CACHE_KV_NAMES = ("batch", None, "act_kv_heads", None)
+ATTENTION_BACKENDS = ("auto", "tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,10 @@ class LlamaConfig:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "selective"
     attention_impl: str = "xla"
+    # Which device the Pallas kernel is built for: 'auto' = the running platform; 'tpu' /
+    # 'gpu' compile the real (non-interpreted) kernel for that target even from a CPU host,
+    # as the planner's ahead-of-time compile for a TPU topology needs.  Not part of the shape.
+    attention_backend: str = "auto"
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
 
@@ -68,6 +73,11 @@ class LlamaConfig:
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(
                 f"model: attention_impl={self.attention_impl!r}; choose one of {IMPLEMENTATIONS}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"model: attention_backend={self.attention_backend!r}; "
+                f"choose one of {ATTENTION_BACKENDS}"
             )
 
     @property
@@ -204,6 +214,8 @@ class Attention(nn.Module):
             segment_ids=segment_ids_BL,
             causal=True,
             implementation=c.attention_impl,
+            backend=None if c.attention_backend == "auto" else c.attention_backend,
+            interpret=None if c.attention_backend == "auto" else False,
             dropout_rate=c.attention_dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
         )

@@ -159,6 +159,7 @@ def compile_record(cfg, layout: memory.Layout, devices) -> dict:
         "compile_error": r.error,
         "compile_s": r.compile_s,
         "attention_impl_compiled": r.attention_impl,
+        "mosaic_calls": r.mosaic_calls,
     }
 
 
@@ -185,13 +186,23 @@ def gib(x: float | None) -> str:
     return "-" if x is None else f"{x / GIB:7.2f} GiB"
 
 
+def attention_label(rec: dict) -> str:
+    """Which attention the compiled program holds: a config's ``pallas`` is the Mosaic
+    kernel on TPU but XLA attention under CPU emulation."""
+    impl = rec["attention_impl_compiled"]
+    return f"{impl} (Mosaic, {rec['mosaic_calls']} kernel calls)" if rec["mosaic_calls"] else impl
+
+
 def describe(rec: dict) -> list[str]:
     """Human-readable block for one layout."""
     a = rec["analytic"]
     lines = [f"layout {memory.Layout(rec['mesh'], rec['micro_batch_size'], rec['remat']).label()}"]
     if "backend" in rec:
         tag = "" if rec["memory_predictive"] else "  [CPU emulation: NOT PREDICTIVE of HBM use]"
-        lines.append(f"  compiled for {rec['device_kind']} in {rec['compile_s']:.0f} s{tag}")
+        lines.append(
+            f"  compiled for {rec['device_kind']} in {rec['compile_s']:.0f} s, "
+            f"{attention_label(rec)} attention{tag}"
+        )
         if rec["compile_error"]:
             lines.append(f"  compiler: {rec['compile_error']}")
     rows = [

@@ -42,9 +42,17 @@ class StepConfig:
     pipeline_stages: int = 1
 
 
+def init_rows() -> int:
+    """Rows of the dummy batch that ``model.init`` traces: one per batch shard of the
+    current mesh, since the Pallas attention runs under ``shard_map``, which needs the
+    batch to divide evenly over its shards (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else sharding.axis_size(mesh, "batch")
+
+
 def abstract_params(model: Llama, seq_length: int = 8) -> Any:
     """Boxed (logically partitioned) parameter shapes, no memory allocated."""
-    tokens = jax.ShapeDtypeStruct((1, seq_length), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((init_rows(), seq_length), jnp.int32)
     return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
 
 
@@ -327,7 +335,7 @@ def build_trainer(
     def init_random(key: jax.Array) -> dict:
         # tokens made inside the trace: an eager array would need a concrete device,
         # which an abstract (AOT, TPU-topology) mesh does not have
-        tokens = jnp.zeros((1, 8), jnp.int32)
+        tokens = jnp.zeros((init_rows(), 8), jnp.int32)
         return init_state(nn.meta.unbox(model.init(key, tokens)["params"]), tx)
 
     b_shard = batch_sharding(mesh, leading=(None,))

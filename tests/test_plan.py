@@ -167,3 +167,26 @@ def test_tpu_topology_compile_tiny():
     r = aot.compile_step(cfg, devices)
     assert r.backend == "tpu" and r.fits is None and r.error == ""
     assert r.peak_bytes >= r.param_bytes + r.optimizer_bytes > 0
+
+
+def test_tpu_topology_compile_tiny_pallas_builds_mosaic_kernel():
+    pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
+    from oasst_jax import plan
+    from oasst_jax.planner import aot
+
+    cfg = plan.with_layout(tiny_cfg(), memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"))
+    cfg.model.attention_impl = "pallas"
+    r = aot.compile_step(cfg, aot.tpu_devices("v5e:2x2"))
+    assert r.backend == "tpu" and r.error == "" and r.attention_impl == "pallas"
+    assert r.mosaic_calls > 0  # tpu_custom_call in the compiled HLO: the kernel, not XLA
+
+
+def test_cpu_compile_pallas_falls_back_to_xla_attention():
+    from oasst_jax.model import LlamaConfig
+    from oasst_jax.planner import aot
+
+    c = LlamaConfig(attention_impl="pallas")
+    assert aot.target_model_config(c, "tpu").attention_backend == "tpu"
+    assert aot.target_model_config(c, "cpu").attention_impl == "xla"
+    stored = {k: v for k, v in c.__dict__.items() if k != "attention_backend"}
+    assert LlamaConfig.from_mapping(stored).attention_backend == "auto"  # old checkpoints load

@@ -15,8 +15,11 @@ carry their ``NamedSharding``s, the step is the trainer's own jitted step
   the CPU backend schedules and frees buffers differently (about 3x the TPU's
   temporaries for 70B), so its memory figures are *not predictive*.
 
-The Pallas attention dispatch picks its kernel from the running platform (CPU
-here), so the compile uses the XLA attention instead and says so.
+With ``attention_impl='pallas'`` a TPU compile builds the project's Mosaic flash
+kernel (``LlamaConfig.attention_backend='tpu'``: the dispatch would otherwise
+pick the kernel from the running CPU platform); a CPU compile uses the XLA
+attention instead, since the interpreted kernel says nothing about any device,
+and the report says which attention was compiled.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import ml_collections
 
 from oasst_jax import optim, sharding
 from oasst_jax.config import accumulation_steps, model_config
-from oasst_jax.model import Llama, hidden_dropout_rates
+from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.train_step import StepConfig, build_trainer
 
 _BATCH_DTYPES = {
@@ -65,6 +68,7 @@ class CompileReport:
     fits: bool | None  # False: the compiler refused; None: compare ``peak_bytes`` with the HBM
     compile_s: float
     attention_impl: str
+    mosaic_calls: int  # Mosaic kernel launches in the program (Pallas attention on TPU)
     error: str = ""
 
 
@@ -116,6 +120,12 @@ def parse_oom(message: str) -> tuple[int, int, bool] | None:
     return int(used), int(cap), temps_only
 
 
+def mosaic_calls(program_text: str) -> int:
+    """Mosaic custom calls in an HLO/StableHLO text: proof that the Pallas kernel, not a
+    fallback, is what the TPU compiler built (the refused program counts from its lowering)."""
+    return program_text.count("tpu_custom_call")
+
+
 def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -> dict:
     rows = cfg.global_batch_size // accum
     shape = (accum, rows, cfg.seq_length)
@@ -125,11 +135,20 @@ def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -
     }
 
 
+def target_model_config(model_cfg: LlamaConfig, platform: str) -> LlamaConfig:
+    """The model as compiled for ``platform``: the Pallas kernel is built for a TPU target
+    (Mosaic, not interpreted) rather than for the CPU host this runs on; on CPU the XLA
+    attention stands in, as interpreting the kernel would only slow the compile."""
+    if model_cfg.attention_impl != "pallas":
+        return model_cfg
+    if platform == "tpu":
+        return dataclasses.replace(model_cfg, attention_backend="tpu")
+    return dataclasses.replace(model_cfg, attention_impl="xla")
+
+
 def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> CompileReport:
     """Lower and compile ``cfg``'s train step for ``devices`` (mesh from ``cfg.mesh``)."""
-    model_cfg = model_config(cfg)
-    attention = "xla" if model_cfg.attention_impl == "pallas" else model_cfg.attention_impl
-    model_cfg = dataclasses.replace(model_cfg, attention_impl=attention)
+    model_cfg = target_model_config(model_config(cfg), devices[0].platform)
     n = len(devices)
     accum = accumulation_steps(cfg, n)
     sizes = mesh_sizes(dict(cfg.mesh), n)
@@ -152,7 +171,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> C
             mesh=sizes,
             param_bytes=shard_bytes(state["params"]),
             optimizer_bytes=shard_bytes(state["opt_state"]),
-            attention_impl=attention,
+            attention_impl=model_cfg.attention_impl,
         )
         try:
             compiled = lowered.compile()
@@ -161,6 +180,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> C
             if oom is None:
                 raise
             requested, capacity, temps_only = oom
+            base["mosaic_calls"] = mosaic_calls(lowered.as_text())
             state_bytes = base["param_bytes"] + base["optimizer_bytes"]
             return CompileReport(
                 **base,
@@ -174,6 +194,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> C
                 compile_s=time.perf_counter() - t0,
                 error=str(e).strip().splitlines()[0][:300],
             )
+    base["mosaic_calls"] = mosaic_calls(compiled.as_text())
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes
