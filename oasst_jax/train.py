@@ -121,7 +121,13 @@ def resolve_model_config(cfg) -> LlamaConfig:
     if cfg.use_checkpoint_args and cfg.load and not cfg.load.endswith(".json"):
         if not os.path.isfile(os.path.join(cfg.load, "config.json")):
             stored = checkpoint.load_model_config(cfg.load)
-            keep = ("dtype", "remat_policy", "attention_impl", "attention_dropout")
+            keep = (
+                "dtype",
+                "remat_policy",
+                "attention_impl",
+                "attention_backend",
+                "attention_dropout",
+            )
             model_cfg = LlamaConfig(
                 **{**stored.__dict__, **{k: getattr(model_cfg, k) for k in keep}}
             )
