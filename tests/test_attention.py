@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,8 @@ from conftest import tiny_llama
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
-from oasst_jax.attention import BlockSizes, dot_product_attention
-from oasst_jax.attention.flash import KernelConfig, _flash
+from oasst_jax.attention import BlockSizes, dot_product_attention, xla
+from oasst_jax.attention.flash import KernelConfig, MaskOperands, _flash, flash_attention
 from oasst_jax.model import Llama
 
 FP32_TOL = 1e-5
@@ -133,6 +134,59 @@ def test_tpu_kernel_fp32(length, heads, kv_heads, causal, packed):
     _assert_matches(got, want, FP32_TOL)
 
 
+def _offset_loss_and_grads(attend, q, k, v):
+    """Like :func:`_loss_and_grads` for an ``attend(q, k, v)`` closure."""
+
+    def loss(q, k, v):
+        out = attend(q, k, v)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+        return (out * w).sum(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, *grads)
+
+
+OFFSET_CASES = [
+    # (backend, q_len, kv_len, q_offset, causal, packed, traced offset)
+    pytest.param("gpu", 48, 160, 70, True, True, True, id="gpu-causal-packed-traced"),
+    pytest.param("gpu", 48, 160, 112, True, False, False, id="gpu-causal-last-rows"),
+    pytest.param("gpu", 48, 160, 70, False, True, True, id="gpu-full-packed-traced"),
+    pytest.param("tpu", 100, 300, 150, True, True, True, id="tpu-causal-packed-traced"),
+    pytest.param("tpu", 100, 300, 150, False, False, False, id="tpu-full"),
+]
+
+
+@pytest.mark.parametrize("backend,q_len,kv_len,offset,causal,packed,traced", OFFSET_CASES)
+def test_query_offset_and_kv_segments(backend, q_len, kv_len, offset, causal, packed, traced):
+    """A slice of queries at ``q_offset`` against all keys (one context-parallel shard):
+    kernel == XLA reference in output and dq/dk/dv.  Lengths are not whole blocks
+    and the offset is not block-aligned, so the offset block bounds are exercised."""
+    q, _, _ = _inputs(2, q_len, 8, 2, 32, jnp.float32, seed=6)
+    _, k, v = _inputs(2, kv_len, 8, 2, 32, jnp.float32, seed=7)
+    kv_seg = _segments(kv_len, 2) if packed else None
+    q_seg = kv_seg[:, offset : offset + q_len] if packed else None
+    kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal)
+    blocks = GPU_BLOCKS if backend == "gpu" else TPU_BLOCKS
+    q_offset = jnp.int32(offset) if traced else offset
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, q_seg, kv_segment_ids=kv_seg, q_offset=q_offset, causal=causal,
+        softmax_scale=None, block_sizes=blocks, backend=backend, interpret=True,
+    )  # fmt: skip
+    reference = lambda q, k, v: xla.dot_product_attention(q, k, v, q_offset=offset, **kw)
+    got = _offset_loss_and_grads(kernel, q, k, v)
+    want = _offset_loss_and_grads(reference, q, k, v)
+    _assert_matches(got, want, FP32_TOL)
+
+
+def test_causal_queries_past_the_keys_are_rejected():
+    q, k, v = _inputs(1, 32, 2, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="past the last"):
+        flash_attention(
+            q, k, v, None, q_offset=1, causal=True, softmax_scale=None,
+            block_sizes=GPU_BLOCKS, backend="gpu", interpret=True,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "backend,blocks", [("gpu", GPU_BLOCKS), ("tpu", TPU_BLOCKS)], ids=["gpu", "tpu"]
 )
@@ -152,9 +206,10 @@ def test_fully_masked_rows_give_zeros_not_nan(backend, blocks):
         interpret=True,
         backend=backend,
     )
-    loss = lambda q, k, v: _flash(q, k, v, None, cfg).sum()
+    mask = MaskOperands(None, None, jnp.zeros((1,), jnp.int32))
+    loss = lambda q, k, v: _flash(q, k, v, mask, cfg).sum()
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    out = _flash(q, k, v, None, cfg)
+    out = _flash(q, k, v, mask, cfg)
     np.testing.assert_array_equal(out, 0.0)
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
@@ -198,16 +253,26 @@ def test_sharded_equals_unsharded():
     assert "all-gather" not in hlo
 
 
+def _collective_shapes(hlo: str, op: str) -> list[str]:
+    """Result shapes (layouts dropped) of every ``op``, e.g. ``all-gather``, in compiled HLO."""
+    return sorted(re.findall(rf"= ([^\s{{]+)\S* {op}(?:-start)?\(", hlo))
+
+
 def test_sequence_sharded_equals_unsharded():
-    """Context parallelism: the kernel all-gathers the sequence shards and keeps its rows."""
+    """Context parallelism: each shard keeps its queries and gathers only k, v, key ids."""
     q, k, v = _inputs(2, 64, 4, 2, 32, jnp.float32)
     seg = _segments(64, 2)
     mesh = sharding.make_mesh({"sequence": 2, "tensor": 2, "data": 2})
     got, hlo = _mesh_run(mesh, q, k, v, seg)
     want = _loss_and_grads("pallas", q, k, v, seg, True, block_sizes=GPU_BLOCKS)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
-    assert "all-gather" in hlo
+    # Not bitwise: dk/dv are summed over shards and delta is reduced per shard.
+    _assert_matches(got, want, FP32_TOL)
+    # Per device: 1 of 2 batch rows, 2 of 4 q heads, 1 of 2 kv heads, 32 of 64 positions.
+    # k and v (and the key segment ids) are gathered to the full 64; q never is
+    # (that would be f32[1,64,2,32]), and dk/dv are reduce-scattered back.
+    kv_full, kv_local = "f32[1,64,1,32]", "f32[1,32,1,32]"
+    assert _collective_shapes(hlo, "all-gather") == [kv_full, kv_full, "s32[1,64]"]
+    assert _collective_shapes(hlo, "reduce-scatter") == [kv_local, kv_local]
 
 
 @pytest.mark.parametrize(
@@ -236,6 +301,29 @@ def test_lowers_for_real_hardware(backend, platform, marker, packed, dtype):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     text = grad.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.parametrize(
+    "backend,platform,marker",
+    [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
+)
+def test_offset_kernel_lowers_for_real_hardware(backend, platform, marker):
+    """One context-parallel shard (512 local queries, 2048 gathered keys, traced offset)."""
+    q = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2048, 1, 128), jnp.bfloat16)
+    q_seg, kv_seg = (jax.ShapeDtypeStruct((1, n), jnp.int32) for n in (512, 2048))
+
+    def loss(q, k, v, q_seg, kv_seg, offset):
+        out = flash_attention(
+            q, k, v, q_seg, kv_segment_ids=kv_seg, q_offset=offset, causal=True,
+            softmax_scale=None, block_sizes=None, backend=backend, interpret=False,
+        )  # fmt: skip
+        return out.astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    offset = jax.ShapeDtypeStruct((), jnp.int32)
+    traced = grad.trace(q, kv, kv, q_seg, kv_seg, offset)
+    assert traced.lower(lowering_platforms=(platform,)).as_text().count(marker) >= 3
 
 
 @pytest.mark.skipif(

@@ -128,25 +128,27 @@ def _per_shard(kernel, q, k, v, segment_ids) -> jax.Array:
 
 
 def _gather_sequence(kernel, axes: tuple[str, ...]):
-    """Context parallelism for the flash kernel: all-gather q, k, v and segment ids over
-    the sequence shards, attend over the whole sequence, keep this shard's rows.
+    """Context parallelism for the flash kernel: each sequence shard attends its
+    own queries to k, v (and key segment ids) all-gathered over ``axes``.
 
-    Causality and packing come out right because after the gather every token
-    sits at its global position with its own segment id.  The kernel computes
-    self-attention only (equal query/key lengths, one segment array), so the
-    gathered attention runs on every sequence shard: this splits activation
-    memory and all other FLOPs over ``sequence`` but not attention's own FLOPs;
-    splitting those needs a query-offset/key-segment input in the kernel.  The
-    gather's transpose is a reduce-scatter, so gradients need nothing extra.
+    The queries' global position ``axis_index * local_length`` enters the kernel
+    as ``q_offset``, so the causal mask -- and the skipping of key blocks wholly
+    in a shard's future -- stays exact, and attention FLOPs split over the
+    shards.  The gather's transpose is a reduce-scatter, so the kernel's dk/dv
+    for the whole gathered sequence are summed back onto the owning shards
+    without extra code.  The causal split is unbalanced: shard ``r`` of ``S``
+    does ``r + 1/2`` chunks' worth of work (its diagonal chunk is half masked),
+    so the last one does ``(2S - 1) / S`` times the average (1.5x at S = 2);
+    balancing it (each shard holding chunks ``i`` and ``2S - 1 - i`` of a
+    permuted sequence) is not done.
     """
 
     def run(q, k, v, segment_ids):
-        chunk = q.shape[1]
-        q, k, v = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (q, k, v))
+        k, v = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v))
+        kv_segment_ids = None
         if segment_ids is not None:
-            segment_ids = jax.lax.all_gather(segment_ids, axes, axis=1, tiled=True)
-        out = kernel(q, k, v, segment_ids)
-        start = jax.lax.axis_index(axes) * chunk
-        return jax.lax.dynamic_slice_in_dim(out, start, chunk, axis=1)
+            kv_segment_ids = jax.lax.all_gather(segment_ids, axes, axis=1, tiled=True)
+        offset = jax.lax.axis_index(axes) * q.shape[1]
+        return kernel(q, k, v, segment_ids, kv_segment_ids=kv_segment_ids, q_offset=offset)
 
     return run

@@ -6,9 +6,15 @@ dk/dv over query blocks).  This module owns everything the GPU (Triton) and TPU
 (Mosaic) kernels share: block sizes, padding to whole blocks, the in-block
 mask, and the ``custom_vjp`` that wires forward to backward.  A backend module
 provides ``DEFAULT_BLOCKS``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
-``forward(q, k, v, seg, cfg) -> (o, lse)`` and
-``backward(q, k, v, seg, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
-``[batch, length, heads, head_dim]`` arrays.
+``forward(q, k, v, mask, cfg) -> (o, lse)`` and
+``backward(q, k, v, mask, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
+``[batch, length, heads, head_dim]`` arrays, ``mask`` a :class:`MaskOperands`.
+
+Queries and keys may differ in length: query row ``i`` sits at key position
+``i + q_offset``.  Context parallelism needs exactly that -- each sequence
+shard attends its own queries to the gathered keys -- and the offset is a
+traced scalar (it comes from ``lax.axis_index`` inside ``shard_map``), so it
+enters the kernels as an operand, not as part of the static config.
 
 Masked logits are ``-inf`` and the running max starts at a finite floor, so a
 query row with nothing to attend gets ``l = 0``: its output is written as zeros
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from types import ModuleType
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +85,24 @@ class KernelConfig:
     scale: float
     blocks: BlockSizes
     # Real key length when non-causal attention must hide padded keys; None when
-    # there is no padding or causality already hides it.
+    # there is no padding or causality already hides it (queries never lie past
+    # the last real key, see flash_attention).
     kv_len: int | None
     has_segments: bool
     interpret: bool
     backend: str
+
+
+class MaskOperands(NamedTuple):
+    """The traced inputs of the mask, kept apart from the (static) config.
+
+    ``q_segment_ids [b, lq]`` / ``kv_segment_ids [b, lk]`` are int32 or both
+    None; ``q_offset`` is an int32 ``[1]`` array: the key position of query row 0.
+    """
+
+    q_segment_ids: jax.Array | None
+    kv_segment_ids: jax.Array | None
+    q_offset: jax.Array
 
 
 def block_mask(
@@ -95,7 +115,8 @@ def block_mask(
     """``[block_q, block_k]`` True where a query may attend a key; None if all may.
 
     ``q_pos``/``q_seg`` are ``[block_q, 1]`` and ``k_pos``/``k_seg`` ``[1, block_k]``
-    (already broadcastable), which both Triton and Mosaic lower without relayout.
+    (already broadcastable), which both Triton and Mosaic lower without relayout;
+    ``q_pos`` already includes the query offset.
     """
     mask = None
     if cfg.causal:
@@ -151,20 +172,20 @@ def _backend_module(backend: str) -> ModuleType:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg: KernelConfig):
-    return _backend_module(cfg.backend).forward(q, k, v, seg, cfg)[0]
+def _flash(q, k, v, mask: MaskOperands, cfg: KernelConfig):
+    return _backend_module(cfg.backend).forward(q, k, v, mask, cfg)[0]
 
 
-def _flash_fwd(q, k, v, seg, cfg: KernelConfig):
-    o, lse = _backend_module(cfg.backend).forward(q, k, v, seg, cfg)
-    return o, (q, k, v, seg, o, lse)
+def _flash_fwd(q, k, v, mask: MaskOperands, cfg: KernelConfig):
+    o, lse = _backend_module(cfg.backend).forward(q, k, v, mask, cfg)
+    return o, (q, k, v, mask, o, lse)
 
 
 def _flash_bwd(cfg: KernelConfig, res, do):
-    q, k, v, seg, o, lse = res
+    q, k, v, mask, o, lse = res
     # delta_i = rowsum(o_i * do_i): one fused XLA reduction, cheaper than a kernel.
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-    dq, dk, dv = _backend_module(cfg.backend).backward(q, k, v, seg, do, lse, delta, cfg)
+    dq, dk, dv = _backend_module(cfg.backend).backward(q, k, v, mask, do, lse, delta, cfg)
     return dq, dk, dv, None
 
 
@@ -179,49 +200,82 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _check_shapes(q, k, v, segment_ids, kv_segment_ids) -> None:
+    b, q_len, heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != head_dim:
+        raise ValueError(
+            f"flash attention: mismatched shapes q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if heads % k.shape[2]:
+        raise ValueError(
+            f"flash attention: {heads} query heads are not a multiple of {k.shape[2]} kv heads"
+        )
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("flash attention: kv_segment_ids need (query) segment_ids too")
+    if segment_ids is not None and kv_segment_ids is None and q_len != k.shape[1]:
+        raise ValueError(
+            f"flash attention: {q_len} queries and {k.shape[1]} keys need separate kv_segment_ids"
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     segment_ids: jax.Array | None,
     *,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
     causal: bool,
     softmax_scale: float | None,
     block_sizes: BlockSizes | None,
     backend: str,
     interpret: bool,
 ) -> jax.Array:
-    """``q [b, l, h, d]``, ``k/v [b, l, kv, d]`` -> ``[b, l, h, d]`` via the Pallas kernels.
+    """``q [b, lq, h, d]``, ``k/v [b, lk, kv, d]`` -> ``[b, lq, h, d]`` via the Pallas kernels.
 
-    Pads the length to whole blocks (and, where the backend needs it, the head
+    Query row ``i`` sits at key position ``i + q_offset`` (an int or a traced
+    scalar) for the causal mask; ``segment_ids [b, lq]`` are the queries' ids,
+    ``kv_segment_ids [b, lk]`` the keys' (default: the same array, lq == lk).
+    Under causality queries must not lie past the last key
+    (``q_offset + lq <= lk``, checked when the offset is an int): padded keys
+    are then always in the future and need no mask of their own.
+
+    Pads both lengths to whole blocks (and, where the backend needs it, the head
     dim), runs the differentiable kernel and slices the padding off again.
     """
-    b, length, heads, head_dim = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, length) or k.shape[3] != head_dim:
+    _check_shapes(q, k, v, segment_ids, kv_segment_ids)
+    b, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    if causal and isinstance(q_offset, int) and q_offset + q_len > kv_len:
         raise ValueError(
-            f"flash attention: self-attention shapes expected, got q {q.shape}, "
-            f"k {k.shape}, v {v.shape}"
-        )
-    if heads % k.shape[2]:
-        raise ValueError(
-            f"flash attention: {heads} query heads are not a multiple of {k.shape[2]} kv heads"
+            f"flash attention: causal queries at {q_offset}..{q_offset + q_len - 1} "
+            f"lie past the last of {kv_len} keys"
         )
     mod = _backend_module(backend)
-    blocks = (block_sizes or mod.DEFAULT_BLOCKS).fit(length, mod.MIN_BLOCK)
+    blocks = (block_sizes or mod.DEFAULT_BLOCKS).fit(max(q_len, kv_len), mod.MIN_BLOCK)
     blocks.validate(mod.MIN_BLOCK)
-    padded = -(-length // blocks.largest) * blocks.largest
+    q_pad, kv_pad = (_round_up(n, blocks.largest) for n in (q_len, kv_len))
     cfg = KernelConfig(
         causal=causal,
         scale=head_dim**-0.5 if softmax_scale is None else float(softmax_scale),
         blocks=blocks,
-        kv_len=length if padded != length and not causal else None,
+        kv_len=kv_len if kv_pad != kv_len and not causal else None,
         has_segments=segment_ids is not None,
         interpret=interpret,
         backend=backend,
     )
     dim = mod.padded_head_dim(head_dim)
-    q, k, v = (_pad_axis(_pad_axis(x, 1, padded), 3, dim) for x in (q, k, v))
+    q = _pad_axis(_pad_axis(q, 1, q_pad), 3, dim)
+    k, v = (_pad_axis(_pad_axis(x, 1, kv_pad), 3, dim) for x in (k, v))
     if segment_ids is not None:
-        segment_ids = _pad_axis(segment_ids.astype(jnp.int32), 1, padded)
-    out = _flash(q, k, v, segment_ids, cfg)
-    return out[:, :length, :, :head_dim]
+        kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+        segment_ids = _pad_axis(segment_ids.astype(jnp.int32), 1, q_pad)
+        kv_segment_ids = _pad_axis(kv_ids.astype(jnp.int32), 1, kv_pad)
+    offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
+    out = _flash(q, k, v, MaskOperands(segment_ids, kv_segment_ids, offset), cfg)
+    return out[:, :q_len, :, :head_dim]

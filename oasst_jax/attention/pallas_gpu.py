@@ -6,7 +6,9 @@ streams the other side with a ``fori_loop``, so causally invisible blocks are
 never visited rather than masked.  Grouped-query attention maps query head
 ``h`` to kv head ``h // groups`` in the BlockSpec; the dk/dv program of a kv
 head loops over its whole group of query heads, so k/v are never repeated and
-dk/dv need no reduction afterwards.
+dk/dv need no reduction afterwards.  The query offset is a one-element int32
+operand; loop bounds derive from it, so causally invisible blocks of an offset
+query tile (context parallelism) are skipped as well.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from oasst_jax.attention.flash import (
     M_FLOOR,
     BlockSizes,
     KernelConfig,
+    MaskOperands,
     block_mask,
     cdiv,
     div,
@@ -59,17 +62,29 @@ def _positions(start: jax.Array, size: int) -> jax.Array:
     return start + lax.broadcasted_iota(jnp.int32, (size,), 0)
 
 
-def _unmasked_prefix(
-    row_start: jax.Array, kv_rows: int, n_blocks: int, cfg: KernelConfig
-) -> jax.Array | int:
-    """Number of leading key blocks every query row of this tile sees unmasked."""
+def _kv_range(q_start: jax.Array, bq: int, bk: int, n_kv: int, cfg: KernelConfig):
+    """``(split, hi)`` for the query tile at key position ``q_start``: every row
+    sees key blocks ``[0, split)`` unmasked, ``[split, hi)`` need the mask and
+    blocks from ``hi`` on are invisible (causally in the future).  The clamps
+    matter for whole tiles of query padding, which may lie past the keys."""
+    if not cfg.causal:
+        if cfg.has_segments:
+            return 0, n_kv
+        return (n_kv if cfg.kv_len is None else cfg.kv_len // bk), n_kv
+    hi = jnp.minimum(cdiv(q_start + bq, bk), n_kv)
+    return (0 if cfg.has_segments else jnp.minimum(div(q_start, bk), hi)), hi
+
+
+def _q_range(k_start: jax.Array, bq: int, bk: int, n_q: int, cfg: KernelConfig):
+    """``(lo, mid)`` for the key tile at ``k_start``, offset already subtracted:
+    query blocks before ``lo`` see none of it, ``[lo, mid)`` need the mask and
+    blocks from ``mid`` on see all of it."""
+    if not cfg.causal:
+        return 0, n_q if (cfg.has_segments or cfg.kv_len is not None) else 0
+    lo = jnp.minimum(div(jnp.maximum(k_start, 0), bq), n_q)
     if cfg.has_segments:
-        return 0
-    if cfg.causal:
-        return div(row_start, kv_rows)
-    if cfg.kv_len is not None:
-        return cfg.kv_len // kv_rows
-    return n_blocks
+        return lo, n_q
+    return lo, jnp.clip(cdiv(jnp.maximum(k_start + bk, 0), bq), lo, n_q)
 
 
 def _masked_logits(s, q_pos, k_pos, q_seg, k_seg, cfg: KernelConfig) -> jax.Array:
@@ -81,13 +96,16 @@ def _masked_logits(s, q_pos, k_pos, q_seg, k_seg, cfg: KernelConfig) -> jax.Arra
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConfig):
+def _fwd_kernel(
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, cfg: KernelConfig
+):
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     n_kv = k_ref.shape[0] // bk
     qi = pl.program_id(0)
     q = q_ref[...]
-    q_pos = _positions(qi * bq, bq)
-    q_seg = None if seg_ref is None else seg_ref[pl.ds(qi * bq, bq)]
+    q_start = off_ref[0] + qi * bq
+    q_pos = _positions(q_start, bq)
+    q_seg = None if qseg_ref is None else qseg_ref[pl.ds(qi * bq, bq)]
 
     def body(j, carry, masked: bool):
         acc, m, denom = carry
@@ -95,7 +113,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConf
         k, v = k_ref[rows, :], v_ref[rows, :]
         s = mm(q, k.T) * cfg.scale
         if masked:
-            k_seg = None if seg_ref is None else seg_ref[rows]
+            k_seg = None if kseg_ref is None else kseg_ref[rows]
             s = _masked_logits(s, q_pos, _positions(j * bk, bk), q_seg, k_seg, cfg)
         m_next = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_next)
@@ -109,8 +127,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConf
         jnp.full((bq,), M_FLOOR, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    hi = cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
-    split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
+    split, hi = _kv_range(q_start, bq, bk, n_kv, cfg)
     carry = lax.fori_loop(0, split, functools.partial(body, masked=False), carry)
     acc, m, denom = lax.fori_loop(split, hi, functools.partial(body, masked=True), carry)
     empty = denom == 0.0
@@ -118,96 +135,125 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: KernelConf
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(denom))
 
 
-def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
-    """Output ``[b, l, h, d]`` and log-sum-exp ``[b, h, l]`` (fp32)."""
-    b, length, heads, dim = q.shape
-    groups = heads // k.shape[2]
+def _mask_specs(mask: MaskOperands, index_map):
+    """Specs of the offset and the whole-row segment ids; ``index_map(*grid) -> batch row``."""
+    whole = lambda n: pl.BlockSpec((None, n), lambda *g: (index_map(*g), 0))
+    has_seg = mask.q_segment_ids is not None
+    return MaskOperands(
+        whole(mask.q_segment_ids.shape[1]) if has_seg else None,
+        whole(mask.kv_segment_ids.shape[1]) if has_seg else None,
+        pl.BlockSpec((1,), lambda *g: (0,)),
+    )
+
+
+def _q_major_specs(q, k, bq: int):
+    """Specs of the (query block, batch, head) grid shared by forward and dq."""
+    kv_len, dim = k.shape[1], k.shape[3]
+    groups = q.shape[2] // k.shape[2]
+    return dict(
+        q=pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0)),
+        kv=pl.BlockSpec((None, kv_len, None, dim), lambda i, bi, h: (bi, 0, div(h, groups), 0)),
+        row=pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
+    )
+
+
+def forward(q, k, v, mask: MaskOperands, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """Output ``[b, lq, h, d]`` and log-sum-exp ``[b, h, lq]`` (fp32)."""
+    b, q_len, heads, _ = q.shape
     bq = cfg.blocks.block_q
-    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, div(h, groups), 0))
-    q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
-    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
+    specs = _q_major_specs(q, k, bq)
+    m = _mask_specs(mask, lambda i, bi, h: bi)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(length // bq, b, heads),
-        in_specs=[q_spec, full_kv, full_kv, seg_spec],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))],
+        grid=(q_len // bq, b, heads),
+        in_specs=[m.q_offset, specs["q"], specs["kv"], specs["kv"], *m[:2]],
+        out_specs=[specs["q"], specs["row"]],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, heads, length), jnp.float32),
+            jax.ShapeDtypeStruct((b, heads, q_len), jnp.float32),
         ],
         compiler_params=_compiler_params(bq, cfg.blocks.block_k),
         interpret=cfg.interpret,
         name="flash_fwd",
-    )(q, k, v, seg)
+    )(mask.q_offset, q, k, v, *mask[:2])
 
 
 # ----------------------------------------------------------------------------- dq
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig
-):
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, cfg: KernelConfig,
+):  # fmt: skip
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
     n_kv = k_ref.shape[0] // bk
     qi = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    q_pos = _positions(qi * bq, bq)
-    q_seg = None if seg_ref is None else seg_ref[pl.ds(qi * bq, bq)]
+    q_start = off_ref[0] + qi * bq
+    q_pos = _positions(q_start, bq)
+    q_seg = None if qseg_ref is None else qseg_ref[pl.ds(qi * bq, bq)]
 
     def body(j, dq, masked: bool):
         rows = pl.ds(j * bk, bk)
         k, v = k_ref[rows, :], v_ref[rows, :]
         s = mm(q, k.T) * cfg.scale
         if masked:
-            k_seg = None if seg_ref is None else seg_ref[rows]
+            k_seg = None if kseg_ref is None else kseg_ref[rows]
             s = _masked_logits(s, q_pos, _positions(j * bk, bk), q_seg, k_seg, cfg)
         p = jnp.exp(s - lse)
         ds = p * (mm(do, v.T) - delta)
         return dq + mm(ds.astype(k.dtype), k)
 
-    hi = cdiv((qi + 1) * bq, bk) if cfg.causal else n_kv
-    split = _unmasked_prefix(qi * bq, bk, n_kv, cfg)
+    split, hi = _kv_range(q_start, bq, bk, n_kv, cfg)
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = lax.fori_loop(0, split, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(split, hi, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
-    b, length, heads, dim = q.shape
-    groups = heads // k.shape[2]
+def _dq(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig) -> jax.Array:
+    b, q_len, heads, _ = q.shape
     bq = cfg.blocks.block_q_dq
-    full_kv = pl.BlockSpec((None, length, None, dim), lambda i, bi, h: (bi, 0, div(h, groups), 0))
-    q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, bi, h: (bi, i, h, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))
-    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda i, bi, h: (bi, 0))
+    specs = _q_major_specs(q, k, bq)
+    m = _mask_specs(mask, lambda i, bi, h: bi)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(length // bq, b, heads),
-        in_specs=[q_spec, full_kv, full_kv, seg_spec, q_spec, row_spec, row_spec],
-        out_specs=q_spec,
+        grid=(q_len // bq, b, heads),
+        in_specs=[
+            m.q_offset,
+            specs["q"],
+            specs["kv"],
+            specs["kv"],
+            *m[:2],
+            specs["q"],
+            specs["row"],
+            specs["row"],
+        ],  # fmt: skip
+        out_specs=specs["q"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(bq, cfg.blocks.block_k_dq),
         interpret=cfg.interpret,
         name="flash_dq",
-    )(q, k, v, seg, do, lse, delta)
+    )(mask.q_offset, q, k, v, *mask[:2], do, lse, delta)
 
 
 # ----------------------------------------------------------------------------- dk, dv
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig
-):
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, cfg: KernelConfig,
+):  # fmt: skip
     """One key block of one kv head; loops over (query head of its group split, query block)."""
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    length, groups, _ = q_ref.shape
-    n_q = length // bq
+    q_len, groups, _ = q_ref.shape
+    n_q = q_len // bq
     kj = pl.program_id(0)
+    offset = off_ref[0]
     k, v = k_ref[...], v_ref[...]
     k_pos = _positions(kj * bk, bk)
-    k_seg = None if seg_ref is None else seg_ref[pl.ds(kj * bk, bk)]
+    k_seg = None if kseg_ref is None else kseg_ref[pl.ds(kj * bk, bk)]
 
     def step(g, i, carry, masked: bool):
         dk, dv = carry
@@ -215,8 +261,8 @@ def _dkv_kernel(
         q, do = q_ref[rows, g, :], do_ref[rows, g, :]
         s = mm(q, k.T) * cfg.scale
         if masked:
-            q_seg = None if seg_ref is None else seg_ref[rows]
-            s = _masked_logits(s, _positions(i * bq, bq), k_pos, q_seg, k_seg, cfg)
+            q_seg = None if qseg_ref is None else qseg_ref[rows]
+            s = _masked_logits(s, _positions(offset + i * bq, bq), k_pos, q_seg, k_seg, cfg)
         p = jnp.exp(s - lse_ref[g, rows][:, None])
         dv = dv + mm(p.astype(do.dtype).T, do)
         ds = p * (mm(do, v.T) - delta_ref[g, rows][:, None])
@@ -228,13 +274,7 @@ def _dkv_kernel(
         body = lambda t, c: step(div(t, n), lo + rem(t, n), c, masked)
         return lax.fori_loop(0, groups * n, body, carry)
 
-    # Causal: query blocks before `lo` see none of this key block, blocks from
-    # `mid` on see all of it, so only [lo, mid) needs the mask.
-    lo = div(kj * bk, bq) if cfg.causal else 0
-    if cfg.causal and not cfg.has_segments:
-        mid = jnp.minimum(cdiv((kj + 1) * bk, bq), n_q)
-    else:
-        mid = n_q if (cfg.has_segments or cfg.kv_len is not None) else lo
+    lo, mid = _q_range(kj * bk - offset, bq, bk, n_q, cfg)
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     carry = sweep(lo, mid, carry, masked=True)
     dk, dv = sweep(mid, n_q, carry, masked=False)
@@ -254,39 +294,50 @@ def _group_splits(programs: int, groups: int) -> int:
     return next((d for d in fitting if programs * d >= TARGET_PROGRAMS), groups)
 
 
-def _dkv(q, k, v, seg, do, lse, delta, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
-    b, length, kv_heads, dim = k.shape
-    groups = q.shape[2] // kv_heads
+def _dkv(
+    q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig
+) -> tuple[jax.Array, jax.Array]:
+    b, kv_len, kv_heads, dim = k.shape
+    q_len, groups = q.shape[1], q.shape[2] // kv_heads
     bk = cfg.blocks.block_k_dkv
-    splits = _group_splits(length // bk * b * kv_heads, groups)
+    splits = _group_splits(kv_len // bk * b * kv_heads, groups)
     per_split = groups // splits
     head_block = lambda n, s: n * splits + s  # in units of per_split query heads
     group_spec = pl.BlockSpec(
-        (None, length, per_split, dim), lambda j, bi, n, s: (bi, 0, head_block(n, s), 0)
+        (None, q_len, per_split, dim), lambda j, bi, n, s: (bi, 0, head_block(n, s), 0)
     )
     group_rows = pl.BlockSpec(
-        (None, per_split, length), lambda j, bi, n, s: (bi, head_block(n, s), 0)
+        (None, per_split, q_len), lambda j, bi, n, s: (bi, head_block(n, s), 0)
     )
     kv_spec = pl.BlockSpec((None, bk, None, dim), lambda j, bi, n, s: (bi, j, n, 0))
     out_spec = pl.BlockSpec((None, None, bk, None, dim), lambda j, bi, n, s: (s, bi, j, n, 0))
-    seg_spec = None if seg is None else pl.BlockSpec((None, length), lambda j, bi, n, s: (bi, 0))
+    m = _mask_specs(mask, lambda j, bi, n, s: bi)
     # Partial sums stay fp32 until the reduction over splits.
     out = jax.ShapeDtypeStruct((splits, *k.shape), k.dtype if splits == 1 else jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
-        grid=(length // bk, b, kv_heads, splits),
-        in_specs=[group_spec, kv_spec, kv_spec, seg_spec, group_spec, group_rows, group_rows],
+        grid=(kv_len // bk, b, kv_heads, splits),
+        in_specs=[
+            m.q_offset,
+            group_spec,
+            kv_spec,
+            kv_spec,
+            *m[:2],
+            group_spec,
+            group_rows,
+            group_rows,
+        ],  # fmt: skip
         out_specs=[out_spec, out_spec],
         out_shape=[out, out],
         compiler_params=_compiler_params(cfg.blocks.block_q_dkv, bk),
         interpret=cfg.interpret,
         name="flash_dkv",
-    )(q, k, v, seg, do, lse, delta)
+    )(mask.q_offset, q, k, v, *mask[:2], do, lse, delta)
     return dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
 
-def backward(q, k, v, seg, do, lse, delta, cfg: KernelConfig):
+def backward(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig):
     """``dq, dk, dv`` from the saved log-sum-exp and ``delta = rowsum(o * do)``."""
-    dq = _dq(q, k, v, seg, do, lse, delta, cfg)
-    dk, dv = _dkv(q, k, v, seg, do, lse, delta, cfg)
+    dq = _dq(q, k, v, mask, do, lse, delta, cfg)
+    dk, dv = _dkv(q, k, v, mask, do, lse, delta, cfg)
     return dq, dk, dv

@@ -9,7 +9,8 @@ Causally invisible blocks are skipped with ``pl.when`` and their index_map is
 clamped to the last visible block, so the pipeline issues no DMA for them.
 Grouped-query attention indexes kv head ``h // groups``; the dk/dv grid walks
 (query head in group, query block) on its innermost axis, so k/v are never
-repeated.
+repeated.  The query offset is scalar-prefetched (SMEM), so both the kernels'
+skip conditions and the index_maps' clamps follow it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from oasst_jax.attention.flash import M_FLOOR, BlockSizes, KernelConfig, block_mask, div, mm, rem
+from oasst_jax.attention.flash import (
+    M_FLOOR,
+    BlockSizes,
+    KernelConfig,
+    MaskOperands,
+    block_mask,
+    div,
+    mm,
+    rem,
+)
 
 LANES = 128
 SUBLANES = 8
@@ -56,20 +66,33 @@ def _interpret(cfg: KernelConfig):
     return pltpu.InterpretParams() if cfg.interpret else False
 
 
-def _last_kv_block(qi, bq: int, bk: int):
-    """Last key block a causal query block sees."""
-    return div((qi + 1) * bq - 1, bk)
+def _last_kv_block(qi, offset, bq: int, bk: int):
+    """Last key block a causal query block sees (may lie past the padded keys)."""
+    return div(offset + (qi + 1) * bq - 1, bk)
 
 
-def _first_q_block(kj, bq: int, bk: int):
-    """First query block that sees a causal key block."""
-    return div(kj * bk, bq)
+def _first_q_block(kj, offset, bq: int, bk: int):
+    """First query block that sees a causal key block (may lie past the queries)."""
+    return div(jnp.maximum(kj * bk - offset, 0), bq)
 
 
-def _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg: KernelConfig, bq: int, bk: int):
+def _grid_spec(grid, in_specs, out_specs, scratch_shapes) -> pltpu.PrefetchScalarGridSpec:
+    """Grid whose index_maps and kernel take the query offset ref as an extra argument."""
+    return pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch_shapes,
+    )
+
+
+def _logits(
+    q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, offset, cfg: KernelConfig, bq: int, bk: int
+):  # fmt: skip
     """Scaled, masked ``[bq, bk]`` logits of one (query block, key block) pair."""
     s = mm(q_ref[...], k_ref[...].T) * cfg.scale
-    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_pos = offset + qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     k_pos = kj * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     segs = (None, None)
     if qseg_ref is not None:
@@ -78,14 +101,14 @@ def _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg: KernelConfig, bq: int
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _segment_inputs(seg: jax.Array | None):
-    """Query ids lane-replicated ``[b, l, 128]``, key ids sublane-replicated ``[b, 8, l]``."""
-    if seg is None:
+def _segment_inputs(mask: MaskOperands):
+    """Query ids lane-replicated ``[b, lq, 128]``, key ids sublane-replicated ``[b, 8, lk]``."""
+    qseg, kseg = mask.q_segment_ids, mask.kv_segment_ids
+    if qseg is None:
         return None, None
-    b, length = seg.shape
     return (
-        lax.broadcast_in_dim(seg, (b, length, LANES), (0, 1)),
-        lax.broadcast_in_dim(seg, (b, SUBLANES, length), (0, 2)),
+        lax.broadcast_in_dim(qseg, (*qseg.shape, LANES), (0, 1)),
+        lax.broadcast_in_dim(kseg, (kseg.shape[0], SUBLANES, kseg.shape[1]), (0, 2)),
     )
 
 
@@ -97,10 +120,10 @@ def _to_bhld(x: jax.Array) -> jax.Array:
 
 
 def _fwd_kernel(
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg
 ):
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    qi, kj = pl.program_id(2), pl.program_id(3)
+    qi, kj, offset = pl.program_id(2), pl.program_id(3), off_ref[0]
 
     @pl.when(kj == 0)
     def _init():
@@ -108,9 +131,9 @@ def _fwd_kernel(
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(kj <= _last_kv_block(qi, bq, bk) if cfg.causal else True)
+    @pl.when(kj <= _last_kv_block(qi, offset, bq, bk) if cfg.causal else True)
     def _step():
-        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, offset, cfg, bq, bk)
         m_prev = m_sc[...]
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -132,8 +155,8 @@ def _fwd_kernel(
 def _kv_index(cfg: KernelConfig, bq: int, bk: int):
     """Key block for grid step ``kj``: clamped under causality (no DMA when skipped)."""
     if not cfg.causal:
-        return lambda qi, kj: kj
-    return lambda qi, kj: jnp.minimum(kj, _last_kv_block(qi, bq, bk))
+        return lambda qi, kj, off_ref: kj
+    return lambda qi, kj, off_ref: jnp.minimum(kj, _last_kv_block(qi, off_ref[0], bq, bk))
 
 
 def _q_major_specs(q, k, cfg: KernelConfig, bq: int, bk: int):
@@ -141,48 +164,52 @@ def _q_major_specs(q, k, cfg: KernelConfig, bq: int, bk: int):
     _, heads, _, dim = q.shape
     groups = heads // k.shape[1]
     kv_at = _kv_index(cfg, bq, bk)
-    kv_block = lambda b, h, i, j: (b, div(h, groups), kv_at(i, j), 0)
+    kv_block = lambda b, h, i, j, o: (b, div(h, groups), kv_at(i, j, o), 0)
     return dict(
-        q=pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j: (b, h, i, 0)),
+        q=pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, o: (b, h, i, 0)),
         kv=pl.BlockSpec((None, None, bk, dim), kv_block),
-        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
-        qseg=pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-        kseg=pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_at(i, j))),
+        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, o: (b, h, i, 0)),
+        qseg=pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, o: (b, i, 0)),
+        kseg=pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, o: (b, 0, kv_at(i, j, o))),
     )
 
 
-def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
-    """Output ``[b, l, h, d]`` and log-sum-exp ``[b, h, l]`` (fp32)."""
+def forward(q, k, v, mask: MaskOperands, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """Output ``[b, lq, h, d]`` and log-sum-exp ``[b, h, lq]`` (fp32)."""
     q, k, v = _to_bhld(q), _to_bhld(k), _to_bhld(v)
-    b, heads, length, dim = q.shape
+    b, heads, q_len, dim = q.shape
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     specs = _q_major_specs(q, k, cfg, bq, bk)
-    qseg, kseg = _segment_inputs(seg)
-    has_seg = seg is not None
+    qseg, kseg = _segment_inputs(mask)
+    has_seg = qseg is not None
+    in_specs = [
+        specs["q"],
+        specs["kv"],
+        specs["kv"],
+        specs["qseg"] if has_seg else None,
+        specs["kseg"] if has_seg else None,
+    ]
+    scratch = [
+        pltpu.VMEM((bq, LANES), jnp.float32),
+        pltpu.VMEM((bq, LANES), jnp.float32),
+        pltpu.VMEM((bq, dim), jnp.float32),
+    ]
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(b, heads, length // bq, length // bk),
-        in_specs=[
-            specs["q"],
-            specs["kv"],
-            specs["kv"],
-            specs["qseg"] if has_seg else None,
-            specs["kseg"] if has_seg else None,
-        ],
-        out_specs=[specs["q"], specs["row"]],
+        grid_spec=_grid_spec(
+            (b, heads, q_len // bq, k.shape[2] // bk),
+            in_specs,
+            [specs["q"], specs["row"]],
+            scratch,
+        ),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, heads, length, LANES), jnp.float32),
-        ],
-        scratch_shapes=[
-            pltpu.VMEM((bq, LANES), jnp.float32),
-            pltpu.VMEM((bq, LANES), jnp.float32),
-            pltpu.VMEM((bq, dim), jnp.float32),
+            jax.ShapeDtypeStruct((b, heads, q_len, LANES), jnp.float32),
         ],
         compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
         interpret=_interpret(cfg),
         name="flash_fwd",
-    )(q, k, v, qseg, kseg)
+    )(mask.q_offset, q, k, v, qseg, kseg)
     # Keep one lane as the residual: 128x less memory saved for the backward.
     return _to_bhld(o), lse[..., 0]
 
@@ -191,18 +218,19 @@ def forward(q, k, v, seg, cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, cfg
-):
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
+    dq_ref, dq_sc, *, cfg,
+):  # fmt: skip
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    qi, kj = pl.program_id(2), pl.program_id(3)
+    qi, kj, offset = pl.program_id(2), pl.program_id(3), off_ref[0]
 
     @pl.when(kj == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(kj <= _last_kv_block(qi, bq, bk) if cfg.causal else True)
+    @pl.when(kj <= _last_kv_block(qi, offset, bq, bk) if cfg.causal else True)
     def _step():
-        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, offset, cfg, bq, bk)
         p = jnp.exp(s - _widen(lse_ref[...], bk))
         dp = mm(do_ref[...], v_ref[...].T)
         ds = p * (dp - _widen(delta_ref[...], bk))
@@ -213,42 +241,45 @@ def _dq_kernel(
         dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(q, k, v, qseg, kseg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
-    b, heads, length, dim = q.shape
+def _dq(q, k, v, offset, qseg, kseg, do, lse, delta, cfg: KernelConfig) -> jax.Array:
+    b, heads, q_len, dim = q.shape
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
     specs = _q_major_specs(q, k, cfg, bq, bk)
     has_seg = qseg is not None
+    in_specs = [
+        specs["q"],
+        specs["kv"],
+        specs["kv"],
+        specs["qseg"] if has_seg else None,
+        specs["kseg"] if has_seg else None,
+        specs["q"],
+        specs["row"],
+        specs["row"],
+    ]
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(b, heads, length // bq, length // bk),
-        in_specs=[
+        grid_spec=_grid_spec(
+            (b, heads, q_len // bq, k.shape[2] // bk),
+            in_specs,
             specs["q"],
-            specs["kv"],
-            specs["kv"],
-            specs["qseg"] if has_seg else None,
-            specs["kseg"] if has_seg else None,
-            specs["q"],
-            specs["row"],
-            specs["row"],
-        ],
-        out_specs=specs["q"],
+            [pltpu.VMEM((bq, dim), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)],
         compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
         interpret=_interpret(cfg),
         name="flash_dq",
-    )(q, k, v, qseg, kseg, do, lse, delta)
+    )(offset, q, k, v, qseg, kseg, do, lse, delta)
 
 
 # ----------------------------------------------------------------------------- dk, dv
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
+    off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
     dk_ref, dv_ref, dk_sc, dv_sc, *, cfg, n_q: int,
 ):  # fmt: skip
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    kj, t = pl.program_id(2), pl.program_id(3)
+    kj, t, offset = pl.program_id(2), pl.program_id(3), off_ref[0]
     qi = rem(t, n_q)
 
     @pl.when(t == 0)
@@ -256,9 +287,9 @@ def _dkv_kernel(
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(qi >= _first_q_block(kj, bq, bk) if cfg.causal else True)
+    @pl.when(qi >= _first_q_block(kj, offset, bq, bk) if cfg.causal else True)
     def _step():
-        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, cfg, bq, bk)
+        s = _logits(q_ref, k_ref, qseg_ref, kseg_ref, qi, kj, offset, cfg, bq, bk)
         p = jnp.exp(s - _widen(lse_ref[...], bk))
         do = do_ref[...]
         dv_sc[...] += mm(p.astype(do.dtype).T, do)
@@ -271,52 +302,59 @@ def _dkv_kernel(
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dkv(q, k, v, qseg, kseg, do, lse, delta, cfg: KernelConfig):
+def _dkv(q, k, v, offset, qseg, kseg, do, lse, delta, cfg: KernelConfig):
     """Grid (b, kv head, key block, group x query block); the last axis accumulates."""
-    b, kv_heads, length, dim = k.shape
+    b, kv_heads, kv_len, dim = k.shape
     groups = q.shape[1] // kv_heads
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    n_q = length // bq
+    n_q = q.shape[2] // bq
 
-    def q_at(j, t):
+    def q_at(j, t, off_ref):
+        """Query block for step ``t``: clamped under causality (no DMA when skipped)."""
         qi = rem(t, n_q)
-        return jnp.maximum(qi, _first_q_block(j, bq, bk)) if cfg.causal else qi
+        if not cfg.causal:
+            return qi
+        return jnp.minimum(jnp.maximum(qi, _first_q_block(j, off_ref[0], bq, bk)), n_q - 1)
 
     head = lambda n, t: n * groups + div(t, n_q)
-    q_spec = pl.BlockSpec((None, None, bq, dim), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
-    row = pl.BlockSpec((None, None, bq, LANES), lambda b, n, j, t: (b, head(n, t), q_at(j, t), 0))
-    kv_spec = pl.BlockSpec((None, None, bk, dim), lambda b, n, j, t: (b, n, j, 0))
+    q_block = lambda b, n, j, t, o: (b, head(n, t), q_at(j, t, o), 0)
+    q_spec = pl.BlockSpec((None, None, bq, dim), q_block)
+    row = pl.BlockSpec((None, None, bq, LANES), q_block)
+    kv_spec = pl.BlockSpec((None, None, bk, dim), lambda b, n, j, t, o: (b, n, j, 0))
     has_seg = qseg is not None
-    qseg_spec = pl.BlockSpec((None, bq, LANES), lambda b, n, j, t: (b, q_at(j, t), 0))
-    kseg_spec = pl.BlockSpec((None, SUBLANES, bk), lambda b, n, j, t: (b, 0, j))
+    qseg_spec = pl.BlockSpec((None, bq, LANES), lambda b, n, j, t, o: (b, q_at(j, t, o), 0))
+    kseg_spec = pl.BlockSpec((None, SUBLANES, bk), lambda b, n, j, t, o: (b, 0, j))
+    in_specs = [
+        q_spec,
+        kv_spec,
+        kv_spec,
+        qseg_spec if has_seg else None,
+        kseg_spec if has_seg else None,
+        q_spec,
+        row,
+        row,
+    ]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, n_q=n_q),
-        grid=(b, kv_heads, length // bk, groups * n_q),
-        in_specs=[
-            q_spec,
-            kv_spec,
-            kv_spec,
-            qseg_spec if has_seg else None,
-            kseg_spec if has_seg else None,
-            q_spec,
-            row,
-            row,
-        ],
-        out_specs=[kv_spec, kv_spec],
+        grid_spec=_grid_spec(
+            (b, kv_heads, kv_len // bk, groups * n_q),
+            in_specs,
+            [kv_spec, kv_spec],
+            [pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
         compiler_params=_params(PARALLEL, PARALLEL, PARALLEL, ARBITRARY),
         interpret=_interpret(cfg),
         name="flash_dkv",
-    )(q, k, v, qseg, kseg, do, lse, delta)
+    )(offset, q, k, v, qseg, kseg, do, lse, delta)
 
 
-def backward(q, k, v, seg, do, lse, delta, cfg: KernelConfig):
+def backward(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig):
     """``dq, dk, dv`` from the saved log-sum-exp and ``delta = rowsum(o * do)``."""
     q, k, v, do = (_to_bhld(x) for x in (q, k, v, do))
-    qseg, kseg = _segment_inputs(seg)
+    qseg, kseg = _segment_inputs(mask)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
     lse, delta = lanes(lse), lanes(delta)
-    dq = _dq(q, k, v, qseg, kseg, do, lse, delta, cfg)
-    dk, dv = _dkv(q, k, v, qseg, kseg, do, lse, delta, cfg)
+    dq = _dq(q, k, v, mask.q_offset, qseg, kseg, do, lse, delta, cfg)
+    dk, dv = _dkv(q, k, v, mask.q_offset, qseg, kseg, do, lse, delta, cfg)
     return _to_bhld(dq), _to_bhld(dk), _to_bhld(dv)
