@@ -13,15 +13,23 @@ so a crash never leaves a step that looks finished; nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from oasst_jax.model import LlamaConfig
+
+# OCDBT buffers a data file's worth of encoded chunks per writer before it
+# flushes; its 2 GiB default held ~1.6 GB of a 2 GB model in RAM while saving,
+# 64 MiB holds ~0.3 GB (and is faster); a 70B model becomes ~4k files.
+WEIGHTS_DATA_FILE_BYTES = 64 << 20
 
 
 def _manager(directory: str, **options) -> ocp.CheckpointManager:
@@ -38,24 +46,56 @@ def latest_step(directory: str) -> int | None:
         return mngr.latest_step()
 
 
+def _in_place_pytree_handler() -> ocp.PyTreeCheckpointHandler:
+    """A pytree handler that writes numpy leaves from their own buffers.
+
+    Orbax's default numpy handler deep-copies every host array before writing
+    (a guard for asynchronous saves, whose caller may mutate the arrays
+    meanwhile); :func:`save_weights` is synchronous, and for a converted 70B
+    model held in ``np.memmap`` files the copy would pull the whole fp32 tree
+    into RAM.  Without it tensorstore reads each leaf straight from the map.
+    """
+    others = (jax.Array, np.number, int, float)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def save_weights(
     directory: str,
     params: Any,
     cfg: LlamaConfig,
     step: int = 0,
     extra_json: Mapping[str, Mapping[str, Any]] | None = None,
+    save_args: Any = None,
 ) -> None:
     """Write ``params`` + model config as a weights-only checkpoint at ``step``.
 
     ``extra_json`` adds named JSON items beside them (``convert`` keeps the
     source Hugging Face config there so an export restores its dtype and ids).
+    ``save_args`` (a tree of ``ocp.SaveArgs`` or None) sets per-leaf chunking.
+    Numpy leaves are written without a host copy (they may be ``np.memmap``);
+    the on-disk layout is the one :func:`load_weights` / ``StandardRestore`` read.
     """
     extra = {name: ocp.args.JsonSave(dict(item)) for name, item in (extra_json or {}).items()}
-    with _manager(directory, enable_async_checkpointing=False) as mngr:
+    with ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={
+            "params": _in_place_pytree_handler(),
+            **{name: ocp.JsonCheckpointHandler() for name in ("model", *extra)},
+        },
+    ) as mngr:
         mngr.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
+                params=ocp.args.PyTreeSave(
+                    params,
+                    save_args=save_args,
+                    ocdbt_target_data_file_size=WEIGHTS_DATA_FILE_BYTES,
+                ),
                 model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
                 **extra,
             ),
@@ -100,6 +140,40 @@ def load_weights(directory: str, abstract_params: Any = None, step: int | None =
                 f"checkpoint {directory} (step {step}) does not match the model: {e}"
             ) from None
     return restored["params"]
+
+
+class ParamReader:
+    """Reads saved parameters a slice at a time, straight from tensorstore.
+
+    Orbax restores whole leaves (a partial restore still materialises each
+    chosen leaf), and one stacked ``[layers, ...]`` leaf of a 70B model is
+    ~75 GB in fp32; export needs one layer of it at a time.  Each leaf of
+    the ``params`` item is a zarr array inside the step's OCDBT store, keyed
+    by its tree path joined with dots, so a slice can be read on its own.
+    """
+
+    def __init__(self, directory: str, step: int | None = None):
+        step = _resolve_step(directory, step)
+        self.params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
+        with open(os.path.join(self.params_dir, "_METADATA")) as f:
+            meta = json.load(f)
+        self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        self._stores: dict[tuple[str, ...], ts.TensorStore] = {}
+
+    def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
+        if path not in self._stores:
+            kvstore = {"driver": "ocdbt", "base": f"file://{self.params_dir}"}
+            spec = {"driver": self._driver, "kvstore": {**kvstore, "path": ".".join(path)}}
+            self._stores[path] = ts.open(spec, open=True, read=True).result()
+        return self._stores[path]
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self._store(path).shape)
+
+    def read(self, path: tuple[str, ...], index: int | None = None) -> np.ndarray:
+        """The leaf at ``path``, or only its ``index``-th row (layer) when given."""
+        store = self._store(path)
+        return (store if index is None else store[index]).read().result()
 
 
 def check_shapes(expected: Any, found: Any, where: str) -> None:

@@ -7,8 +7,10 @@
 Import reads ``config.json`` and ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; ``.bin``/``.pt`` files are refused because
 loading them means unpickling.  Tensors are read one at a time and written
-into the stacked ``[layers, ...]`` arrays, so peak memory is the fp32 tree
-plus one tensor; export writes one shard at a time (the tree plus one shard).
+into stacked ``[layers, ...]`` fp32 arrays memory-mapped from a temporary
+folder beside the output, which orbax then writes from; export reads one
+layer's slice of a leaf at a time and holds one shard.  Neither needs RAM for
+the whole fp32 model (276 GB for Llama-2-70B).
 
 Layouts: HF stores a linear layer as ``[out, in]``; ours are ``[in, out]`` with
 the head axes split out (``q [D, H, Dh]``, ``o [H, Dh, D]``).  Both use RoPE's
@@ -23,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -68,6 +73,7 @@ EMBED_TENSOR = (("embedding",), "model.embed_tokens.weight", "embedding")
 NORM_TENSOR = (("final_norm", "scale"), "model.norm.weight", "vector")
 HEAD_TENSOR = (("lm_head",), "lm_head.weight", "lm_head")
 LAYERS_PATH = ("decoder", "layers")
+MIN_LAYER_CHUNKED_BYTES = 64 << 20  # smaller stacked leaves are read whole cheaply
 
 
 # ----------------------------------------------------------------------------- config
@@ -413,6 +419,26 @@ def check_tensor_names(found: Mapping[str, tuple[int, ...]], cfg: LlamaConfig) -
             )
 
 
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(shape, np.float32)
+
+
+def _memmap_allocator(directory: str) -> Callable[[tuple[int, ...]], np.ndarray]:
+    """Allocate zero-filled fp32 leaves as ``.npy`` memmaps under ``directory``.
+
+    The files start sparse (all zeros, so vocab padding needs no writes) and
+    the kernel pages them out as they fill, so the fp32 tree lives on disk:
+    import then needs RAM for a few tensors rather than the whole model.
+    """
+    count = itertools.count()
+
+    def allocate(shape: tuple[int, ...]) -> np.ndarray:
+        path = os.path.join(directory, f"leaf{next(count)}.npy")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    return allocate
+
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -422,13 +448,19 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 
 def load_hf(
-    hf_dir: str, *, add_chatml_tokens: bool = False, **overrides: Any
+    hf_dir: str,
+    *,
+    add_chatml_tokens: bool = False,
+    allocate: Callable[[tuple[int, ...]], np.ndarray] = _zeros,
+    **overrides: Any,
 ) -> tuple[Any, LlamaConfig, dict[str, Any]]:
     """``(fp32 params, LlamaConfig, hf config)`` from a Hugging Face directory.
 
     With ``add_chatml_tokens`` the vocabulary grows by 2 rows initialised to
     the mean row (embedding and LM head); the returned hf config records the
     new size and the source tensors' dtype (what export writes back).
+    ``allocate`` makes each zero-filled fp32 leaf; :func:`hf_to_orbax` passes
+    one that returns file-backed memmaps so the tree never sits in RAM.
     """
     hf = read_hf_config(hf_dir)
     src_cfg = hf_config_to_llama(hf, **overrides)
@@ -436,7 +468,7 @@ def load_hf(
     check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg)
     extra = CHATML_TOKENS if add_chatml_tokens else 0
     cfg = dataclasses.replace(src_cfg, vocab_size=src_cfg.vocab_size + extra)
-    params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float32), abstract_params(cfg))
+    params = jax.tree_util.tree_map(lambda a: allocate(tuple(a.shape)), abstract_params(cfg))
     dtype = None
     for name, path, layer, kind in hf_tensor_specs(src_cfg):
         w = reader.get(name)
@@ -450,26 +482,56 @@ def load_hf(
 
 
 def hf_to_orbax(hf_dir: str, out: str, *, add_chatml_tokens: bool = False) -> LlamaConfig:
-    """Convert and write a weights-only checkpoint (step 0) with the hf config beside it."""
+    """Convert and write a weights-only checkpoint (step 0) with the hf config beside it.
+
+    The fp32 tree is assembled in memmaps in a temporary folder beside
+    ``out`` (same disk, removed afterwards, also on error) and orbax writes
+    the checkpoint from them, so peak RAM stays far below the model's size.
+    """
     if checkpoint.latest_step(out) is not None:
         raise ValueError(f"{out} already holds a checkpoint; choose a new --out")
-    params, cfg, hf = load_hf(hf_dir, add_chatml_tokens=add_chatml_tokens)
-    checkpoint.save_weights(out, params, cfg, extra_json={HF_ITEM: hf})
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".hf-to-orbax-", dir=parent) as tmp:
+        params, cfg, hf = load_hf(
+            hf_dir, add_chatml_tokens=add_chatml_tokens, allocate=_memmap_allocator(tmp)
+        )
+        checkpoint.save_weights(
+            out, params, cfg, extra_json={HF_ITEM: hf}, save_args=layer_chunked_save_args(params)
+        )
     return cfg
 
 
+def layer_chunked_save_args(params: Any) -> Any:
+    """``SaveArgs`` that store each layer of a large stacked leaf as its own chunk.
+
+    Export reads one layer at a time; with orbax's default chunking (up to
+    2 GiB, split along the largest axes) every such read would decompress
+    chunks spanning all layers.  Small leaves keep one chunk.
+    """
+
+    def args(path: Sequence[Any], leaf: np.ndarray) -> ocp.SaveArgs | None:
+        stacked = _key_path(path)[: len(LAYERS_PATH)] == LAYERS_PATH
+        if not stacked or leaf.nbytes < MIN_LAYER_CHUNKED_BYTES:
+            return None
+        return ocp.SaveArgs(chunk_byte_size=leaf.nbytes // leaf.shape[0], shard_axes=(0,))
+
+    return jax.tree_util.tree_map_with_path(args, params)
+
+
 def hf_tensors(
-    params: Any, cfg: LlamaConfig, dtype: str
+    reader: checkpoint.ParamReader, cfg: LlamaConfig, dtype: str
 ) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
-    """``(name, shape, make)`` for every HF tensor; ``make`` converts on demand."""
+    """``(name, shape, make)`` for every HF tensor; ``make`` reads and converts on demand.
+
+    A layer's tensor reads only that layer's slice of the stacked leaf.
+    """
     np_dtype = jnp.dtype(dtype)
     shapes = expected_hf_shapes(cfg)
 
     def maker(path: tuple[str, ...], layer: int | None, kind: str) -> Callable[[], np.ndarray]:
         def make() -> np.ndarray:
-            x = np.asarray(_get(params, path))
-            x = x if layer is None else x[layer]
-            return to_hf_layout(x, kind, cfg).astype(np_dtype)
+            return to_hf_layout(reader.read(path, layer), kind, cfg).astype(np_dtype)
 
         return make
 
@@ -479,15 +541,24 @@ def hf_tensors(
     ]
 
 
-def load_orbax(ckpt: str) -> tuple[Any, LlamaConfig, dict[str, Any] | None]:
-    """``(params on host, LlamaConfig, stored hf config or None)`` from a checkpoint."""
+def open_orbax(ckpt: str) -> tuple[checkpoint.ParamReader, LlamaConfig, dict[str, Any] | None]:
+    """``(lazy param reader, LlamaConfig, stored hf config or None)`` for a checkpoint.
+
+    Every saved leaf's shape is checked against the config up front, so a
+    mismatch is one clear error before any file is written.
+    """
     cfg = checkpoint.load_model_config(ckpt)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=cpu), abstract_params(cfg)
+    reader = checkpoint.ParamReader(ckpt)
+    expected = abstract_params(cfg)
+    found = jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.ShapeDtypeStruct(reader.shape(_key_path(p)), a.dtype), expected
     )
-    params = checkpoint.load_weights(ckpt, target)
-    return params, cfg, checkpoint.load_json_item(ckpt, HF_ITEM)
+    checkpoint.check_shapes(expected, found, f"checkpoint {ckpt}")
+    return reader, cfg, checkpoint.load_json_item(ckpt, HF_ITEM)
+
+
+def _key_path(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path)
 
 
 def orbax_to_hf(
@@ -505,11 +576,11 @@ def orbax_to_hf(
     model) adds the tokenizer files with the chatml chat template
     (``oasst_jax.hf_tokenizer``).
     """
-    params, cfg, base = load_orbax(ckpt)
+    reader, cfg, base = open_orbax(ckpt)
     dtype = dtype or (hf_dtype(base) if base else "bfloat16")
     os.makedirs(out, exist_ok=True)
     files = write_safetensors(
-        out, hf_tensors(params, cfg, dtype), dtype, parse_size(max_shard_size)
+        out, hf_tensors(reader, cfg, dtype), dtype, parse_size(max_shard_size)
     )
     _write_json(os.path.join(out, CONFIG_FILE), llama_to_hf_config(cfg, dtype, base))
     if tokenizer:
