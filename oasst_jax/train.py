@@ -105,10 +105,17 @@ def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dic
 def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
     """Weights from ``cfg.load``: an orbax checkpoint root or a Hugging Face directory."""
     if os.path.isfile(os.path.join(cfg.load, "config.json")):
-        from oasst_jax.convert import load_hf_params
+        from oasst_jax.convert import load_hf
 
-        params = load_hf_params(cfg.load, model_cfg)
-        checkpoint.check_shapes(abstract, params, f"load={cfg.load}")
+        params, hf_cfg, _ = load_hf(cfg.load)
+        where = f"load={cfg.load}"
+        if hf_cfg.vocab_size + 2 == model_cfg.vocab_size:
+            raise ValueError(
+                f"{where} has the base vocabulary ({hf_cfg.vocab_size}); import it with "
+                "`python -m oasst_jax.convert hf-to-orbax --add-chatml-tokens` first"
+            )
+        checkpoint.check_same_shape(hf_cfg, model_cfg, where)
+        checkpoint.check_shapes(abstract, params, where)
         return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
     checkpoint.check_same_shape(
         checkpoint.load_model_config(cfg.load), model_cfg, f"load={cfg.load}"

@@ -388,3 +388,33 @@ def test_samples_in_batch_counts_segments():
 
     seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     assert samples_in_batch({"segment_ids": seg}) == 4
+
+
+def test_finetune_from_hugging_face_directory(sample_data, tmp_path):
+    from oasst_jax import checkpoint, convert
+
+    base = _tiny_cfg(sample_data, tmp_path / "base", train_iters=1, eval_interval=0)
+    run(base)
+    convert.orbax_to_hf(
+        str(tmp_path / "base" / "checkpoints"), str(tmp_path / "hf"), dtype="float32"
+    )
+    ft = _tiny_cfg(
+        sample_data,
+        tmp_path / "ft",
+        train_iters=1,
+        eval_interval=0,
+        finetune=True,
+        load=str(tmp_path / "hf"),
+    )
+    ft.optim.lr_warmup_iters = 5  # first update uses lr 0: weights stay as loaded
+    run(ft)
+    loaded = checkpoint.load_weights(str(tmp_path / "base" / "checkpoints"))
+    after = checkpoint.load_weights(str(tmp_path / "ft" / "checkpoints"))
+    vocab = base.model.vocab_size  # HF has no vocab padding: compare the real rows
+    for p in (loaded, after):
+        p["embedding"], p["lm_head"] = p["embedding"][:vocab], p["lm_head"][:, :vocab]
+    assert _max_diff(loaded, after) == 0.0
+    ft.model.hidden_size = 64
+    ft.workdir = str(tmp_path / "ft2")
+    with pytest.raises(ValueError, match="model.hidden_size=128, the config asks for 64"):
+        run(ft)
