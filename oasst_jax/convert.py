@@ -44,7 +44,7 @@ from safetensors.numpy import save_file
 
 from oasst_jax import checkpoint
 from oasst_jax.hf_tokenizer import write_hf_tokenizer
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import tokenizer_for_vocab
 
 CONFIG_FILE = "config.json"
@@ -267,11 +267,9 @@ def append_mean_rows(w: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([w, np.repeat(mean, n, axis=0)], axis=0)
 
 
-def abstract_params(cfg: LlamaConfig) -> Any:
-    """The param tree's shapes/dtypes, built without allocating."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda t: Llama(cfg).init(jax.random.key(0), t), tokens)
-    return nn.meta.unbox(boxed["params"])
+def param_shapes(cfg: LlamaConfig) -> Any:
+    """The param tree's shapes/dtypes (``model.abstract_params`` unboxed)."""
+    return nn.meta.unbox(abstract_params(Llama(cfg)))
 
 
 def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
@@ -468,7 +466,7 @@ def load_hf(
     check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg)
     extra = CHATML_TOKENS if add_chatml_tokens else 0
     cfg = dataclasses.replace(src_cfg, vocab_size=src_cfg.vocab_size + extra)
-    params = jax.tree_util.tree_map(lambda a: allocate(tuple(a.shape)), abstract_params(cfg))
+    params = jax.tree_util.tree_map(lambda a: allocate(tuple(a.shape)), param_shapes(cfg))
     dtype = None
     for name, path, layer, kind in hf_tensor_specs(src_cfg):
         w = reader.get(name)
@@ -549,7 +547,7 @@ def open_orbax(ckpt: str) -> tuple[checkpoint.ParamReader, LlamaConfig, dict[str
     """
     cfg = checkpoint.load_model_config(ckpt)
     reader = checkpoint.ParamReader(ckpt)
-    expected = abstract_params(cfg)
+    expected = param_shapes(cfg)
     found = jax.tree_util.tree_map_with_path(
         lambda p, a: jax.ShapeDtypeStruct(reader.shape(_key_path(p)), a.dtype), expected
     )

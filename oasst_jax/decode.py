@@ -33,7 +33,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from oasst_jax import sharding
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama, LlamaConfig, abstract_params
 
 PAD_ID = 0  # what fills left padding; masked, so any valid id works
 PAD_MULTIPLE = 32  # prompt lengths are rounded up to this, so chats rarely recompile
@@ -106,9 +106,7 @@ def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) 
         _, v = model.apply({"params": params}, tokens, positions_BL=tokens, mutable=["cache"])
         return v["cache"]
 
-    params = nn.meta.unbox(
-        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:1, :1]))["params"]
-    )
+    params = nn.meta.unbox(abstract_params(model))
     boxed = jax.eval_shape(create, params)
     abstract = nn.meta.unbox(boxed)
     shardings = None

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from oasst_jax import sharding
 from oasst_jax.attention import IMPLEMENTATIONS, dot_product_attention, xla
 from oasst_jax.sharding import constrain
 
@@ -432,3 +433,21 @@ def output_logits(cfg: LlamaConfig, head_DV: jax.Array, x_BLD: jax.Array) -> jax
         valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
     return logits_BLV
+
+
+def init_rows() -> int:
+    """Rows of the dummy batch ``model.init`` traces: one per batch shard of the current
+    mesh, since the Pallas attention runs under ``shard_map``, which needs the batch to
+    divide evenly over its shards (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else sharding.axis_size(mesh, "batch")
+
+
+def abstract_params(model: Llama, length: int = 8) -> Any:
+    """Boxed (logically partitioned) parameter shapes, traced abstractly: nothing allocated.
+
+    ``nn.get_partition_spec`` of the result gives the logical specs, ``nn.meta.unbox``
+    the plain ``ShapeDtypeStruct`` tree.
+    """
+    tokens = jax.ShapeDtypeStruct((init_rows(), length), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]

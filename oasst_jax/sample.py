@@ -52,9 +52,9 @@ from flax import linen as nn
 
 from oasst_jax import checkpoint, decode, sharding
 from oasst_jax.chatml import prompt_ids
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
-from oasst_jax.train_step import abstract_params, param_shardings
+from oasst_jax.train_step import param_shardings
 
 # The model card's recommended inference system prompt.
 SYSTEM_PROMPT = (

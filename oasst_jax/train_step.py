@@ -26,7 +26,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import pipeline_parallel, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
-from oasst_jax.model import Llama, LlamaConfig, RMSNorm, output_logits
+from oasst_jax.model import (
+    Llama,
+    LlamaConfig,
+    RMSNorm,
+    abstract_params,
+    init_rows,
+    output_logits,
+)
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -40,20 +47,6 @@ class StepConfig:
     # > 1: the micro-batches flow through this many stages of a GPipe schedule
     # (oasst_jax/pipeline_parallel.py); the mesh's pipeline axis size.
     pipeline_stages: int = 1
-
-
-def init_rows() -> int:
-    """Rows of the dummy batch that ``model.init`` traces: one per batch shard of the
-    current mesh, since the Pallas attention runs under ``shard_map``, which needs the
-    batch to divide evenly over its shards (1 outside a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else sharding.axis_size(mesh, "batch")
-
-
-def abstract_params(model: Llama, seq_length: int = 8) -> Any:
-    """Boxed (logically partitioned) parameter shapes, no memory allocated."""
-    tokens = jax.ShapeDtypeStruct((init_rows(), seq_length), jnp.int32)
-    return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
 
 
 def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
@@ -175,12 +168,15 @@ def _pipelined_loss(
 
 
 def _pipeline_accumulate(
-    model: Llama, step_cfg: StepConfig, dropout_rates: jax.Array, deterministic: bool
+    model: Llama,
+    step_cfg: StepConfig,
+    dropout_rates: jax.Array,
+    deterministic: bool,
+    layer_specs: Any,
 ) -> Callable:
     """``(params, batch, rng) -> (grads, num, den, tokens)`` with all micro-batches
     differentiated at once through the pipeline schedule."""
     grad_fn = jax.value_and_grad(_pipelined_loss, argnums=1, has_aux=True)
-    layer_specs = nn.get_partition_spec(abstract_params(model))["decoder"]
 
     def accumulate(params: Any, batch: dict, rng: jax.Array):
         (num, (den, tokens)), grads = grad_fn(
@@ -191,15 +187,11 @@ def _pipeline_accumulate(
     return accumulate
 
 
-def make_train_step(
-    model: Llama,
-    tx: optax.GradientTransformation,
-    lr_schedule: Callable,
-    step_cfg: StepConfig,
-    dropout_rates: jax.Array,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """Build the (unjitted) step; ``batch`` fields are ``[accumulation, rows, length]``."""
-    deterministic = not bool(np.any(np.asarray(dropout_rates) > 0))
+def _scan_accumulate(
+    model: Llama, step_cfg: StepConfig, dropout_rates: jax.Array, deterministic: bool
+) -> Callable:
+    """``(params, batch, rng) -> (grads, num, den, tokens)`` summed over the micro-batches,
+    one at a time in a ``lax.scan`` (so only one micro-batch's activations live at once)."""
     loss_fn = partial(
         _microbatch_loss,
         model,
@@ -210,8 +202,6 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(params: Any, batch: dict, rng: jax.Array):
-        """Summed gradients and loss terms over the micro-batches (one at a time)."""
-
         def micro(carry, xs):
             grads, num, den, tokens = carry
             mb, i = xs
@@ -225,8 +215,29 @@ def make_train_step(
         (grads, num, den, tokens), _ = jax.lax.scan(micro, init, (batch, idx))
         return grads, num, den, tokens
 
+    return accumulate
+
+
+def make_train_step(
+    model: Llama,
+    tx: optax.GradientTransformation,
+    lr_schedule: Callable,
+    step_cfg: StepConfig,
+    dropout_rates: jax.Array,
+    layer_specs: Any,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Build the (unjitted) step; ``batch`` fields are ``[accumulation, rows, length]``.
+
+    ``layer_specs`` are the decoder's logical partition specs (the pipeline schedule
+    lays its stage buffers out by them).
+    """
+    deterministic = not bool(np.any(np.asarray(dropout_rates) > 0))
     if step_cfg.pipeline_stages > 1:
-        accumulate = _pipeline_accumulate(model, step_cfg, dropout_rates, deterministic)
+        accumulate = _pipeline_accumulate(
+            model, step_cfg, dropout_rates, deterministic, layer_specs
+        )
+    else:
+        accumulate = _scan_accumulate(model, step_cfg, dropout_rates, deterministic)
 
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
         params = state["params"]
@@ -237,11 +248,12 @@ def make_train_step(
         loss = num * scale
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "update_norm": optax.global_norm(jax.tree.map(jnp.subtract, new_params, params)),
             "param_norm": optax.global_norm(new_params),
             "lr": lr_schedule(state["step"]),
@@ -254,7 +266,7 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: Llama, pipeline_stages: int = 1
+    model: Llama, pipeline_stages: int = 1, layer_specs: Any = None
 ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
     """``(params, batch [rows, length]) -> (sum of token losses, loss-token count)``.
 
@@ -263,12 +275,9 @@ def make_eval_step(
     every layer onto every device (the whole model, for 70B).
     """
     cfg = model.cfg
-    layer_specs = None
-    if pipeline_stages > 1:
-        layer_specs = nn.get_partition_spec(abstract_params(model))["decoder"]
 
     def logits_fn(params: Any, batch: dict) -> jax.Array:
-        if layer_specs is None:
+        if pipeline_stages == 1:
             return model.apply(
                 {"params": params},
                 batch["inputs"],
@@ -324,6 +333,7 @@ def build_trainer(
     activation constraints resolve against this mesh.
     """
     boxed = abstract_params(model)
+    layer_specs = nn.get_partition_spec(boxed)["decoder"]
     p_shard = param_shardings(mesh, boxed)
     abs_state = jax.eval_shape(lambda p: init_state(p, tx), nn.meta.unbox(boxed))
     s_shard = state_shardings(mesh, p_shard, abs_state)
@@ -340,13 +350,13 @@ def build_trainer(
 
     b_shard = batch_sharding(mesh, leading=(None,))
     step = jax.jit(
-        make_train_step(model, tx, lr_schedule, step_cfg, dropout_rates),
+        make_train_step(model, tx, lr_schedule, step_cfg, dropout_rates, layer_specs),
         in_shardings=(s_shard, b_shard),
         out_shardings=(s_shard, None),
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        make_eval_step(model, step_cfg.pipeline_stages),
+        make_eval_step(model, step_cfg.pipeline_stages, layer_specs),
         in_shardings=(p_shard, batch_sharding(mesh)),
     )
     return CompiledTrainer(

@@ -70,7 +70,7 @@ import jax
 from flax import linen as nn
 
 from oasst_jax import sharding
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama, LlamaConfig, abstract_params
 
 GIB = 2**30
 ATTN_COPIES = 3  # XLA attention: fp32 scores, probabilities, and their gradient
@@ -129,9 +129,7 @@ class MemoryEstimate:
 
 def param_table(cfg: LlamaConfig) -> list[tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """(shape, logical axis names) of every parameter, traced abstractly (nothing allocated)."""
-    boxed = jax.eval_shape(
-        lambda: Llama(cfg).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))
-    )["params"]
+    boxed = abstract_params(Llama(cfg))
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
     return [
