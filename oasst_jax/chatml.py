@@ -149,8 +149,12 @@ def assistant_token_count(roles: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(roles) == ASSISTANT))
 
 
-def loss_mask(roles: np.ndarray, tokens: np.ndarray, tokenizer: Tokenizer, mode: str) -> np.ndarray:
+def loss_mask(
+    roles: np.ndarray, tokens: np.ndarray, tokenizer: Tokenizer | None, mode: str
+) -> np.ndarray:
     """Per-token 0/1 mask (uint8) of the tokens the loss is computed on (module docstring).
+
+    ``assistant_turn`` needs only the roles; ``assistant_answer`` needs the tokenizer.
 
     For ``assistant_answer``, the header of each assistant turn is the shortest token prefix
     that decodes to ``<|im_start|>assistant\\n`` (so a tokenizer that merges the newline
@@ -161,6 +165,8 @@ def loss_mask(roles: np.ndarray, tokens: np.ndarray, tokenizer: Tokenizer, mode:
     tokens = np.asarray(tokens)
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
+    if mode == "assistant_answer" and tokenizer is None:
+        raise ValueError("loss mode 'assistant_answer' needs the tokenizer")
     mask = roles == ASSISTANT
     if mode == "assistant_answer":
         for start, end in _assistant_turns(roles):

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from oasst_jax import distributed
+from oasst_jax.chatml import LOSS_MODES
 from oasst_jax.loss import LOSS_NORMALIZATIONS
 from oasst_jax.model import LlamaConfig
 
@@ -80,24 +81,24 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def llama2_model(**sizes) -> ml_collections.ConfigDict:
+LLAMA2_DEFAULTS = dict(
+    vocab_size=32002,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rope_scaling_factor=1.0,
+    rms_norm_eps=1e-5,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat_policy="selective",
+    attention_impl="xla",
+)
+
+
+def llama2_model(**fields) -> ml_collections.ConfigDict:
     """A ``configs/model/*.py`` body: Llama-2's shared constants (vocab 32000 + the two
     chatml ids, 4096 positions, RoPE theta 10000, RMSNorm eps 1e-5, bf16 compute over
-    fp32 master weights, selective remat) with the sizes that differ per model."""
-    return ml_collections.ConfigDict(
-        dict(
-            vocab_size=32002,
-            max_position_embeddings=4096,
-            rope_theta=10000.0,
-            rope_scaling_factor=1.0,
-            rms_norm_eps=1e-5,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat_policy="selective",
-            attention_impl="xla",
-            **sizes,
-        )
-    )
+    fp32 master weights, selective remat) overridden by the fields that differ."""
+    return ml_collections.ConfigDict({**LLAMA2_DEFAULTS, **fields})
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -162,7 +163,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         cfg.loss_normalization in LOSS_NORMALIZATIONS,
         f"loss_normalization={cfg.loss_normalization!r} not in {LOSS_NORMALIZATIONS}",
     )
-    need(cfg.loss_on in ("assistant_turn", "assistant_answer"), f"loss_on={cfg.loss_on!r}")
+    need(cfg.loss_on in LOSS_MODES, f"loss_on={cfg.loss_on!r} not in {LOSS_MODES}")
+    need(
+        cfg.loss_on == "assistant_turn" or bool(cfg.tokenizer_path),
+        f"loss_on={cfg.loss_on!r} needs tokenizer_path (to find the assistant headers)",
+    )
     need(cfg.nonfinite in ("skip", "halt"), f"nonfinite={cfg.nonfinite!r} not in (skip, halt)")
     need(not cfg.finetune or bool(cfg.load), "finetune=True needs load=<checkpoint or HF dir>")
     need(bool(cfg.data_path), "data_path is empty (point it at a pretokenizer output_dir)")

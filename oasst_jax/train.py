@@ -7,6 +7,8 @@ Resumes automatically from ``{workdir}/checkpoints``; otherwise starts from
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import signal
 import time
@@ -16,14 +18,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import checkpoint, distributed, optim, sharding
+from oasst_jax import chatml, checkpoint, distributed, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
-from oasst_jax.data import pipeline
+from oasst_jax.data import pipeline, shards
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
-from oasst_jax.train_step import StepConfig, batch_sharding, build_trainer, model_flops_per_token
+from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.train_step import (
+    BATCH_FIELDS,
+    StepConfig,
+    batch_sharding,
+    build_trainer,
+    model_flops_per_token,
+)
 
 
 class _StopFlag:
@@ -45,32 +54,26 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def open_split(cfg: ml_collections.ConfigDict, split: str):
-    """The pretokenizer's shards for ``split``, checked against the tokenizer if given."""
-    from oasst_jax.data import shards
-
-    path = os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}")
-    if cfg.tokenizer_path:
-        shards.check_tokenizer(cfg.data_path, _tokenizer(cfg))
-    return shards.ShardDataSource(path)
+def open_split(cfg: ml_collections.ConfigDict, split: str) -> shards.ShardDataSource:
+    return shards.ShardDataSource(os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}"))
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict):
-    from oasst_jax.tokenizer import Tokenizer
+def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
+    """The run's tokenizer (None without ``tokenizer_path``), checked once against the
+    model's vocabulary and against the tokenizer the shards were made with."""
+    if not cfg.tokenizer_path:
+        return None
+    tok = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer_path} has {tok.vocab_size} ids but "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
+    shards.check_tokenizer(cfg.data_path, tok)
+    return tok
 
-    return Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
 
-
-def loss_mask_fn(cfg: ml_collections.ConfigDict):
-    if cfg.loss_on == "assistant_turn":
-        return pipeline.assistant_turn_mask
-    from oasst_jax.chatml import loss_mask
-
-    tok = _tokenizer(cfg)
-    return lambda tokens, roles: loss_mask(roles, tokens, tok, cfg.loss_on)
-
-
-def make_iterator(cfg, source, rows: int, *, train: bool):
+def make_iterator(cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool):
     """The global batch stream, ``rows`` rows per batch.
 
     Every process runs the same seeded pipeline over the whole split and
@@ -89,14 +92,14 @@ def make_iterator(cfg, source, rows: int, *, train: bool):
         num_packing_bins=cfg.num_packing_bins,
         num_threads=cfg.data_threads,
     )
-    return iter(pipeline.build_dataset(source, pc, loss_mask_fn(cfg)))
+    return iter(pipeline.build_dataset(source, pc, loss_mask))
 
 
 def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dict:
     """The global batch (identical on every process) -> one global array per field,
     each process transferring only the slices its devices hold."""
     out = {}
-    for k in ("inputs", "targets", "weights", "segment_ids", "positions"):
+    for k in BATCH_FIELDS:
         full = np.asarray(host_batch[k]).reshape(global_shape)
         out[k] = jax.make_array_from_callback(global_shape, sharding_, full.__getitem__)
     return out
@@ -104,7 +107,7 @@ def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dic
 
 def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
     """Weights from ``cfg.load``: an orbax checkpoint root or a Hugging Face directory."""
-    if os.path.isfile(os.path.join(cfg.load, "config.json")):
+    if _is_hf_dir(cfg.load):
         from oasst_jax.convert import load_hf
 
         params, hf_cfg, _ = load_hf(cfg.load)
@@ -123,22 +126,19 @@ def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
     return checkpoint.load_weights(cfg.load, abstract)
 
 
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def resolve_model_config(cfg) -> LlamaConfig:
+    """The config's model, or with ``use_checkpoint_args`` the shape stored with the orbax
+    checkpoint in ``load`` (numerics and attention choices stay the run's own)."""
     model_cfg = model_config(cfg)
-    if cfg.use_checkpoint_args and cfg.load and not cfg.load.endswith(".json"):
-        if not os.path.isfile(os.path.join(cfg.load, "config.json")):
-            stored = checkpoint.load_model_config(cfg.load)
-            keep = (
-                "dtype",
-                "remat_policy",
-                "attention_impl",
-                "attention_backend",
-                "attention_dropout",
-            )
-            model_cfg = LlamaConfig(
-                **{**stored.__dict__, **{k: getattr(model_cfg, k) for k in keep}}
-            )
-    return model_cfg
+    if not (cfg.use_checkpoint_args and cfg.load) or _is_hf_dir(cfg.load):
+        return model_cfg
+    stored = checkpoint.load_model_config(cfg.load)
+    keep = ("dtype", "remat_policy", "attention_impl", "attention_backend", "attention_dropout")
+    return dataclasses.replace(stored, **{k: getattr(model_cfg, k) for k in keep})
 
 
 def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
@@ -147,11 +147,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(dict(cfg.mesh))
     model_cfg = resolve_model_config(cfg)
-    if cfg.tokenizer_path and _tokenizer(cfg).vocab_size != model_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.tokenizer_path} has {_tokenizer(cfg).vocab_size} ids but "
-            f"model.vocab_size={model_cfg.vocab_size}"
-        )
+    tokenizer = load_tokenizer(cfg, model_cfg)
+    loss_mask = functools.partial(chatml.loss_mask, tokenizer=tokenizer, mode=cfg.loss_on)
     model = Llama(model_cfg)
     tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
     accum = accumulation_steps(cfg, jax.device_count())
@@ -181,7 +178,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             state = trainer.init_random(jax.random.key(cfg.seed))
         b_shard = trainer.batch_sharding
         step_fn, eval_fn = trainer.step, trainer.eval
-        train_it = make_iterator(cfg, open_split(cfg, "train"), cfg.global_batch_size, train=True)
+        train_it = make_iterator(
+            cfg, open_split(cfg, "train"), cfg.global_batch_size, loss_mask, train=True
+        )
         if data_state is not None:
             train_it.set_state(data_state)
         val_source = open_split(cfg, "val") if cfg.eval_iters and cfg.eval_interval else None
@@ -223,7 +222,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                 and val_source is not None
                 and (step % cfg.eval_interval == 0 or step == cfg.train_iters)
             ):
-                val = evaluate(cfg, eval_fn, state["params"], val_source, rows_per_micro, mesh)
+                val = evaluate(
+                    cfg, eval_fn, state["params"], val_source, rows_per_micro, loss_mask, mesh
+                )
                 pending[3].update(val)
                 _log(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}")
             exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
@@ -279,9 +280,9 @@ def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Time
     return m
 
 
-def evaluate(cfg, eval_fn, params, source, rows: int, mesh) -> dict[str, float]:
+def evaluate(cfg, eval_fn, params, source, rows: int, loss_mask, mesh) -> dict[str, float]:
     """Token-weighted loss over ``eval_iters`` batches from the start of the val split."""
-    it = make_iterator(cfg, source, rows, train=False)
+    it = make_iterator(cfg, source, rows, loss_mask, train=False)
     total, count = 0.0, 0.0
     shard = batch_sharding(mesh)
     for _ in range(cfg.eval_iters):

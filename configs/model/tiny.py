@@ -2,23 +2,18 @@
 
 import ml_collections
 
+from oasst_jax.config import llama2_model
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            vocab_size=1002,  # 1000-piece sentencepiece model (README) + 2 chatml ids
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            rope_theta=10000.0,
-            rope_scaling_factor=1.0,
-            rms_norm_eps=1e-5,
-            dtype="float32",
-            param_dtype="float32",
-            remat_policy="none",
-            attention_impl="xla",
-        )
+    return llama2_model(
+        vocab_size=1002,  # 1000-piece sentencepiece model (README) + 2 chatml ids
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        dtype="float32",
+        remat_policy="none",
     )

@@ -24,9 +24,10 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-ASSISTANT_ROLE = 2
-LOSS_ON = ("assistant_turn", "assistant_answer")
 FIELDS = ("inputs", "targets", "weights")
+# ``loss_mask(roles=..., tokens=...)`` -> per-token 0/1 mask: ``chatml.loss_mask`` bound
+# to a tokenizer and mode (the data pipeline itself knows no loss rule)
+LossMask = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +42,15 @@ class PipelineConfig:
     prefetch: int = 4
 
 
-def assistant_turn_mask(tokens: np.ndarray, roles: np.ndarray) -> np.ndarray:
-    """Upstream's loss mask: every token of an assistant turn (header included)."""
-    del tokens
-    return roles == ASSISTANT_ROLE
-
-
 def make_example(
     sample: dict[str, np.ndarray],
     seq_length: int,
-    loss_mask: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    loss_mask: LossMask,
 ) -> dict[str, np.ndarray]:
     """One sample -> shifted ``inputs``/``targets``/``weights`` of at most ``seq_length``."""
     tokens = np.asarray(sample["tokens"], np.int32)[: seq_length + 1]
     roles = np.asarray(sample["roles"])[: seq_length + 1]
-    mask = loss_mask(tokens, roles)
+    mask = loss_mask(roles=roles, tokens=tokens)
     return {
         "inputs": tokens[:-1],
         "targets": tokens[1:],
@@ -86,7 +81,7 @@ def _nonempty(example: dict[str, np.ndarray]) -> bool:
 def build_dataset(
     source: Any,
     cfg: PipelineConfig,
-    loss_mask: Callable[[np.ndarray, np.ndarray], np.ndarray] = assistant_turn_mask,
+    loss_mask: LossMask,
     *,
     repeat: bool = True,
 ) -> grain.IterDataset:
