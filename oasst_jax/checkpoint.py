@@ -103,23 +103,26 @@ def save_weights(
         mngr.wait_until_finished()
 
 
+def _restore_json(mngr: ocp.CheckpointManager, step: int, name: str) -> dict:
+    """One JSON item of a step (``model``, ``meta`` or an ``extra_json`` item)."""
+    return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+
 def load_json_item(directory: str, name: str, step: int | None = None) -> dict | None:
     """A JSON item saved with ``extra_json``; None when the step has no such item."""
     step = _resolve_step(directory, step)
     with _manager(directory) as mngr:
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+            return _restore_json(mngr, step, name)
         except KeyError:
             return None
-    return restored[name]
 
 
 def load_model_config(directory: str, step: int | None = None) -> LlamaConfig:
     """The model config stored with a checkpoint."""
     step = _resolve_step(directory, step)
     with _manager(directory) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-    return LlamaConfig.from_mapping(restored["model"])
+        return LlamaConfig.from_mapping(_restore_json(mngr, step, "model"))
 
 
 def load_weights(directory: str, abstract_params: Any = None, step: int | None = None) -> Any:
@@ -225,11 +228,11 @@ def check_same_shape(stored: LlamaConfig | None, cfg: LlamaConfig, where: str) -
 
 
 def _read_model_config(mngr: ocp.CheckpointManager, step: int) -> LlamaConfig | None:
+    """The step's model config, or None when it cannot be read (a damaged step)."""
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+        return LlamaConfig.from_mapping(_restore_json(mngr, step, "model"))
     except (OSError, ValueError, KeyError):
         return None
-    return LlamaConfig.from_mapping(restored["model"])
 
 
 class TrainCheckpointer:
@@ -245,9 +248,6 @@ class TrainCheckpointer:
         self._mngr = _manager(
             self.directory, max_to_keep=max_to_keep, enable_async_checkpointing=async_save
         )
-
-    def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
 
     def save(self, step: int, state: dict, meta: dict, cfg: LlamaConfig) -> None:
         self._mngr.save(

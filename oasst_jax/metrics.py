@@ -16,8 +16,8 @@ import jax
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, enabled: bool | None = None):
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
         self._writer = None
         self._jsonl = None
         if self.enabled:
@@ -27,18 +27,14 @@ class MetricsLogger:
             self._writer = SummaryWriter(os.path.join(workdir, "tb"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
 
-    def write(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
         for k, v in clean.items():
-            self._writer.add_scalar(f"{prefix}{k}", v, step)
+            self._writer.add_scalar(k, v, step)
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
-
-    def text(self, tag: str, value: str) -> None:
-        if self.enabled:
-            self._writer.add_text(tag, value, 0)
 
     def close(self) -> None:
         if self.enabled:
