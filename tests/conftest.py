@@ -91,3 +91,41 @@ def tiny_llama(**overrides):
         initializer_range=0.2,
     )
     return LlamaConfig(**{**fields, **overrides})
+
+
+def tiny_hf_llama(path, *, rope_factor: float = 1.0, dtype=None, max_shard_size=None, **fields):
+    """A random tiny GQA ``transformers.LlamaForCausalLM`` (vocab 300, which pads to 384)
+    saved as safetensors at ``path``; returns the directory.
+
+    Weights are redrawn at std 0.1 and norm scales around 1: HF inits norms to exactly 1
+    and matrices at 0.02, which would hide layout mistakes in near-zero logits and make
+    greedy argmax ties likely.
+    """
+    import torch
+    import transformers
+
+    rope = {"rope_type": "linear", "factor": rope_factor} if rope_factor != 1.0 else None
+    cfg = transformers.LlamaConfig(
+        **{
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": rope,
+            **fields,
+        }
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return str(path)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import tiny_hf_llama
 from safetensors.numpy import load_file, save_file
 
 from oasst_jax import checkpoint, convert
@@ -25,33 +26,10 @@ BF16_TOL = 0.1  # bf16 logits of order 1 carry ~1e-2 rounding per op; see test_b
 
 
 def _make_hf(path, *, rope_factor: float = 1.0, dtype=torch.float32, max_shard_size=None) -> str:
-    """A random tiny GQA ``LlamaForCausalLM`` saved as safetensors.
-
-    Weights are redrawn at std 0.1 and norm scales around 1 (HF inits norms to
-    exactly 1 and matrices at 0.02, which would hide layout mistakes in
-    near-zero logits).
-    """
-    rope = {"rope_type": "linear", "factor": rope_factor} if rope_factor != 1.0 else None
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_scaling=rope,
+    """The suite's tiny random HF Llama (vocab ``VOCAB``), saved as safetensors."""
+    return tiny_hf_llama(
+        path, rope_factor=rope_factor, dtype=dtype, max_shard_size=max_shard_size, vocab_size=VOCAB
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
-    model = model.to(dtype)
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from flax import linen as nn
 
 from oasst_jax import checkpoint, convert, decode, sample
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf_tokenizer import write_hf_tokenizer
-from oasst_jax.model import Llama, LlamaConfig
+from oasst_jax.model import Llama
 from oasst_jax.sharding import make_mesh
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
@@ -29,18 +30,7 @@ CONVERSATION = [
 def exported(tmp_path_factory, sp_model_path):
     """A random tiny checkpoint exported with ``--tokenizer``."""
     tok = Tokenizer(sp_model_path)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        dtype="float32",
-        remat_policy="none",
-        initializer_range=0.2,
-    )
+    cfg = tiny_llama(vocab_size=tok.vocab_size, max_position_embeddings=256)
     boxed = jax.jit(Llama(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = nn.meta.unbox(boxed["params"])
     root = tmp_path_factory.mktemp("export")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import tiny_hf_llama, tiny_llama
 from flax import linen as nn
 
 from oasst_jax import checkpoint, convert, decode, sample
@@ -94,24 +94,7 @@ def test_stop_token_ends_a_row_and_is_excluded(tiny, greedy_batch):
 
 def _hf_model(path) -> str:
     """A random tiny GQA ``LlamaForCausalLM`` (std 0.1 weights: confident, tie-free argmax)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
-    model.save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return tiny_hf_llama(path, eos_token_id=2)
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
