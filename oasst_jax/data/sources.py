@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,41 @@ def shuffled(records: Sequence[Any], seed: int) -> Iterator[tuple[int, Any]]:
         yield int(i), records[i]
 
 
+Turns = tuple[tuple[Turn, ...] | None, str | None]  # the turns, or the reason to skip
+
+
+def collect(
+    display: str,
+    keyed_records: Iterable[tuple[str, Any]],
+    to_turns: Callable[[Any], Turns],
+    skipped: collections.Counter,
+) -> LoadResult:
+    """Samples from ``(group key, record)`` pairs; a record ``to_turns`` rejects is
+    counted under its reason (``skipped`` may already hold the reader's counts)."""
+    samples = []
+    for key, record in keyed_records:
+        turns, reason = to_turns(record)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        samples.append(Sample(turns, key))
+    return LoadResult(display, samples, skipped)
+
+
+def instruction_turns(
+    record: Mapping[str, Any], columns: Mapping[str, str], phrases: tuple[str, ...]
+) -> Turns:
+    """One user/assistant pair from the configured columns; phrase-filtered answers drop."""
+    user, reason = _text(record, columns["user"])
+    if reason is None:
+        answer, reason = _text(record, columns["assistant"])
+    if reason is None and any(p in answer.lower() for p in phrases):
+        reason = "phrase_filter"
+    if reason is not None:
+        return None, reason
+    return (Turn("user", user), Turn("assistant", answer)), None
+
+
 def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]], LoadResult]:
     """Loader for a one-pair-per-row instruction dataset (megacode2, oa_leet10k)."""
 
@@ -98,24 +133,13 @@ def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]],
         seed = int(options.get("shuffle_seed", 42))
         skipped: collections.Counter = collections.Counter()
         records = list(read_records(path, skipped))
-        samples = []
-        for index, record in shuffled(records, seed):
-            user, reason = _text(record, columns["user"])
-            if reason is None:
-                answer, reason = _text(record, columns["assistant"])
-            if reason is None and any(p in answer.lower() for p in phrases):
-                reason = "phrase_filter"
-            if reason is not None:
-                skipped[reason] += 1
-                continue
-            turns = (Turn("user", user), Turn("assistant", answer))
-            samples.append(Sample(turns, f"{name}:{index}"))
-        return LoadResult(display, samples, skipped)
+        keyed = ((f"{name}:{i}", r) for i, r in shuffled(records, seed))
+        return collect(display, keyed, lambda r: instruction_turns(r, columns, phrases), skipped)
 
     return load
 
 
-def orca_turns(record: Mapping[str, Any]) -> tuple[tuple[Turn, ...] | None, str | None]:
+def orca_turns(record: Mapping[str, Any]) -> Turns:
     """``OrcaChat``: ``instruction`` -> system turn (only when non-blank), each
     ``{input, output}`` of ``conversation`` -> a user and an assistant turn."""
     conversation = record.get("conversation")
@@ -144,14 +168,8 @@ def load_orca_chat(options: Mapping[str, Any]) -> LoadResult:
     """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (option ``path``)."""
     path = require_path(options.get("path"), "orca-chat.path")
     skipped: collections.Counter = collections.Counter()
-    samples = []
-    for index, record in enumerate(read_records(path, skipped)):
-        turns, reason = orca_turns(record)
-        if reason is not None:
-            skipped[reason] += 1
-            continue
-        samples.append(Sample(turns, f"orca-chat:{index}"))
-    return LoadResult("OrcaChat (orca-chat)", samples, skipped)
+    keyed = ((f"orca-chat:{i}", r) for i, r in enumerate(read_records(path, skipped)))
+    return collect("OrcaChat (orca-chat)", keyed, orca_turns, skipped)
 
 
 def clean_context(context: str) -> str:
@@ -160,7 +178,7 @@ def clean_context(context: str) -> str:
     return CITATION_RE.sub("", context).strip()
 
 
-def dolly_turns(record: Mapping[str, Any]) -> tuple[tuple[Turn, ...] | None, str | None]:
+def dolly_turns(record: Mapping[str, Any]) -> Turns:
     """``instruction`` -> user, cleaned non-empty ``context`` -> its own ``context`` turn,
     ``response`` -> assistant (upstream ``create_dataset_entry_qa(context=...)``)."""
     user, reason = _text(record, "instruction")
@@ -203,14 +221,10 @@ def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
     for split in DOLLY_SPLITS:  # fail at start, before reading anything
         dolly_split_files(root, split)
     skipped: collections.Counter = collections.Counter()
-    samples = []
-    for split, index, record in _iter_dolly(root, skipped):
-        turns, reason = dolly_turns(record)
-        if reason is not None:
-            skipped[reason] += 1
-            continue
-        samples.append(Sample(turns, f"dolly15k_multilingual:{split}:{index}"))
-    return LoadResult("Dolly15kMultilingual", samples, skipped)
+    keyed = (
+        (f"dolly15k_multilingual:{split}:{i}", r) for split, i, r in _iter_dolly(root, skipped)
+    )
+    return collect("Dolly15kMultilingual", keyed, dolly_turns, skipped)
 
 
 LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
