@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import multiprocessing
+import sys
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,7 +47,8 @@ from oasst_jax.chatml import EncodedBatch, encode_batch
 from oasst_jax.cli import cli_main
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import DataError, Sample, Turn
-from oasst_jax.data.sources import LOADERS, load_dataset
+from oasst_jax.data.readers import MAX_RECORD_BYTES
+from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
 from oasst_jax.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
@@ -266,22 +268,59 @@ def write_samples(
 
 # ----------------------------------------------------------------------------- config
 
+REQUIRED = ("output_dir", "filename_prefix", "tokenizer_path", "datasets")
+# Every other top-level field and its default; any key outside these two is refused.
+DEFAULTS: dict[str, Any] = {
+    "min_assistant_tokens": None,
+    "megatron_new_tokens": False,
+    "check_tokenization": True,
+    "seed": 42,
+    "num_workers": 1,
+    "overwrite": False,  # True: write even where shards of another tokenizer lie
+    "max_record_bytes": MAX_RECORD_BYTES,  # a longer JSON line is skipped (readers.py)
+}
+
+
+def _setting(config: Any, key: str) -> Any:
+    value = config.get(key)
+    return DEFAULTS[key] if value is None else value
+
 
 def _options(config: Any, name: str) -> dict[str, Any]:
     options = config.datasets[name]
     return dict(options.to_dict() if hasattr(options, "to_dict") else options)
 
 
+def _need_positive_int(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"config: {field} must be a positive int, got {value!r}")
+
+
 def validate_config(config: Any) -> list[str]:
-    """Check the config before any work; returns the dataset names in config order."""
-    for key in ("output_dir", "filename_prefix", "tokenizer_path", "datasets"):
+    """Check the config before any work; returns the dataset names in config order.
+
+    A key the pretokenizer does not read, at the top level or in a dataset's section,
+    is an error: a misspelt option (``valsplit``) must not be silently ignored."""
+    for key in REQUIRED:
         if not config.get(key):
             raise DataError(f"config: '{key}' is required")
+    unknown = [k for k in config.keys() if k not in REQUIRED and k not in DEFAULTS]
+    if unknown:
+        raise DataError(f"config: unknown field {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
+    _check_output_path(Path(config.output_dir))
+    _need_positive_int(_setting(config, "num_workers"), "num_workers")
+    _need_positive_int(_setting(config, "max_record_bytes"), "max_record_bytes")
     names = list(config.datasets.keys())
     for name in names:
         if name not in LOADERS:
             raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
         opts = _options(config, name)
+        valid = (*OPTIONS[name], *SPLIT_OPTIONS)
+        for key in opts:
+            if key not in valid:
+                raise DataError(
+                    f"datasets.{name}: unknown option {key!r}; valid: {', '.join(valid)}"
+                )
         val_split = opts.get("val_split", DEFAULT_VAL_SPLIT)
         if not 0.0 <= float(val_split) < 1.0:
             raise DataError(f"datasets.{name}.val_split must be in [0, 1), got {val_split}")
@@ -291,12 +330,47 @@ def validate_config(config: Any) -> list[str]:
         max_val = opts.get("max_val_set")
         if max_val is not None and int(max_val) < 0:
             raise DataError(f"datasets.{name}.max_val_set must be >= 0, got {max_val}")
+        if opts.get("max_record_bytes") is not None:
+            _need_positive_int(opts["max_record_bytes"], f"datasets.{name}.max_record_bytes")
         for key in PATH_OPTIONS:
             if opts.get(key) and not Path(opts[key]).exists():
                 raise DataError(f"datasets.{name}.{key}: input not found: {opts[key]}")
-    if int(config.get("num_workers", 1)) < 1:
-        raise DataError(f"config: num_workers must be >= 1, got {config.num_workers}")
     return names
+
+
+_FIELDS = (*REQUIRED, *DEFAULTS)
+
+
+def _check_output_path(out_dir: Path) -> None:
+    """``output_dir`` must be a directory or creatable as one (not a file, nor under one)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise DataError(f"config: output_dir {out_dir}: {path} is not a directory")
+            return
+
+
+def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) -> None:
+    """Refuse to write into ``out_dir`` when it holds shards of another tokenizer, unless
+    ``overwrite``: the output directory's ``metadata.json`` and ``stats.md`` describe the
+    last run only, so mixing tokenizers in one directory invites training on the wrong
+    one.  (The trainer checks each split's own metadata, so it would still refuse.)"""
+    if overwrite or not out_dir.is_dir():
+        return
+    files = [out_dir / shards.METADATA_FILE]
+    files += sorted(p / shards.METADATA_FILE for p in out_dir.iterdir() if p.is_dir())
+    for file in files:
+        try:
+            made = json.loads(file.read_text())["tokenizer"]
+            sha, vocab = str(made["sha256"]), made["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or not our metadata
+            continue
+        if sha != tokenizer.sha256:
+            raise DataError(
+                f"{file.parent} holds shards made with another tokenizer (sha256 {sha[:12]}, "
+                f"vocab {vocab}) than {tokenizer.model_path} (sha256 {tokenizer.sha256[:12]}, "
+                f"vocab {tokenizer.vocab_size}); use another output_dir or set overwrite=True"
+            )
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -309,16 +383,31 @@ def _config_json(config: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run
 
 
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _split_expected(split: str, opts: Mapping[str, Any]) -> bool:
+    """Whether a dataset should put samples into ``split`` (val only with val_split > 0)."""
+    return split == "train" or float(opts.get("val_split", DEFAULT_VAL_SPLIT)) > 0
+
+
 def run(config: Any) -> dict[str, list[Stats]]:
-    """Pretokenize the mix described by ``config``; returns the stats blocks per split."""
+    """Pretokenize the mix described by ``config``; returns the stats blocks per split.
+
+    A dataset that contributes no sample to a split it should feed is a warning on
+    stderr naming it; a split left with no sample at all is an error, and then nothing
+    in ``output_dir`` is replaced."""
     names = validate_config(config)
     tokenizer = Tokenizer(
-        config.tokenizer_path, megatron_new_tokens=bool(config.get("megatron_new_tokens", False))
+        config.tokenizer_path, megatron_new_tokens=bool(_setting(config, "megatron_new_tokens"))
     )
     out_dir, prefix = Path(config.output_dir), config.filename_prefix
-    seed = int(config.get("seed", 42))
+    check_output_dir(out_dir, tokenizer, overwrite=bool(_setting(config, "overwrite")))
+    seed = int(_setting(config, "seed"))
     min_tokens = config.get("min_assistant_tokens")
     stats: dict[str, list[Stats]] = {s: [] for s in SPLITS}
+    expected = {s: False for s in SPLITS}
     load_skips: dict[str, Counter] = {}
     common = {"tokenizer": shards.tokenizer_identity(tokenizer), "config": _config_json(config)}
     with contextlib.ExitStack() as stack:
@@ -333,13 +422,14 @@ def run(config: Any) -> dict[str, list[Stats]]:
         encoder = stack.enter_context(
             Encoder(
                 tokenizer,
-                num_workers=int(config.get("num_workers", 1)),
-                check=bool(config.get("check_tokenization", True)),
+                num_workers=int(_setting(config, "num_workers")),
+                check=bool(_setting(config, "check_tokenization")),
             )
         )
         for name in names:
             opts = _options(config, name)
-            result = load_dataset(name, opts)
+            limit = {"max_record_bytes": _setting(config, "max_record_bytes")}
+            result = load_dataset(name, {**limit, **opts})
             load_skips[name] = result.skipped
             fraction = float(opts.get("fraction", 1.0))
             parts = split_dataset(
@@ -357,6 +447,16 @@ def run(config: Any) -> dict[str, list[Stats]]:
                     min_assistant_tokens=min_tokens, desc=f"{name} {split}",
                 )  # fmt: skip
                 stats[split].append(block)
+                if _split_expected(split, opts):
+                    expected[split] = True
+                    if block.accepted == 0:
+                        _warn(_empty_part(name, split, len(result.samples), block, result))
+        for split, writer in writers.items():
+            if writer.num_samples == 0 and expected[split]:
+                raise DataError(
+                    f"split {split!r} is empty: no dataset gave it a sample (warnings above); "
+                    f"nothing in {out_dir} was replaced"
+                )
         _begin_commit(out_dir)
         metas = {split: w.commit({"split": split, **common}) for split, w in writers.items()}
     report = format_report(str(out_dir), prefix, stats, load_skips)
@@ -366,6 +466,14 @@ def run(config: Any) -> dict[str, list[Stats]]:
     return stats
 
 
+def _empty_part(name: str, split: str, loaded: int, block: Stats, result: Any) -> str:
+    return (
+        f"dataset {name!r} contributes no {split} samples: {loaded} loaded, "
+        f"{block.total} went to {split}, skipped: {_reasons(block.reasons)}; "
+        f"load skips: {_reasons(result.skipped)}"
+    )
+
+
 def _begin_commit(out_dir: Path) -> None:
     """Remove the old completion marker first, so a crash mid-commit reads as incomplete."""
     (out_dir / shards.METADATA_FILE).unlink(missing_ok=True)
@@ -373,7 +481,7 @@ def _begin_commit(out_dir: Path) -> None:
 
 def _output_metadata(common: dict, metas: dict, stats: dict[str, list[Stats]]) -> dict[str, Any]:
     splits = {
-        split: {k: meta[k] for k in ("num_samples", "num_tokens", "token_dtype")}
+        split: {k: meta[k] for k in ("num_samples", "num_tokens", "token_dtype", "max_token_id")}
         for split, meta in metas.items()
     }
     counts = {

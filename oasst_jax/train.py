@@ -55,21 +55,28 @@ def _log(msg: str) -> None:
 
 
 def open_split(cfg: ml_collections.ConfigDict, split: str) -> shards.ShardDataSource:
-    return shards.ShardDataSource(os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}"))
+    """``{data_path}/{data_prefix}-{split}``; missing, unfinished or empty: a one-line error."""
+    return shards.ShardDataSource(shards.split_path(cfg.data_path, cfg.data_prefix, split))
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
     """The run's tokenizer (None without ``tokenizer_path``), checked once against the
-    model's vocabulary and against the tokenizer the shards were made with."""
-    if not cfg.tokenizer_path:
-        return None
-    tok = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
-    if tok.vocab_size != model_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.tokenizer_path} has {tok.vocab_size} ids but "
-            f"model.vocab_size={model_cfg.vocab_size}"
-        )
-    shards.check_tokenizer(cfg.data_path, tok)
+    model's vocabulary.  Every split the run reads (train, and val when evaluating) is
+    checked with or without one: not empty, every token id below ``model.vocab_size``,
+    and made with this tokenizer (each split's own metadata, not the output directory's,
+    which only describes the last pretokenize run into it)."""
+    tok = None
+    if cfg.tokenizer_path:
+        tok = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
+        if tok.vocab_size != model_cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {cfg.tokenizer_path} has {tok.vocab_size} ids but "
+                f"model.vocab_size={model_cfg.vocab_size}"
+            )
+    splits = ("train", "val") if cfg.eval_iters and cfg.eval_interval else ("train",)
+    for split in splits:
+        path = shards.split_path(cfg.data_path, cfg.data_prefix, split)
+        shards.check_split(path, model_cfg.vocab_size, tok)
     return tok
 
 

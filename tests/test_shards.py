@@ -72,10 +72,14 @@ def test_rejects_out_of_range_and_misaligned(tmp_path):
             w.add(np.array([1, 2]), np.array([0]))
 
 
-def test_empty_split(tmp_path):
-    _write(tmp_path / "e", [])
-    src = shards.ShardDataSource(tmp_path / "e")
-    assert len(src) == 0 and src.lengths().size == 0
+def test_empty_split_is_refused_when_opened(tmp_path):
+    meta = _write(tmp_path / "e", [])
+    assert (meta["num_samples"], meta["max_token_id"]) == (0, -1)
+    with pytest.raises(DataError, match="empty split") as err:
+        shards.ShardDataSource(tmp_path / "e")
+    assert str(tmp_path / "e") in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="empty split"):
+        shards.check_split(tmp_path / "e", vocab_size=300)
 
 
 def test_pickles_without_data_and_works_in_grain(tmp_path):
@@ -146,3 +150,33 @@ def test_check_tokenizer(tmp_path, sp_model_path):
     with pytest.raises(DataError, match="another tokenizer") as err:
         shards.check_tokenizer(tmp_path / "s", other)
     assert "\n" not in str(err.value)
+
+
+def test_check_split_refuses_ids_beyond_the_model_vocab(tmp_path):
+    """Ids of a 60000-token tokenizer must not train a 1002-row model silently."""
+    meta = _write(tmp_path / "s", [(np.array([5, 60000]), np.array([1, 2]))], vocab=65000)
+    assert meta["max_token_id"] == 60000
+    shards.check_split(tmp_path / "s", vocab_size=60001)
+    with pytest.raises(DataError, match="token id 60000 .* only 1002 ids") as err:
+        shards.check_split(tmp_path / "s", vocab_size=1002)
+    assert "\n" not in str(err.value)
+
+
+def test_max_token_id_of_old_shards_is_computed_from_the_tokens(tmp_path):
+    _write(tmp_path / "s", [(np.array([3, 250, 7]), np.array([1, 2, 2]))])
+    meta_file = tmp_path / "s" / shards.METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta["max_token_id"]  # written before the field existed
+    meta_file.write_text(json.dumps(meta))
+    assert shards.max_token_id(tmp_path / "s") == 250
+    with pytest.raises(DataError, match="token id 250"):
+        shards.check_split(tmp_path / "s", vocab_size=200)
+
+
+def test_check_split_checks_the_tokenizer_of_the_split(tmp_path, sp_model_path):
+    tok = Tokenizer(sp_model_path)
+    other = Tokenizer(sp_model_path, megatron_new_tokens=True)
+    _write(tmp_path / "s", _samples(2), meta={"tokenizer": shards.tokenizer_identity(tok)})
+    shards.check_split(tmp_path / "s", vocab_size=tok.vocab_size, tokenizer=tok)
+    with pytest.raises(DataError, match="another tokenizer"):
+        shards.check_split(tmp_path / "s", vocab_size=other.vocab_size, tokenizer=other)

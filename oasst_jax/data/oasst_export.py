@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
-from oasst_jax.data.readers import iter_jsonl_input, require_path
+from oasst_jax.data.readers import iter_jsonl_input, record_limit, require_path
 
 NAME = "oasst_export"
 ROLE_MAP = {"prompter": "user", "assistant": "assistant"}
@@ -185,14 +185,14 @@ def tree_threads(
 
 
 def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
-    """Load an Open-Assistant export (options ``input_file_path``, ``lang``, ``top_k``)
-    as one :class:`Sample` per thread, grouped by ``message_tree_id``."""
+    """Load an Open-Assistant export (options ``input_file_path``, ``lang``, ``top_k``,
+    ``max_record_bytes``) as one :class:`Sample` per thread, grouped by ``message_tree_id``."""
     path = require_path(options.get("input_file_path"), f"{NAME}.input_file_path")
     langs = parse_lang(options.get("lang"))
     top_k = parse_top_k(options.get("top_k"))
     skipped: collections.Counter = collections.Counter()
     samples: list[Sample] = []
-    for record in iter_jsonl_input(path, skipped):
+    for record in iter_jsonl_input(path, skipped, record_limit(options)):
         try:
             tree_id = record.get("message_tree_id")
             if not isinstance(tree_id, str) or not tree_id or "prompt" not in record:

@@ -5,6 +5,12 @@ The upstream datasets ship in several formats (Hugging Face hub files are .json,
 or .parquet; the Open-Assistant export is a .jsonl.gz, possibly inside a tar.gz).  These
 readers stream where the format allows it and count unreadable lines into a ``skipped``
 counter instead of raising, so one bad line never aborts a pretokenizer run.
+
+A JSON line is read with a bounded ``readline``: a line longer than ``max_bytes`` (default
+:data:`MAX_RECORD_BYTES`) is never held whole, it is read past in chunks and counted as
+``oversize_record``.  16 MiB is ~100x the largest record of the card's datasets (an
+Open-Assistant message tree is well under 1 MiB) and bounds what one hostile line costs:
+parsing 16 MiB of JSON into Python objects stays in the low hundreds of MB.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ import json
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from oasst_jax.data.conversation import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+MAX_RECORD_BYTES = 16 * 2**20
+_SKIP_CHUNK = 2**20  # bytes read at a time when reading past an oversize line
+CORRUPT_STREAM_ERRORS = (OSError, EOFError, zlib.error)  # truncated/corrupt gzip or file
 
 
 def require_path(path: Any, what: str) -> Path:
@@ -34,15 +43,46 @@ def require_path(path: Any, what: str) -> Path:
     return resolved
 
 
+def iter_lines(
+    stream: IO[bytes], skipped: collections.Counter, max_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[bytes]:
+    """The lines of a binary stream, none longer than ``max_bytes`` (newline excluded).
+
+    A longer line is read past ``_SKIP_CHUNK`` bytes at a time, so memory stays bounded
+    by ``max_bytes`` whatever the input, and counted as ``oversize_record``.
+    """
+    while line := stream.readline(max_bytes + 1):
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line
+            continue
+        skipped["oversize_record"] += 1
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(_SKIP_CHUNK)
+
+
+def record_limit(options: Mapping[str, Any]) -> int:
+    """A loader's ``max_record_bytes`` option (default :data:`MAX_RECORD_BYTES`)."""
+    value = options.get("max_record_bytes")
+    if value is None:
+        return MAX_RECORD_BYTES
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"max_record_bytes must be a positive int, got {value!r}")
+    return value
+
+
 def parse_json_lines(
-    lines: Iterable[bytes], skipped: collections.Counter, source: Path
+    stream: IO[bytes],
+    skipped: collections.Counter,
+    source: Path,
+    max_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[dict]:
     """Yield one dict per non-blank JSON line; undecodable or non-object lines count as
-    ``bad_json`` (upstream would crash on them).  A corrupt or truncated compressed stream
-    cannot be resynchronised, so it is a :class:`DataError` naming ``source``."""
+    ``bad_json`` (upstream would crash on them), lines over ``max_bytes`` as
+    ``oversize_record``.  A corrupt or truncated compressed stream cannot be
+    resynchronised, so it is a :class:`DataError` naming ``source``."""
     try:
-        yield from _parse_lines(lines, skipped)
-    except (OSError, EOFError, zlib.error) as e:
+        yield from _parse_lines(iter_lines(stream, skipped, max_bytes), skipped)
+    except CORRUPT_STREAM_ERRORS as e:
         raise DataError(f"{source}: corrupt or truncated file ({e})") from None
 
 
@@ -67,20 +107,26 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
-def _read_json_file(path: Path, skipped: collections.Counter) -> Iterator[dict]:
+def _read_json_file(path: Path, skipped: collections.Counter, max_bytes: int) -> Iterator[dict]:
     """A ``.json`` file is either one JSON array of records or JSON lines: the Hugging Face
-    ``json`` builder accepts both, so we sniff the first non-blank byte."""
-    with _open_binary(path) as f:
-        head = f.read(4096).lstrip()
+    ``json`` builder accepts both, so we sniff the first non-blank byte.  An array is
+    parsed whole (as the ``json`` builder does), so ``max_bytes`` applies to JSON lines."""
+    try:
+        with _open_binary(path) as f:
+            head = f.read(4096).lstrip()
+    except CORRUPT_STREAM_ERRORS as e:
+        raise DataError(f"{path}: corrupt or truncated file ({e})") from None
     if not head.startswith(b"["):
         with _open_binary(path) as f:
-            yield from parse_json_lines(f, skipped, path)
+            yield from parse_json_lines(f, skipped, path, max_bytes)
         return
     with _open_binary(path) as f:
         try:
             records = json.load(f)
         except ValueError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
+        except CORRUPT_STREAM_ERRORS as e:
+            raise DataError(f"{path}: corrupt or truncated file ({e})") from None
     for record in records:
         if isinstance(record, dict):
             yield record
@@ -88,26 +134,34 @@ def _read_json_file(path: Path, skipped: collections.Counter) -> Iterator[dict]:
             skipped["bad_json"] += 1
 
 
-def _read_parquet(path: Path) -> Iterator[dict]:
-    """Stream a parquet file batch by batch; pyarrow is imported only when needed."""
+def iter_parquet_rows(source: Path | IO[bytes], name: Any) -> Iterator[dict]:
+    """Stream the rows of a parquet file (path or seekable binary stream) batch by batch;
+    an unreadable file is a :class:`DataError` naming ``name`` (pyarrow's does not)."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    for batch in pq.ParquetFile(path).iter_batches():
-        yield from batch.to_pylist()
+        raise DataError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        for batch in pq.ParquetFile(source).iter_batches():
+            yield from batch.to_pylist()
+    except (pa.ArrowException, *CORRUPT_STREAM_ERRORS) as e:
+        raise DataError(f"{name}: not a readable parquet file ({e})") from None
 
 
-def read_records(path: Path, skipped: collections.Counter) -> Iterator[dict]:
-    """Yield the records of a .json / .json.gz / .jsonl / .jsonl.gz / .parquet file."""
+def read_records(
+    path: Path, skipped: collections.Counter, max_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[dict]:
+    """Yield the records of a .json / .json.gz / .jsonl / .jsonl.gz / .parquet file;
+    JSON lines over ``max_bytes`` are skipped as ``oversize_record``."""
     name = path.name.lower()
     if name.endswith(".parquet"):
-        yield from _read_parquet(path)
+        yield from iter_parquet_rows(path, path)
     elif name.endswith(JSONL_SUFFIXES):
         with _open_binary(path) as f:
-            yield from parse_json_lines(f, skipped, path)
+            yield from parse_json_lines(f, skipped, path, max_bytes)
     elif name.endswith((".json", ".json.gz")):
-        yield from _read_json_file(path, skipped)
+        yield from _read_json_file(path, skipped, max_bytes)
     else:
         raise DataError(f"{path}: unsupported file type (expected .json, .jsonl[.gz], .parquet)")
 
@@ -141,7 +195,9 @@ def _select_jsonl_member(members: list[tarfile.TarInfo], archive: Path) -> tarfi
     return candidates[0]
 
 
-def iter_tar_jsonl(archive: Path, skipped: collections.Counter) -> Iterator[dict]:
+def iter_tar_jsonl(
+    archive: Path, skipped: collections.Counter, max_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[dict]:
     """Stream the JSON lines of the single jsonl(.gz) member of a tar archive, in memory.
 
     Every member is checked with :func:`check_tar_member` before anything is read.
@@ -159,16 +215,18 @@ def iter_tar_jsonl(archive: Path, skipped: collections.Counter) -> Iterator[dict
         assert raw is not None  # regular file, checked above
         with raw:
             stream = gzip.GzipFile(fileobj=raw) if member.name.lower().endswith(".gz") else raw
-            yield from parse_json_lines(stream, skipped, archive)
+            yield from parse_json_lines(stream, skipped, archive, max_bytes)
 
 
-def iter_jsonl_input(path: Path, skipped: collections.Counter) -> Iterator[dict]:
+def iter_jsonl_input(
+    path: Path, skipped: collections.Counter, max_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[dict]:
     """Records of an export given as ``.tar.gz``/``.tar``, ``.jsonl.gz`` or ``.jsonl``."""
     name = path.name.lower()
     if name.endswith((".tar.gz", ".tgz", ".tar")):
-        yield from iter_tar_jsonl(path, skipped)
+        yield from iter_tar_jsonl(path, skipped, max_bytes)
     elif name.endswith(JSONL_SUFFIXES):
         with _open_binary(path) as f:
-            yield from parse_json_lines(f, skipped, path)
+            yield from parse_json_lines(f, skipped, path, max_bytes)
     else:
         raise DataError(f"{path}: unsupported export file (expected .tar.gz, .jsonl.gz, .jsonl)")

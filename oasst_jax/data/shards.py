@@ -6,7 +6,9 @@ One split is a directory ``{output_dir}/{prefix}-{split}`` holding
   (as upstream's Megatron indexed datasets), else ``uint32``;
 - ``roles.bin``: the aligned role id of every token (``uint8``, ``ROLES`` order);
 - ``offsets.bin``: ``int64[num_samples + 1]``, sample ``i`` is ``[offsets[i], offsets[i+1])``;
-- ``metadata.json``: format version, dtype, counts, tokenizer identity, the config.
+- ``metadata.json``: format version, dtype, counts, the largest token id, tokenizer
+  identity, the config.  Each split carries its own, so what a run reads is checked
+  against the split itself, never against whatever ran last in the same directory.
 
 Raw little-endian arrays read with ``np.memmap``: nothing is unpickled and nothing is loaded
 into memory until a sample is read. A split directory only exists once complete: the
@@ -95,6 +97,7 @@ class ShardWriter:
         self._offsets = [np.zeros(1, dtype=np.int64)]
         self._num_tokens = 0
         self._num_samples = 0
+        self._max_token_id = -1
         self._done = False
 
     def __enter__(self) -> ShardWriter:
@@ -120,6 +123,8 @@ class ShardWriter:
             raise ValueError("tokens, roles and lengths are not aligned")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self._vocab_size):
             raise ValueError(f"token id out of range for vocab_size {self._vocab_size}")
+        if tokens.size:
+            self._max_token_id = max(self._max_token_id, int(tokens.max()))
         self._tokens.write(tokens.astype(self._dtype, copy=False).tobytes())
         self._roles.write(roles.astype(np.uint8, copy=False).tobytes())
         self._offsets.append(self._num_tokens + np.cumsum(lengths, dtype=np.int64))
@@ -142,6 +147,7 @@ class ShardWriter:
             "num_samples": self._num_samples,
             "num_tokens": self._num_tokens,
             "token_dtype": self._dtype.str,
+            "max_token_id": self._max_token_id,  # -1: no tokens
             **metadata,
         }
         write_json_atomic(self._tmp / METADATA_FILE, meta)
@@ -180,13 +186,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_tokenizer(path: str | os.PathLike, tokenizer: Any) -> None:
-    """Refuse shards (split dir or output dir) made with a different tokenizer.
+    """Refuse a split made with a different tokenizer.
 
     Compares the sha256 of the model bytes + extra-token layout, so the released
     checkpoint's 32007-token layout and the compact 32002 one are told apart too.
     """
-    meta = read_metadata(path)
-    made = meta["tokenizer"]
+    _check_tokenizer(path, read_metadata(path), tokenizer)
+
+
+def _check_tokenizer(path: str | os.PathLike, meta: dict[str, Any], tokenizer: Any) -> None:
+    made = meta.get("tokenizer")
+    if not made:
+        raise DataError(f"{path}: metadata records no tokenizer; re-run pretokenize")
     if made["sha256"] != tokenizer.sha256:
         raise DataError(
             f"{path} was pretokenized with another tokenizer (sha256 {made['sha256'][:12]}, "
@@ -195,16 +206,49 @@ def check_tokenizer(path: str | os.PathLike, tokenizer: Any) -> None:
         )
 
 
+def max_token_id(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
+    """The largest token id of a split (-1 when it has none): from its metadata, or, for
+    shards written before it was recorded, from a memory-mapped pass over ``tokens.bin``."""
+    meta = read_metadata(path) if meta is None else meta
+    if "max_token_id" in meta:
+        return int(meta["max_token_id"])
+    n_tok = int(meta["num_tokens"])
+    tokens = _memmap(Path(path) / TOKENS_FILE, np.dtype(meta["token_dtype"]), n_tok)
+    return int(tokens.max()) if n_tok else -1
+
+
+def check_split(path: str | os.PathLike, vocab_size: int, tokenizer: Any = None) -> None:
+    """Refuse a split a model of ``vocab_size`` ids cannot train on: missing, empty,
+    holding a token id >= ``vocab_size``, or (given ``tokenizer``) made with another one."""
+    meta = read_metadata(path)
+    if tokenizer is not None:
+        _check_tokenizer(path, meta, tokenizer)
+    _check_not_empty(path, meta)
+    top = max_token_id(path, meta)
+    if top >= vocab_size:
+        raise DataError(
+            f"{path} holds token id {top} but the model has only {vocab_size} ids "
+            "(model.vocab_size); pretokenize with the model's tokenizer"
+        )
+
+
+def _check_not_empty(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    if int(meta["num_samples"]) == 0:
+        raise DataError(f"{path} is an empty split (0 samples); nothing to train or evaluate on")
+
+
 class ShardDataSource:
     """A split as a grain ``RandomAccessDataSource``: ``len`` and ``[i]`` over samples.
 
     ``source[i]`` is ``{"tokens": int32[n], "roles": uint8[n]}``. Files are memory-mapped
     lazily on first access in each process; pickling carries only the path (grain workers).
+    An empty split is refused: no sampler can draw from it.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
+        _check_not_empty(self.path, self.metadata)
         self._len = int(self.metadata["num_samples"])
         self._dtype = np.dtype(self.metadata["token_dtype"])
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None

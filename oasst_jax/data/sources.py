@@ -4,8 +4,9 @@ Each loader mirrors the Open-Assistant class that reads the dataset
 (``model/model_training/custom_datasets/``): ``InstructionDataset`` for megacode2 and
 oa_leet10k, ``OrcaChat``, ``Dolly15kMultilingual`` and ``load_oasst_export``.  A loader takes
 its dataset's options (a dict or ``ml_collections.ConfigDict``; keys it does not know, such
-as ``fraction`` / ``val_split`` / ``max_val_set``, belong to the splitter and are ignored)
-and returns a :class:`LoadResult`.  Records that upstream would crash on, or turn into
+as ``fraction`` / ``val_split`` / ``max_val_set``, belong to the splitter and are ignored;
+:data:`OPTIONS` lists each loader's own, so a config can reject misspelt ones) and returns
+a :class:`LoadResult`.  Records that upstream would crash on, or turn into
 unusable samples, are skipped and counted by reason.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
 from oasst_jax.data.oasst_export import load_oasst_export
-from oasst_jax.data.readers import read_records, require_path
+from oasst_jax.data.readers import read_records, record_limit, require_path
 
 # Upstream ``INSTRUCTION_DATASETS`` column names (role -> column).
 INSTRUCTION_COLUMNS: dict[str, dict[str, str]] = {
@@ -132,7 +133,7 @@ def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]],
         phrases = _phrases(options)
         seed = int(options.get("shuffle_seed", 42))
         skipped: collections.Counter = collections.Counter()
-        records = list(read_records(path, skipped))
+        records = list(read_records(path, skipped, record_limit(options)))
         keyed = ((f"{name}:{i}", r) for i, r in shuffled(records, seed))
         return collect(display, keyed, lambda r: instruction_turns(r, columns, phrases), skipped)
 
@@ -168,7 +169,8 @@ def load_orca_chat(options: Mapping[str, Any]) -> LoadResult:
     """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (option ``path``)."""
     path = require_path(options.get("path"), "orca-chat.path")
     skipped: collections.Counter = collections.Counter()
-    keyed = ((f"orca-chat:{i}", r) for i, r in enumerate(read_records(path, skipped)))
+    records = read_records(path, skipped, record_limit(options))
+    keyed = ((f"orca-chat:{i}", r) for i, r in enumerate(records))
     return collect("OrcaChat (orca-chat)", keyed, orca_turns, skipped)
 
 
@@ -203,11 +205,15 @@ def dolly_split_files(root: Path, split: str) -> list[Path]:
     raise DataError(f"dolly15k_multilingual.path: no file for split {split!r} under {root}")
 
 
-def _iter_dolly(root: Path, skipped: collections.Counter) -> Iterator[tuple[str, int, Any]]:
+def _iter_dolly(
+    root: Path, skipped: collections.Counter, max_bytes: int
+) -> Iterator[tuple[str, int, Any]]:
     """``(split, index within split, record)`` over the splits in upstream order."""
     for split in DOLLY_SPLITS:
         records = (
-            r for file in dolly_split_files(root, split) for r in read_records(file, skipped)
+            r
+            for file in dolly_split_files(root, split)
+            for r in read_records(file, skipped, max_bytes)
         )
         for index, record in enumerate(records):
             yield split, index, record
@@ -221,9 +227,8 @@ def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
     for split in DOLLY_SPLITS:  # fail at start, before reading anything
         dolly_split_files(root, split)
     skipped: collections.Counter = collections.Counter()
-    keyed = (
-        (f"dolly15k_multilingual:{split}:{i}", r) for split, i, r in _iter_dolly(root, skipped)
-    )
+    rows = _iter_dolly(root, skipped, record_limit(options))
+    keyed = ((f"dolly15k_multilingual:{split}:{i}", r) for split, i, r in rows)
     return collect("Dolly15kMultilingual", keyed, dolly_turns, skipped)
 
 
@@ -233,6 +238,17 @@ LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
     "dolly15k_multilingual": load_dolly15k_multilingual,
     "oa_leet10k": instruction_loader("oa_leet10k", "InstructionDataset (oa_leet10k)"),
     "oasst_export": load_oasst_export,
+}
+
+# Each loader's own options (the splitter's are pretokenize.SPLIT_OPTIONS); a config
+# naming any other key is refused, so a misspelt option cannot be silently ignored.
+_RECORD_OPTIONS = ("max_record_bytes",)
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "megacode2": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
+    "orca-chat": ("path", *_RECORD_OPTIONS),
+    "dolly15k_multilingual": ("path", *_RECORD_OPTIONS),
+    "oa_leet10k": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
+    "oasst_export": ("input_file_path", "lang", "top_k", *_RECORD_OPTIONS),
 }
 
 
