@@ -26,6 +26,7 @@ def cli_main(fn: Callable[[ml_collections.ConfigDict], object], help_text: str) 
     flags.mark_flag_as_required("config")
 
     def parse(argv: list[str]) -> list[str]:
+        _exit_if_missing(_config_path(argv))
         try:
             return flags.FLAGS(argv)
         except AttributeError as e:
@@ -46,3 +47,19 @@ def cli_main(fn: Callable[[ml_collections.ConfigDict], object], help_text: str) 
             sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
 
     app.run(main, flags_parser=parse)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The file of ``--config=FILE`` / ``--config FILE`` (``FILE:arg`` passes ``arg`` on)."""
+    for i, arg in enumerate(argv[1:], 1):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.split(":", 1)[0]
+    return None
+
+
+def _exit_if_missing(path: str | None) -> None:
+    """config_flags reports a missing config file as a multi-line error on first use."""
+    if path and not os.path.isfile(path):
+        sys.exit(f"error: config file not found: {path}")

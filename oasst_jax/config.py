@@ -141,12 +141,30 @@ def accumulation_steps(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+def unknown_fields(cfg, reference, prefix: str = "") -> list[str]:
+    """Dotted names in ``cfg`` that ``reference`` lacks, at every level where ``reference``
+    has fields (``model`` is empty in :func:`base_config`; LlamaConfig checks its own)."""
+    out = []
+    for key in cfg.keys():
+        if key not in reference:
+            out.append(f"{prefix}{key}")
+            continue
+        sub = reference[key]
+        if isinstance(sub, ml_collections.ConfigDict) and len(sub) and hasattr(cfg[key], "keys"):
+            out += unknown_fields(cfg[key], sub, f"{prefix}{key}.")
+    return out
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     """Check everything that can be checked before touching data or devices."""
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ValueError(f"config: {msg}")
+
+    unknown = unknown_fields(cfg, base_config())
+    if unknown:
+        raise ValueError(f"config: unknown field {unknown[0]!r} (not in base_config(); a typo?)")
 
     for name in ("train_iters", "seq_length", "global_batch_size", "micro_batch_size"):
         need(cfg[name] > 0, f"{name}={cfg[name]} must be > 0")

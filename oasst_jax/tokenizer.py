@@ -20,8 +20,10 @@ CLI: ``python -m oasst_jax.tokenizer train --input tests/data --out output/sampl
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -30,10 +32,17 @@ import sys
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import sentencepiece as spm
 
 from oasst_jax.data.conversation import DataError
+from oasst_jax.data.readers import (
+    CORRUPT_STREAM_ERRORS,
+    MAX_RECORD_BYTES,
+    iter_lines,
+    iter_parquet_rows,
+)
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -210,21 +219,29 @@ def train_sentencepiece(
     texts: Iterable[str | os.PathLike] | Iterator[str],
     model_prefix: str | os.PathLike,
     vocab_size: int,
+    skipped: collections.Counter | None = None,
 ) -> Path:
     """Train a small BPE SentencePiece model and write ``{model_prefix}.model``.
 
-    ``texts`` is a list of files/directories (read with :func:`iter_corpus_text`) or an
-    iterator of text chunks. Only the ``.model`` file is written (atomically).
+    ``texts`` is a list of files/directories (read with :func:`iter_corpus_text`, lines
+    it skips counted into ``skipped``) or an iterator of text chunks. Only the ``.model``
+    file is written (atomically).
     """
     if isinstance(texts, (list, tuple)) and all(isinstance(t, (str, os.PathLike)) for t in texts):
-        chunks: Iterable[str] = iter_corpus_text([Path(t) for t in texts])
+        chunks: Iterable[str] = iter_corpus_text([Path(t) for t in texts], skipped)
     else:
         chunks = texts
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(chunks), model_writer=buf, vocab_size=vocab_size,
-        **_TRAINER_SETTINGS,
-    )  # fmt: skip
+    failed: list[BaseException] = []
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(chunks, failed), model_writer=buf,
+            vocab_size=vocab_size, **_TRAINER_SETTINGS,
+        )  # fmt: skip
+    except RuntimeError:
+        if failed:  # SentencePiece wraps the reader's error in a multi-line RuntimeError
+            raise failed[0] from None
+        raise
     out = Path(f"{model_prefix}.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -233,60 +250,100 @@ def train_sentencepiece(
     return out
 
 
-def _sentences(chunks: Iterable[str]) -> Iterator[str]:
-    """Split text into non-empty lines (SentencePiece's unit), keeping it bounded in length."""
-    for chunk in chunks:
-        for line in chunk.splitlines():
-            if line.strip():
-                yield line[:8000]
+def _sentences(chunks: Iterable[str], failed: list[BaseException]) -> Iterator[str]:
+    """Split text into non-empty lines (SentencePiece's unit), keeping it bounded in length;
+    an error raised while reading is kept in ``failed`` to be re-raised as itself."""
+    try:
+        for chunk in chunks:
+            for line in chunk.splitlines():
+                if line.strip():
+                    yield line[:8000]
+    except Exception as e:
+        failed.append(e)
+        raise
 
 
-def iter_corpus_text(paths: Sequence[Path]) -> Iterator[str]:
+def iter_corpus_text(
+    paths: Sequence[Path],
+    skipped: collections.Counter | None = None,
+    max_line_bytes: int = MAX_RECORD_BYTES,
+) -> Iterator[str]:
     """Text from files and directories (recursively): plain text, json/jsonl, gzip, tar, parquet.
 
     JSON is parsed and its string values yielded, so the model learns the content rather
-    than the quoting; anything unparsable is used as raw text. Tar members are read in
-    memory, never extracted.
+    than the quoting; anything unparsable is used as raw text.  Everything streams: tar
+    members and gzip are read a line at a time (never extracted, never whole), parquet a
+    batch at a time.  A line over ``max_line_bytes`` is read past and counted in
+    ``skipped["oversize_record"]``; a truncated or corrupt file is a :class:`DataError`
+    naming it.
     """
+    skipped = collections.Counter() if skipped is None else skipped
     for path in paths:
         if path.is_dir():
-            yield from iter_corpus_text(sorted(p for p in path.rglob("*") if p.is_file()))
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            yield from iter_corpus_text(files, skipped, max_line_bytes)
         elif path.is_file():
-            yield from _file_text(path.name, path.read_bytes())
+            try:
+                with path.open("rb") as f:
+                    yield from _stream_text(path.name, f, str(path), skipped, max_line_bytes)
+            except (*CORRUPT_STREAM_ERRORS, tarfile.TarError) as e:
+                raise DataError(f"{path}: corrupt or truncated file ({e})") from None
         else:
             raise FileNotFoundError(f"no such file or directory: {path}")
 
 
-def _file_text(name: str, data: bytes) -> Iterator[str]:
+_TEXT_SUFFIXES = (".txt", ".md", ".py", ".csv", ".tsv")
+
+
+def _stream_text(
+    name: str, f: IO[bytes], where: str, skipped: collections.Counter, max_bytes: int
+) -> Iterator[str]:
+    """Text of one (possibly nested) file, chosen by ``name``; ``where`` names it in errors."""
     lower = name.lower()
     if lower.endswith((".tar.gz", ".tgz", ".tar")):
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        with tarfile.open(fileobj=f, mode="r:*") as tar:
             for member in tar:
-                if member.isfile():
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        yield from _file_text(member.name, fh.read())
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is not None:
+                    with fh:
+                        inner = f"{where}:{member.name}"
+                        yield from _stream_text(member.name, fh, inner, skipped, max_bytes)
     elif lower.endswith(".gz"):
-        yield from _file_text(name[:-3], gzip.decompress(data))
+        with gzip.GzipFile(fileobj=f) as unzipped:
+            yield from _stream_text(name[:-3], unzipped, where, skipped, max_bytes)
     elif lower.endswith(".parquet"):
-        yield from _parquet_text(data)
+        if importlib.util.find_spec("pyarrow") is None:  # optional (extras: parquet)
+            skipped["parquet_without_pyarrow"] += 1
+            return
+        for row in iter_parquet_rows(f, where):
+            yield from _json_strings(row)
     elif lower.endswith((".json", ".jsonl")):
-        yield from _json_text(data.decode("utf-8", errors="replace"))
-    elif lower.endswith((".txt", ".md", ".py", ".csv", ".tsv")):
-        yield data.decode("utf-8", errors="replace")
+        yield from _json_text(f, skipped, max_bytes)
+    elif lower.endswith(_TEXT_SUFFIXES):
+        for line in iter_lines(f, skipped, max_bytes):
+            yield line.decode("utf-8", errors="replace")
 
 
-def _json_text(text: str) -> Iterator[str]:
-    try:
-        docs = [json.loads(text)]
-    except json.JSONDecodeError:
-        docs = []
-        for line in text.splitlines():
-            try:
-                docs.append(json.loads(line))
-            except json.JSONDecodeError:
-                docs.append(line)
-    for doc in docs:
+def _json_text(f: IO[bytes], skipped: collections.Counter, max_bytes: int) -> Iterator[str]:
+    """A JSON document of at most ``max_bytes`` is parsed whole; otherwise (or when it does
+    not parse) each line is parsed on its own (a trailing comma, as in a pretty-printed
+    array, is ignored) or, failing that, used as raw text."""
+    head = f.read(max_bytes + 1)
+    if len(head) <= max_bytes:
+        try:
+            yield from _json_strings(json.loads(head))
+            return
+        except (ValueError, RecursionError):
+            lines = iter_lines(io.BytesIO(head), skipped, max_bytes)
+    else:
+        del head
+        f.seek(0)
+        lines = iter_lines(f, skipped, max_bytes)
+    for line in lines:
+        try:
+            doc = json.loads(line.rstrip().rstrip(b","))
+        except (ValueError, RecursionError):
+            doc = line.decode("utf-8", errors="replace").rstrip("\r\n")
         yield from _json_strings(doc)
 
 
@@ -301,14 +358,10 @@ def _json_strings(obj: object) -> Iterator[str]:
             yield from _json_strings(v)
 
 
-def _parquet_text(data: bytes) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:  # parquet support is optional (extras: parquet)
-        return
-    table = pq.read_table(io.BytesIO(data))
-    for column in table.to_pylist():
-        yield from _json_strings(column)
+_SKIP_TEXT = {
+    "oversize_record": f"line(s) longer than {MAX_RECORD_BYTES} bytes",
+    "parquet_without_pyarrow": "parquet file(s): pyarrow is not installed",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,11 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--vocab-size", type=int, default=1000)
     args = parser.parse_args(argv)
     out = args.out[: -len(".model")] if args.out.endswith(".model") else args.out
+    skipped: collections.Counter = collections.Counter()
     try:
-        path = train_sentencepiece(list(args.input), out, args.vocab_size)
-    except (FileNotFoundError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        path = train_sentencepiece(list(args.input), out, args.vocab_size, skipped)
+    except (ValueError, RuntimeError, OSError) as e:  # DataError is a ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first}", file=sys.stderr)
         return 1
+    for reason, count in sorted(skipped.items()):
+        print(f"warning: skipped {count} {_SKIP_TEXT.get(reason, reason)}", file=sys.stderr)
     tok = Tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
     return 0

@@ -5,11 +5,13 @@ Expected counts are derived by hand from the recipe's rules and the fixture comm
 
 from __future__ import annotations
 
+import collections
 import gzip
 import io
 import json
 import shutil
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import ml_collections
@@ -18,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from oasst_jax.data.conversation import ROLES, DataError, Turn
-from oasst_jax.data.sources import LOADERS, clean_context, load_dataset
+from oasst_jax.data.readers import iter_tar_jsonl
+from oasst_jax.data.sources import LOADERS, OPTIONS, clean_context, load_dataset
 
 DATA = Path(__file__).parent / "data"
 CARD_LANGS = "bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk"
@@ -495,3 +498,73 @@ def test_roles_and_turn_validation():
     assert ROLES.index("context") == 3
     with pytest.raises(ValueError):
         Turn("prompter", "x")
+
+
+# ---------------------------------------------------------------- bounded reading
+
+
+def _gzip_with_long_line(line_bytes: int, before: bytes, after: bytes) -> bytes:
+    """gzip of ``before``, one JSON line of ``line_bytes`` bytes, ``after`` (written in
+    1 MiB pieces: the test never holds the long line either; ~1 KB per MB compressed)."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0) as g:
+        g.write(before + b'{"message_tree_id": "huge", "prompt": "')
+        chunk = b"a" * 2**20
+        for _ in range(line_bytes // len(chunk)):
+            g.write(chunk)
+        g.write(b'"}\n' + after)
+    return buf.getvalue()
+
+
+def test_oversize_line_is_skipped_without_being_held(tmp_path):
+    """The issue's case: a tiny archive holding one huge JSON line.  The line is read
+    past in chunks (peak memory ~2x the cap, not the line) and counted."""
+    good = _node("prompter", "q", [_node("assistant", "a", rank=0)])
+    before, after = (_tree(t, good).encode() + b"\n" for t in ("t-before", "t-after"))
+    member = _gzip_with_long_line(48 * 2**20, before, after)
+    path = _write_tar(
+        tmp_path / "export.tar.gz", lambda t: _add_file(t, "export/x.trees.jsonl.gz", member)
+    )
+    assert path.stat().st_size < 200_000
+    skipped = collections.Counter()
+    tracemalloc.start()
+    try:
+        records = list(iter_tar_jsonl(path, skipped, max_bytes=2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["message_tree_id"] for r in records] == ["t-before", "t-after"]
+    assert dict(skipped) == {"oversize_record": 1}
+    assert peak < 4 * 2**20  # a 48 MiB line, a 1 MiB cap
+
+
+def test_max_record_bytes_option_and_stats(tmp_path):
+    rows = [{"USER": "q", "ASSISTANT": "a" * n} for n in (10, 5000, 20)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(megacode(path=str(path)).samples) == 3  # default cap: 16 MiB
+    result = megacode(path=str(path), max_record_bytes=1000)
+    assert len(result.samples) == 2 and result.skipped["oversize_record"] == 1
+    with pytest.raises(DataError, match="max_record_bytes"):
+        megacode(path=str(path), max_record_bytes=0)
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file"):
+        load_dataset("oa_leet10k", {"path": str(path)})
+
+
+def test_truncated_gzip_json_array_names_the_file(tmp_path):
+    path = tmp_path / "mc.json.gz"
+    path.write_bytes(
+        gzip.compress(json.dumps([{"USER": "q", "ASSISTANT": "a"}] * 50).encode())[:-30]
+    )
+    with pytest.raises(DataError, match=r"mc\.json\.gz: corrupt or truncated"):
+        megacode(path=str(path))
+
+
+def test_every_loader_lists_its_options():
+    assert list(OPTIONS) == list(LOADERS)
+    assert all("max_record_bytes" in opts for opts in OPTIONS.values())

@@ -1,8 +1,13 @@
 """Tokenizer: chatml markers as single extra ids, round-trip, id layouts, identity, CLI."""
 
+import collections
+import gzip
+import io
 import pickle
 import subprocess
 import sys
+import tarfile
+import tracemalloc
 
 import pytest
 
@@ -91,3 +96,54 @@ def test_cli_missing_input_is_one_line_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "no such file" in res.stderr
+
+
+def _cli_train(*inputs, out):
+    cmd = [sys.executable, "-m", "oasst_jax.tokenizer", "train", "--input", *map(str, inputs),
+           "--out", str(out), "--vocab-size", "300"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_corpus_reader_streams_archive_members(tmp_path):
+    """A tar member is read a line at a time: a 48 MiB line inside a ~50 KB archive is
+    read past (peak memory ~2x the cap) and counted, the lines around it are kept."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0) as g:
+        g.write(b'{"text": "before"}\n{"text": "')
+        for _ in range(48):
+            g.write(b"a" * 2**20)
+        g.write(b'"}\n{"text": "after"}\n')
+    member = buf.getvalue()
+    path = tmp_path / "corpus.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("corpus/lines.jsonl.gz")
+        info.size = len(member)
+        tar.addfile(info, io.BytesIO(member))
+    skipped = collections.Counter()
+    tracemalloc.start()
+    try:
+        texts = list(iter_corpus_text([path], skipped, max_line_bytes=2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert texts == ["before", "after"]
+    assert dict(skipped) == {"oversize_record": 1}
+    assert peak < 4 * 2**20
+
+
+def test_cli_truncated_gzip_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "corpus.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "hello world"}\n' * 2000)[:-50])
+    res = _cli_train(bad, out=tmp_path / "t.model")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+    assert "corpus.jsonl.gz: corrupt or truncated" in res.stderr
+    assert not (tmp_path / "t.model").exists()
+
+
+def test_cli_unreadable_parquet_names_the_file(tmp_path):
+    bad = tmp_path / "rows.parquet"
+    bad.write_bytes(b"PAR1 not parquet at all")
+    res = _cli_train(bad, out=tmp_path / "t.model")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert "rows.parquet: not a readable parquet file" in res.stderr
