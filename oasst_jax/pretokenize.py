@@ -24,6 +24,12 @@ The output is byte-identical for any ``num_workers``.
 Outputs (:mod:`oasst_jax.data.shards`): ``{output_dir}/{prefix}-train``, ``{prefix}-val``,
 ``stats.md`` (the card's report per split plus skip counts by reason) and ``metadata.json``,
 written last: an output directory without it is incomplete.
+
+Nothing is replaced when the run fails: an unknown config key or dataset option, an
+``output_dir`` that is a file, shards of another tokenizer already in ``output_dir``
+(unless ``overwrite=True``), or a split left without a single sample (a dataset that gives
+a split nothing is only a ``warning:`` line on stderr naming it).  JSON lines longer than
+``max_record_bytes`` are skipped and reported as ``oversize_record``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
+from conftest import sp_corpus
 from ml_collections import ConfigDict
 
 from oasst_jax import pretokenize as pt
@@ -15,7 +17,7 @@ from oasst_jax.chatml import assistant_token_count, encode_turns
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import DataError, Sample, Turn
 from oasst_jax.data.sources import load_dataset
-from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
 
 SAMPLE_CONFIG = "configs/data/sample.py"
 
@@ -285,3 +287,151 @@ def test_cli_errors_are_one_line(tmp_path, sp_model_path):
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert "error: unknown dataset 'no_such_set'" in unknown.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- no silent faults
+
+
+@pytest.fixture(scope="module")
+def other_sp_model_path(tmp_path_factory):
+    """Another tokenizer with the same vocabulary size (302) as ``sp_model_path``."""
+    corpus = [line.upper() for line in sp_corpus()]
+    return train_sentencepiece(iter(corpus), tmp_path_factory.mktemp("sp2") / "other", 300)
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _train_cfg(tmp_path, prefix, tokenizer_path="", evaluate=True):
+    return ConfigDict(
+        dict(tokenizer_path=str(tokenizer_path), megatron_new_tokens=False,
+             data_path=str(tmp_path / "out"), data_prefix=prefix,
+             eval_iters=2 if evaluate else 0, eval_interval=10)
+    )  # fmt: skip
+
+
+def test_trainer_checks_the_tokenizer_of_the_splits_it_reads(
+    tmp_path, sp_model_path, other_sp_model_path
+):
+    """Two runs with different tokenizers into one directory: the output directory's
+    metadata.json is the last run's, so the trainer must check each split's own."""
+    from oasst_jax.train import load_tokenizer
+
+    path = _megacode_file(tmp_path)
+    right, wrong = Tokenizer(sp_model_path), Tokenizer(other_sp_model_path)
+    assert right.vocab_size == wrong.vocab_size and right.sha256 != wrong.sha256
+    model = types.SimpleNamespace(vocab_size=right.vocab_size)
+    pt.run(_config(tmp_path, sp_model_path, megacode2={"path": str(path)}))
+    cfg = _config(tmp_path, other_sp_model_path, megacode2={"path": str(path)})
+    cfg.filename_prefix = "q"
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(DataError, match="another tokenizer.*overwrite=True"):
+        pt.run(cfg)  # refused: the directory holds shards of another tokenizer
+    assert _snapshot(tmp_path / "out") == before
+    cfg.overwrite = True
+    pt.run(cfg)
+    assert (
+        json.loads((tmp_path / "out" / "metadata.json").read_text())["tokenizer"]["sha256"]
+        == wrong.sha256
+    )  # the directory's metadata now names the other tokenizer
+    assert load_tokenizer(_train_cfg(tmp_path, "p", sp_model_path), model).sha256 == right.sha256
+    with pytest.raises(DataError, match="p-train was pretokenized with another tokenizer"):
+        load_tokenizer(_train_cfg(tmp_path, "p", other_sp_model_path), model)
+    with pytest.raises(DataError, match="q-train was pretokenized with another tokenizer"):
+        load_tokenizer(_train_cfg(tmp_path, "q", sp_model_path), model)
+
+
+def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(tmp_path, sp_model_path):
+    from oasst_jax.train import load_tokenizer, open_split
+
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(_megacode_file(tmp_path)),
+                                                        "val_split": 0.0})  # fmt: skip
+    pt.run(cfg)
+    top = json.loads((tmp_path / "out" / "p-train" / "metadata.json").read_text())["max_token_id"]
+    assert top == Tokenizer(sp_model_path).im_end_id  # the tokenizer's largest id
+    train_only = _train_cfg(tmp_path, "p", evaluate=False)
+    assert load_tokenizer(train_only, types.SimpleNamespace(vocab_size=top + 1)) is None
+    with pytest.raises(DataError, match=f"token id {top} but the model has only {top} ids"):
+        load_tokenizer(train_only, types.SimpleNamespace(vocab_size=top))
+    # val_split=0: the val split is empty, fine until the run evaluates on it
+    with pytest.raises(DataError, match="p-val is an empty split") as err:
+        load_tokenizer(_train_cfg(tmp_path, "p"), types.SimpleNamespace(vocab_size=top + 1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="p-val is an empty split"):
+        open_split(_train_cfg(tmp_path, "p"), "val")
+
+
+def _bad_rows_file(tmp_path):
+    path = tmp_path / "leet.jsonl"
+    path.write_text('{"INSTRUCTION": "q"}\n{"RESPONSE": "a"}\nnot json\n')
+    return path
+
+
+def test_dataset_with_no_samples_warns_and_empty_split_fails(tmp_path, sp_model_path, capsys):
+    good, bad = _megacode_file(tmp_path), _bad_rows_file(tmp_path)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(good)},
+                  oa_leet10k={"path": str(bad)})  # fmt: skip
+    pt.run(cfg)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("dataset 'oa_leet10k'" in w for w in warnings)
+    assert "no train samples: 0 loaded" in warnings[0] and "bad_json 1" in warnings[0]
+    before = _snapshot(tmp_path / "out")
+    only_bad = _config(tmp_path, sp_model_path, oa_leet10k={"path": str(bad)})
+    with pytest.raises(DataError, match="split 'train' is empty") as exc:
+        pt.run(only_bad)
+    assert "\n" not in str(exc.value)
+    assert _snapshot(tmp_path / "out") == before  # nothing replaced
+
+
+def test_unknown_config_keys_are_refused(tmp_path, sp_model_path):
+    path = str(_megacode_file(tmp_path))
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": path, "valsplit": 0.5})
+    with pytest.raises(DataError, match="datasets.megacode2: unknown option 'valsplit'"):
+        pt.run(cfg)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": path})
+    cfg.min_assistant_token = 5
+    with pytest.raises(DataError, match="unknown field 'min_assistant_token'"):
+        pt.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_oversize_records_are_counted_in_the_report(tmp_path, sp_model_path):
+    rows = [{"USER": f"question {i}", "ASSISTANT": "the fox " * (10 + 300 * (i == 3))}
+            for i in range(10)]  # fmt: skip
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path)})
+    cfg.min_assistant_tokens = None
+    cfg.max_record_bytes = 1000
+    stats = pt.run(cfg)
+    assert sum(b.total for blocks in stats.values() for b in blocks) == 9
+    assert "- megacode2 (load): oversize_record 1" in (tmp_path / "out" / "stats.md").read_text()
+
+
+def test_cli_config_faults_are_one_line(tmp_path, sp_model_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    common = (f"--config={SAMPLE_CONFIG}", f"--config.tokenizer_path={sp_model_path}")
+    cases = {
+        "is not a directory": _cli(*common, f"--config.output_dir={a_file}"),
+        "config file not found": _cli(f"--config={tmp_path / 'nope.py'}"),
+        "unknown field 'nope'": _cli(*common, "--config.nope=1"),
+    }
+    cfg_file = tmp_path / "typo_cfg.py"
+    cfg_file.write_text(
+        "from ml_collections import ConfigDict\n"
+        "def get_config():\n"
+        f"    c = ConfigDict(dict(output_dir={str(tmp_path / 'o')!r}, filename_prefix='p',\n"
+        f"                        tokenizer_path={str(sp_model_path)!r}))\n"
+        "    c.datasets = ConfigDict({'megacode2': {'path': 'tests/data/megacode2.json',\n"
+        "                                           'valsplit': 0.5}})\n"
+        "    return c\n"
+    )
+    cases["unknown option 'valsplit'"] = _cli(f"--config={cfg_file}")
+    for expected, res in cases.items():
+        assert res.returncode == 1, (expected, res.stderr)
+        assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+        assert res.stderr.startswith("error:") and expected in res.stderr
+    assert a_file.read_text() == "x" and not (tmp_path / "o").exists()

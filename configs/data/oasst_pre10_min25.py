@@ -25,6 +25,8 @@ def get_config() -> ConfigDict:
     c.check_tokenization = True
     c.seed = 42
     c.num_workers = 2
+    c.overwrite = False  # True: write even where shards of another tokenizer lie
+    c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
     # sort_keys=False keeps the card's dataset order (the order of the output files).
     c.datasets = ConfigDict(sort_keys=False)
     c.datasets.megacode2 = ConfigDict(

@@ -23,6 +23,8 @@ def get_config() -> ConfigDict:
     c.check_tokenization = True
     c.seed = 42
     c.num_workers = 2
+    c.overwrite = False  # True: write even where shards of another tokenizer lie
+    c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
     c.datasets = ConfigDict(sort_keys=False)
     c.datasets.megacode2 = ConfigDict(
         dict(path="tests/data/megacode2.json", fraction=0.5, val_split=0.1, max_val_set=1000)
