@@ -10,7 +10,7 @@ A JSON line is read with a bounded ``readline``: a line longer than ``max_bytes`
 :data:`MAX_RECORD_BYTES`) is never held whole, it is read past in chunks and counted as
 ``oversize_record``.  16 MiB is ~100x the largest record of the card's datasets (an
 Open-Assistant message tree is well under 1 MiB) and bounds what one hostile line costs:
-parsing 16 MiB of JSON into Python objects stays in the low hundreds of MB.
+~2x the cap to read it (``readline`` copies once), a small multiple of it to parse it.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def iter_lines(
 ) -> Iterator[bytes]:
     """The lines of a binary stream, none longer than ``max_bytes`` (newline excluded).
 
-    A longer line is read past ``_SKIP_CHUNK`` bytes at a time, so memory stays bounded
-    by ``max_bytes`` whatever the input, and counted as ``oversize_record``.
+    A longer line is read past ``_SKIP_CHUNK`` bytes at a time, so memory stays within
+    ~2x ``max_bytes`` whatever the input, and counted as ``oversize_record``.
     """
     while line := stream.readline(max_bytes + 1):
         if len(line) <= max_bytes or line.endswith(b"\n"):
