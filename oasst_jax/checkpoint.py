@@ -13,16 +13,18 @@ so a crash never leaves a step that looks finished; nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 
 from oasst_jax.model import LlamaConfig
 
@@ -227,20 +229,161 @@ def check_same_shape(stored: LlamaConfig | None, cfg: LlamaConfig, where: str) -
             )
 
 
-def _read_model_config(mngr: ocp.CheckpointManager, step: int) -> LlamaConfig | None:
-    """The step's model config, or None when it cannot be read (a damaged step)."""
-    try:
-        return LlamaConfig.from_mapping(_restore_json(mngr, step, "model"))
-    except (OSError, ValueError, KeyError):
-        return None
+class CheckpointError(ValueError):
+    """A checkpoint the run cannot use, said in one line (the CLI prints it and exits 1)."""
+
+
+class _Damaged(Exception):
+    """A step whose files fail to read or decode (not a mismatch, not a storage hiccup)."""
+
+    def __init__(self, step: int, what: str, error: BaseException):
+        super().__init__(f"step {step} {what}: {_brief(error)}")
+        self.step = step
+
+
+# Shared storage (NFS, Lustre, GCS fuse) fails now and then and recovers: such errors are
+# retried after these pauses and then end the run; they never make a step look damaged.
+RETRY_DELAYS_S = (2.0, 10.0, 30.0)
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.ENOLCK,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }
+)
+# tensorstore raises ValueError("<absl status code>: ...") and orbax wraps a failed
+# array read in a bare Exception whose __cause__ is that error.
+_TRANSIENT_TEXT = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "input/output error",
+    "stale file handle",
+    "timed out",
+)
+_DAMAGE_TEXT = (
+    "NOT_FOUND",
+    "OUT_OF_RANGE",
+    "FAILED_PRECONDITION",
+    "DATA_LOSS",
+    "decod",  # "Error decoding b-tree node", zstd/zarr decode failures
+    "decompress",
+    "truncated",
+    "corrupt",
+    "checksum",
+    "was not found in the checkpoint",  # orbax: an item folder is missing
+)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _message(e: BaseException) -> str:
+    """The error's text without tensorstore's spec dump (which names e.g. a compressor)."""
+    return str(e).split(" [tensorstore_spec", 1)[0]
+
+
+def _matches(text: str, markers: tuple[str, ...]) -> bool:
+    return any(m in text if m.isupper() else m in text.lower() for m in markers)
+
+
+def classify_read_error(error: BaseException) -> str:
+    """``"transient"`` (storage hiccup: retry), ``"damaged"`` (the step's files are
+    missing, truncated or undecodable) or ``"other"`` (anything else: stop, move nothing)."""
+    chain = _causes(error)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return "transient"
+        if isinstance(e, TimeoutError | ConnectionError) or _matches(_message(e), _TRANSIENT_TEXT):
+            return "transient"
+    for e in chain:
+        if isinstance(e, json.JSONDecodeError | FileNotFoundError | EOFError):
+            return "damaged"
+        if _matches(_message(e), _DAMAGE_TEXT):
+            return "damaged"
+    return "other"
+
+
+def _brief(error: BaseException) -> str:
+    """The root cause in one line (orbax's wrapper says less than tensorstore's error)."""
+    root = _causes(error)[-1]
+    text = " ".join(_message(root).split())
+    return f"{type(root).__name__}: {text[:300]}"
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """Leaves by dotted path, namedtuple fields and dict keys alike (orbax saves both
+    as dicts), empty nodes (``None``, optax's ``EmptyState``) dropped."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def tree_mismatch(saved: Any, expected: Any) -> str | None:
+    """How a saved tree's metadata differs from the expected abstract tree (paths,
+    then shapes, then dtypes), or None when it matches."""
+    got, want = _flat(saved), _flat(expected)
+    extra = [k for k in got if k not in want]
+    missing = [k for k in want if k not in got]
+    if extra or missing:
+        parts = []
+        if extra:
+            more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+            parts.append(f"the checkpoint has {extra[0]}{more}")
+        if missing:
+            more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+            parts.append(f"this run expects {missing[0]}{more}")
+        return " where ".join(parts) if len(parts) == 2 else parts[0] + ", the other side has none"
+    for name, leaf in want.items():
+        shape = tuple(getattr(got[name], "shape", ()) or ())
+        if shape != tuple(leaf.shape):
+            return f"{name} has shape {shape}, this run expects {tuple(leaf.shape)}"
+        dtype = getattr(got[name], "dtype", None)
+        if dtype is not None and np.dtype(dtype) != np.dtype(leaf.dtype):
+            return f"{name} is {np.dtype(dtype)}, this run expects {np.dtype(leaf.dtype)}"
+    return None
+
+
+def _changed(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [
+        f"{prefix}{k} {stored.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
 
 
 class TrainCheckpointer:
     """Resumable training checkpoints: params, optimizer state, step and data-iterator state.
 
     Saves are asynchronous (orbax writes in the background and commits by
-    renaming a temporary folder), keep the newest ``max_to_keep``, and restore
-    falls back to the previous step if the newest one cannot be read.
+    renaming a temporary folder) and keep the newest ``max_to_keep``.  Restore
+    refuses a checkpoint that does not match the run (model shape, tree paths,
+    shapes, dtypes) with one line and moves nothing; retries storage errors and
+    then stops; and only when the newest step's files are damaged *and* the step
+    before it reads cleanly does it set the newest aside and resume from that one.
     """
 
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
@@ -249,53 +392,147 @@ class TrainCheckpointer:
             self.directory, max_to_keep=max_to_keep, enable_async_checkpointing=async_save
         )
 
-    def save(self, step: int, state: dict, meta: dict, cfg: LlamaConfig) -> None:
+    def save(
+        self,
+        step: int,
+        state: dict,
+        meta: dict,
+        cfg: LlamaConfig,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``settings`` (flat, JSON-able: e.g. the optimizer config) are stored in ``meta``
+        so a resume that no longer fits can say which of them changed."""
         self._mngr.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state["params"]),
                 opt_state=ocp.args.StandardSave(state["opt_state"]),
-                meta=ocp.args.JsonSave({"step": step, **meta}),
+                meta=ocp.args.JsonSave({"step": step, **meta, "settings": dict(settings or {})}),
                 model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
             ),
             force=True,
         )
 
-    def restore(self, abstract_state: dict, cfg: LlamaConfig) -> tuple[dict, dict] | None:
-        """``(state, meta)`` from the newest readable step, or None if there is none.
+    def restore(
+        self, abstract_state: dict, cfg: LlamaConfig, settings: Mapping[str, Any] | None = None
+    ) -> tuple[dict, dict] | None:
+        """``(state, meta)`` from the newest step (or the one before it, if the newest is
+        damaged), None when there is no step.  ``settings`` are the run's, as passed to
+        :meth:`save`, to name what changed when the checkpoint does not fit."""
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if not steps:
+            return None
+        try:
+            return self._restore_step(steps[0], abstract_state, cfg, settings)
+        except _Damaged as damage:
+            newest = damage
+        where = f"{self.directory}/{steps[0]}"
+        if len(steps) == 1:
+            raise CheckpointError(
+                f"{where} is damaged ({newest}) and there is no older step; move it away "
+                "to start afresh"
+            ) from newest
+        try:
+            restored = self._restore_step(steps[1], abstract_state, cfg, settings)
+        except _Damaged as older:
+            raise CheckpointError(
+                f"{where} is damaged ({newest}) and so is the step before it ({older}); "
+                "nothing was moved"
+            ) from older
+        except ValueError as e:  # the older step does not fit the run either
+            raise CheckpointError(f"{where} is damaged ({newest}); falling back: {e}") from e
+        self._set_aside(steps[0], newest)
+        return restored
 
-        The model shape stored with the run must equal ``cfg``'s (a clear error
-        otherwise); only then is a step that fails to read treated as damaged.
-        """
-        for step in sorted(self._mngr.all_steps(), reverse=True):
-            check_same_shape(_read_model_config(self._mngr, step), cfg, f"{self.directory}/{step}")
+    def _read(self, step: int, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; storage errors retried, damage raised as :class:`_Damaged`, anything
+        else as a one-line :class:`CheckpointError`."""
+        where = f"{self.directory}/{step}"
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), 1):
             try:
-                restored = self._mngr.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract_state["params"]),
-                        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
-                        meta=ocp.args.JsonRestore(),
-                    ),
+                return fn()
+            except Exception as e:  # classified below; nothing is swallowed
+                kind = classify_read_error(e)
+                if kind == "transient" and delay is not None:
+                    _log(f"reading {what} of {where} failed ({_brief(e)}); retry in {delay:g}s")
+                    time.sleep(delay)
+                    continue
+                if kind == "transient":
+                    raise CheckpointError(
+                        f"{where}: storage error reading {what}, {attempt} attempts: "
+                        f"{_brief(e)}; nothing was moved"
+                    ) from e
+                if kind == "damaged":
+                    raise _Damaged(step, what, e) from e
+                raise CheckpointError(f"{where}: cannot read {what}: {_brief(e)}") from e
+        raise AssertionError("unreachable")
+
+    def _restore_step(
+        self, step: int, abstract_state: dict, cfg: LlamaConfig, settings: Mapping | None
+    ) -> tuple[dict, dict]:
+        where = f"{self.directory}/{step}"
+        stored = self._read(
+            step,
+            "model config",
+            lambda: LlamaConfig.from_mapping(_restore_json(self._mngr, step, "model")),
+        )
+        check_same_shape(stored, cfg, where)
+        for item in ("params", "opt_state"):
+            saved = self._read(step, f"{item} metadata", lambda item=item: self._tree(step, item))
+            problem = tree_mismatch(saved, abstract_state[item])
+            if problem:
+                tree_fields = (*SHAPE_FIELDS, "param_dtype")
+                changed = _changed(
+                    {f: getattr(stored, f) for f in tree_fields},
+                    {f: getattr(cfg, f) for f in tree_fields},
+                    "model.",
                 )
-            except (OSError, ValueError, KeyError) as e:
-                self._set_aside(step, e)
-                continue
-            state = {
-                "step": jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
-                "params": restored["params"],
-                "opt_state": restored["opt_state"],
-            }
-            return state, dict(restored["meta"])
-        return None
+                changed += self._changed_settings(step, settings)
+                hint = f"; changed since: {', '.join(changed)}" if changed else ""
+                raise CheckpointError(
+                    f"{where} does not fit this run: {item}: {problem}{hint} (resume with the "
+                    "checkpoint's settings, or start a new workdir with load= and finetune=True)"
+                )
+        restored = self._read(
+            step,
+            "arrays",
+            lambda: self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            ),
+        )
+        state = {
+            "step": jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
+            "params": restored["params"],
+            "opt_state": restored["opt_state"],
+        }
+        return state, dict(restored["meta"])
+
+    def _tree(self, step: int, item: str) -> Any:
+        """The saved tree's leaf metadata (paths, shapes, dtypes); no array is read."""
+        path = epath.Path(self.directory) / str(step) / item
+        return ocp.StandardCheckpointHandler().metadata(path).tree
+
+    def _changed_settings(self, step: int, settings: Mapping | None) -> list[str]:
+        if not settings:
+            return []
+        try:
+            stored = _restore_json(self._mngr, step, "meta").get("settings") or {}
+        except Exception:  # only a hint for the message being raised
+            return []
+        return _changed(stored, settings, "")
 
     def _set_aside(self, step: int, error: Exception) -> None:
-        """Rename an unreadable step out of the manager's view (kept for inspection), so
+        """Rename a damaged step out of the manager's view (kept for inspection), so
         training resumes from the previous one and can write this step number again."""
         src = os.path.join(self.directory, str(step))
         dst = f"{src}.unreadable-{int(time.time())}"
         if jax.process_index() == 0:  # one renamer; the others wait for it
-            print(f"checkpoint step {step} unreadable ({type(error).__name__}); moved to {dst}")
+            print(f"checkpoint step {step} is damaged ({error}); moved to {dst}", flush=True)
             os.rename(src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -306,3 +543,8 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
