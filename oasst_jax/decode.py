@@ -248,9 +248,10 @@ def _setup(cfg, prompts, sp, mesh, seed):
     tokens, segments, positions = left_pad(prompts)
     room = cfg.max_position_embeddings - max(len(p) for p in prompts)
     if room < 1:
+        n, longest = max(enumerate(prompts), key=lambda item: len(item[1]))
         raise ValueError(
-            f"a prompt of {max(len(p) for p in prompts)} tokens fills the context window "
-            f"(max_position_embeddings={cfg.max_position_embeddings})"
+            f"prompts[{n}] ({len(longest)} tokens) fills the context window "
+            f"(max_position_embeddings={cfg.max_position_embeddings}), leaving no room to generate"
         )
     sp = dataclasses.replace(sp, max_new_tokens=min(sp.max_new_tokens, room))
     cache = init_cache(model, len(prompts), tokens.shape[1] + sp.max_new_tokens, mesh)

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import checkpoint, decode, sharding
+from oasst_jax import checkpoint, decode, files, sharding
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
@@ -79,7 +79,8 @@ def load_params(
         from oasst_jax import convert  # numpy/safetensors only; keeps the orbax path light
 
         hf = convert.read_hf_config(path)
-        host, cfg, _ = convert.load_hf(path, dtype=dtype or convert.hf_dtype(hf))
+        where = os.path.join(path, convert.CONFIG_FILE)
+        host, cfg, _ = convert.load_hf(path, dtype=dtype or convert.hf_dtype(hf, where))
     else:
         cfg = checkpoint.load_model_config(path, step)
         cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
@@ -106,11 +107,36 @@ def read_prompts(path: str) -> list[str]:
     """Prompts from a JSON-lines file: strings or objects with ``"prompt"``."""
     prompts = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 item = json.loads(line)
-                prompts.append(item if isinstance(item, str) else item["prompt"])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            prompt = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f'{path}:{number}: expected a JSON string or {{"prompt": string}}, '
+                    f"got {line.strip()[:60]}"
+                )
+            prompts.append(prompt)
     return prompts
+
+
+def check_fits(ids: Sequence[int], cfg: LlamaConfig, what: str, system: str) -> None:
+    """One-line error when ``ids`` leave no room to generate in the context window."""
+    if len(ids) >= cfg.max_position_embeddings:
+        hint = " (system prompt included; --system '' leaves it out)" if system else ""
+        raise ValueError(
+            f"{what} is {len(ids)} tokens as a chatml prompt{hint}; the context window "
+            f"(max_position_embeddings) is {cfg.max_position_embeddings}, leaving no room "
+            "to generate"
+        )
+
+
+def _preview(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def config_name(sp: decode.SamplingParams) -> str:
@@ -139,6 +165,10 @@ def incremental_text(tok: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
         shown = text
 
 
+def _ids(args, tok: Tokenizer, prompt: str) -> list[int]:
+    return prompt_ids(tok, [{"role": "user", "content": prompt}], args.system)
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -146,7 +176,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def run_json(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> None:
     for batch in _batches(prompts, args.batch_size):
-        ids = [prompt_ids(tok, [{"role": "user", "content": p}], args.system) for p in batch]
+        ids = [_ids(args, tok, p) for p in batch]
         gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
         for prompt, pids, out in zip(batch, ids, gen.ids, strict=True):
             line = {"prompt": prompt, "prompt_ids": pids, "output_ids": out}
@@ -158,7 +188,7 @@ def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> di
     rows = [p for p in prompts for _ in range(args.num_samples)]
     results, tokens, seconds = [], 0, 0.0
     for batch in _batches(rows, args.batch_size):
-        ids = [prompt_ids(tok, [{"role": "user", "content": p}], args.system) for p in batch]
+        ids = [_ids(args, tok, p) for p in batch]
         seed = args.seed + len(results)
         gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=seed, mesh=mesh)
         results += [(out, gen.tokens_per_second) for out in gen.ids]
@@ -188,6 +218,8 @@ def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> di
 def reply(args, params, cfg, tok, mesh, sp, messages: list[dict[str, str]]) -> str:
     """Stream one assistant reply to stdout and return its text."""
     ids = prompt_ids(tok, messages, args.system)
+    what = "the conversation" if len(messages) > 1 else "the prompt"
+    check_fits(ids, cfg, what, args.system)
     pieces = []
     stream = decode.stream(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
     for piece in incremental_text(tok, stream):
@@ -204,7 +236,8 @@ def chat(args, params, cfg, tok, mesh, sp) -> None:
     while True:
         try:
             text = input("user> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             return
         if not text.strip():
             return
@@ -244,33 +277,63 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+def check_args(args: argparse.Namespace, prompts: Sequence[str]) -> None:
+    """One-line errors for contradictory or out-of-range flags, before anything loads."""
+    modes = [flag for flag, on in (("--chat", args.chat), ("--json", args.json)) if on]
+    modes += ["--out"] if args.out else []
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are alternatives; give one")
+    if args.chat and prompts:
+        raise ValueError("--chat reads prompts from stdin; drop --prompt/--prompts")
     if not args.chat and not prompts:
-        sys.exit("sample: give --prompt, --prompts or --chat")
-    try:
-        sp = decode.SamplingParams(
-            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
-        )
-        mesh = sharding.make_mesh({"tensor": args.tensor}, jax.devices()[: args.tensor])
-        params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
-        tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
-        tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"sample: {e}")
-    run = (params, cfg, tok, mesh, sp)
+        raise ValueError("give --prompt, --prompts or --chat")
+    for flag in ("num_samples", "batch_size", "tensor"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.tensor > jax.device_count():
+        raise ValueError(f"--tensor {args.tensor} but only {jax.device_count()} devices")
+
+
+def run(args: argparse.Namespace) -> None:
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    check_args(args, prompts)
+    if args.out:
+        files.check_writable_dir(args.out)  # now, not after generating
+    sp = decode.SamplingParams(
+        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+    )
+    mesh = sharding.make_mesh({"tensor": args.tensor}, jax.devices()[: args.tensor])
+    params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
+    tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
+    tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)
+    for n, prompt in enumerate(prompts):
+        what = f"prompt {n + 1} ({_preview(prompt)})"
+        check_fits(_ids(args, tok, prompt), cfg, what, args.system)
+    loaded = (params, cfg, tok, mesh, sp)
     if args.chat:
-        chat(args, *run)
+        chat(args, *loaded)
     elif args.out:
-        with open(args.out, "w") as f:
-            json.dump(build_report(args, *run, prompts), f, indent=2, ensure_ascii=False)
+        report = build_report(args, *loaded, prompts)
+        files.write_json(args.out, report, indent=2, ensure_ascii=False)
         print(f"wrote {args.out}: {len(prompts)} prompts")
     elif args.json:
-        run_json(args, *run, prompts)
+        run_json(args, *loaded, prompts)
     else:
         for prompt in prompts:
-            reply(args, *run, [{"role": "user", "content": prompt}])
+            reply(args, *loaded, [{"role": "user", "content": prompt}])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Bad input (flags, files, a checkpoint that does not load, a prompt longer than
+    the context window) ends with one line on stderr and exit status 1; the report
+    file is written whole or not at all (``OASST_TRACEBACK=1`` re-raises)."""
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("OASST_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -216,12 +217,14 @@ def test_sampling_report(tiny_ckpt, sp_model_path, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"hello world"\n{"prompt": "what is this"}\n')
     out = tmp_path / "report.json"
+    out.write_text("an older report, replaced whole")
     sample.main(
         ["--ckpt", path, "--tokenizer", str(sp_model_path), "--prompts", str(prompts)]
         + ["--out", str(out), "--num-samples", "2", "--max-new-tokens", "6", "--system", ""]
         + ["--temperature", "0.8", "--top-k", "20", "--model-name", "tiny"]
     )
     report = json.loads(out.read_text())
+    assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "report.json"]  # no temporaries
     assert report["model_name"] == "tiny" and report["date"] and report["args"]["seed"] == 0
     assert [p["prompt"] for p in report["prompts"]] == ["hello world", "what is this"]
     assert report["tokens_per_second"] > 0
@@ -231,3 +234,85 @@ def test_sampling_report(tiny_ckpt, sp_model_path, tmp_path):
         assert result["sampling_params"]["temperature"] == 0.8
         assert len(result["outputs"]) == len(result["output_ids"]) == 2
         assert all(len(ids) <= 6 for ids in result["output_ids"])
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_decode_names_the_prompt_that_fills_the_window():
+    prompts = [[1] * 5, [2] * TINY.max_position_embeddings]
+    with pytest.raises(ValueError, match=r"prompts\[1\] \(128 tokens\) fills the context window"):
+        decode.generate(None, TINY, prompts, GREEDY, stop_ids=())  # before params are touched
+
+
+def test_cli_prompt_longer_than_context_window_is_one_line(tiny_ckpt, sp_model_path):
+    """Checked for every prompt before any decoding: exit 1, one line, no JSON printed."""
+    path, *_ = tiny_ckpt
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "oasst_jax.sample", "--ckpt", path, "--tokenizer"]
+    cmd += [str(sp_model_path), "--json", "--system", "", "--max-new-tokens", "2"]
+    cmd += ["--prompt", "hello", "--prompt", "hello world " * 600]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: prompt 2 ('hello world hello world") and "Traceback" not in line
+    assert "context window (max_position_embeddings) is 1024" in line
+
+
+def _exit_line(argv) -> str:
+    """The one line ``sample.main`` exits with (status 1)."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+def test_chat_past_the_context_window_is_one_line(tiny_ckpt, sp_model_path, monkeypatch, capsys):
+    path, *_ = tiny_ckpt
+    monkeypatch.setattr("builtins.input", lambda _: "hello world " * 600)
+    line = _exit_line(["--ckpt", path, "--tokenizer", str(sp_model_path), "--chat"])
+    assert line.startswith("error: the prompt is ") and "--system '' leaves it out" in line
+
+
+@pytest.mark.parametrize(
+    "lines, extra, message",
+    [
+        ('"ok"\n{"prompt": \n', [], r"prompts.jsonl:2: not JSON"),
+        ('"ok"\n{"text": "x"}\n', [], r'prompts.jsonl:2: expected a JSON string or \{"prompt"'),
+        ('"ok"\n', ["--out", "/nonexistent/dir/report.json"], r"/nonexistent/dir: no such dir"),
+        ('"ok"\n', ["--json", "--chat"], r"--chat and --json are alternatives"),
+        ('"ok"\n', ["--batch-size", "0"], r"--batch-size must be >= 1"),
+        ('"ok"\n', ["--ckpt", "/nonexistent/ckpt"], r"/nonexistent/ckpt"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, sp_model_path, lines, extra, message):
+    """Bad flags, prompt files and paths fail before (or instead of) loading the model."""
+    (tmp_path / "prompts.jsonl").write_text(lines)
+    argv = ["--ckpt", str(tmp_path / "no-ckpt"), "--prompts", str(tmp_path / "prompts.jsonl")]
+    line = _exit_line(argv + extra)
+    assert re.search(message, line), line
+    assert line.startswith("error: ")
+
+
+def test_failed_report_keeps_the_previous_report(tiny_ckpt, sp_model_path, tmp_path, monkeypatch):
+    """The report is written to a temporary name and renamed: a run that dies while
+    generating leaves the old report byte for byte, and no temporary behind."""
+    path, *_ = tiny_ckpt
+    out = tmp_path / "report.json"
+    out.write_text('{"previous": "report"}\n')
+    generate, calls = decode.generate, []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "generate", dies_on_second_batch)
+    argv = ["--ckpt", path, "--tokenizer", str(sp_model_path), "--out", str(out)]
+    argv += ["--prompt", "hello", "--prompt", "world", "--batch-size", "1", "--system", ""]
+    argv += ["--max-new-tokens", "2"]
+    with pytest.raises(RuntimeError, match="device lost"):
+        sample.main(argv)
+    assert out.read_text() == '{"previous": "report"}\n'
+    assert os.listdir(tmp_path) == ["report.json"]  # test_sampling_report: success replaces
