@@ -94,14 +94,15 @@ def encode_batch(
     """:func:`encode_turns` for many conversations, with one batched SentencePiece call.
 
     Why it is exact: a turn is ``<|im_start|>`` + ``{role}\\n{text}`` + ``<|im_end|>`` +
-    ``\\n``, and :meth:`Tokenizer.encode` splits on the markers, so when no text contains an
-    extra-token string the turn's ids are ``[im_start] + sp(role\\ntext) + [im_end] + sp(\\n)``.
-    The joined text then splits into exactly the same pieces (no marker can straddle a
-    turn boundary: no marker has ``<`` past its first character or contains a newline),
-    so upstream's check holds by construction and is only run for the rare conversations
-    whose text contains a marker, which take the :func:`encode_turns` path.
+    ``\\n``, and :meth:`Tokenizer.encode` splits on the special tokens, so when no text
+    contains a special-token string (a marker, ``<s>``, ``</s>``, ...) the turn's ids are
+    ``[im_start] + sp(role\\ntext) + [im_end] + sp(\\n)``.  The joined text then splits into
+    exactly the same pieces (no special token can straddle a turn boundary: none has ``<``
+    past its first character or contains a newline), so upstream's check holds by
+    construction and is only run for the rare conversations whose text contains a special
+    token, which take the :func:`encode_turns` path.
     """
-    plain = [not any(tokenizer.has_extra_tokens(t.text) for t in c) for c in conversations]
+    plain = [not any(tokenizer.has_special_tokens(t.text) for t in c) for c in conversations]
     bodies = [
         f"{t.role}\n{t.text}" for c, ok in zip(conversations, plain, strict=True) if ok for t in c
     ]

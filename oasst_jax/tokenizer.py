@@ -10,6 +10,12 @@ and emitting the marker ids verbatim. We do the same, so ids match data made ups
 - ``megatron_new_tokens=True`` (what the card actually ran): ``<CLS> <SEP> <EOD> <MASK> <PAD>``
   first, then the markers: 32005/32006 in a 32007-token vocabulary.
 
+Before SentencePiece, text is split on every *registered special token* (upstream
+``model/pretokenizer/tokenizer.py``, ``tokenize``): the extra tokens above and the base
+model's bos/eos piece strings (``<s>``/``</s>`` for Llama-2).  Each occurrence becomes its id,
+so a code sample quoting ``</s>`` gets id 2, as upstream; :meth:`Tokenizer.decode` turns
+every special id back into its string, so such text round-trips.
+
 No BOS/EOS is ever added by :meth:`Tokenizer.encode` (the recipe's samples start with
 ``<|im_start|>``).
 
@@ -77,8 +83,16 @@ class Tokenizer:
         base = self._sp.get_piece_size()
         extras = extra_tokens(self._megatron_new_tokens)
         self._extra_ids = {tok: base + i for i, tok in enumerate(extras)}
-        self._id_to_extra = {i: tok for tok, i in self._extra_ids.items()}
-        self._split_re = re.compile("(" + "|".join(re.escape(t) for t in extras) + ")")
+        # upstream's registration order: <CLS>..<PAD>, bos and eos pieces, the chatml markers
+        # (a tie between two tokens at one position would go to the earlier one, as upstream)
+        specials = {t: self._extra_ids[t] for t in extras if t not in CHATML_TOKENS}
+        for i in (self._sp.bos_id(), self._sp.eos_id()):
+            if 0 <= i < base:
+                specials[self._sp.id_to_piece(i)] = i
+        specials.update({t: self._extra_ids[t] for t in CHATML_TOKENS})
+        self._special_ids = specials
+        self._id_to_special = {i: tok for tok, i in specials.items()}
+        self._split_re = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
 
     def __getstate__(self) -> dict:
         return {"proto": self._proto, "path": self._model_path, "mnt": self._megatron_new_tokens}
@@ -140,33 +154,39 @@ class Tokenizer:
         """The ids a consumer needs (bos, eos, markers, extras), for metadata files."""
         return {"bos": self.bos_id, "eos": self.eos_id, **self._extra_ids}
 
+    def special_tokens(self) -> dict[str, int]:
+        """Every string :meth:`encode` maps to one id, in upstream's order: what upstream
+        writes to ``special_tokens.json`` (its tokenizer's ``_special_tokens``)."""
+        return dict(self._special_ids)
+
     def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
-        """SentencePiece-encode marker-free strings in one batched C++ call (no extra ids)."""
+        """SentencePiece-encode strings free of special tokens in one batched C++ call."""
         return self._sp.encode(list(texts), out_type=int, num_threads=1)
 
-    def has_extra_tokens(self, text: str) -> bool:
-        """Whether ``text`` contains an extra-token string (it then encodes to its id)."""
+    def has_special_tokens(self, text: str) -> bool:
+        """Whether ``text`` contains a special-token string (it then encodes to its id)."""
         return self._split_re.search(text) is not None
 
     def encode(self, text: str) -> list[int]:
-        """Encode ``text``; extra tokens inside it become their single ids."""
+        """Encode ``text``; special tokens inside it (:meth:`special_tokens`) become their
+        single ids, the text between them goes through SentencePiece."""
         ids: list[int] = []
         for i, part in enumerate(self._split_re.split(text)):
             if i % 2:
-                ids.append(self._extra_ids[part])
+                ids.append(self._special_ids[part])
             elif part:
                 ids.extend(self._sp.encode(part, out_type=int))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Decode ids; extra ids become their marker strings."""
+        """Decode ids; special ids (bos/eos included) become their token strings."""
         out: list[str] = []
         run: list[int] = []
         for i in ids:
             i = int(i)
-            if i in self._id_to_extra:
+            if i in self._id_to_special:
                 out.append(self._sp.decode(run))
-                out.append(self._id_to_extra[i])
+                out.append(self._id_to_special[i])
                 run = []
             else:
                 run.append(i)

@@ -112,6 +112,19 @@ def test_batch_encoder_matches_per_turn_encoder(tok):
     assert batch.assistant_tokens().tolist() == want
 
 
+def test_eos_string_in_code_is_the_eos_id(tok):
+    """``</s>`` quoted in an answer is id 2 (upstream splits on every special token), in
+    the batched encoder too, and the sample passes the joined-text check."""
+    code = (Turn("user", "end a sequence"), Turn("assistant", 'x = "</s>"\ny = "<s>"'))
+    batch = encode_batch(tok, [CHAT, code])
+    assert not batch.mismatch.any()
+    tokens, roles = encode_turns(tok, code)
+    np.testing.assert_array_equal(batch.tokens[batch.lengths[0] :], tokens)
+    assert (tokens == tok.eos_id).sum() == 1 and (tokens == tok.bos_id).sum() == 1
+    assert roles[tokens == tok.eos_id].tolist() == [ROLE_IDS["assistant"]]
+    assert tok.decode(tokens) == format_chatml(code)
+
+
 class _MergingTokenizer(Tokenizer):
     """Tokenises joined multi-turn text differently, as a cross-boundary merge would."""
 

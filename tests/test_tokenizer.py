@@ -44,6 +44,49 @@ def test_markers_are_single_ids_and_round_trip(tok):
     assert tok.encode("") == []
 
 
+def _upstream_tokenize(sp, special: dict, text: str) -> list[int]:
+    """Upstream's ``_SentencePieceTokenizer.tokenize`` (Megatron-LLM, NeMo): find the
+    earliest special token, SentencePiece the text before it, emit its id, repeat."""
+    ids, idx = [], 0
+    while True:
+        found = {t: text[idx:].index(t) for t in special if t in text[idx:]}
+        if not found:
+            break
+        token = min(found, key=found.get)
+        ids.extend(sp.encode_as_ids(text[idx : idx + found[token]]))
+        ids.append(special[token])
+        idx += found[token] + len(token)
+    return ids + sp.encode_as_ids(text[idx:])
+
+
+@pytest.mark.parametrize("megatron", [False, True])
+def test_literal_special_tokens_in_text_match_upstream(sp_model_path, megatron):
+    """A code sample quoting ``</s>`` or ``<s>`` gets the bos/eos ids, as upstream; under
+    the Megatron layout the five new tokens too; decoding gives the text back."""
+    import sentencepiece as spm
+
+    tok = Tokenizer(sp_model_path, megatron_new_tokens=megatron)
+    base = tok.base_vocab_size
+    news = {t: base + i for i, t in enumerate(("<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>"))}
+    chat = {"<|im_start|>": tok.im_start_id, "<|im_end|>": tok.im_end_id}
+    expected = {**(news if megatron else {}), "<s>": 1, "</s>": 2, **chat}
+    assert tok.special_tokens() == expected
+    assert list(tok.special_tokens()) == list(expected)  # special_tokens.json's order
+    texts = [
+        'print("</s>")  # end\n<s>start</s></s>',
+        "a <CLS> b <SEP><EOD> <MASK>x<PAD> </ s> <s > <|im_end|>\n",
+        "<<s>></s><|im_start|>user\n</s<|im_end|>",
+    ]
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == _upstream_tokenize(sp, expected, text)
+        assert tok.decode(ids) == text
+    ids = tok.encode(texts[0])
+    assert ids.count(tok.eos_id) == 3 and ids.count(tok.bos_id) == 1
+    assert (base in tok.encode("<CLS>")) == megatron
+
+
 def test_no_bos_or_eos_added(tok):
     ids = tok.encode("hello world")
     assert tok.bos_id not in ids and tok.eos_id not in ids
