@@ -19,11 +19,19 @@ to ``vocab_pad_multiple`` on import and cut back on export; the source dtype
 (read from the tensors) is kept in the checkpoint's ``hf_config`` item and
 restored on export, so HF -> orbax -> HF gives the same tensors bit for bit
 (fp32 / bf16 / fp16 sources are exact in the fp32 checkpoint).
+
+Failures: a damaged input (a config.json field missing or mistyped, a
+truncated safetensors file, an index entry naming a file outside the model
+directory) is one ``ValueError`` line naming the file and the field or tensor,
+and the CLI exits 1 with it.  Export builds the output directory under a hidden
+name beside ``--out`` and renames it into place when complete, so a failed
+export leaves an existing ``--out`` as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -39,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from oasst_jax import checkpoint
-from oasst_jax.hf_tokenizer import write_hf_tokenizer
+from oasst_jax import checkpoint, files
+from oasst_jax.hf_tokenizer import TOKENIZER_FILES, write_hf_tokenizer
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import tokenizer_for_vocab
 
@@ -51,8 +59,23 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Names an export writes; an existing --out holding anything else is not replaced.
+EXPORT_FILE = re.compile(
+    "|".join(
+        [re.escape(n) for n in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *TOKENIZER_FILES)]
+        + [r"model-\d{5}-of-\d{5}\.safetensors"]
+    )
+)
 HF_ITEM = "hf_config"  # orbax item holding the source config.json
 DTYPES = ("float32", "bfloat16", "float16")
+# config.json fields with no default: a config without one is refused by name.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 CHATML_TOKENS = 2  # <|im_start|>, <|im_end|>
 # Buffers some older conversions saved; they are derived from the config, not weights.
 DERIVED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -79,68 +102,100 @@ MIN_LAYER_CHUNKED_BYTES = 64 << 20  # smaller stacked leaves are read whole chea
 # ----------------------------------------------------------------------------- config
 
 
-def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, float]:
+def _rope_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[float, float]:
     """``(theta, linear factor)`` from either transformers layout.
 
     v4 writes top-level ``rope_theta`` and ``rope_scaling: {type|rope_type,
     factor}``; v5 writes ``rope_parameters: {rope_theta, rope_type, factor}``.
     When both are present, v5 lets ``rope_scaling`` win; so do we.
     """
-    params = hf.get("rope_parameters") or {}
-    spec = hf.get("rope_scaling") or params
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = _mapping(hf, "rope_parameters", where)
+    spec = _mapping(hf, "rope_scaling", where) or params
+    theta = _number(params.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta", where)
     kind = spec.get("rope_type", spec.get("type", "default"))
     if kind == "default":
         return theta, 1.0
     if kind == "linear":
-        return theta, float(spec["factor"])
+        if "factor" not in spec:
+            raise ValueError(f"{where}: linear rope scaling without a 'factor'")
+        return theta, _number(spec["factor"], "rope factor", where)
     raise ValueError(
-        f"config.json: rope type {kind!r} is not supported (only default and linear, as Llama-2)"
+        f"{where}: rope type {kind!r} is not supported (only default and linear, as Llama-2)"
     )
 
 
-def hf_dtype(hf: Mapping[str, Any]) -> str:
+def _mapping(hf: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = hf.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: field {key!r} is {value!r}, not an object")
+    return value
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: field {name!r} is {value!r}, not a number")
+    return float(value)
+
+
+def _count(hf: Mapping[str, Any], key: str, where: str) -> int:
+    """A required positive integer field, by name when missing or mistyped."""
+    if key not in hf:
+        raise ValueError(f"{where}: field {key!r} is missing")
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: field {key!r} is {value!r}, not a positive integer")
+    return value
+
+
+def hf_dtype(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> str:
     """The weights' dtype named by the config (v5 ``dtype``, v4 ``torch_dtype``)."""
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if name not in DTYPES:
-        raise ValueError(f"config.json: dtype {name!r} is not supported; expected one of {DTYPES}")
+        raise ValueError(f"{where}: dtype {name!r} is not supported; expected one of {DTYPES}")
     return name
 
 
-def hf_config_to_llama(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+def hf_config_to_llama(
+    hf: Mapping[str, Any], *, where: str = CONFIG_FILE, **overrides: Any
+) -> LlamaConfig:
     """``LlamaConfig`` for a ``LlamaForCausalLM`` config.json (v4 or v5 layout).
 
     Architecture variants Llama-2 does not have (biases, tied head, other
-    activations or RoPE types) are rejected rather than silently mis-loaded.
-    ``overrides`` set the non-architecture fields (compute dtype, remat ...).
+    activations or RoPE types) are rejected rather than silently mis-loaded;
+    a missing or mistyped field is a one-line ``ValueError`` naming ``where``
+    (the file) and the field.  ``overrides`` set the non-architecture fields
+    (compute dtype, remat ...).
     """
     if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not 'llama'")
+        raise ValueError(f"{where}: model_type {hf['model_type']!r} is not 'llama'")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not 'silu'")
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not 'silu'")
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if hf.get(flag, False):
-            raise ValueError(f"config.json: {flag}=true is not supported (Llama-2 has none)")
-    theta, factor = _rope_from_hf(hf)
-    heads = hf["num_attention_heads"]
+            raise ValueError(f"{where}: {flag}=true is not supported (Llama-2 has none)")
+    theta, factor = _rope_from_hf(hf, where)
+    sizes = {key: _count(hf, key, where) for key in REQUIRED_FIELDS}
+    heads = sizes["num_attention_heads"]
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if hf.get(key) is not None:
+            _count(hf, key, where)
     head_dim = hf.get("head_dim") or 0
-    derived = hf["hidden_size"] // heads
+    derived = sizes["hidden_size"] // heads
     fields = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
+        **sizes,
         num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=0 if head_dim == derived else head_dim,  # 0 = derived, as configs/model
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        max_position_embeddings=hf.get("max_position_embeddings") or 4096,
         rope_theta=theta,
         rope_scaling_factor=factor,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        initializer_range=hf.get("initializer_range", 0.02),
+        rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-5), "rms_norm_eps", where),
+        attention_dropout=_number(hf.get("attention_dropout", 0.0), "attention_dropout", where),
+        initializer_range=_number(hf.get("initializer_range", 0.02), "initializer_range", where),
     )
-    return LlamaConfig(**{**fields, **overrides})
+    try:
+        return LlamaConfig(**{**fields, **overrides})
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def llama_to_hf_config(
@@ -299,26 +354,66 @@ class SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="flax")
-        with jax.default_device(jax.devices("cpu")[0]):
-            return np.asarray(self._handles[path].get_tensor(name))
+        with _safetensors_errors(path, name):
+            if path not in self._handles:
+                self._handles[path] = safe_open(path, framework="flax")
+            with jax.default_device(jax.devices("cpu")[0]):
+                return np.asarray(self._handles[path].get_tensor(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self.files[name], framework="numpy") as f:
+        path = self.files[name]
+        with _safetensors_errors(path, name), safe_open(path, framework="numpy") as f:
             return tuple(f.get_slice(name).get_shape())
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str, name: str | None = None) -> Iterator[None]:
+    """A damaged or missing safetensors file as one ``ValueError`` naming it (and the tensor)."""
+    try:
+        yield
+    except SafetensorError as e:
+        what = f"{path} (tensor {name!r})" if name else path
+        raise ValueError(f"{what}: unreadable safetensors, truncated or damaged ({e})") from None
+    except FileNotFoundError:
+        what = f" (it holds tensor {name!r})" if name else ""
+        raise FileNotFoundError(f"{path}: no such file{what}") from None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shard_path(hf_dir: str, index: str, name: Any, file: Any) -> str:
+    """``hf_dir/file`` for one weight_map entry; the file must be a plain name in
+    ``hf_dir`` (an absolute or ``../`` entry would read outside the model directory)."""
+    if not isinstance(name, str) or not isinstance(file, str):
+        raise ValueError(
+            f"{index}: weight_map maps {name!r} to {file!r}; expected a tensor name and a file name"
+        )
+    if file in ("", ".", "..") or os.path.basename(file) != file or "\\" in file:
+        raise ValueError(
+            f"{index}: weight_map entry {name!r} points at {file!r}, not a file in the model "
+            "directory; refusing to read outside it"
+        )
+    return os.path.join(hf_dir, file)
 
 
 def _tensor_files(hf_dir: str) -> dict[str, str]:
     """Tensor name -> file, from the index when there is one."""
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        return {name: _shard_path(hf_dir, index, name, f) for name, f in weight_map.items()}
     single = os.path.join(hf_dir, SINGLE_FILE)
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+        with _safetensors_errors(single), safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
     pickled = sorted(n for n in os.listdir(hf_dir) if n.endswith(PICKLE_SUFFIXES))
     if pickled:
@@ -370,12 +465,12 @@ def write_safetensors(
     sizes = [(name, int(np.prod(shape)) * itemsize) for name, shape, _ in tensors]
     shards = plan_shards(sizes, max_shard_bytes)
     makers = {name: make for name, _, make in tensors}
-    files = (
+    file_names = (
         [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
-    for file, names in zip(files, shards, strict=True):
+    for file, names in zip(file_names, shards, strict=True):
         save_file(
             {name: makers[name]() for name in names},
             os.path.join(out_dir, file),
@@ -385,11 +480,11 @@ def write_safetensors(
         index = {
             "metadata": {"total_size": sum(n for _, n in sizes)},
             "weight_map": {
-                name: file for file, names in zip(files, shards, strict=True) for name in names
+                name: file for file, names in zip(file_names, shards, strict=True) for name in names
             },
         }
         _write_json(os.path.join(out_dir, INDEX_FILE), index)
-    return files
+    return file_names
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -401,18 +496,20 @@ def _write_json(path: str, obj: Any) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 
-def check_tensor_names(found: Mapping[str, tuple[int, ...]], cfg: LlamaConfig) -> None:
+def check_tensor_names(
+    found: Mapping[str, tuple[int, ...]], cfg: LlamaConfig, where: str = "checkpoint"
+) -> None:
     """One-line error naming the first missing, unexpected or mis-shaped tensor."""
     expected = expected_hf_shapes(cfg)
     for name in expected:
         if name not in found:
-            raise ValueError(f"checkpoint: tensor {name!r} is missing")
+            raise ValueError(f"{where}: tensor {name!r} is missing")
     for name, shape in found.items():
         if name not in expected and not DERIVED_TENSOR.fullmatch(name):
-            raise ValueError(f"checkpoint: unexpected tensor {name!r} (not in LlamaForCausalLM)")
+            raise ValueError(f"{where}: unexpected tensor {name!r} (not in LlamaForCausalLM)")
         if name in expected and tuple(shape) != expected[name]:
             raise ValueError(
-                f"checkpoint: tensor {name!r} has shape {tuple(shape)}, "
+                f"{where}: tensor {name!r} has shape {tuple(shape)}, "
                 f"config.json implies {expected[name]}"
             )
 
@@ -441,8 +538,10 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{hf_dir}: no {CONFIG_FILE}")
-    with open(path) as f:
-        return json.load(f)
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return hf
 
 
 def load_hf(
@@ -461,9 +560,9 @@ def load_hf(
     one that returns file-backed memmaps so the tree never sits in RAM.
     """
     hf = read_hf_config(hf_dir)
-    src_cfg = hf_config_to_llama(hf, **overrides)
+    src_cfg = hf_config_to_llama(hf, where=os.path.join(hf_dir, CONFIG_FILE), **overrides)
     reader = SafetensorsReader(hf_dir)
-    check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg)
+    check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg, hf_dir)
     extra = CHATML_TOKENS if add_chatml_tokens else 0
     cfg = dataclasses.replace(src_cfg, vocab_size=src_cfg.vocab_size + extra)
     params = jax.tree_util.tree_map(lambda a: allocate(tuple(a.shape)), param_shapes(cfg))
@@ -573,18 +672,39 @@ def orbax_to_hf(
     training run saved without the hf item).  ``tokenizer`` (a SentencePiece
     model) adds the tokenizer files with the chatml chat template
     (``oasst_jax.hf_tokenizer``).
+
+    The directory is built beside ``out`` under a hidden name and renamed into
+    place when complete (``files.atomic_dir``), so a failure leaves ``out`` as
+    it was.  An existing ``out`` is replaced whole, and only when it holds
+    nothing but files an export writes (a previous export); re-exporting in
+    place needs disk for both copies until the swap.
     """
     reader, cfg, base = open_orbax(ckpt)
     dtype = dtype or (hf_dtype(base) if base else "bfloat16")
-    os.makedirs(out, exist_ok=True)
-    files = write_safetensors(
-        out, hf_tensors(reader, cfg, dtype), dtype, parse_size(max_shard_size)
-    )
-    _write_json(os.path.join(out, CONFIG_FILE), llama_to_hf_config(cfg, dtype, base))
-    if tokenizer:
-        tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size)
-        write_hf_tokenizer(tok, out, cfg.max_position_embeddings)
-    return files
+    max_bytes = parse_size(max_shard_size)
+    hf_config = llama_to_hf_config(cfg, dtype, base)
+    tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
+    check_replaceable(out)
+    with files.atomic_dir(out) as tmp:
+        if tok is not None:
+            write_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
+        written = write_safetensors(tmp, hf_tensors(reader, cfg, dtype), dtype, max_bytes)
+        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+    return written
+
+
+def check_replaceable(out: str) -> None:
+    """One-line error unless ``out`` is new, or a directory holding only export files."""
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise ValueError(f"{out} exists and is not a directory; choose a new --out")
+    foreign = sorted(n for n in os.listdir(out) if not EXPORT_FILE.fullmatch(n))
+    if foreign:
+        raise ValueError(
+            f"{out} holds {foreign[0]!r}, which an export does not write; an existing "
+            "export is replaced whole, so choose a new --out or move it away"
+        )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -615,6 +735,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Bad input (a damaged HF directory or checkpoint, an occupied --out) ends with one
+    line on stderr and exit status 1, never a traceback; nothing at --out is changed."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "hf-to-orbax":
@@ -624,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"
             )
         else:
-            files = orbax_to_hf(
+            written = orbax_to_hf(
                 args.ckpt,
                 args.out,
                 max_shard_size=args.max_shard_size,
@@ -634,9 +756,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             extra = (
                 " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
             )
-            print(f"wrote {args.out}: {CONFIG_FILE} + {len(files)} safetensors file(s){extra}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"convert: {e}")
+            print(f"wrote {args.out}: {CONFIG_FILE} + {len(written)} safetensors file(s){extra}")
+    except (ValueError, OSError) as e:
+        if os.environ.get("OASST_TRACEBACK"):  # developers: see where it came from
+            raise
+        sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

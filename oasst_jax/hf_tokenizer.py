@@ -22,13 +22,13 @@ yes; the demo's tokenizer: no).  transformers' ``LlamaTokenizer`` does the same 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
 
 from sentencepiece import sentencepiece_model_pb2
 
+from oasst_jax import files
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer
 
 # chatml exactly as chatml.format_turn + the generation prompt; OA's "prompter" is a user.
@@ -40,6 +40,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
 )
 _PROTO = sentencepiece_model_pb2.ModelProto
+# What write_hf_tokenizer writes.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def _sp_spec(model_path: str) -> sentencepiece_model_pb2.ModelProto:
@@ -84,12 +91,17 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int = 4096) -> dict[str, 
 
 
 def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -> list[str]:
-    """Write the tokenizer files + ``generation_config.json``; returns their names."""
+    """Write the tokenizer files + ``generation_config.json``; returns their names.
+
+    Each file is written under a temporary name and renamed (``oasst_jax.files``),
+    so an existing file is replaced whole or left as it was.
+    """
     os.makedirs(out, exist_ok=True)
     config = tokenizer_config(tok, model_max_length)
-    shutil.copyfile(tok.model_path, os.path.join(out, "tokenizer.model"))
+    with files.atomic_path(os.path.join(out, "tokenizer.model")) as tmp:
+        shutil.copyfile(tok.model_path, tmp)
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
-    files = {
+    jsons = {
         "tokenizer_config.json": config,
         "special_tokens_map.json": {
             **special,
@@ -100,8 +112,6 @@ def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -
             "eos_token_id": [tok.im_end_id, tok.eos_id],
         },
     }
-    for name, obj in files.items():
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-    return ["tokenizer.model", *files]
+    for name, obj in jsons.items():
+        files.write_json(os.path.join(out, name), obj, indent=2, ensure_ascii=False)
+    return ["tokenizer.model", *jsons]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ import transformers
 from conftest import tiny_hf_llama
 from safetensors.numpy import load_file, save_file
 
-from oasst_jax import checkpoint, convert
+from oasst_jax import checkpoint, convert, sample, train
 from oasst_jax.model import Llama
 
 VOCAB = 300  # pads to 384: padding is added on import and dropped on export
@@ -312,3 +314,101 @@ def test_tensor_name_errors(hf_dirs, tmp_path, edit, message):
     save_file(tensors, str(tmp_path / convert.SINGLE_FILE))
     with pytest.raises(ValueError, match=message):
         convert.load_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- damaged input
+
+
+def _damaged_copy(src: str, dst, damage: str) -> str:
+    shutil.copytree(src, dst)
+    if damage == "config":
+        cfg = json.loads((dst / convert.CONFIG_FILE).read_text())
+        del cfg["num_attention_heads"]
+        (dst / convert.CONFIG_FILE).write_text(json.dumps(cfg))
+    else:
+        data = (dst / convert.SINGLE_FILE).read_bytes()
+        (dst / convert.SINGLE_FILE).write_bytes(data[: len(data) // 2])
+    return str(dst)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("config", "config.json: field 'num_attention_heads' is missing"),
+        ("truncated", "model.safetensors: unreadable safetensors, truncated or damaged"),
+    ],
+)
+def test_damaged_hf_dir_is_one_line_in_every_reader(hf_dirs, tmp_path, damage, message):
+    """convert's CLI, the trainer's ``load=`` and the sampler's ``--ckpt`` all name the
+    file and the field in one line (a ValueError the trainer's CLI prints); nothing is written."""
+    broken = _damaged_copy(hf_dirs["fp32"], tmp_path / "hf", damage)
+    expected = re.escape(os.path.join(broken, message))
+    with pytest.raises(SystemExit, match="^error: " + expected) as e:
+        convert.main(["hf-to-orbax", "--hf-dir", broken, "--out", str(tmp_path / "ckpt")])
+    assert "\n" not in e.value.code
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    with pytest.raises(ValueError, match=expected):
+        train.load_start_params(types.SimpleNamespace(load=broken), None, None)
+    with pytest.raises(SystemExit, match="^error: " + expected):
+        sample.main(["--ckpt", broken, "--prompt", "hi"])
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("../outside.safetensors", "points at '../outside.safetensors', not a file in the model"),
+        ("/etc/passwd", "points at '/etc/passwd', not a file in the model directory; refusing"),
+        ("sub/model.safetensors", "points at 'sub/model.safetensors', not a file in the model"),
+        ("model-00009-of-00009.safetensors", "no such file \\(it holds tensor 'lm_head.weight'\\)"),
+    ],
+)
+def test_index_entries_outside_the_model_dir_are_refused(hf_dirs, tmp_path, entry, message):
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["bf16_sharded"], hf)
+    index = json.loads((hf / convert.INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = entry
+    (hf / convert.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=message) as e:
+        convert.main(["hf-to-orbax", "--hf-dir", str(hf), "--out", str(tmp_path / "ckpt")])
+    assert e.value.code.startswith("error: ") and "\n" not in e.value.code
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_export_replaces_only_a_previous_export_and_only_when_complete(
+    hf_dirs, tmp_path, monkeypatch
+):
+    """orbax-to-hf builds the directory under a hidden name and renames it in at the end:
+    a failure mid-write leaves the old export byte for byte; a success replaces it whole
+    (no stale shards); a directory holding other files is refused untouched."""
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    convert.hf_to_orbax(hf_dirs["fp32"], ckpt)
+    convert.orbax_to_hf(ckpt, str(out), max_shard_size="30KB")
+
+    def snapshot() -> dict[str, bytes]:
+        return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+
+    before = snapshot()
+    assert len(before) > 4  # config, index, several shards
+    save, calls = convert.save_file, []
+
+    def disk_full_on_third_shard(tensors, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        save(tensors, path, **kwargs)
+
+    monkeypatch.setattr(convert, "save_file", disk_full_on_third_shard)
+    export = ["orbax-to-hf", "--ckpt", ckpt, "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device"):
+        convert.main([*export, "--max-shard-size", "20KB", "--dtype", "float32"])
+    assert snapshot() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"]  # the staging dir is gone
+    monkeypatch.setattr(convert, "save_file", save)
+    convert.main(export)  # one file now: the old shards and index must not linger
+    assert sorted(os.listdir(out)) == [convert.CONFIG_FILE, convert.SINGLE_FILE]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"]
+    (out / "README.md").write_text("mine")
+    after = snapshot()
+    with pytest.raises(SystemExit, match="holds 'README.md', which an export does not write"):
+        convert.main(export)
+    assert snapshot() == after

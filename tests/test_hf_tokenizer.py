@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from flax import linen as nn
 
 from oasst_jax import checkpoint, convert, decode, sample
 from oasst_jax.chatml import prompt_ids
-from oasst_jax.hf_tokenizer import write_hf_tokenizer
+from oasst_jax.hf_tokenizer import TOKENIZER_FILES, write_hf_tokenizer
 from oasst_jax.model import Llama
 from oasst_jax.sharding import make_mesh
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
@@ -96,3 +97,22 @@ def test_megatron_layout_export(tmp_path, sp_model_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     got = hf_tok.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True)
     assert list(got["input_ids"]) == prompt_ids(tok, CONVERSATION[:1])
+
+
+def test_export_over_an_export_with_a_bad_tokenizer_changes_nothing(exported, tmp_path):
+    """A tokenizer that does not load is one line before anything is written; the
+    existing export (tokenizer files included) stays byte for byte."""
+    out, *_ = exported
+    ckpt = os.path.join(os.path.dirname(out), "ckpt")
+
+    def snapshot() -> dict[str, bytes]:
+        return {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+
+    before = snapshot()
+    assert set(TOKENIZER_FILES) <= set(before)
+    missing = str(tmp_path / "missing.model")
+    with pytest.raises(SystemExit, match=f"^error: tokenizer model not found: {missing}") as e:
+        convert.main(["orbax-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", missing])
+    assert "\n" not in e.value.code
+    assert snapshot() == before
+    assert sorted(os.listdir(os.path.dirname(out))) == ["ckpt", "hf"]
