@@ -21,7 +21,13 @@ import pytest
 
 from oasst_jax.data.conversation import ROLES, DataError, Turn
 from oasst_jax.data.readers import iter_tar_jsonl
-from oasst_jax.data.sources import LOADERS, OPTIONS, clean_context, load_dataset
+from oasst_jax.data.sources import (
+    LOADERS,
+    OPTIONS,
+    REFUSAL_PHRASES,
+    clean_context,
+    load_dataset,
+)
 
 DATA = Path(__file__).parent / "data"
 CARD_LANGS = "bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk"
@@ -40,9 +46,12 @@ TREE_SKIPS = {
     "review_result": 1,
 }
 # Thread-level skips independent of top_k: t1's P5 (a prompter leaf that is A1's second
-# reply), t4's A3 and P7 (deleted; P7 is a removed prompter leaf but still counts), t4's A5
-# (synthetic).
-THREAD_SKIPS = {"prompter_leaf": 1, "deleted": 2, "synthetic": 1}
+# reply), t4's A3 and P7 (deleted; P7 is a removed prompter leaf but still counts), t10's A1
+# (deleted), t4's A5 (synthetic).  t11 (a root alone) has no path of length > 1.
+THREAD_SKIPS = {"prompter_leaf": 1, "deleted": 3, "synthetic": 1}
+# Trees that pass the tree filter (card languages), in file order: upstream's split units,
+# t10 and t11 included although they yield no thread.
+ACCEPTED_TREES = ["t1", "t2", "t3", "t4", "t8", "t10", "t11"]
 
 # (tree, message numbers) of each expected thread; ``tK-mN`` ids are pre-order numbers.
 # top_k=None: every root-to-leaf path that survives the leaf/deleted/synthetic rules.
@@ -140,6 +149,17 @@ def test_oasst_card_counts():
     assert [len(oasst(top_k=k).samples) for k in (None, 1, 2)] == [11, 5, 9]
 
 
+def test_oasst_split_units_are_all_accepted_trees():
+    """Upstream splits every tree that passed the tree filter, also those without a thread
+    (t10: its only reply is deleted; t11: a root alone), with torch ``random_split``."""
+    for top_k in (None, 1):
+        result = oasst(top_k=top_k)
+        assert result.groups == ACCEPTED_TREES
+        assert result.val_rounding == "floor" and result.upstream_repr == "ListDataset"
+    assert {s.group for s in oasst().samples} == {"t1", "t2", "t3", "t4", "t8"}
+    assert oasst(lang="en").groups == ["t1", "t4", "t10", "t11"]
+
+
 def test_oasst_threads_alternate_and_end_on_assistant():
     for sample in oasst().samples:
         roles = [t.role for t in sample.turns]
@@ -226,6 +246,7 @@ def test_oasst_malformed_lines_counted(tmp_path):
     path.write_bytes("\n".join(lines).encode() + b'\n{"message_tree_id": "\xff"}\n')  # not UTF-8
     result = oasst(path)
     assert [s.group for s in result.samples] == ["ok"]
+    assert result.groups == ["ok", "empty", "lonely"]  # passed the tree filter
     assert dict(result.skipped) == {
         "bad_json": 2,
         "missing_field": 2,
@@ -322,24 +343,59 @@ def megacode(**options):
 
 def test_megacode2_counts():
     # 40 rows: rows 3 (USER "") and 7 (ASSISTANT "   ") empty, rows 11 (no ASSISTANT) and 15
-    # (USER null) missing; rows 20 and 31 are canned refusals, kept without a phrase filter.
+    # (USER null) missing; rows 20 and 31 have a refusal in the answer, row 25 in the question
+    # only: upstream's phrase list (the default) drops all three.
     result = megacode()
     assert result.name == "InstructionDataset (megacode2)"
-    assert len(result.samples) == 36
-    assert dict(result.skipped) == {"empty_text": 2, "missing_field": 2}
+    assert len(result.samples) == 33
+    assert dict(result.skipped) == {"empty_text": 2, "missing_field": 2, "phrase_filter": 3}
+    assert {"megacode2:20", "megacode2:25", "megacode2:31"}.isdisjoint(
+        s.group for s in result.samples
+    )
     for sample in result.samples:
         assert [t.role for t in sample.turns] == ["user", "assistant"]
+    off = megacode(phrase_filter=[])  # an empty list turns the filter off
+    assert len(off.samples) == 36 and "phrase_filter" not in off.skipped
+
+
+def test_refusal_phrases_are_upstreams():
+    assert len(REFUSAL_PHRASES) == 36  # as listed in custom_datasets/utils.py (a duplicate)
+    assert len(set(REFUSAL_PHRASES)) == 34
+    assert REFUSAL_PHRASES[3] == "As an AI " and REFUSAL_PHRASES[-1] == "OpenAI"
+    assert {"I'm an AI ", "I am an AI "} < set(REFUSAL_PHRASES)  # trailing space matters
+
+
+@pytest.mark.parametrize(
+    "row, dropped",
+    [
+        ({"USER": "Hi, as an AI language model can you?", "ASSISTANT": "Sure."}, True),
+        ({"USER": "Can you?", "ASSISTANT": "Sorry, AS AN AI language model..."}, True),
+        ({"USER": "Ask OPENAI.", "ASSISTANT": "Sure."}, True),
+        ({"USER": "I am an AIrplane fan.", "ASSISTANT": "I'm an AI-free zone."}, False),
+        ({"USER": "Can you?", "ASSISTANT": "As an AI\nmodel"}, False),
+    ],
+)
+def test_phrase_filter_question_or_answer(tmp_path, row, dropped):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    for name, columns in (
+        ("megacode2", {}),
+        ("oa_leet10k", {"user": "USER", "assistant": "ASSISTANT"}),
+    ):
+        result = load_dataset(name, {"path": str(path), "columns": columns})
+        assert (len(result.samples) == 0) == dropped
+        assert result.skipped["phrase_filter"] == int(dropped)
 
 
 def test_megacode2_phrase_filter_case_insensitive():
     result = megacode(phrase_filter=["as an ai LANGUAGE model"], fraction=0.5, max_val_set=3)
-    assert len(result.samples) == 34
+    assert len(result.samples) == 34  # rows 20 and 31; row 25's phrase is not listed
     assert dict(result.skipped) == {"empty_text": 2, "missing_field": 2, "phrase_filter": 2}
 
 
 def test_megacode2_seeded_shuffle():
     rows = json.loads((DATA / "megacode2.json").read_text())
-    usable = {3, 7, 11, 15}
+    usable = {3, 7, 11, 15, 20, 25, 31}
     order = [int(i) for i in np.random.default_rng(42).permutation(len(rows)) if i not in usable]
     result = megacode()
     assert [s.group for s in result.samples] == [f"megacode2:{i}" for i in order]
@@ -368,8 +424,8 @@ def test_oa_leet10k_parquet_and_jsonl_identical():
     parquet = load_dataset("oa_leet10k", {"path": str(DATA / "oa_leet10k.parquet")})
     jsonl = load_dataset("oa_leet10k", {"path": str(DATA / "oa_leet10k.jsonl")})
     assert parquet.name == "InstructionDataset (oa_leet10k)"
-    assert len(parquet.samples) == 24  # 25 rows, row 12 has an empty RESPONSE
-    assert dict(parquet.skipped) == {"empty_text": 1}
+    assert len(parquet.samples) == 23  # 25 rows, row 12 has an empty RESPONSE, 5 a phrase
+    assert dict(parquet.skipped) == {"empty_text": 1, "phrase_filter": 1}
     assert as_pairs(parquet) == as_pairs(jsonl)
     assert "oa_leet10k:12" not in {s.group for s in parquet.samples}
 
@@ -405,6 +461,37 @@ def test_orca_chat():
     assert result.samples[0].turns[0].role == "user"
     assert result.samples[1].turns[0].role == "system"
     assert len(result.samples[2].turns) == 1 + 2 * 3
+    # upstream keeps empty turns and a one-space system message; no phrase filter
+    assert result.samples[5].turns[0] == Turn("system", " ")
+    assert result.samples[4].turns[1] == Turn("user", "")
+    assert result.samples[7].turns[-1] == Turn("assistant", "")
+    assert "As an AI language model" in result.samples[10].turns[2].text
+
+
+def test_orca_chat_drop_blank_turns_option():
+    result = load_dataset(
+        "orca-chat", {"path": str(DATA / "orca-chat-gpt4.json"), "drop_blank_turns": True}
+    )
+    groups = [s.group for s in result.samples]
+    assert len(groups) == 27 and "orca-chat:4" not in groups and "orca-chat:7" not in groups
+    assert dict(result.skipped) == {"missing_field": 1, "empty_text": 2}
+    assert result.samples[groups.index("orca-chat:5")].turns[0].role == "user"  # no " " system
+    with pytest.raises(DataError, match="drop_blank_turns"):
+        load_dataset(
+            "orca-chat", {"path": str(DATA / "orca-chat-gpt4.json"), "drop_blank_turns": 1}
+        )
+
+
+def test_orca_chat_empty_conversation_is_a_sample_without_turns(tmp_path):
+    path = tmp_path / "orca.json"
+    records = [
+        {"instruction": "Be nice.", "conversation": []},
+        {"instruction": "", "conversation": []},
+    ]
+    path.write_text(json.dumps(records))
+    result = load_dataset("orca-chat", {"path": str(path)})
+    assert [s.turns for s in result.samples] == [(Turn("system", "Be nice."),), ()]
+    assert load_dataset("orca-chat", {"path": str(path), "drop_blank_turns": True}).samples == []
 
 
 # ---------------------------------------------------------------- dolly15k_multilingual
@@ -419,8 +506,13 @@ def dolly(path=DATA / "dolly15k"):
     [
         ("Paris is big.[1] It has a river.[1, 2]", "Paris is big. It has a river."),
         ("A note[a] and more[citation needed].", "A note and more."),
-        ("Range[12-14] and [ 3 ] done", "Range and  done"),
-        ("[3][citation needed] ", ""),
+        ("Upper[A] and[Z] letters", "Upper and letters"),
+        ("Range[12-14] and [ 3 ] stay", "Range[12-14] and [ 3 ] stay"),  # upstream keeps these
+        ("[1,2,3][4,  5] [1 ,2]", " [1 ,2]"),
+        ("[3][citation needed] ", " "),  # not stripped: a context turn of one space
+        ("  padded\n", "  padded\n"),
+        ("[Citation needed] [ab] [citation needed ]", "[Citation needed] [ab] [citation needed ]"),
+        ("[1[a]]", "[1]"),  # in order: step 3 removes [a], leaving the [1] step 1 passed
         ("Keep [brackets] and [Note] text", "Keep [brackets] and [Note] text"),
     ],
 )
@@ -431,13 +523,17 @@ def test_clean_context(raw, cleaned):
 def test_dolly_counts_order_and_context_turns():
     result = dolly()
     assert result.name == "Dolly15kMultilingual"
-    assert len(result.samples) == 39  # 4 splits x 10 rows, de row 2 has an empty response
-    assert dict(result.skipped) == {"empty_text": 1}
+    # 4 splits x 10 rows: de row 2 has an empty response; es row 1 (instruction) and fr row 6
+    # (response) hold a refusal phrase; de row 3's whitespace-only instruction is kept
+    assert len(result.samples) == 37
+    assert dict(result.skipped) == {"empty_text": 1, "phrase_filter": 2}
     groups = [s.group for s in result.samples]
     assert groups[:10] == [f"dolly15k_multilingual:en:{i}" for i in range(10)]
-    assert "dolly15k_multilingual:de:2" not in groups
+    for dropped in ("de:2", "es:1", "fr:6"):
+        assert f"dolly15k_multilingual:{dropped}" not in groups
     assert groups[-1] == "dolly15k_multilingual:fr:9"
     by_group = {s.group: s for s in result.samples}
+    assert by_group["dolly15k_multilingual:de:3"].turns[0] == Turn("user", "  ")
     for split in ("en", "de", "es", "fr"):
         rows = pq.read_table(DATA / f"dolly15k/data/{split}-00000-of-00001.parquet").to_pylist()
         for i, row in enumerate(rows):
@@ -445,15 +541,36 @@ def test_dolly_counts_order_and_context_turns():
             if sample is None:
                 continue
             roles = [t.role for t in sample.turns]
-            # rows 0-3 have no context, row 9's context is only markers
-            if i < 4 or i == 9:
+            if i < 4:  # no context
                 assert roles == ["user", "assistant"]
-            else:
+            else:  # row 9's context is only markers: one space is left, still a turn
                 assert roles == ["user", "context", "assistant"]
                 context = sample.turns[1].text
-                assert "[" not in context and context == clean_context(row["context"])
+                assert context == clean_context(row["context"])
+                if i == 9:
+                    assert context == " "
+                else:  # "[ 1 ]" and "[12-14]" are kept, every other marker removed
+                    assert context.replace("[ 1 ] [12-14]", "").count("[") == 0
                 assert sample.turns[0].text == row["instruction"]  # context not merged in
             assert sample.turns[-1].text == row["response"]
+
+
+def test_dolly_drop_blank_turns_option():
+    result = load_dataset(
+        "dolly15k_multilingual", {"path": str(DATA / "dolly15k"), "drop_blank_turns": True}
+    )
+    groups = [s.group for s in result.samples]
+    assert len(groups) == 36 and "dolly15k_multilingual:de:3" not in groups
+    assert dict(result.skipped) == {"empty_text": 2, "phrase_filter": 2}
+    nine = result.samples[groups.index("dolly15k_multilingual:en:9")]
+    assert [t.role for t in nine.turns] == ["user", "assistant"]  # blank context: no turn
+
+
+def test_dolly_phrase_filter_option(tmp_path):
+    off = load_dataset(
+        "dolly15k_multilingual", {"path": str(DATA / "dolly15k"), "phrase_filter": []}
+    )
+    assert len(off.samples) == 39 and dict(off.skipped) == {"empty_text": 1}
 
 
 def test_dolly_jsonl_layout_identical(tmp_path):

@@ -49,8 +49,19 @@ class Sample:
 
 @dataclass
 class LoadResult:
-    """A loaded dataset: display ``name`` (stats header), samples, and skip reasons."""
+    """A loaded dataset: display ``name`` (stats header), samples, and skip reasons.
+
+    How upstream splits it: ``groups`` lists every split unit in order, also those that
+    yield no sample (oasst: each tree that passed the tree filter; ``None``: the samples'
+    own groups), and ``val_rounding`` says how the validation share is rounded (``ceil``:
+    sklearn ``train_test_split(test_size=val_split)``; ``floor``: torch ``random_split``
+    with fractions).  ``upstream_repr`` is the name upstream's stats file prints for the
+    dataset (``type(d).__name__`` plus its ``name``), when it differs from ``name``.
+    """
 
     name: str
     samples: list[Sample]
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    groups: list[str] | None = None
+    val_rounding: str = "ceil"
+    upstream_repr: str | None = None

@@ -18,6 +18,10 @@ Deviations, where upstream would crash or emit unusable samples: a malformed lin
 JSON, missing or mistyped field, roles that do not alternate starting with the prompter) skips that
 tree, and a thread with an empty (whitespace-only) message is dropped as ``empty_text``.
 
+Upstream splits the accepted *trees* (those without a single thread included) with torch
+``random_split(trees, [1 - val_split, val_split])``, so :class:`LoadResult` carries every
+accepted tree id (``groups``) and ``val_rounding="floor"``; the pretokenizer does the split.
+
 ``skipped`` counts trees for the tree-level reasons (``bad_json``, ``missing_field``,
 ``bad_field``, ``role_order``, ``tree_state``, ``review_result``, ``language``) and threads for the
 thread-level ones (``prompter_leaf``: a prompter leaf that is not its parent's first reply,
@@ -192,6 +196,7 @@ def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
     top_k = parse_top_k(options.get("top_k"))
     skipped: collections.Counter = collections.Counter()
     samples: list[Sample] = []
+    trees: list[str] = []  # every tree that passed the tree filter: upstream's split units
     for record in iter_jsonl_input(path, skipped, record_limit(options)):
         try:
             tree_id = record.get("message_tree_id")
@@ -208,5 +213,8 @@ def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
         if reason is not None:
             skipped[reason] += 1
             continue
+        trees.append(tree_id)
         samples.extend(Sample(turns, tree_id) for turns in tree_threads(root, top_k, skipped))
-    return LoadResult(NAME, samples, skipped)
+    return LoadResult(
+        NAME, samples, skipped, groups=trees, val_rounding="floor", upstream_repr="ListDataset"
+    )

@@ -6,13 +6,15 @@ oa_leet10k, ``OrcaChat``, ``Dolly15kMultilingual`` and ``load_oasst_export``.  A
 its dataset's options (a dict or ``ml_collections.ConfigDict``; keys it does not know, such
 as ``fraction`` / ``val_split`` / ``max_val_set``, belong to the splitter and are ignored;
 :data:`OPTIONS` lists each loader's own, so a config can reject misspelt ones) and returns
-a :class:`LoadResult`.  Records that upstream would crash on, or turn into
-unusable samples, are skipped and counted by reason.
+a :class:`LoadResult`.  Rows are kept or dropped as upstream does (refusal phrases, empty
+sides, empty turns: see each loader); records that upstream would crash on (missing or
+mistyped fields, bad JSON) are skipped and counted by reason.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,10 +42,55 @@ DOLLY_SPLIT_PATTERNS = (
     "{split}.jsonl.gz",
     "{split}.json",
 )
-# Citation markers in Wikipedia-derived contexts: ``[1]``, ``[1, 2]``, ``[12-14]``, ``[a]``,
-# ``[citation needed]`` (upstream ``re_reference_remove`` / ``re_single_reference_remove``
-# plus a ``[citation needed]`` replace).
-CITATION_RE = re.compile(r"\[(?:\s*\d+\s*(?:[,–-]\s*\d+\s*)*|[a-z]|citation needed)\]")
+# Upstream ``Dolly15kMultilingual._process_instruction`` cleans ``context`` with exactly
+# these three steps, in this order, and nothing else (no strip): ``re_reference_remove``
+# (``[1]``, ``[1, 2]``; not ``[ 1 ]`` nor ``[12-14]``), the literal ``[citation needed]``,
+# then ``citation_regex`` (``[a]``, ``[A]``).
+REFERENCE_RE = re.compile(r"\[\d+(?:,\s*\d+)*?\]")
+CITATION_NEEDED = "[citation needed]"
+LETTER_CITATION_RE = re.compile(r"\[[a-zA-Z]\]")
+
+# Upstream ``FILTER_BY_WORDS`` (``custom_datasets/utils.py``): a megacode2, oa_leet10k or
+# dolly15k_multilingual row whose question or answer contains one of these (case-insensitive
+# substring) is dropped.  Trailing spaces are part of a phrase.  Duplicates kept as upstream.
+REFUSAL_PHRASES: tuple[str, ...] = (
+    "as a language model",
+    "as an AI language model",
+    "As a large language model",
+    "As an AI ",
+    "an AI language model you don't have",
+    "As an AI language model, I cannot",
+    "As an AI language model, I do not",
+    "As an AI language model, I am not able",
+    "As an AI language model, I don't have personal",
+    "I am an AI language model and do not",
+    "As an AI language model, I don't have",
+    "As an AI language model, I am only able",
+    "AI language model and I do not",
+    "As an AI language model, I cannot modify",
+    "As an AI language model, I do not",
+    "I know as an AI language model you don't have",
+    "as an AI language model, you cannot",
+    "I'm sorry, but as an AI language model",
+    "As an AI language model, I don't have",
+    "I'm an AI ",
+    "I am an AI ",
+    "As your dedicated AI language model",
+    "As a hypothetical AI",
+    "As a neutral AI",
+    "my knowledge cutoff",
+    "my knowledge cut off",
+    "As a machine",
+    "I cannot assist",
+    "I do not have personal preferences",
+    "I don't have personal preferences",
+    "Unfortunately, I cannot provide",
+    "I'm sorry, I cannot",
+    "I'm sorry, I cannot generate",
+    "AI cannot create or program",
+    "I'm afraid I cannot create",
+    "OpenAI",
+)
 
 
 def _text(record: Mapping[str, Any], column: str) -> tuple[str | None, str | None]:
@@ -60,13 +107,32 @@ def _text(record: Mapping[str, Any], column: str) -> tuple[str | None, str | Non
 
 
 def _phrases(options: Mapping[str, Any]) -> tuple[str, ...]:
-    """Option ``phrase_filter``: a row whose assistant answer contains one of these phrases
-    (case-insensitive) is dropped, as upstream drops canned refusals.  Empty by default
-    (recipe), so the card's accepted counts are reproduced unless a list is configured."""
-    phrases = options.get("phrase_filter") or ()
-    if isinstance(phrases, str):
+    """Option ``phrase_filter``: a row whose question or answer contains one of these
+    phrases (case-insensitive substring) is dropped and counted as ``phrase_filter``.
+    Unset (``None``): upstream's :data:`REFUSAL_PHRASES`, which made the card's counts; an
+    empty list turns the filter off."""
+    phrases = options.get("phrase_filter")
+    if phrases is None:
+        phrases = REFUSAL_PHRASES
+    elif isinstance(phrases, str):
         phrases = (phrases,)
     return tuple(p.lower() for p in phrases if p)
+
+
+def _refused(phrases: tuple[str, ...], *texts: str) -> bool:
+    return any(p in text.lower() for text in texts for p in phrases)
+
+
+def _drop_blank(options: Mapping[str, Any], name: str) -> bool:
+    """Option ``drop_blank_turns`` (orca-chat, dolly15k_multilingual), default ``False``:
+    upstream keeps empty turns (see the loaders); ``True`` drops a row with a blank
+    (whitespace-only) turn instead and keeps no blank system or context turn."""
+    value = options.get("drop_blank_turns")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise DataError(f"{name}.drop_blank_turns must be true or false, got {value!r}")
+    return value
 
 
 def _columns(name: str, options: Mapping[str, Any]) -> dict[str, str]:
@@ -113,11 +179,12 @@ def collect(
 def instruction_turns(
     record: Mapping[str, Any], columns: Mapping[str, str], phrases: tuple[str, ...]
 ) -> Turns:
-    """One user/assistant pair from the configured columns; phrase-filtered answers drop."""
+    """One user/assistant pair from the configured columns (upstream ``InstructionDataset``:
+    both sides non-empty after strip, neither containing a refusal phrase)."""
     user, reason = _text(record, columns["user"])
     if reason is None:
         answer, reason = _text(record, columns["assistant"])
-    if reason is None and any(p in answer.lower() for p in phrases):
+    if reason is None and _refused(phrases, user, answer):
         reason = "phrase_filter"
     if reason is not None:
         return None, reason
@@ -140,25 +207,44 @@ def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]],
     return load
 
 
-def orca_turns(record: Mapping[str, Any]) -> Turns:
-    """``OrcaChat``: ``instruction`` -> system turn (only when non-blank), each
-    ``{input, output}`` of ``conversation`` -> a user and an assistant turn."""
+def _string(record: Mapping[str, Any], column: str, drop_blank: bool) -> tuple[Any, Any]:
+    """``(text, None)`` for a string column (blank allowed unless ``drop_blank``), else
+    ``(None, reason)``; upstream would crash on a missing or non-string value."""
+    if drop_blank:
+        return _text(record, column)
+    value = record.get(column)
+    if value is None:
+        return None, "missing_field"
+    if not isinstance(value, str):
+        return None, "bad_field"
+    return value, None
+
+
+def orca_turns(record: Mapping[str, Any], drop_blank: bool = False) -> Turns:
+    """``OrcaChat``: ``instruction`` -> system turn when it has length > 0 (a lone space
+    counts), each ``{input, output}`` of ``conversation`` -> a user and an assistant turn.
+
+    Upstream checks nothing, so empty inputs/outputs stay as empty turns (and an empty
+    ``conversation`` is a sample without turns, which ``min_assistant_tokens`` skips).
+    ``drop_blank``: a blank input/output or an empty conversation drops the row
+    (``empty_text``) and a blank instruction gives no system turn."""
     conversation = record.get("conversation")
     if conversation is None:
         return None, "missing_field"
     if not isinstance(conversation, list):
         return None, "bad_field"
-    if not conversation:
+    if drop_blank and not conversation:
         return None, "empty_text"
     system = record.get("instruction")
     if system is not None and not isinstance(system, str):
         return None, "bad_field"
-    turns = [Turn("system", system)] if system and system.strip() else []
+    keep_system = bool(system) and not (drop_blank and not system.strip())
+    turns = [Turn("system", system)] if keep_system else []
     for exchange in conversation:
         if not isinstance(exchange, Mapping):
             return None, "bad_field"
         for column, role in (("input", "user"), ("output", "assistant")):
-            text, reason = _text(exchange, column)
+            text, reason = _string(exchange, column, drop_blank)
             if reason is not None:
                 return None, reason
             turns.append(Turn(role, text))
@@ -166,33 +252,52 @@ def orca_turns(record: Mapping[str, Any]) -> Turns:
 
 
 def load_orca_chat(options: Mapping[str, Any]) -> LoadResult:
-    """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (option ``path``)."""
+    """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (options ``path``,
+    ``drop_blank_turns``)."""
     path = require_path(options.get("path"), "orca-chat.path")
+    drop_blank = _drop_blank(options, "orca-chat")
     skipped: collections.Counter = collections.Counter()
     records = read_records(path, skipped, record_limit(options))
     keyed = ((f"orca-chat:{i}", r) for i, r in enumerate(records))
-    return collect("OrcaChat (orca-chat)", keyed, orca_turns, skipped)
+    to_turns = functools.partial(orca_turns, drop_blank=drop_blank)
+    return collect("OrcaChat (orca-chat)", keyed, to_turns, skipped)
 
 
 def clean_context(context: str) -> str:
-    """Remove citation markers (``[1]``, ``[1, 2]``, ``[a]``, ``[citation needed]``) as
-    upstream ``Dolly15kMultilingual._process_instruction`` does, then strip."""
-    return CITATION_RE.sub("", context).strip()
+    """Upstream's three cleaning steps, in order: ``[1]``/``[1, 2]`` references, the literal
+    ``[citation needed]``, ``[a]``/``[A]`` letter citations.  Not stripped."""
+    context = REFERENCE_RE.sub("", context)
+    context = context.replace(CITATION_NEEDED, "")
+    return LETTER_CITATION_RE.sub("", context)
 
 
-def dolly_turns(record: Mapping[str, Any]) -> Turns:
-    """``instruction`` -> user, cleaned non-empty ``context`` -> its own ``context`` turn,
-    ``response`` -> assistant (upstream ``create_dataset_entry_qa(context=...)``)."""
-    user, reason = _text(record, "instruction")
+def dolly_turns(
+    record: Mapping[str, Any], phrases: tuple[str, ...] = (), drop_blank: bool = False
+) -> Turns:
+    """``instruction`` -> user, cleaned ``context`` -> its own ``context`` turn when it is a
+    non-empty string (whitespace only included), ``response`` -> assistant (upstream
+    ``create_dataset_entry_qa(context=...)``).
+
+    Upstream keeps a row when ``_filter_by_words(instruction) and
+    _filter_by_words(response)``: the filter returns the text itself, so an *empty*
+    instruction or response drops the row (``empty_text``; a whitespace-only one does not),
+    and so does a refusal phrase in either (``phrase_filter``).  ``drop_blank``: a blank
+    instruction or response drops the row and a blank context gives no turn."""
+    user, reason = _string(record, "instruction", drop_blank)
     if reason is None:
-        answer, reason = _text(record, "response")
+        answer, reason = _string(record, "response", drop_blank)
     context = record.get("context") or ""
     if reason is None and not isinstance(context, str):
         reason = "bad_field"
+    if reason is None and not (user and answer):
+        reason = "empty_text"
+    if reason is None and _refused(phrases, user, answer):
+        reason = "phrase_filter"
     if reason is not None:
         return None, reason
     context = clean_context(context)
-    middle = (Turn("context", context),) if context else ()
+    has_context = bool(context) and not (drop_blank and not context.strip())
+    middle = (Turn("context", context),) if has_context else ()
     return (Turn("user", user), *middle, Turn("assistant", answer)), None
 
 
@@ -220,16 +325,20 @@ def _iter_dolly(
 
 
 def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
-    """``Dolly15kMultilingual``: splits en, de, es, fr of a directory (option ``path``)."""
+    """``Dolly15kMultilingual``: splits en, de, es, fr of a directory (options ``path``,
+    ``phrase_filter``, ``drop_blank_turns``)."""
     root = require_path(options.get("path"), "dolly15k_multilingual.path")
     if not root.is_dir():
         raise DataError(f"dolly15k_multilingual.path: not a directory: {root}")
     for split in DOLLY_SPLITS:  # fail at start, before reading anything
         dolly_split_files(root, split)
+    phrases = _phrases(options)
+    drop_blank = _drop_blank(options, "dolly15k_multilingual")
     skipped: collections.Counter = collections.Counter()
     rows = _iter_dolly(root, skipped, record_limit(options))
     keyed = ((f"dolly15k_multilingual:{split}:{i}", r) for split, i, r in rows)
-    return collect("Dolly15kMultilingual", keyed, dolly_turns, skipped)
+    to_turns = functools.partial(dolly_turns, phrases=phrases, drop_blank=drop_blank)
+    return collect("Dolly15kMultilingual", keyed, to_turns, skipped)
 
 
 LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
@@ -245,8 +354,8 @@ LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
 _RECORD_OPTIONS = ("max_record_bytes",)
 OPTIONS: dict[str, tuple[str, ...]] = {
     "megacode2": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
-    "orca-chat": ("path", *_RECORD_OPTIONS),
-    "dolly15k_multilingual": ("path", *_RECORD_OPTIONS),
+    "orca-chat": ("path", "drop_blank_turns", *_RECORD_OPTIONS),
+    "dolly15k_multilingual": ("path", "phrase_filter", "drop_blank_turns", *_RECORD_OPTIONS),
     "oa_leet10k": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
     "oasst_export": ("input_file_path", "lang", "top_k", *_RECORD_OPTIONS),
 }

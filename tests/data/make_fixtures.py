@@ -160,7 +160,9 @@ def code_question(rng: random.Random, name: str) -> str:
 def megacode2(rng: random.Random) -> list[dict]:
     """40 rows.  Special: row 3 USER "" (empty_text), row 7 ASSISTANT "   " (empty_text),
     row 11 no ASSISTANT key (missing_field), row 15 USER null (missing_field), rows 20 and
-    31 canned refusals (kept unless a phrase filter names them).  36 usable rows."""
+    31 canned refusals in the answer, row 25 a refusal phrase in the question only
+    (phrase_filter under upstream's list), row 1's code answer quotes ``</s>`` and ``<s>``.
+    36 rows pass the empty/missing checks, 33 the refusal filter too."""
     rows = []
     for i in range(40):
         name = CODE_NAMES[i % len(CODE_NAMES)]
@@ -175,12 +177,17 @@ def megacode2(rng: random.Random) -> list[dict]:
     rows[15]["USER"] = None
     rows[20]["ASSISTANT"] = REFUSAL
     rows[31]["ASSISTANT"] = "I'm sorry, but as an AI Language Model I cannot write that code."
+    rows[25]["USER"] = "Given my knowledge CUTOFF in 2021, " + rows[25]["USER"]
+    rows[1]["ASSISTANT"] += '\n\nA tokenizer marks the ends with `bos = "<s>"` and `eos = "</s>"`.'
     return rows
 
 
 def orca_chat(rng: random.Random) -> list[dict]:
     """30 records with 1-3 exchanges; every third has an empty instruction (no system
-    turn); record 29 has an exchange without ``output`` (missing_field).  29 usable."""
+    turn); record 29 has an exchange without ``output`` (missing_field).  29 usable.
+    Empty turns, kept as upstream: record 5's instruction is one space (a system turn),
+    record 4's first input and record 7's last output are "" (empty turns), record 10
+    has a refusal phrase (orca-chat has no phrase filter)."""
     records = []
     for i in range(30):
         instruction = "" if i % 3 == 0 else f"You are an AI assistant. {sentence(rng, 'en')}"
@@ -189,14 +196,22 @@ def orca_chat(rng: random.Random) -> list[dict]:
         ]
         records.append({"instruction": instruction, "conversation": exchanges})
     del records[29]["conversation"][0]["output"]
+    records[5]["instruction"] = " "
+    records[4]["conversation"][0]["input"] = ""
+    records[7]["conversation"][-1]["output"] = ""
+    records[10]["conversation"][0]["output"] = REFUSAL
     return records
 
 
 def dolly(rng: random.Random, lang: str) -> list[dict]:
-    """10 rows per split.  Contexts: rows 0-3 empty, rows 4-8 with citation markers, row 9
-    of markers only (cleans to empty, so no context turn).  In the ``de`` split row 2 has
-    an empty response (empty_text).  39 usable rows over the four splits."""
-    markers = ["[1]", "[1, 2]", "[a]", "[citation needed]", "[12]"]
+    """10 rows per split.  Contexts: rows 0-3 empty, rows 4-8 with citation markers (every
+    form upstream removes, ``[1]``, ``[1, 2]``, ``[a]``, ``[A]``, ``[citation needed]``, and
+    ``[ 1 ]``/``[12-14]``, which it keeps), row 9 of markers only (cleans to one space:
+    still a context turn upstream).  In the ``de`` split row 2 has an empty response
+    (empty_text) and row 3 a whitespace-only instruction (kept upstream); in ``es`` row 1
+    has a refusal phrase in the instruction, in ``fr`` row 6 in the response
+    (phrase_filter).  39 rows pass the empty check, 37 the refusal filter too."""
+    markers = ["[1]", "[1, 2]", "[a]", "[citation needed]", "[12][A] [ 1 ] [12-14]"]
     rows = []
     for i in range(10):
         if i < 4:
@@ -220,11 +235,17 @@ def dolly(rng: random.Random, lang: str) -> list[dict]:
         )
     if lang == "de":
         rows[2]["response"] = ""
+        rows[3]["instruction"] = "  "
+    if lang == "es":
+        rows[1]["instruction"] = "As a neutral AI, " + rows[1]["instruction"]
+    if lang == "fr":
+        rows[6]["response"] += " Unfortunately, I cannot provide more."
     return rows
 
 
 def oa_leet10k(rng: random.Random) -> list[dict]:
-    """25 rows; row 12 has an empty RESPONSE (empty_text).  24 usable."""
+    """25 rows; row 12 has an empty RESPONSE (empty_text), row 5 names OpenAI in its
+    INSTRUCTION (phrase_filter).  24 pass the empty check, 23 the refusal filter too."""
     rows = []
     for i in range(25):
         name = CODE_NAMES[(i * 3) % len(CODE_NAMES)]
@@ -236,6 +257,7 @@ def oa_leet10k(rng: random.Random) -> list[dict]:
             }
         )
     rows[12]["RESPONSE"] = ""
+    rows[5]["INSTRUCTION"] += " Compare it with the OpenAI cookbook version."
     return rows
 
 
@@ -309,8 +331,10 @@ def oasst_lines(rng: random.Random) -> list[str]:
     t6 en: P0 -> A1 r0, tree_state "growing" (not ready_for_export)
     t7 en: P0 (review_result false) -> A1 r0
     t8 es: P0 -> A1 r0 -> P2 -> A3 r0 (lang en, review_result false: not checked) -> P4 -> A5 r0
-    then a malformed JSON line, a tree without ``prompt`` (missing_field), and t9 en whose
-    assistant replies to an assistant (role_order).
+    then a malformed JSON line, a tree without ``prompt`` (missing_field), t9 en whose
+    assistant replies to an assistant (role_order), and two trees that pass the tree filter
+    but yield no thread (upstream still splits them): t10 en: P0 -> A1 r0 deleted;
+    t11 en: P0 alone.
     """
     lines = [
         tree_line(
@@ -340,6 +364,8 @@ def oasst_lines(rng: random.Random) -> list[str]:
         '{"message_tree_id": "t-bad", "tree_state": "ready_for_export", "prompt": {"text": ',
         json.dumps({"message_tree_id": "t-noprompt", "tree_state": "ready_for_export"}),
         tree_line(rng, "t9", "en", P(A(A(rank=0), rank=0))),
+        tree_line(rng, "t10", "en", P(A(rank=0, deleted=True))),
+        tree_line(rng, "t11", "en", P()),
     ]
     return lines
 
