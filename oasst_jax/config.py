@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.nonfinite = "skip"  # or "halt"
+    c.nonfinite_max_consecutive = 5  # "skip" stops the run after this many NaN/Inf steps in a row
     # checkpoints in
     c.load = ""  # orbax checkpoint dir or HF directory to start from
     c.finetune = False  # True: load weights only (fresh optimizer, step 0, fresh data)
@@ -187,6 +188,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"loss_on={cfg.loss_on!r} needs tokenizer_path (to find the assistant headers)",
     )
     need(cfg.nonfinite in ("skip", "halt"), f"nonfinite={cfg.nonfinite!r} not in (skip, halt)")
+    need(
+        cfg.nonfinite_max_consecutive >= 1,
+        f"nonfinite_max_consecutive={cfg.nonfinite_max_consecutive} must be >= 1",
+    )
     need(not cfg.finetune or bool(cfg.load), "finetune=True needs load=<checkpoint or HF dir>")
     need(bool(cfg.data_path), "data_path is empty (point it at a pretokenizer output_dir)")
     need(

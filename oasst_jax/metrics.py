@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -28,12 +29,18 @@ class MetricsLogger:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
+        """One ``metrics.jsonl`` line of strict JSON: a NaN/Inf value is written as
+        ``null`` with ``"<name>_nonfinite": true`` beside it (tensorboard gets the value)."""
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in scalars.items()}
-        for k, v in clean.items():
+        row: dict[str, Any] = {"step": step}
+        for k, v in scalars.items():
+            v = float(v)
             self._writer.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            row[k] = v if math.isfinite(v) else None
+            if not math.isfinite(v):
+                row[f"{k}_nonfinite"] = True
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from oasst_jax.tokenizer import Tokenizer
 from oasst_jax.train_step import (
     BATCH_FIELDS,
     StepConfig,
+    all_finite,
     batch_sharding,
     build_trainer,
     model_flops_per_token,
@@ -171,7 +172,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         ckpt = checkpoint.TrainCheckpointer(
             os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpointing
         )
-        restored = ckpt.restore(trainer.abstract_state, model_cfg)
+        # the optimizer settings shape the saved opt_state: stored so a resume that no
+        # longer fits names the one that changed
+        settings = {f"optim.{k}": v for k, v in cfg.optim.items()}
+        restored = ckpt.restore(trainer.abstract_state, model_cfg, settings)
         data_state = None
         if restored is not None:
             state, meta = restored
@@ -185,9 +189,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             state = trainer.init_random(jax.random.key(cfg.seed))
         b_shard = trainer.batch_sharding
         step_fn, eval_fn = trainer.step, trainer.eval
-        train_it = make_iterator(
-            cfg, open_split(cfg, "train"), cfg.global_batch_size, loss_mask, train=True
-        )
+        train_source = open_split(cfg, "train")
+        train_it = make_iterator(cfg, train_source, cfg.global_batch_size, loss_mask, train=True)
         if data_state is not None:
             train_it.set_state(data_state)
         val_source = open_split(cfg, "val") if cfg.eval_iters and cfg.eval_interval else None
@@ -207,48 +210,57 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         timer = Timer()
         global_shape = (accum, rows_per_micro, cfg.seq_length)
         step = int(state["step"])
+        guard = _NonFiniteGuard(cfg, ckpt.directory, step if restored is not None else None)
         pending = None
         last = {}
         window = _Window(step)
-        while step < cfg.train_iters:
-            with timer("data_wait"):
-                host_batch = next(train_it)
-                batch = to_global(host_batch, b_shard, global_shape)
-            with timer("step_dispatch"):
-                state, metrics = step_fn(state, batch)
-            step += 1
-            host_stats = {
-                "packing_efficiency": pipeline.packing_efficiency(host_batch),
-                "samples": pipeline.samples_in_batch(host_batch),
-            }
+        try:
+            while step < cfg.train_iters:
+                with timer("data_wait"):
+                    host_batch = _next_batch(train_it, train_source)
+                    batch = to_global(host_batch, b_shard, global_shape)
+                with timer("step_dispatch"):
+                    state, metrics = step_fn(state, batch)
+                step += 1
+                host_stats = {
+                    "packing_efficiency": pipeline.packing_efficiency(host_batch),
+                    "samples": pipeline.samples_in_batch(host_batch),
+                }
+                if pending is not None:
+                    last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
+                pending = (step, metrics, host_stats, {})
+                if (
+                    cfg.eval_interval
+                    and val_source is not None
+                    and (step % cfg.eval_interval == 0 or step == cfg.train_iters)
+                ):
+                    val = evaluate(
+                        cfg, eval_fn, state["params"], val_source, rows_per_micro, loss_mask, mesh
+                    )
+                    pending[3].update(val)
+                    _log(
+                        f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}"
+                    )
+                exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
+                if (
+                    (cfg.save_interval and step % cfg.save_interval == 0)
+                    or exiting
+                    or (step == cfg.train_iters)
+                ):
+                    # this step's metrics first: a run halted for non-finite steps saves nothing
+                    last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
+                    pending = None
+                    with timer("checkpoint"):
+                        meta = {"data_iterator": train_it.get_state()}
+                        _save(ckpt, step, state, meta, model_cfg, settings, guard)
+                if exiting:
+                    _log(f"stopping cleanly after step {step}")
+                    break
             if pending is not None:
-                last = _report(cfg, logger, pending, window, flops_tok, timer)
-            pending = (step, metrics, host_stats, {})
-            if (
-                cfg.eval_interval
-                and val_source is not None
-                and (step % cfg.eval_interval == 0 or step == cfg.train_iters)
-            ):
-                val = evaluate(
-                    cfg, eval_fn, state["params"], val_source, rows_per_micro, loss_mask, mesh
-                )
-                pending[3].update(val)
-                _log(f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}")
-            exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
-            if (
-                (cfg.save_interval and step % cfg.save_interval == 0)
-                or exiting
-                or (step == cfg.train_iters)
-            ):
-                with timer("checkpoint"):
-                    ckpt.save(step, state, {"data_iterator": train_it.get_state()}, model_cfg)
-            if exiting:
-                _log(f"stopping cleanly after step {step}")
-                break
-        if pending is not None:
-            last = _report(cfg, logger, pending, window, flops_tok, timer)
-        ckpt.close()
-        logger.close()
+                last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
+        finally:  # saves already started complete; metrics written so far stay
+            ckpt.close()
+            logger.close()
     return last
 
 
@@ -262,17 +274,77 @@ class _Window:
         self.step, self.t0 = step, time.perf_counter()
 
 
-def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Timer) -> dict:
+class _NonFiniteGuard:
+    """Counts steps whose loss or gradient was NaN/Inf (their update is skipped by the
+    optimizer) and ends the run: at once with ``nonfinite='halt'``, after
+    ``nonfinite_max_consecutive`` in a row with ``'skip'`` (a diverged run, not a spike)."""
+
+    def __init__(self, cfg, directory: str, saved: int | None):
+        self.policy, self.limit = cfg.nonfinite, cfg.nonfinite_max_consecutive
+        self.directory, self.saved = directory, saved
+        self.in_a_row = 0
+
+    def kept(self) -> str:
+        if self.saved is None:
+            return "no checkpoint was written"
+        return f"newest checkpoint: {self.directory}/{self.saved}"
+
+    def check(self, step: int, nonfinite: bool) -> None:
+        if not nonfinite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.policy == "halt" or self.in_a_row >= self.limit:
+            raise SystemExit(
+                f"error: step {step}: loss/grad NaN or Inf, {self.in_a_row} step(s) in a row "
+                f"(nonfinite={self.policy!r}, nonfinite_max_consecutive={self.limit}); "
+                f"{self.kept()}"
+            )
+        _log(
+            f"step {step}: loss/grad NaN or Inf, update skipped "
+            f"({self.in_a_row} in a row; the run stops at {self.limit})"
+        )
+
+
+def _save(ckpt, step: int, state: dict, meta: dict, model_cfg, settings, guard) -> None:
+    """Save ``step``, except inside a run of NaN/Inf steps (it would rotate the checkpoints
+    from before it out) and never parameters that hold NaN/Inf."""
+    if guard.in_a_row:
+        _log(f"step {step}: loss/grad NaN or Inf, not saving ({guard.kept()})")
+        return
+    if not bool(all_finite(state["params"])):
+        raise SystemExit(
+            f"error: step {step}: the parameters hold NaN/Inf; not saving them ({guard.kept()})"
+        )
+    ckpt.save(step, state, meta, model_cfg, settings)
+    guard.saved = step
+
+
+def _next_batch(it, source) -> dict:
+    try:
+        return next(it)
+    except StopIteration:
+        msg = f"{source.path}: the split yields no batches (no usable samples)"
+        raise ValueError(msg) from None
+
+
+def _report(
+    cfg, logger, pending, window: _Window, flops_tok: float, timer: Timer, guard: _NonFiniteGuard
+) -> dict:
     """Read step metrics (one step late, so dispatch stays ahead) and log at intervals."""
     step, metrics, host_stats, val = pending
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     m.update(host_stats)
     m.update(val)
-    if m["nonfinite"] and cfg.nonfinite == "halt":
-        raise SystemExit(f"non-finite loss/grad at step {step} (nonfinite='halt')")
     due = cfg.log_interval and (step % cfg.log_interval == 0 or step == cfg.train_iters)
-    if not (due or val):
-        return m
+    if due or val or m["nonfinite"]:  # a non-finite step is always logged
+        _write(cfg, logger, step, m, window, flops_tok, timer)
+    guard.check(step, bool(m["nonfinite"]))
+    return m
+
+
+def _write(cfg, logger, step: int, m: dict, window: _Window, flops_tok: float, timer: Timer):
+    """Add throughput to ``m`` and write it (metrics.jsonl, tensorboard, progress line)."""
     dt = max(time.perf_counter() - window.t0, 1e-9)
     tokens = cfg.global_batch_size * cfg.seq_length * max(step - window.step, 1)
     m.update(
@@ -284,7 +356,6 @@ def _report(cfg, logger, pending, window: _Window, flops_tok: float, timer: Time
     logger.write(step, m)
     _log(progress_line(step, cfg.train_iters, m))
     window.reset(step)
-    return m
 
 
 def evaluate(cfg, eval_fn, params, source, rows: int, loss_mask, mesh) -> dict[str, float]:
@@ -293,7 +364,7 @@ def evaluate(cfg, eval_fn, params, source, rows: int, loss_mask, mesh) -> dict[s
     total, count = 0.0, 0.0
     shard = batch_sharding(mesh)
     for _ in range(cfg.eval_iters):
-        b = to_global(next(it), shard, (rows, cfg.seq_length))
+        b = to_global(_next_batch(it, source), shard, (rows, cfg.seq_length))
         s, n = eval_fn(params, b)
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)

@@ -265,6 +265,14 @@ def make_train_step(
     return step_fn
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """True when no floating-point leaf of ``tree`` holds NaN/Inf: one on-device reduction
+    (each device checks its own shards), so only a boolean comes back to the host."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
 def make_eval_step(
     model: Llama, pipeline_stages: int = 1, layer_specs: Any = None
 ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:

@@ -162,6 +162,18 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert _max_diff(one, acc) < 1e-6
 
 
+def test_all_finite_sees_one_nan_in_a_sharded_tree():
+    from oasst_jax.train_step import all_finite
+
+    mesh = sharding.make_mesh({"fsdp": 8})
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    x = np.zeros((16, 4), np.float32)
+    tree = {"a": jax.device_put(x, shard), "step": jnp.int32(3)}
+    assert bool(all_finite(tree))
+    x[13, 2] = np.nan  # on the last device only
+    assert not bool(all_finite({**tree, "a": jax.device_put(x, shard)}))
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -270,6 +282,90 @@ def test_truncated_checkpoint_falls_back(sample_data, tmp_path):
     run(cfg)
     steps = [r["step"] for r in _metrics(tmp_path)]
     assert steps == [1, 2, 3, 4, 3, 4, 5]  # resumed from step 2
+
+
+def _cli(sample_data, workdir, *overrides) -> subprocess.CompletedProcess:
+    """``python -m oasst_jax.train`` on the tiny config (stdout and stderr captured)."""
+    args = [
+        f"--config={REPO}/configs/tiny.py",
+        f"--config.data_path={sample_data['data_path']}",
+        f"--config.tokenizer_path={sample_data['tokenizer']}",
+        f"--config.workdir={workdir}",
+        "--config.seq_length=128",
+        "--config.eval_interval=0",
+        *overrides,
+    ]
+    cmd = [sys.executable, "-m", "oasst_jax.train", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_with_changed_optimizer_stops_and_keeps_checkpoints(sample_data, tmp_path):
+    """The reported case: clipping turned off on resume used to set every step aside and
+    restart from random weights with exit 0."""
+    run(_tiny_cfg(sample_data, tmp_path, train_iters=3, eval_interval=0, save_interval=1))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
+    out = _cli(sample_data, tmp_path, "--config.train_iters=4", "--config.optim.clip_grad=0")
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and lines[-1].startswith("error: "), out.stderr[-2000:]
+    assert f"{ckpts}/3 does not fit this run: opt_state" in lines[-1]
+    assert "optim.clip_grad 1.0 -> 0" in lines[-1]
+    assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]  # nothing set aside
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]  # no fresh run began
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"bare {name} in metrics.jsonl")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_diverged_run_halts_without_saving_nonfinite_steps(sample_data, tmp_path):
+    """lr=1e10: NaN losses from step 3 on (the reported run saved checkpoints throughout and
+    exited 0).  Five NaN steps in a row end the run (non-zero exit, one line); no save
+    happens inside the streak; metrics.jsonl stays strict JSON; every checkpoint written
+    holds finite parameters."""
+    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=12, eval_interval=0, save_interval=2)
+    cfg.optim.lr, cfg.optim.lr_warmup_iters = 1e10, 1
+    with pytest.raises(SystemExit) as e:
+        run(cfg)
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("error: step ")
+    assert "5 step(s) in a row (nonfinite='skip', nonfinite_max_consecutive=5)" in msg
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [_strict_json(line) for line in f]
+    bad = [r["step"] for r in rows if r.get("loss_nonfinite")]
+    assert len(bad) == 5 and all(r["loss"] is None for r in rows if r.get("loss_nonfinite"))
+    assert bad == list(range(bad[0], bad[0] + 5)), bad
+    from oasst_jax import checkpoint
+
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    assert saved and max(saved) < bad[0] and msg.endswith(f"/checkpoints/{max(saved)}")
+    for step in saved:
+        params = checkpoint.load_weights(str(tmp_path / "checkpoints"), step=step)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
+
+
+def test_nonfinite_parameters_are_never_saved(sample_data, tmp_path, monkeypatch):
+    from oasst_jax import train
+
+    monkeypatch.setattr(train, "all_finite", lambda params: False)
+    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
+    with pytest.raises(SystemExit, match="error: step 1: the parameters hold NaN/Inf; not saving"):
+        run(cfg)
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
+    from oasst_jax import train
+
+    monkeypatch.setattr(train, "make_iterator", lambda *a, **k: iter(()))
+    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
+    split = os.path.join(sample_data["data_path"], f"{sample_data['data_prefix']}-train")
+    with pytest.raises(ValueError, match=f"^{split}: the split yields no batches"):
+        run(cfg)
 
 
 def test_finetune_loads_weights_only(sample_data, tmp_path):
