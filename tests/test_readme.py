@@ -1,0 +1,355 @@
+"""README.md's commands, read out of README.md itself and run as written on tiny inputs.
+
+A README edit that breaks a command breaks this suite.  The Pipeline table is run row by
+row in one scratch directory laid out with the README's own relative paths
+(``tokenizer.model``, ``Llama-2-70b-hf``, ``checkpoints/...``, ``runs/...``), so each row
+consumes what the row above wrote, as a user's would.  What is substituted, and why:
+
+* placeholders (``DIR``, ``N``, ``CKPT``, ``tok.model``) get tiny values;
+* the 70B configs get ``--config.*`` overrides appended (the README's own override syntax)
+  that point the dataset paths at ``tests/data`` and shrink the batch, sequence and step count
+  to a CPU; the model shape needs none: stage 1 adopts the converted tiny model's shape from
+  its checkpoint (``use_checkpoint_args``), as it adopts Llama-2-70B's on a cluster;
+* optional ``[--flag]`` groups run once without and once with all of them.
+
+Every command runs as if only ``pip install -e .`` had been done: a ``sitecustomize`` in the
+subprocesses refuses to import any installed package that the base requirements in
+``setup.cfg`` do not pull in (the test extra's transformers, torch, pytest...), except the
+``plan`` extra's libtpu that the TPU-topology row documents.  So a core import hidden behind
+an extra fails here, as it would for a newcomer.
+
+The cluster section runs against stand-in ``gcloud``/``sbatch``/``srun``/``scontrol``; its
+install line (CUDA wheels) is only parsed.  The first two README commands are CI's
+(``.ci/run`` reads them from README.md); the notebook runs in ``test_notebook.py``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, tiny_hf_llama
+
+README = os.path.join(REPO, "README.md")
+VOCAB = 512  # the tokenizer row's N (the fixtures hold ~450 characters); the tiny HF model matches
+
+
+def readme_text() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def section(name: str) -> str:
+    """The text of one ``## name`` section."""
+    text = readme_text()
+    start = text.index(f"\n## {name}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def pipeline_rows() -> dict[str, str]:
+    """Pipeline table: step (first column) -> the command (first ``python -m`` code span)."""
+    rows = {}
+    for line in section("Pipeline").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or cells[0] in ("step", "---"):
+            continue
+        commands = [c for c in re.findall(r"`([^`]+)`", cells[1]) if c.startswith("python -m ")]
+        assert commands, f"README Pipeline row without a command: {line}"
+        rows[cells[0]] = commands[0]
+    return rows
+
+
+def bash_blocks(name: str) -> list[str]:
+    """The command lines of the ```bash blocks of a README section (comments dropped)."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", section(name), re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def expand_optional(command: str) -> list[str]:
+    """``cmd [--a] [--b x]`` -> [``cmd``, ``cmd --a --b x``]."""
+    groups = re.findall(r"\s*\[([^\]]+)\]", command)
+    bare = re.sub(r"\s*\[[^\]]+\]", "", command)
+    return [bare] + ([f"{bare} {' '.join(groups)}"] if groups else [])
+
+
+def substitute(command: str, values: dict[str, str]) -> str:
+    """Replace whole-word placeholders (``DIR``, ``tok.model``...)."""
+    for name, value in values.items():
+        command = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w/-])", value, command)
+    return command
+
+
+def run(command: str, cwd, extra: tuple[str, ...] = (), stdin: str | None = None, env=None) -> str:
+    """Run a README ``python -m ...`` command (``python`` = this interpreter), checked."""
+    argv = shlex.split(command) + list(extra)
+    assert argv[0] == "python", command
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{command} {' '.join(extra)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+ALLOWED_EXTRAS = {"libtpu"}  # the plan extra: `plan --topology` is documented to need it
+
+
+def base_distributions() -> set[str]:
+    """Normalised names of the distributions ``pip install -e .`` brings: setup.cfg's
+    ``install_requires`` and, transitively, what the installed ones require."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    todo = [Requirement(r) for r in cfg["options"]["install_requires"].split("\n") if r.strip()]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        extras = [{"extra": e} for e in req.extras] or [{"extra": ""}]
+        for sub in map(Requirement, dist.requires or []):
+            if not sub.marker or any(sub.marker.evaluate(e) for e in extras):
+                todo.append(sub)
+    return seen
+
+
+def blocked_modules() -> set[str]:
+    """Top-level modules that only packages outside the base requirements provide."""
+    from packaging.utils import canonicalize_name
+
+    base = base_distributions() | {"oasst-jax"}
+    provided: dict[str, set[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        provided.setdefault(module, set()).update(canonicalize_name(d) for d in dists)
+    return {
+        m
+        for m, dists in provided.items()
+        if not dists & base and m not in ALLOWED_EXTRAS and not m.startswith("_")
+    }
+
+
+@pytest.fixture(scope="module")
+def base_only_env(tmp_path_factory) -> dict[str, str]:
+    """Environment whose Python cannot import what the base install would not have."""
+    site = tmp_path_factory.mktemp("base_only")
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {sorted(blocked_modules())!r}\n"
+        "class _Extras:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(\n"
+        "                f'No module named {name!r} (not a base dependency)', name=name)\n"
+        "sys.meta_path.insert(0, _Extras())\n"
+    )
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_base_only_env_blocks_test_extras(base_only_env):
+    """The sandbox itself: base packages import, test-extra ones do not."""
+    probe = (
+        "import jax, orbax.checkpoint, pyarrow, grain\n"
+        "try:\n    import transformers\nexcept ImportError:\n    print('blocked')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=base_only_env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "blocked", out.stderr
+
+
+def fixture_path(*parts: str) -> str:
+    return os.path.join(REPO, "tests", "data", *parts)
+
+
+STAGE1_DATA = (
+    f"--config.datasets.megacode2.path={fixture_path('megacode2.json')}",
+    f"--config.datasets['orca-chat'].path={fixture_path('orca-chat-gpt4.json')}",
+    f"--config.datasets.dolly15k_multilingual.path={fixture_path('dolly15k')}",
+    f"--config.datasets.oa_leet10k.path={fixture_path('oa_leet10k.parquet')}",
+    # the fixtures are ~20 rows a dataset: a val split the card's 1% would leave empty
+    *(
+        f"--config.datasets{key}.val_split=0.2"
+        for key in (".megacode2", "['orca-chat']", ".dolly15k_multilingual", ".oa_leet10k")
+    ),
+    "--config.num_workers=1",
+)
+STAGE2_DATA = (
+    f"--config.datasets.oasst_export.input_file_path={fixture_path('oasst_ready.tar.gz')}",
+    "--config.datasets.oasst_export.val_split=0.2",
+    "--config.num_workers=1",
+)
+# 8 emulated devices in the card's tensor x pipeline shape; a CPU-sized batch and run.
+TRAIN_ON_CPU = (
+    "--config.mesh.tensor=2",
+    "--config.mesh.pipeline=2",
+    "--config.seq_length=128",
+    "--config.global_batch_size=4",
+    "--config.micro_batch_size=1",
+    "--config.train_iters=2",
+    "--config.eval_interval=2",
+    "--config.eval_iters=1",
+    "--config.save_interval=2",
+    "--config.model.dtype=float32",
+    "--config.async_checkpointing=False",
+)
+# The plan rows plan the card's 70B; a CPU compiles a 2-layer Llama of the same config.
+PLAN_ON_CPU = (
+    "--config.model.num_hidden_layers=4",
+    "--config.model.hidden_size=256",
+    "--config.model.intermediate_size=512",
+    "--config.model.num_attention_heads=8",
+    "--config.model.num_key_value_heads=8",
+    "--config.model.vocab_size=1024",
+    "--config.seq_length=256",
+    "--config.global_batch_size=16",
+)
+
+
+def test_pipeline_rows_run_as_written(tmp_path, base_only_env):
+    """Every row of the README's Pipeline table, in order, in one scratch directory."""
+    rows = pipeline_rows()
+    done = set()
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(os.path.join(REPO, "configs"), work / "configs")
+
+    def row(prefix: str) -> str:
+        (step,) = [s for s in rows if s.startswith(prefix)]
+        done.add(step)
+        return rows[step]
+
+    # tokenizer: DIR = the bundled fixtures, written where the later rows read it
+    cmd = substitute(
+        row("tokenizer"),
+        {"DIR": fixture_path(), "tok.model": "tokenizer.model", "N": str(VOCAB)},
+    )
+    run(cmd, work, env=base_only_env)
+    assert (work / "tokenizer.model").is_file()
+
+    # import: the README's Llama-2-70b-hf is a tiny random HF Llama (8 heads: --tensor 8 below)
+    tiny_hf_llama(
+        work / "Llama-2-70b-hf",
+        vocab_size=VOCAB,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,  # room for sample's default system prompt
+    )
+    run(row("import"), work, env=base_only_env)
+    assert (work / "checkpoints" / "llama2-70b-chatml").is_dir()
+
+    run(row("stage-1 data"), work, STAGE1_DATA, env=base_only_env)
+    run(row("stage-2 data"), work, STAGE2_DATA, env=base_only_env)
+    for split in ("train", "val"):
+        assert (work / "output" / "oasst_pre10_min25" / f"oasst_pre10-{split}").is_dir()
+        assert (work / "output" / "oasst_top1_2023-07-23" / f"oasst_top1-{split}").is_dir()
+
+    # the planner sizes its emulated CPU devices itself: no device count from conftest
+    plan_env = {k: v for k, v in base_only_env.items() if k != "XLA_FLAGS"}
+    plans = [
+        json.loads(run(variant, work, PLAN_ON_CPU, env=plan_env).strip().splitlines()[-1])
+        for variant in expand_optional(row("plan"))
+    ]  # scripts rely on the last stdout line being one JSON object
+    assert all(p["peak_bytes_per_device"] > 0 for p in plans), plans
+    assert plans[0]["mesh"]["tensor"] == 8 and plans[0]["mesh"]["pipeline"] == 4, plans[0]
+
+    run(row("stage 1"), work, TRAIN_ON_CPU, env=base_only_env)
+    assert (work / "runs" / "oasst_pre10_llama2_70b" / "checkpoints" / "2").is_dir()
+    run(row("stage 2"), work, TRAIN_ON_CPU, env=base_only_env)
+    sft = work / "runs" / "oasst_sft10_llama2_70b"
+    assert (sft / "checkpoints" / "2").is_dir()
+
+    run(row("export"), work, env=base_only_env)
+    exported = work / "llama2-70b-oasst-sft10-hf"
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.model").is_file()
+
+    reply = run(
+        row("chat"), work, ("--max-new-tokens", "4"), stdin="Hello there\n", env=base_only_env
+    )
+    assert "assistant>" in reply
+
+    (work / "prompts.jsonl").write_text('{"prompt": "Explain what a list is."}\n"Hi"\n')
+    report_cmd = substitute(row("sampling report"), {"CKPT": str(sft / "checkpoints")})
+    run(report_cmd, work, ("--max-new-tokens", "4"), env=base_only_env)
+    report = json.loads((work / "report.json").read_text())
+    assert len(report["prompts"]) == 2, report
+
+    assert done == set(rows), f"Pipeline rows this test does not run: {set(rows) - done}"
+
+
+def _tool(path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_cluster_commands_against_stand_ins(tmp_path):
+    """The cluster section's command lines, verbatim, with stand-in cloud/SLURM tools that
+    log what they were asked to run; the install line (CUDA wheels) is only parsed."""
+    lines = bash_blocks("Running on a cluster")
+    assert lines, "README cluster section has no bash block"
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    _tool(bin_dir / "gcloud", f'echo "gcloud $*" >> {log}\n')
+    _tool(bin_dir / "scontrol", 'printf "gpu-node-1\\n"\n')
+    _tool(bin_dir / "srun", 'while [[ $1 == --* ]]; do shift; done\nSLURM_PROCID=0 "$@"\n')
+    _tool(bin_dir / "sbatch", 'exec bash "$@"\n')
+    # the SLURM script runs from the submit directory's venv; a stand-in python logs too
+    submit = tmp_path / "submit"
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    _tool(submit / ".venv" / "bin" / "python", f'echo "python $*" >> {log}\n')
+    shared = tmp_path / "shared"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SHARED": str(shared),
+        "SLURM_SUBMIT_DIR": str(submit),
+        "SLURM_JOB_NODELIST": "gpu-node-1",
+        "SLURM_NTASKS": "1",
+    }
+    ran = 0
+    for line in lines:
+        subprocess.run(["bash", "-n", "-c", line], check=True)
+        if "pip install" in line:
+            continue
+        log.write_text("")
+        proc = subprocess.run(
+            ["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
+        calls = log.read_text()
+        stage = re.match(r"STAGE=(\w+)", line).group(1)
+        phase = line.split()[-1] if line.split()[-1] in ("data", "train") else "all"
+        if phase in ("all", "data"):
+            assert "oasst_jax.pretokenize" in calls, (line, calls)
+        if phase in ("all", "train"):
+            trains = [c for c in calls.splitlines() if "oasst_jax.train" in c]
+            assert any(f"--config=configs/{stage}.py" in c for c in trains), (line, calls)
+        ran += 1
+    assert ran >= 4, lines
