@@ -140,7 +140,13 @@ def load_weights(directory: str, abstract_params: Any = None, step: int | None =
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             )
-        except ValueError as e:
+        except Exception as e:
+            if classify_read_error(e) != "other":
+                raise CheckpointError(
+                    f"checkpoint {directory} (step {step}) cannot be read: {_brief(e)}"
+                ) from e
+            if not isinstance(e, ValueError):
+                raise
             raise ValueError(
                 f"checkpoint {directory} (step {step}) does not match the model: {e}"
             ) from None
@@ -524,7 +530,7 @@ class TrainCheckpointer:
             stored = _restore_json(self._mngr, step, "meta").get("settings") or {}
         except Exception:  # only a hint for the message being raised
             return []
-        return _changed(stored, settings, "")
+        return _changed(stored, settings, "") if stored else []  # older runs stored none
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Rename a damaged step out of the manager's view (kept for inspection), so

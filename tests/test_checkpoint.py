@@ -167,3 +167,12 @@ def _chained(outer: BaseException, cause: BaseException) -> BaseException:
 )
 def test_read_errors_are_classified(error, kind):
     assert classify_read_error(error) == kind
+
+
+def test_damaged_weights_are_called_unreadable_not_mismatched(tmp_path):
+    d = str(tmp_path / "weights")
+    params = _state()["params"]
+    checkpoint.save_weights(d, params, CFG)
+    _damage(d, 0)
+    with pytest.raises(CheckpointError, match=r"\(step 0\) cannot be read: ValueError: FAIL"):
+        checkpoint.load_weights(d, _abstract({"p": params})["p"])
