@@ -6,11 +6,13 @@
 Per dataset, in the config's order (upstream ``custom_datasets/__init__.py``):
 
 1. load with the dataset's loader (``sources.load_dataset``), malformed records counted;
-2. ``val_split`` (default 0.2): a seeded shuffle of the *groups* (oasst: message trees, so
-   threads of a tree never straddle splits; others: one group per record), the first
-   ``ceil(val_split * n_groups)`` go to val (sklearn ``train_test_split``'s rounding);
-3. ``max_val_set``: a seeded subset of val of that many samples, drawn *without* replacement
-   (upstream draws with replacement, a bug);
+2. ``val_split`` (default 0.2): a seeded shuffle of the *groups*, the first ``n_val`` go to
+   val.  As upstream: oasst splits every message tree that passed the tree filter (those
+   yielding no thread included; threads of a tree never straddle splits) and
+   ``n_val = floor(val_split * n_trees)`` (torch ``random_split``); the other datasets split
+   their records with ``n_val = ceil(val_split * n)`` (sklearn ``train_test_split``);
+3. ``max_val_set`` (unset or 0: no cap, as upstream): a seeded subset of val of that many
+   samples, drawn without replacement;
 4. ``fraction``: a seeded subset of ``int(len(train) * fraction)`` train samples;
 5. chatml encoding (:mod:`oasst_jax.chatml`) in a process pool; samples whose assistant turns
    have fewer than ``min_assistant_tokens`` tokens (header, text, ``<|im_end|>``, newline) are
@@ -21,9 +23,17 @@ not reshuffle the others. Samples keep their (loader) order inside a split and d
 concatenated in config order; the trainer's sampler shuffles (upstream permuted the file).
 The output is byte-identical for any ``num_workers``.
 
-Outputs (:mod:`oasst_jax.data.shards`): ``{output_dir}/{prefix}-train``, ``{prefix}-val``,
-``stats.md`` (the card's report per split plus skip counts by reason) and ``metadata.json``,
-written last: an output directory without it is incomplete.
+Outputs (:mod:`oasst_jax.data.outputs`), by ``output_format``: ``oasst_jax`` our shard
+directories ``{prefix}-train``, ``{prefix}-val``; ``megatron`` upstream's files
+(``{prefix}-{split}-text/-role`` ``.bin/.idx`` indexed datasets, ``special_tokens.json``,
+``{prefix}-{split}_stats.txt`` byte for byte as upstream's); ``both``.  ``write_json`` adds
+``{prefix}-{split}.jsonl``, ``compress`` ``{output_dir}.tar.gz``.  Always: ``stats.md`` (the
+card's report per split plus skip counts by reason) and ``metadata.json``, written last: an
+output directory without it is incomplete.
+
+Better than upstream, on purpose: a sample failing the joined-text tokenisation check is
+skipped and counted (``tokenization_mismatch``; upstream's assert stops the run), and a
+dataset or split with 0 accepted samples reports 0 instead of dividing by zero.
 
 Nothing is replaced when the run fails: an unknown config key or dataset option, an
 ``output_dir`` that is a file, shards of another tokenizer already in ``output_dir``
@@ -42,27 +52,30 @@ import sys
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from oasst_jax.chatml import EncodedBatch, encode_batch
+from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
-from oasst_jax.data import shards
-from oasst_jax.data.conversation import DataError, Sample, Turn
+from oasst_jax.data import megatron, outputs, shards
+from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
 from oasst_jax.data.readers import MAX_RECORD_BYTES
 from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
+from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
+from oasst_jax.data.stats import reasons_text as _reasons
 from oasst_jax.tokenizer import Tokenizer
+
+__all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]
 
 SPLITS = ("train", "val")
 SPLIT_OPTIONS = ("fraction", "val_split", "max_val_set")
 PATH_OPTIONS = ("path", "input_file_path")
 DEFAULT_VAL_SPLIT = 0.2
 CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
-STATS_RULE = "-----------------"
 
 
 # ----------------------------------------------------------------------------- splits
@@ -73,119 +86,55 @@ def dataset_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def split_dataset(
+@dataclass
+class Split:
+    """One dataset's train and val parts, and whether ``fraction`` / ``max_val_set`` drew
+    from them (upstream then wraps them in another ``Subset``: stats titles)."""
+
+    train: list[Sample]
+    val: list[Sample]
+    train_subsampled: bool = False
+    val_capped: bool = False
+
+
+def split_parts(
     samples: Sequence[Sample],
     *,
     val_split: float,
     max_val_set: int | None,
     fraction: float,
     rng: np.random.Generator,
-) -> tuple[list[Sample], list[Sample]]:
-    """``(train, val)`` by group, then the val cap, then the train fraction (module doc)."""
-    groups = list(dict.fromkeys(s.group for s in samples))
-    n_val = min(len(groups), math.ceil(round(val_split * len(groups), 9)))
-    val_groups = {groups[i] for i in rng.permutation(len(groups))[:n_val]}
-    train = [s for s in samples if s.group not in val_groups]
-    val = [s for s in samples if s.group in val_groups]
-    if max_val_set is not None and len(val) > max_val_set:
-        val = _subset(val, max_val_set, rng)
-    if fraction < 1.0:
-        train = _subset(train, int(len(train) * fraction), rng)
-    return train, val
+    groups: Sequence[str] | None = None,
+    rounding: str = "ceil",
+) -> Split:
+    """Split by group, then the val cap, then the train fraction (module doc).  ``groups``:
+    every split unit in order, also those without a sample (default: the samples')."""
+    units = list(dict.fromkeys(s.group for s in samples) if groups is None else groups)
+    units = list(dict.fromkeys(units))
+    share = val_split * len(units)
+    n_val = min(len(units), math.floor(share) if rounding == "floor" else math.ceil(share))
+    val_groups = {units[i] for i in rng.permutation(len(units))[:n_val]}
+    out = Split(
+        train=[s for s in samples if s.group not in val_groups],
+        val=[s for s in samples if s.group in val_groups],
+    )
+    if max_val_set and len(out.val) > max_val_set:
+        out.val, out.val_capped = _subset(out.val, max_val_set, rng), True
+    if fraction < 1.0 and int(len(out.train) * fraction) < len(out.train):
+        out.train = _subset(out.train, int(len(out.train) * fraction), rng)
+        out.train_subsampled = True
+    return out
+
+
+def split_dataset(samples: Sequence[Sample], **kwargs: Any) -> tuple[list[Sample], list[Sample]]:
+    """``(train, val)`` of :func:`split_parts`."""
+    parts = split_parts(samples, **kwargs)
+    return parts.train, parts.val
 
 
 def _subset(samples: list[Sample], size: int, rng: np.random.Generator) -> list[Sample]:
     """A seeded random subset without replacement, in the original order."""
     return [samples[i] for i in np.sort(rng.choice(len(samples), size, replace=False))]
-
-
-# ----------------------------------------------------------------------------- stats
-
-
-@dataclass
-class Stats:
-    """One block of the card's statistics report."""
-
-    name: str  # the loader's display name, as upstream's report
-    total: int
-    fraction: float = 1.0
-    key: str = ""  # the config's dataset name
-    accepted: int = 0
-    skipped: int = 0
-    tokens: int = 0
-    min_tokens: int | None = None
-    max_tokens: int = 0
-    reasons: Counter = field(default_factory=Counter)
-
-    def add(self, lengths: np.ndarray, reasons: Mapping[str, int]) -> None:
-        """Record accepted sample lengths and skips by reason."""
-        self.accepted += int(lengths.size)
-        self.tokens += int(lengths.sum())
-        if lengths.size:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            self.min_tokens = lo if self.min_tokens is None else min(self.min_tokens, lo)
-            self.max_tokens = max(self.max_tokens, hi)
-        for reason, count in reasons.items():
-            if count:
-                self.reasons[reason] += int(count)
-                self.skipped += int(count)
-
-    def format(self) -> str:
-        """The card's block; 0 accepted prints 0 for min/max/avg instead of crashing."""
-        processed = self.accepted + self.skipped
-        return "\n".join(
-            [
-                f"## Stats for '{self.name}' ({self.total} samples ({self.fraction:.1%}))",
-                STATS_RULE,
-                f"  Accepted: {self.accepted}/{processed} ({_ratio(self.accepted, processed):.1%})",
-                f"  Accepted tokens: {self.tokens}",
-                f"  Skipped: {self.skipped} ({_ratio(self.skipped, processed):.1%})",
-                f"  Min tokens per sample: {self.min_tokens or 0}",
-                f"  Max tokens per sample: {self.max_tokens}",
-                f"  Avg tokens per sample: {_ratio(self.tokens, self.accepted)}",
-                STATS_RULE,
-                "",
-            ]
-        )
-
-
-def _ratio(a: int, b: int) -> float:
-    return a / b if b else 0.0
-
-
-def total_stats(blocks: Sequence[Stats]) -> Stats:
-    """The ``total`` block of a split."""
-    total = Stats("total", sum(b.total for b in blocks))
-    for b in blocks:
-        total.accepted += b.accepted
-        total.skipped += b.skipped
-        total.tokens += b.tokens
-        total.max_tokens = max(total.max_tokens, b.max_tokens)
-        if b.min_tokens is not None:
-            lows = [b.min_tokens] + ([total.min_tokens] if total.min_tokens is not None else [])
-            total.min_tokens = min(lows)
-        total.reasons.update(b.reasons)
-    return total
-
-
-def format_report(
-    output_dir: str, prefix: str, stats: Mapping[str, Sequence[Stats]], load_skips: Mapping
-) -> str:
-    """``stats.md``: the card's report for each split, then skip counts by reason."""
-    parts = []
-    for split, blocks in stats.items():
-        parts.append(f"# Stats for {output_dir}/{prefix}-{split}\n")
-        parts.extend(b.format() for b in (*blocks, total_stats(blocks)))
-    parts.append("# Skipped records by reason\n")
-    for name, reasons in load_skips.items():
-        parts.append(f"- {name} (load): {_reasons(reasons)}")
-    for split, blocks in stats.items():
-        parts.extend(f"- {b.key} ({split}): {_reasons(b.reasons)}" for b in blocks if b.skipped)
-    return "\n".join(parts) + "\n"
-
-
-def _reasons(reasons: Mapping[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v) or "none"
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -249,13 +198,16 @@ class Encoder:
 def write_samples(
     samples: Sequence[Sample],
     encoder: Encoder,
-    writer: shards.ShardWriter,
+    writer: Any,
     stats: Stats,
     *,
     min_assistant_tokens: int | None,
     desc: str = "",
 ) -> None:
-    """Encode, filter and append ``samples`` to ``writer``, updating ``stats``."""
+    """Encode, filter and append ``samples`` to ``writer`` (a :class:`shards.ShardWriter`
+    or :class:`outputs.SplitWriter`; the latter also takes the accepted samples' chatml
+    text when it writes a jsonl), updating ``stats``."""
+    start = 0
     with tqdm(total=len(samples), desc=desc, unit="sample", disable=None) as bar:
         for batch in encoder.encode(samples):
             too_short = np.zeros(batch.lengths.size, dtype=bool)
@@ -264,6 +216,10 @@ def write_samples(
             keep = ~(batch.mismatch | too_short)
             token_keep = np.repeat(keep, batch.lengths)
             writer.add_batch(batch.tokens[token_keep], batch.roles[token_keep], batch.lengths[keep])
+            if getattr(writer, "write_text", False):
+                chunk = samples[start : start + batch.lengths.size]
+                writer.add_texts([format_chatml(chunk[i].turns) for i in np.flatnonzero(keep)])
+            start += batch.lengths.size
             reasons = {
                 "min_assistant_tokens": int(too_short.sum()),
                 "tokenization_mismatch": int(batch.mismatch.sum()),
@@ -284,6 +240,9 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 1,
     "overwrite": False,  # True: write even where shards of another tokenizer lie
     "max_record_bytes": MAX_RECORD_BYTES,  # a longer JSON line is skipped (readers.py)
+    "output_format": "oasst_jax",  # | "megatron" (upstream's files) | "both"
+    "write_json": False,  # also {prefix}-{split}.jsonl, one {"text": chatml} per sample
+    "compress": False,  # also {output_dir}.tar.gz of the output directory
 }
 
 
@@ -314,6 +273,14 @@ def validate_config(config: Any) -> list[str]:
     if unknown:
         raise DataError(f"config: unknown field {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
     _check_output_path(Path(config.output_dir))
+    if _setting(config, "output_format") not in outputs.OUTPUT_FORMATS:
+        raise DataError(
+            f"config: output_format must be one of {', '.join(outputs.OUTPUT_FORMATS)}, "
+            f"got {_setting(config, 'output_format')!r}"
+        )
+    for key in ("write_json", "compress", "overwrite"):
+        if not isinstance(_setting(config, key), bool):
+            raise DataError(f"config: {key} must be true or false, got {_setting(config, key)!r}")
     _need_positive_int(_setting(config, "num_workers"), "num_workers")
     _need_positive_int(_setting(config, "max_record_bytes"), "max_record_bytes")
     names = list(config.datasets.keys())
@@ -357,14 +324,28 @@ def _check_output_path(out_dir: Path) -> None:
 
 
 def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) -> None:
-    """Refuse to write into ``out_dir`` when it holds shards of another tokenizer, unless
-    ``overwrite``: the output directory's ``metadata.json`` and ``stats.md`` describe the
-    last run only, so mixing tokenizers in one directory invites training on the wrong
-    one.  (The trainer checks each split's own metadata, so it would still refuse.)"""
+    """Refuse to write into ``out_dir`` when it holds splits of another tokenizer (our
+    shards or Megatron files, or upstream's ``special_tokens.json`` of another id layout),
+    unless ``overwrite``: the output directory's ``metadata.json``, ``stats.md`` and
+    ``special_tokens.json`` describe the last run only, so mixing tokenizers in one
+    directory invites training on the wrong one.  (The trainer checks each split's own
+    metadata, so it would still refuse.)"""
     if overwrite or not out_dir.is_dir():
         return
+    special = out_dir / megatron.SPECIAL_TOKENS_FILE
+    try:
+        made_special = json.loads(special.read_text())
+    except (OSError, ValueError):
+        made_special = None
+    if made_special is not None and made_special != tokenizer.special_tokens():
+        raise DataError(
+            f"{special} names other special-token ids ({made_special}) than "
+            f"{tokenizer.model_path} gives ({tokenizer.special_tokens()}); use another "
+            "output_dir or set overwrite=True"
+        )
     files = [out_dir / shards.METADATA_FILE]
     files += sorted(p / shards.METADATA_FILE for p in out_dir.iterdir() if p.is_dir())
+    files += sorted(out_dir.glob("*-metadata.json"))  # Megatron splits' (megatron.py)
     for file in files:
         try:
             made = json.loads(file.read_text())["tokenizer"]
@@ -372,8 +353,9 @@ def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) ->
         except (OSError, ValueError, KeyError, TypeError):  # absent, or not our metadata
             continue
         if sha != tokenizer.sha256:
+            where = file.parent if file.name == shards.METADATA_FILE else file
             raise DataError(
-                f"{file.parent} holds shards made with another tokenizer (sha256 {sha[:12]}, "
+                f"{where} holds shards made with another tokenizer (sha256 {sha[:12]}, "
                 f"vocab {vocab}) than {tokenizer.model_path} (sha256 {tokenizer.sha256[:12]}, "
                 f"vocab {tokenizer.vocab_size}); use another output_dir or set overwrite=True"
             )
@@ -410,18 +392,25 @@ def run(config: Any) -> dict[str, list[Stats]]:
     )
     out_dir, prefix = Path(config.output_dir), config.filename_prefix
     check_output_dir(out_dir, tokenizer, overwrite=bool(_setting(config, "overwrite")))
+    output_format, write_json = _setting(config, "output_format"), _setting(config, "write_json")
     seed = int(_setting(config, "seed"))
     min_tokens = config.get("min_assistant_tokens")
     stats: dict[str, list[Stats]] = {s: [] for s in SPLITS}
+    upstream_blocks: dict[str, list[Stats]] = {s: [] for s in SPLITS}  # _stats.txt's
     expected = {s: False for s in SPLITS}
     load_skips: dict[str, Counter] = {}
     common = {"tokenizer": shards.tokenizer_identity(tokenizer), "config": _config_json(config)}
     with contextlib.ExitStack() as stack:
         writers = {
             split: stack.enter_context(
-                shards.ShardWriter(
-                    shards.split_path(out_dir, prefix, split), vocab_size=tokenizer.vocab_size
-                )
+                outputs.SplitWriter(
+                    out_dir,
+                    prefix,
+                    split,
+                    vocab_size=tokenizer.vocab_size,
+                    output_format=output_format,
+                    write_json=write_json,
+                )  # fmt: skip
             )
             for split in SPLITS
         }
@@ -438,21 +427,30 @@ def run(config: Any) -> dict[str, list[Stats]]:
             result = load_dataset(name, {**limit, **opts})
             load_skips[name] = result.skipped
             fraction = float(opts.get("fraction", 1.0))
-            parts = split_dataset(
+            val_split = float(opts.get("val_split", DEFAULT_VAL_SPLIT))
+            parts = split_parts(
                 result.samples,
-                val_split=float(opts.get("val_split", DEFAULT_VAL_SPLIT)),
+                val_split=val_split,
                 max_val_set=opts.get("max_val_set"),
                 fraction=fraction,
                 rng=dataset_rng(seed, name),
+                groups=result.groups,
+                rounding="floor" if result.upstream_split == "random_split" else "ceil",
             )
             # fraction is reported on train only: val is never subsampled by it.
-            for split, samples, frac in zip(SPLITS, parts, (fraction, 1.0), strict=True):
-                block = Stats(result.name, len(samples), frac, key=name)
+            for split, samples, frac, drawn in (
+                ("train", parts.train, fraction, parts.train_subsampled),
+                ("val", parts.val, 1.0, parts.val_capped),
+            ):
+                title = dataset_title(result, split, val_split=val_split, subsampled=drawn)
+                block = Stats(result.name, len(samples), frac, key=name, title=title)
                 write_samples(
                     samples, encoder, writers[split], block,
                     min_assistant_tokens=min_tokens, desc=f"{name} {split}",
                 )  # fmt: skip
                 stats[split].append(block)
+                if _in_upstream_split(split, val_split, result):
+                    upstream_blocks[split].append(block)
                 if _split_expected(split, opts):
                     expected[split] = True
                     if block.accepted == 0:
@@ -465,11 +463,26 @@ def run(config: Any) -> dict[str, list[Stats]]:
                 )
         _begin_commit(out_dir)
         metas = {split: w.commit({"split": split, **common}) for split, w in writers.items()}
+    outputs.remove_stale(out_dir, prefix, SPLITS, output_format, write_json)
     report = format_report(str(out_dir), prefix, stats, load_skips)
-    (out_dir / "stats.md").write_text(report)
+    outputs.write_text(out_dir / "stats.md", report)
     print(report)
-    shards.write_json_atomic(out_dir / shards.METADATA_FILE, _output_metadata(common, metas, stats))
+    if "megatron" in outputs.formats(output_format):
+        megatron.write_special_tokens(out_dir, tokenizer)
+        for split, blocks in upstream_blocks.items():
+            text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
+            outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
+    meta = _output_metadata(common, metas, stats)
+    shards.write_json_atomic(out_dir / shards.METADATA_FILE, meta)
+    if _setting(config, "compress"):
+        outputs.compress(config.output_dir)
     return stats
+
+
+def _in_upstream_split(split: str, val_split: float, result: LoadResult) -> bool:
+    """Whether upstream's ``split`` holds a part of this dataset: its val has none when
+    ``train_val_dataset`` got ``val_split`` 0 (oasst's ``random_split`` always gives one)."""
+    return split == "train" or val_split > 0 or result.upstream_split == "random_split"
 
 
 def _empty_part(name: str, split: str, loaded: int, block: Stats, result: Any) -> str:

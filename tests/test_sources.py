@@ -155,7 +155,7 @@ def test_oasst_split_units_are_all_accepted_trees():
     for top_k in (None, 1):
         result = oasst(top_k=top_k)
         assert result.groups == ACCEPTED_TREES
-        assert result.val_rounding == "floor" and result.upstream_repr == "ListDataset"
+        assert result.upstream_split == "random_split"
     assert {s.group for s in oasst().samples} == {"t1", "t2", "t3", "t4", "t8"}
     assert oasst(lang="en").groups == ["t1", "t4", "t10", "t11"]
 

@@ -51,17 +51,20 @@ class Sample:
 class LoadResult:
     """A loaded dataset: display ``name`` (stats header), samples, and skip reasons.
 
-    How upstream splits it: ``groups`` lists every split unit in order, also those that
-    yield no sample (oasst: each tree that passed the tree filter; ``None``: the samples'
-    own groups), and ``val_rounding`` says how the validation share is rounded (``ceil``:
-    sklearn ``train_test_split(test_size=val_split)``; ``floor``: torch ``random_split``
-    with fractions).  ``upstream_repr`` is the name upstream's stats file prints for the
-    dataset (``type(d).__name__`` plus its ``name``), when it differs from ``name``.
+    How upstream splits it into train/val (``custom_datasets/__init__.py``):
+
+    - ``upstream_split="train_val_dataset"``: sklearn ``train_test_split(test_size=
+      val_split)`` over the samples, the validation share rounded up; both parts are torch
+      ``Subset``s (the stats file prints ``Subset of {name}``), no val part at val_split 0;
+    - ``"random_split"`` (oasst export): torch ``random_split([1 - val_split, val_split])``
+      over ``groups``, the validation share rounded down; both parts are ``ListDataset``s.
+
+    ``groups`` lists every split unit in order, also those that yield no sample (oasst:
+    each tree that passed the tree filter); ``None``: the samples' own groups.
     """
 
     name: str
     samples: list[Sample]
     skipped: collections.Counter = field(default_factory=collections.Counter)
     groups: list[str] | None = None
-    val_rounding: str = "ceil"
-    upstream_repr: str | None = None
+    upstream_split: str = "train_val_dataset"

@@ -20,7 +20,7 @@ tree, and a thread with an empty (whitespace-only) message is dropped as ``empty
 
 Upstream splits the accepted *trees* (those without a single thread included) with torch
 ``random_split(trees, [1 - val_split, val_split])``, so :class:`LoadResult` carries every
-accepted tree id (``groups``) and ``val_rounding="floor"``; the pretokenizer does the split.
+accepted tree id (``groups``, ``upstream_split="random_split"``); the pretokenizer splits.
 
 ``skipped`` counts trees for the tree-level reasons (``bad_json``, ``missing_field``,
 ``bad_field``, ``role_order``, ``tree_state``, ``review_result``, ``language``) and threads for the
@@ -215,6 +215,4 @@ def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
             continue
         trees.append(tree_id)
         samples.extend(Sample(turns, tree_id) for turns in tree_threads(root, top_k, skipped))
-    return LoadResult(
-        NAME, samples, skipped, groups=trees, val_rounding="floor", upstream_repr="ListDataset"
-    )
+    return LoadResult(NAME, samples, skipped, groups=trees, upstream_split="random_split")

@@ -33,12 +33,12 @@ TOKENS_FILE = "tokens.bin"
 ROLES_FILE = "roles.bin"
 OFFSETS_FILE = "offsets.bin"
 METADATA_FILE = "metadata.json"
-_UINT16_LIMIT = 65500  # upstream's threshold (Megatron indexed dataset best_fitting_dtype)
+UINT16_LIMIT = 65500  # upstream's threshold (Megatron indexed dataset best_fitting_dtype)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id."""
-    return np.dtype("<u2") if vocab_size < _UINT16_LIMIT else np.dtype("<u4")
+    return np.dtype("<u2") if vocab_size < UINT16_LIMIT else np.dtype("<u4")
 
 
 def split_path(output_dir: str | os.PathLike, prefix: str, split: str) -> Path:
@@ -191,10 +191,11 @@ def check_tokenizer(path: str | os.PathLike, tokenizer: Any) -> None:
     Compares the sha256 of the model bytes + extra-token layout, so the released
     checkpoint's 32007-token layout and the compact 32002 one are told apart too.
     """
-    _check_tokenizer(path, read_metadata(path), tokenizer)
+    check_tokenizer_metadata(path, read_metadata(path), tokenizer)
 
 
-def _check_tokenizer(path: str | os.PathLike, meta: dict[str, Any], tokenizer: Any) -> None:
+def check_tokenizer_metadata(path: str | os.PathLike, meta: dict[str, Any], tokenizer: Any) -> None:
+    """:func:`check_tokenizer` on metadata already read (also a Megatron split's)."""
     made = meta.get("tokenizer")
     if not made:
         raise DataError(f"{path}: metadata records no tokenizer; re-run pretokenize")
@@ -222,7 +223,7 @@ def check_split(path: str | os.PathLike, vocab_size: int, tokenizer: Any = None)
     holding a token id >= ``vocab_size``, or (given ``tokenizer``) made with another one."""
     meta = read_metadata(path)
     if tokenizer is not None:
-        _check_tokenizer(path, meta, tokenizer)
+        check_tokenizer_metadata(path, meta, tokenizer)
     _check_not_empty(path, meta)
     top = max_token_id(path, meta)
     if top >= vocab_size:
