@@ -299,19 +299,37 @@ def _cli(sample_data, workdir, *overrides) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_resume_with_changed_optimizer_stops_and_keeps_checkpoints(sample_data, tmp_path):
-    """The reported case: clipping turned off on resume used to set every step aside and
-    restart from random weights with exit 0."""
-    run(_tiny_cfg(sample_data, tmp_path, train_iters=3, eval_interval=0, save_interval=1))
+def test_nonfinite_params_unsaved_and_changed_optimizer_refused(sample_data, tmp_path, monkeypatch):
+    """Two refusals on one short run (each run costs a compile): parameters holding NaN/Inf
+    are never saved; and the reported case, clipping turned off on resume, which used to
+    set every step aside and restart from random weights with exit 0, stops with one line
+    and keeps every checkpoint."""
+    from oasst_jax import train
+
+    real, calls = train.all_finite, []
+
+    def finite_until_step_3(params):
+        calls.append(1)
+        return real(params) if len(calls) < 3 else False
+
+    monkeypatch.setattr(train, "all_finite", finite_until_step_3)
+    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=3, eval_interval=0, save_interval=1)
     ckpts = tmp_path / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
+    with pytest.raises(SystemExit) as e:
+        run(cfg)
+    assert e.value.code == (
+        f"error: step 3: the parameters hold NaN/Inf; not saving them (newest checkpoint: "
+        f"{ckpts}/2)"
+    )
+    assert sorted(os.listdir(ckpts)) == ["1", "2"]
+
     out = _cli(sample_data, tmp_path, "--config.train_iters=4", "--config.optim.clip_grad=0")
     assert out.returncode == 1, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and lines[-1].startswith("error: "), out.stderr[-2000:]
-    assert f"{ckpts}/3 does not fit this run: opt_state" in lines[-1]
+    assert f"{ckpts}/2 does not fit this run: opt_state" in lines[-1]
     assert "optim.clip_grad 1.0 -> 0" in lines[-1]
-    assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]  # nothing set aside
+    assert sorted(os.listdir(ckpts)) == ["1", "2"]  # nothing set aside
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]  # no fresh run began
 
 
@@ -346,16 +364,6 @@ def test_diverged_run_halts_without_saving_nonfinite_steps(sample_data, tmp_path
     for step in saved:
         params = checkpoint.load_weights(str(tmp_path / "checkpoints"), step=step)
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
-
-
-def test_nonfinite_parameters_are_never_saved(sample_data, tmp_path, monkeypatch):
-    from oasst_jax import train
-
-    monkeypatch.setattr(train, "all_finite", lambda params: False)
-    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
-    with pytest.raises(SystemExit, match="error: step 1: the parameters hold NaN/Inf; not saving"):
-        run(cfg)
-    assert not os.listdir(tmp_path / "checkpoints")
 
 
 def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
