@@ -282,6 +282,8 @@ def test_truncated_checkpoint_falls_back(sample_data, tmp_path):
     run(cfg)
     steps = [r["step"] for r in _metrics(tmp_path)]
     assert steps == [1, 2, 3, 4, 3, 4, 5]  # resumed from step 2
+    left = os.listdir(ckpts)
+    assert "2" in left and any(n.startswith("4.unreadable-") for n in left), left  # kept aside
 
 
 def _cli(sample_data, workdir, *overrides) -> subprocess.CompletedProcess:
