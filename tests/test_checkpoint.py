@@ -118,6 +118,17 @@ def test_damage_in_two_steps_stops_and_moves_nothing(tmp_path):
     assert sorted(os.listdir(d)) == ["2", "4", "6"]
 
 
+def test_only_step_damaged_stops_rather_than_starting_afresh(tmp_path):
+    d = str(tmp_path / "checkpoints")
+    ck = TrainCheckpointer(d, async_save=False)
+    ck.save(2, _state(), {}, CFG)
+    ck.close()
+    _damage(d, 2)
+    with pytest.raises(CheckpointError, match=r"/2 is damaged .* and there is no older step"):
+        _restore(d, _state())
+    assert os.listdir(d) == ["2"]
+
+
 def test_transient_storage_errors_are_retried_never_set_aside(tmp_path, monkeypatch):
     d = _saved(tmp_path)
     monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0))
