@@ -4,10 +4,11 @@ A checkpoint directory is an orbax ``CheckpointManager`` root whose step
 folders hold named items: ``params`` (the model weights), ``model`` (the
 ``LlamaConfig`` as JSON, so a checkpoint describes its own shape, like
 Megatron's ``--use_checkpoint_args``) and, for training runs, ``opt_state`` and
-``meta`` (step, data-iterator state, optimizer settings).  ``convert hf-to-orbax`` writes step 0 with ``params`` +
-``model`` only, so ``finetune`` reads a converted model and a training run the
-same way.  Orbax writes into a temporary folder and renames it when complete,
-so a crash never leaves a step that looks finished; nothing is unpickled.
+``meta`` (step, data-iterator state, optimizer settings).  ``convert
+hf-to-orbax`` writes step 0 with ``params`` + ``model`` only, so ``finetune``
+reads a converted model and a training run the same way.  Orbax writes into a
+temporary folder and renames it when complete, so a crash never leaves a step
+that looks finished; nothing is unpickled.
 """
 
 from __future__ import annotations
