@@ -217,7 +217,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         try:
             while step < cfg.train_iters:
                 with timer("data_wait"):
-                    host_batch = _next_batch(train_it, train_source)
+                    host_batch = _next_batch(train_it, _split_name(cfg, "train"))
                     batch = to_global(host_batch, b_shard, global_shape)
                 with timer("step_dispatch"):
                     state, metrics = step_fn(state, batch)
@@ -320,12 +320,16 @@ def _save(ckpt, step: int, state: dict, meta: dict, model_cfg, settings, guard) 
     guard.saved = step
 
 
-def _next_batch(it, source) -> dict:
+def _split_name(cfg, split: str) -> str:
+    """``{data_path}/{data_prefix}-{split}``, as errors name a split."""
+    return os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}")
+
+
+def _next_batch(it, split: str) -> dict:
     try:
         return next(it)
     except StopIteration:
-        msg = f"{source.path}: the split yields no batches (no usable samples)"
-        raise ValueError(msg) from None
+        raise ValueError(f"{split}: the split yields no batches (no usable samples)") from None
 
 
 def _report(
@@ -364,7 +368,7 @@ def evaluate(cfg, eval_fn, params, source, rows: int, loss_mask, mesh) -> dict[s
     total, count = 0.0, 0.0
     shard = batch_sharding(mesh)
     for _ in range(cfg.eval_iters):
-        b = to_global(_next_batch(it, source), shard, (rows, cfg.seq_length))
+        b = to_global(_next_batch(it, _split_name(cfg, "val")), shard, (rows, cfg.seq_length))
         s, n = eval_fn(params, b)
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
