@@ -3,10 +3,15 @@
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+import tarfile
 import types
+import warnings
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import sp_corpus
@@ -14,7 +19,7 @@ from ml_collections import ConfigDict
 
 from oasst_jax import pretokenize as pt
 from oasst_jax.chatml import assistant_token_count, encode_turns
-from oasst_jax.data import shards
+from oasst_jax.data import megatron, shards
 from oasst_jax.data.conversation import DataError, Sample, Turn
 from oasst_jax.data.sources import load_dataset
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
@@ -435,3 +440,273 @@ def test_cli_config_faults_are_one_line(tmp_path, sp_model_path):
         assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
         assert res.stderr.startswith("error:") and expected in res.stderr
     assert a_file.read_text() == "x" and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- card fidelity
+
+GOLDEN = Path("tests/data/golden")
+
+
+def _card_sample_config(out_dir, tokenizer_path, **overrides):
+    """configs/data/sample.py with absolute inputs (the test may run in another cwd)."""
+    cfg = _sample_config(out_dir, tokenizer_path)
+    cfg.num_workers = 1
+    for entry in cfg.datasets.values():
+        for key in ("path", "input_file_path"):
+            if key in entry:
+                entry[key] = str(Path(entry[key]).resolve())
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_upstream_stats_files_equal_the_golden(tmp_path, monkeypatch):
+    """``{prefix}-{split}_stats.txt`` of a fixture run, byte for byte: upstream's header
+    (the relative output path as given), block titles (``Subset of ...``, ``ListDataset``),
+    the val split's own blocks.  The fixtures hold a row for each upstream rule (refusal
+    phrases in question or answer, every citation form, a whitespace context, empty turns,
+    ``</s>`` in code, oasst trees without a thread).  Regenerate after a deliberate change:
+    ``OASST_UPDATE_GOLDEN=1 pytest tests/test_pretokenize.py -k golden``."""
+    tokenizer = (GOLDEN / "tokenizer.model").resolve()
+    cfg = _card_sample_config("output/sample/data", tokenizer, min_assistant_tokens=90)
+    monkeypatch.chdir(tmp_path)
+    pt.run(cfg)
+    for split in ("train", "val"):
+        got = (tmp_path / f"output/sample/data/sample-{split}_stats.txt").read_bytes()
+        golden = Path(__file__).parent / "data" / "golden" / f"sample-{split}_stats.golden"
+        if os.environ.get("OASST_UPDATE_GOLDEN"):
+            golden.write_bytes(got)
+        assert got == golden.read_bytes(), split
+    text = (tmp_path / "output/sample/data/sample-train_stats.txt").read_text()
+    assert text.startswith("\n# Stats for output/sample/data/sample-train*\n\n## Stats for ")
+    assert "'Subset of InstructionDataset (megacode2)' (" in text and "'ListDataset' (" in text
+
+
+def test_megatron_output_equals_shards_sample_by_sample(tmp_path, sp_model_path):
+    """``output_format=both``: the -text/-role indexed datasets hold the shards' samples;
+    megatron-core's IndexedDataset (a real reader of the format) reads the same arrays;
+    the jsonl has each accepted sample's chatml text; special_tokens.json is upstream's."""
+    cfg = _card_sample_config(tmp_path / "out", sp_model_path, write_json=True)
+    pt.run(cfg)
+    tok = Tokenizer(sp_model_path)
+    out = tmp_path / "out"
+    core = _megatron_core_reader()
+    for split in ("train", "val"):
+        ours = shards.ShardDataSource(out / f"sample-{split}")
+        mega = megatron.MegatronDataSource(out / f"sample-{split}")
+        lines = (out / f"sample-{split}.jsonl").read_text().splitlines()
+        assert len(mega) == len(ours) == len(lines) > 0
+        texts = [json.loads(line)["text"] for line in lines]
+        for i in range(len(ours)):
+            np.testing.assert_array_equal(mega[i]["tokens"], ours[i]["tokens"])
+            np.testing.assert_array_equal(mega[i]["roles"], ours[i]["roles"])
+            assert tok.encode(texts[i]) == ours[i]["tokens"].tolist()
+        if core is not None:
+            text, role = (core(str(out / f"sample-{split}-{f}")) for f in ("text", "role"))
+            assert len(text) == len(role) == len(ours)
+            assert text.index.dtype == np.uint16 and role.index.dtype == np.uint16
+            for i in range(len(ours)):
+                np.testing.assert_array_equal(text[i], ours[i]["tokens"])
+                np.testing.assert_array_equal(role[i], ours[i]["roles"])
+    assert json.loads((out / "special_tokens.json").read_text()) == {
+        "<s>": 1, "</s>": 2, "<|im_start|>": tok.im_start_id, "<|im_end|>": tok.im_end_id,
+    }  # fmt: skip
+    assert lines[0].startswith('{"text": "<|im_start|>')  # json.dump's layout
+
+
+def _megatron_core_reader():
+    """megatron-core's ``IndexedDataset`` (test extra), or None where it cannot be imported;
+    the format is then checked against its spec in test_shards.py only."""
+    try:
+        with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+    except Exception:  # not installed, or its import fails on this platform
+        return None
+    return IndexedDataset
+
+
+def test_megatron_only_output_trains_like_the_shards(tmp_path, sp_model_path):
+    """A directory with only Megatron files (what upstream's tool writes): the trainer
+    opens and checks it, the pipeline yields the batches it yields from our shards, and
+    the loss of the first batch at the same initialisation is the same."""
+    import functools
+
+    import flax.linen as nn
+    from conftest import tiny_llama
+
+    from oasst_jax import chatml, sharding
+    from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
+    from oasst_jax.model import Llama
+    from oasst_jax.train import load_tokenizer, make_iterator, open_split
+
+    pt.run(_card_sample_config(tmp_path / "both", sp_model_path, output_format="both"))
+    pt.run(_card_sample_config(tmp_path / "mega", sp_model_path, output_format="megatron"))
+    assert not (tmp_path / "mega" / "sample-train").exists()
+    tok = Tokenizer(sp_model_path)
+    model_cfg = tiny_llama(vocab_size=tok.vocab_size, max_position_embeddings=128)
+    batches = []
+    for name in ("both", "mega"):
+        cfg = _train_cfg(tmp_path, "sample", sp_model_path)
+        cfg.data_path = str(tmp_path / name)
+        cfg.update(dict(seq_length=64, packing=True, seed=3, num_packing_bins=4, data_threads=1))
+        assert load_tokenizer(cfg, model_cfg).sha256 == tok.sha256
+        source = open_split(cfg, "train")
+        kind = "ShardDataSource" if name == "both" else "MegatronDataSource"
+        assert type(source).__name__ == kind
+        mask = functools.partial(chatml.loss_mask, tokenizer=tok, mode="assistant_turn")
+        it = make_iterator(cfg, source, 4, mask, train=True)
+        batches.append([next(it) for _ in range(3)])
+    for a, b in zip(*batches, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    model = Llama(model_cfg)
+
+    @jax.jit
+    def first_loss(params, batch):  # the train step's loss, at one fixed initialisation
+        logits = model.apply(params, batch["inputs"], positions_BL=batch["positions"],
+                             segment_ids_BL=batch["segment_ids"])  # fmt: skip
+        nll = token_cross_entropy(logits, batch["targets"])
+        num, den = loss_sum_and_count(nll, batch["weights"], normalization="global_token_mean",
+                                      micro_batch_size=4)  # fmt: skip
+        return num / den
+
+    with jax.set_mesh(sharding.make_mesh({}, jax.devices()[:1])):
+        shapes = nn.meta.unbox(
+            jax.eval_shape(model.init, jax.random.key(0), batches[0][0]["inputs"])
+        )
+        rng = np.random.default_rng(0)  # (jitting model.init would compile for ~20 s)
+        params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype), shapes)
+        losses = [float(first_loss(params, b[0])) for b in batches]
+    assert losses[0] == losses[1] and np.isfinite(losses[0])
+
+
+def test_compress_and_stale_outputs(tmp_path, sp_model_path, monkeypatch):
+    """``compress``: ``{output_dir}.tar.gz`` beside the directory, members named as
+    ``tar -czf out.tar.gz out`` names them.  A rerun in another format removes this
+    prefix's files of the format it no longer writes (and a jsonl it no longer writes)."""
+    monkeypatch.chdir(tmp_path)
+    path = _megacode_file(tmp_path)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path)})
+    cfg.output_dir, cfg.output_format, cfg.write_json, cfg.compress = "out", "both", True, True
+    pt.run(cfg)
+    with tarfile.open(tmp_path / "out.tar.gz") as tar:
+        names = set(tar.getnames())
+    want = ("", "/p-train-text.idx", "/p-val.jsonl", "/p-train/tokens.bin", "/metadata.json",
+            "/special_tokens.json", "/p-val_stats.txt")  # fmt: skip
+    assert {f"out{name}" for name in want} <= names
+    cfg.output_format, cfg.write_json, cfg.compress = "oasst_jax", False, False
+    pt.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "metadata.json", "p-train", "p-val", "special_tokens.json", "stats.md",
+    ]  # fmt: skip
+    cfg.output_format = "megatron"
+    pt.run(cfg)
+    assert not (tmp_path / "out" / "p-train").exists()
+    assert megatron.exists(tmp_path / "out" / "p-train")
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["splits"]["val"][
+        "num_samples"
+    ]
+
+
+def test_oasst_val_is_floor_of_all_accepted_trees():
+    """Upstream: torch ``random_split`` of every tree that passed the tree filter (trees
+    without a thread included), ``floor(val_split * n)`` to val; sklearn's ``ceil`` for
+    the other datasets."""
+    result = load_dataset("oasst_export", {"input_file_path": "tests/data/oasst_ready.tar.gz",
+                                           "lang": "en,de,es,fr", "top_k": 1})  # fmt: skip
+    assert len(result.groups) == 7 and len({s.group for s in result.samples}) == 4
+    for val_split, n_val in ((0.2, 1), (0.3, 2), (0.42, 2), (0.99, 6)):
+        for seed in range(5):
+            parts = pt.split_parts(
+                result.samples, val_split=val_split, max_val_set=None, fraction=1.0,
+                rng=pt.dataset_rng(seed, "oasst_export"), groups=result.groups, rounding="floor",
+            )  # fmt: skip
+            assert {s.group for s in parts.train}.isdisjoint(s.group for s in parts.val)
+            assert len(parts.train) + len(parts.val) == len(result.samples)
+            # the val trees are n_val of the 7, so at most n_val of the 4 with threads
+            assert len({s.group for s in parts.val}) <= n_val
+    trees_in_val = set()
+    for seed in range(40):  # every tree, threadless ones included, can be drawn for val
+        rng = pt.dataset_rng(seed, "oasst_export")
+        trees_in_val |= set(np.array(result.groups)[rng.permutation(7)[:1]])
+    assert trees_in_val == set(result.groups)
+    assert len(_split(_samples(19), val_split=0.1)[1]) == math.ceil(0.1 * 19) == 2
+
+
+class _MergingTokenizer(Tokenizer):
+    """Tokenises joined multi-turn text differently, as a cross-boundary merge would."""
+
+    def encode(self, text):
+        ids = super().encode(text)
+        return ids[:-1] if text.count("<|im_start|>") > 1 else ids
+
+
+def test_zero_accepted_and_mismatch_are_reported_not_fatal(tmp_path, sp_model_path, monkeypatch):
+    """Better than upstream: a dataset with no accepted sample prints 0s (upstream divides
+    by zero), a sample failing the joined-text check is skipped and counted (upstream's
+    assert stops the run)."""
+    long_rows = _megacode_file(tmp_path)  # answers of 1..30 "the fox"
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"INSTRUCTION": f"q{i}", "RESPONSE": "a"}) + "\n"
+                             for i in range(10)))  # fmt: skip
+    quoting = tmp_path / "quoting.jsonl"  # "</s>" sends these through the checked path
+    quoting.write_text("".join(json.dumps({"USER": "q", "ASSISTANT": "the fox </s> " * 30}) + "\n"
+                               for _ in range(5)))  # fmt: skip
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(long_rows), "val_split": 0.2},
+                  oa_leet10k={"path": str(short), "val_split": 0.0})  # fmt: skip
+    cfg.output_format = "megatron"
+    stats = pt.run(cfg)  # warns: oa_leet10k gives train nothing
+    assert stats["train"][1].accepted == 0 and stats["train"][1].skipped == 10
+    text = (tmp_path / "out" / "p-train_stats.txt").read_text()
+    block = text.split("## Stats for 'InstructionDataset (oa_leet10k)' (10 samples")[1]
+    assert block.split("-----------------\n\n")[0].endswith(
+        "  Accepted: 0/10 (0.0%)\n  Accepted tokens: 0\n  Skipped: 10 (100.0%)\n"
+        "  Min tokens per sample: 0\n  Max tokens per sample: 0\n  Avg tokens per sample: 0.0\n"
+    )  # val_split 0: upstream's train part is the dataset itself, not a Subset
+    val = (tmp_path / "out" / "p-val_stats.txt").read_text()
+    assert "oa_leet10k" not in val  # ... and its val has no part of it
+    assert "'Subset of InstructionDataset (megacode2)' (6 samples" in val
+
+    monkeypatch.setattr(pt, "Tokenizer", _MergingTokenizer)
+    columns = {"user": "USER", "assistant": "ASSISTANT"}
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(quoting), "val_split": 0.0},
+                  oa_leet10k={"path": str(long_rows), "columns": columns})  # fmt: skip
+    cfg.overwrite = True
+    stats = pt.run(cfg)
+    assert dict(stats["train"][0].reasons) == {"tokenization_mismatch": 5}
+    assert (
+        "- megacode2 (train): tokenization_mismatch 5"
+        in (tmp_path / "out" / "stats.md").read_text()
+    )
+
+
+def test_megatron_layout_output_and_config_checks(tmp_path, sp_model_path):
+    """Upstream's own layout (``megatron_new_tokens``): special_tokens.json lists the five
+    new tokens, bos/eos and the markers, in upstream's order; literal ``</s>`` and
+    ``<EOD>`` in a sample are single ids.  A bad output_format is one line."""
+    rows = [{"USER": f"q{i}", "ASSISTANT": "end with </s> or <EOD> " + "the fox " * 20}
+            for i in range(6)]  # fmt: skip
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path), "val_split": 0.0})
+    cfg.megatron_new_tokens, cfg.output_format = True, "megatron"
+    pt.run(cfg)
+    tok = Tokenizer(sp_model_path, megatron_new_tokens=True)
+    base = tok.base_vocab_size
+    special = json.loads((tmp_path / "out" / "special_tokens.json").read_text())
+    assert list(special.items()) == [
+        ("<CLS>", base), ("<SEP>", base + 1), ("<EOD>", base + 2), ("<MASK>", base + 3),
+        ("<PAD>", base + 4), ("<s>", 1), ("</s>", 2), ("<|im_start|>", base + 5),
+        ("<|im_end|>", base + 6),
+    ]  # fmt: skip
+    tokens = megatron.MegatronDataSource(tmp_path / "out" / "p-train")[0]["tokens"]
+    assert (tokens == 2).sum() == 1 and (tokens == base + 2).sum() == 1
+    assert not (tmp_path / "out" / "p-train").exists()  # megatron only
+    cfg.output_format = "parquet"
+    with pytest.raises(DataError, match="output_format must be one of oasst_jax, megatron, both"):
+        pt.run(cfg)
+    cfg.output_format, cfg.write_json = "both", "yes"
+    with pytest.raises(DataError, match="write_json must be true or false"):
+        pt.run(cfg)

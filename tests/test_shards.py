@@ -1,12 +1,14 @@
-"""Shard format: round trip, dtypes, pickling for grain workers, atomic writes, tokenizer check."""
+"""Shard format: round trip, dtypes, pickling for grain workers, atomic writes, tokenizer check;
+the Megatron indexed-dataset format against its spec, and reading either format."""
 
 import json
 import pickle
+import struct
 
 import numpy as np
 import pytest
 
-from oasst_jax.data import shards
+from oasst_jax.data import megatron, shards
 from oasst_jax.data.conversation import DataError
 from oasst_jax.tokenizer import Tokenizer
 
@@ -180,3 +182,154 @@ def test_check_split_checks_the_tokenizer_of_the_split(tmp_path, sp_model_path):
     shards.check_split(tmp_path / "s", vocab_size=tok.vocab_size, tokenizer=tok)
     with pytest.raises(DataError, match="another tokenizer"):
         shards.check_split(tmp_path / "s", vocab_size=other.vocab_size, tokenizer=other)
+
+
+# ----------------------------------------------------------------------------- Megatron format
+
+
+def _mega(path, samples, vocab=300, meta=None):
+    with megatron.MegatronSplitWriter(path, vocab_size=vocab) as w:
+        for tokens, roles in samples:
+            w.add_batch(tokens, roles, np.array([len(tokens)]))
+        return w.commit(meta or {})
+
+
+def _idx_spec(path):
+    """The ``.idx`` decoded from the format as megatron-core's ``_IndexReader`` reads it."""
+    raw = path.read_bytes()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    version, code, n, d = struct.unpack("<QBQQ", raw[9:34])
+    sizes = np.frombuffer(raw, "<i4", n, 34)
+    pointers = np.frombuffer(raw, "<i8", n, 34 + 4 * n)
+    doc_idx = np.frombuffer(raw, "<i8", d, 34 + 12 * n)
+    assert len(raw) == 34 + 12 * n + 8 * d
+    return version, code, sizes, pointers, doc_idx
+
+
+@pytest.mark.parametrize("vocab, code, dtype", [(32007, 8, "<u2"), (65500, 4, "<i4")])
+def test_megatron_files_follow_the_format(tmp_path, vocab, code, dtype):
+    samples = [
+        (np.array([1, vocab - 1, 5]), np.array([1, 2, 2])),
+        (np.array([7, 8]), np.array([0, 3])),
+    ]
+    meta = _mega(tmp_path / "p-train", samples, vocab=vocab, meta={"split": "train"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "p-train-metadata.json", "p-train-role.bin", "p-train-role.idx",
+        "p-train-text.bin", "p-train-text.idx",
+    ]  # fmt: skip
+    version, text_code, sizes, pointers, doc_idx = _idx_spec(tmp_path / "p-train-text.idx")
+    assert (version, text_code) == (1, code)
+    assert sizes.tolist() == [3, 2] and doc_idx.tolist() == [0, 1, 2]
+    assert pointers.tolist() == [0, 3 * np.dtype(dtype).itemsize]
+    text = np.frombuffer((tmp_path / "p-train-text.bin").read_bytes(), dtype)
+    assert text.tolist() == [1, vocab - 1, 5, 7, 8]
+    assert _idx_spec(tmp_path / "p-train-role.idx")[1] == 8  # roles: uint16
+    assert np.frombuffer((tmp_path / "p-train-role.bin").read_bytes(), "<u2").tolist() == [
+        1,
+        2,
+        2,
+        0,
+        3,
+    ]
+    assert (meta["num_samples"], meta["max_token_id"], meta["split"]) == (2, vocab - 1, "train")
+
+
+def test_megatron_round_trip_equals_shards(tmp_path):
+    samples = _samples(9)
+    _write(tmp_path / "p-train", samples)
+    _mega(tmp_path / "m" / "p-train", samples)
+    ours, mega = (
+        shards.ShardDataSource(tmp_path / "p-train"),
+        megatron.MegatronDataSource(tmp_path / "m" / "p-train"),
+    )
+    assert len(mega) == len(ours) == 9 and mega.lengths().tolist() == ours.lengths().tolist()
+    for i in range(len(ours)):
+        for key in ("tokens", "roles"):
+            assert mega[i][key].dtype == ours[i][key].dtype
+            np.testing.assert_array_equal(mega[i][key], ours[i][key])
+    again = pickle.loads(pickle.dumps(mega))
+    assert len(pickle.dumps(mega)) < 2000
+    np.testing.assert_array_equal(again[4]["tokens"], samples[4][0])
+    with pytest.raises(IndexError):
+        mega[9]
+
+
+def test_upstream_written_split_is_read(tmp_path):
+    """Upstream's pretokenizer never ends a document (document index ``[0]``) and writes
+    no metadata of ours: read all the same, checked by a pass over its tokens."""
+    samples = _samples(4)
+    for feature, dtype, col in (("text", "<u2", 0), ("role", "<u2", 1)):
+        values = np.concatenate([s[col] for s in samples]).astype(dtype)
+        (tmp_path / f"up-val-{feature}.bin").write_bytes(values.tobytes())
+        megatron.write_index(
+            tmp_path / f"up-val-{feature}.idx", np.dtype(dtype), [len(s[0]) for s in samples], [0]
+        )
+    src = shards.open_source(tmp_path, "up", "val")
+    assert isinstance(src, megatron.MegatronDataSource) and src.metadata is None
+    for i, (tokens, roles) in enumerate(samples):
+        np.testing.assert_array_equal(src[i]["tokens"], tokens)
+        np.testing.assert_array_equal(src[i]["roles"], roles)
+    top = int(max(s[0].max() for s in samples if len(s[0])))
+    shards.check_source(tmp_path, "up", "val", vocab_size=top + 1)
+    with pytest.raises(DataError, match=f"token id {top} but the model has only {top} ids"):
+        shards.check_source(tmp_path, "up", "val", vocab_size=top)
+
+
+def test_open_source_prefers_shards_and_names_missing_splits(tmp_path):
+    samples = _samples(3)
+    _mega(tmp_path / "p-train", samples)
+    assert shards.split_format(tmp_path, "p", "train") == "megatron"
+    _write(tmp_path / "p-train", samples[:2])
+    assert shards.split_format(tmp_path, "p", "train") == "oasst_jax"
+    assert len(shards.open_source(tmp_path, "p", "train")) == 2
+    with pytest.raises(DataError, match="p-val has no metadata.json and no Megatron files") as err:
+        shards.open_source(tmp_path, "p", "val")
+    assert "\n" not in str(err.value)
+
+
+def test_megatron_damaged_or_empty_split_is_refused(tmp_path):
+    _mega(tmp_path / "e-train", [])
+    with pytest.raises(DataError, match="empty split"):
+        megatron.MegatronDataSource(tmp_path / "e-train")
+    _mega(tmp_path / "p-train", _samples(3))
+    text = tmp_path / "p-train-text.bin"
+    text.write_bytes(text.read_bytes()[:-2])
+    with pytest.raises(DataError, match="p-train-text.bin: missing or not the size"):
+        megatron.MegatronDataSource(tmp_path / "p-train")
+    _mega(tmp_path / "q-train", _samples(3))
+    _mega(tmp_path / "r-train", _samples(3, seed=5))
+    (tmp_path / "r-train-role.idx").replace(tmp_path / "q-train-role.idx")
+    with pytest.raises(DataError, match="different sample lengths"):
+        megatron.MegatronDataSource(tmp_path / "q-train")[0]
+    idx = tmp_path / "q-train-text.idx"
+    idx.write_bytes(b"TNTIDX\x00\x00" + idx.read_bytes()[8:])
+    with pytest.raises(DataError, match="not a Megatron mmap index"):
+        megatron.MegatronDataSource(tmp_path / "q-train")
+
+
+def test_megatron_failed_write_leaves_nothing(tmp_path):
+    _mega(tmp_path / "p-train", _samples(3))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError):
+        with megatron.MegatronSplitWriter(tmp_path / "p-train", vocab_size=300) as w:
+            w.add_batch(np.array([1]), np.array([2]), np.array([1]))
+            raise RuntimeError("boom")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_megatron_split_tokenizer_checks(tmp_path, sp_model_path):
+    """Our Megatron splits carry the tokenizer fingerprint; upstream's are checked against
+    the directory's special_tokens.json (which names the id layout)."""
+    tok = Tokenizer(sp_model_path)
+    mega_tok = Tokenizer(sp_model_path, megatron_new_tokens=True)
+    _mega(tmp_path / "p-train", _samples(2), meta={"tokenizer": shards.tokenizer_identity(tok)})
+    shards.check_source(tmp_path, "p", "train", vocab_size=tok.vocab_size, tokenizer=tok)
+    with pytest.raises(DataError, match="another tokenizer"):
+        shards.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
+    (tmp_path / "p-train-metadata.json").unlink()  # as upstream's tool leaves it
+    megatron.write_special_tokens(tmp_path, mega_tok)
+    assert (tmp_path / "special_tokens.json").read_text() == json.dumps(mega_tok.special_tokens())
+    shards.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
+    with pytest.raises(DataError, match="other special-token ids") as err:
+        shards.check_source(tmp_path, "p", "train", tok.vocab_size, tok)
+    assert "\n" not in str(err.value)

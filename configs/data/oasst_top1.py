@@ -23,6 +23,10 @@ def get_config() -> ConfigDict:
     c.num_workers = 2
     c.overwrite = False  # True: write even where shards of another tokenizer lie
     c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
+    # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
+    c.output_format = "both"  # | "oasst_jax" | "megatron"
+    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
+    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
     c.datasets = ConfigDict(sort_keys=False)
     c.datasets.oasst_export = ConfigDict(
         dict(

@@ -12,6 +12,8 @@ Split options follow the card (stage 1 sets, then the stage 2 oasst export with 
 
 from ml_collections import ConfigDict
 
+from oasst_jax.data.sources import REFUSAL_PHRASES
+
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
@@ -25,18 +27,44 @@ def get_config() -> ConfigDict:
     c.num_workers = 2
     c.overwrite = False  # True: write even where shards of another tokenizer lie
     c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
+    # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
+    c.output_format = "both"  # | "oasst_jax" | "megatron"
+    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
+    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
     c.datasets = ConfigDict(sort_keys=False)
     c.datasets.megacode2 = ConfigDict(
-        dict(path="tests/data/megacode2.json", fraction=0.5, val_split=0.1, max_val_set=1000)
+        dict(
+            path="tests/data/megacode2.json",
+            fraction=0.5,
+            val_split=0.1,
+            max_val_set=1000,
+            phrase_filter=REFUSAL_PHRASES,
+        )
     )
     c.datasets["orca-chat"] = ConfigDict(
-        dict(path="tests/data/orca-chat-gpt4.json", val_split=0.1, max_val_set=1000)
+        dict(
+            path="tests/data/orca-chat-gpt4.json",
+            val_split=0.1,
+            max_val_set=1000,
+            drop_blank_turns=False,
+        )
     )
     c.datasets.dolly15k_multilingual = ConfigDict(
-        dict(path="tests/data/dolly15k", val_split=0.1, max_val_set=300)
+        dict(
+            path="tests/data/dolly15k",
+            val_split=0.1,
+            max_val_set=300,
+            phrase_filter=REFUSAL_PHRASES,
+            drop_blank_turns=False,
+        )
     )
     c.datasets.oa_leet10k = ConfigDict(
-        dict(path="tests/data/oa_leet10k.parquet", val_split=0.1, max_val_set=250)
+        dict(
+            path="tests/data/oa_leet10k.parquet",
+            val_split=0.1,
+            max_val_set=250,
+            phrase_filter=REFUSAL_PHRASES,
+        )
     )
     c.datasets.oasst_export = ConfigDict(
         dict(
