@@ -55,9 +55,11 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def open_split(cfg: ml_collections.ConfigDict, split: str) -> shards.ShardDataSource:
-    """``{data_path}/{data_prefix}-{split}``; missing, unfinished or empty: a one-line error."""
-    return shards.ShardDataSource(shards.split_path(cfg.data_path, cfg.data_prefix, split))
+def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
+    """``{data_path}/{data_prefix}-{split}``: our shards, or Megatron ``-text``/``-role``
+    indexed datasets (upstream's pretokenizer output) when that is what exists;
+    missing, unfinished or empty: a one-line error."""
+    return shards.open_source(cfg.data_path, cfg.data_prefix, split)
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
@@ -65,7 +67,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> To
     model's vocabulary.  Every split the run reads (train, and val when evaluating) is
     checked with or without one: not empty, every token id below ``model.vocab_size``,
     and made with this tokenizer (each split's own metadata, not the output directory's,
-    which only describes the last pretokenize run into it)."""
+    which only describes the last pretokenize run into it; a Megatron-format split made by
+    upstream's tool, which records no fingerprint, is checked against the directory's
+    ``special_tokens.json`` and a pass over its token ids)."""
     tok = None
     if cfg.tokenizer_path:
         tok = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
@@ -76,8 +80,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> To
             )
     splits = ("train", "val") if cfg.eval_iters and cfg.eval_interval else ("train",)
     for split in splits:
-        path = shards.split_path(cfg.data_path, cfg.data_prefix, split)
-        shards.check_split(path, model_cfg.vocab_size, tok)
+        shards.check_source(cfg.data_path, cfg.data_prefix, split, model_cfg.vocab_size, tok)
     return tok
 
 
