@@ -704,6 +704,10 @@ def test_megatron_layout_output_and_config_checks(tmp_path, sp_model_path):
     tokens = megatron.MegatronDataSource(tmp_path / "out" / "p-train")[0]["tokens"]
     assert (tokens == 2).sum() == 1 and (tokens == base + 2).sum() == 1
     assert not (tmp_path / "out" / "p-train").exists()  # megatron only
+    cfg.megatron_new_tokens = False  # the compact layout into a directory of the other one
+    with pytest.raises(DataError, match="special_tokens.json names other special-token ids"):
+        pt.run(cfg)
+    cfg.megatron_new_tokens = True
     cfg.output_format = "parquet"
     with pytest.raises(DataError, match="output_format must be one of oasst_jax, megatron, both"):
         pt.run(cfg)

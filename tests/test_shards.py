@@ -301,6 +301,11 @@ def test_megatron_damaged_or_empty_split_is_refused(tmp_path):
     (tmp_path / "r-train-role.idx").replace(tmp_path / "q-train-role.idx")
     with pytest.raises(DataError, match="different sample lengths"):
         megatron.MegatronDataSource(tmp_path / "q-train")[0]
+    _mega(tmp_path / "s-train", _samples(3))
+    meta = json.loads((tmp_path / "s-train-metadata.json").read_text())
+    (tmp_path / "s-train-metadata.json").write_text(json.dumps({**meta, "num_tokens": 1}))
+    with pytest.raises(DataError, match="s-train-metadata.json describes other files"):
+        megatron.MegatronDataSource(tmp_path / "s-train")
     idx = tmp_path / "q-train-text.idx"
     idx.write_bytes(b"TNTIDX\x00\x00" + idx.read_bytes()[8:])
     with pytest.raises(DataError, match="not a Megatron mmap index"):

@@ -356,6 +356,8 @@ def test_megacode2_counts():
         assert [t.role for t in sample.turns] == ["user", "assistant"]
     off = megacode(phrase_filter=[])  # an empty list turns the filter off
     assert len(off.samples) == 36 and "phrase_filter" not in off.skipped
+    with pytest.raises(DataError, match="phrase_filter must be a list of strings"):
+        megacode(phrase_filter=[1])
 
 
 def test_refusal_phrases_are_upstreams():

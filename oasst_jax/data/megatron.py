@@ -295,7 +295,16 @@ class MegatronDataSource:
         self.path = Path(split)
         self.metadata = read_metadata(self.path)
         self._arrays: tuple | None = None
-        self._len = len(self._open()[0])
+        text_index = self._open()[0]
+        self._len = len(text_index)
+        if self.metadata is not None and (
+            self.metadata.get("num_samples") != self._len
+            or self.metadata.get("num_tokens") != int(text_index.sizes.sum(dtype=np.int64))
+        ):
+            raise DataError(
+                f"{metadata_path(self.path)} describes other files than {self.path.name}-text/"
+                "-role (written over by another tool?); remove it or re-run pretokenize"
+            )
         if self._len == 0:
             raise DataError(
                 f"{self.path} is an empty split (0 samples); nothing to train or evaluate on"

@@ -116,6 +116,8 @@ def _phrases(options: Mapping[str, Any]) -> tuple[str, ...]:
         phrases = REFUSAL_PHRASES
     elif isinstance(phrases, str):
         phrases = (phrases,)
+    if not isinstance(phrases, (list, tuple)) or not all(isinstance(p, str) for p in phrases):
+        raise DataError(f"phrase_filter must be a list of strings, got {phrases!r}")
     return tuple(p.lower() for p in phrases if p)
 
 
