@@ -7,64 +7,27 @@ Layouts are per-device head counts: Llama-2-70B under TP8 (64 q / 8 kv heads
 -> 8 / 1 per shard) and 7B (32 / 32).  Causal FLOPs count half the score
 matrix; fwd+bwd is 3.5x the forward (2 matmuls forward, 5 backward), the
 FlashAttention papers' convention, so TFLOP/s compare across implementations.
+benchmarks/device_suite.py measures the 1.1B layout (32 / 8) with the same code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
+import benchlib
 import jax
 import jax.numpy as jnp
-
-from oasst_jax.attention import dot_product_attention
 
 LAYOUTS = {"70b_tp8": (8, 1), "7b": (32, 32)}
 
 
-def _fwd_flops(batch: int, seq: int, heads: int, dim: int, causal: bool) -> float:
-    flops = 4.0 * batch * heads * seq * seq * dim
-    return flops / 2 if causal else flops
-
-
-def _time_ms(fn: Callable, args: tuple, iters: int) -> float:
-    """Median wall time of ``iters`` calls after one compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _functions(impl: str, causal: bool) -> tuple[Callable, Callable]:
-    attend = lambda q, k, v: dot_product_attention(q, k, v, causal=causal, implementation=impl)
-
-    def fwd_bwd(q, k, v, do):
-        out, vjp = jax.vjp(attend, q, k, v)
-        return out, vjp(do)
-
-    return jax.jit(attend), jax.jit(fwd_bwd)
-
-
-def _measure(impl: str, q, k, v, causal: bool, iters: int, flops: float) -> dict:
-    fwd, fwd_bwd = _functions(impl, causal)
+def _measure(impl: str, q, k, v, iters: int) -> dict:
     try:
-        fwd_ms = _time_ms(fwd, (q, k, v), iters)
-        both_ms = _time_ms(fwd_bwd, (q, k, v, q), iters)
+        return benchlib.measure_attention(impl, q, k, v, causal=True, repeats=iters, inner=1)
     except Exception as e:  # one implementation failing (OOM, no cuDNN) must not stop the rest
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    return {
-        "fwd_ms": round(fwd_ms, 3),
-        "fwd_tflops": round(flops / fwd_ms / 1e9, 2),
-        "fwd_bwd_ms": round(both_ms, 3),
-        "fwd_bwd_tflops": round(3.5 * flops / both_ms / 1e9, 2),
-    }
+        return {"error": benchlib.error_line(e, 200)}
 
 
 def _ratio(results: dict, a: str, b: str) -> float | None:
@@ -76,12 +39,8 @@ def run_shape(
     layout: str, batch: int, seq: int, dim: int, dtype, impls: list[str], iters: int
 ) -> dict:
     heads, kv_heads = LAYOUTS[layout]
-    ks = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(ks[0], (batch, seq, heads, dim), dtype)
-    k = jax.random.normal(ks[1], (batch, seq, kv_heads, dim), dtype)
-    v = jax.random.normal(ks[2], (batch, seq, kv_heads, dim), dtype)
-    flops = _fwd_flops(batch, seq, heads, dim, causal=True)
-    results = {impl: _measure(impl, q, k, v, True, iters, flops) for impl in impls}
+    q, k, v = benchlib.random_qkv(batch, seq, heads, kv_heads, dim, dtype)
+    results = {impl: _measure(impl, q, k, v, iters) for impl in impls}
     return {
         "device": jax.devices()[0].device_kind,
         "layout": layout,

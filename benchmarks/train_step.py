@@ -6,41 +6,25 @@
 Random packed rows (4 segments per row) feed the real jitted step built by
 ``train_step.build_trainer``, so the number measures the step, not the input
 pipeline.  MFU uses the trainer's FLOP formula (``model_flops_per_token``).
+benchmarks/device_suite.py runs this step for every attention x remat pair on a device.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchlib
+import jax
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from oasst_jax import optim, sharding  # noqa: E402
-from oasst_jax.cli import cli_main  # noqa: E402
-from oasst_jax.config import accumulation_steps, model_config  # noqa: E402
-from oasst_jax.model import Llama, hidden_dropout_rates  # noqa: E402
-from oasst_jax.train_step import StepConfig, build_trainer, model_flops_per_token  # noqa: E402
+from oasst_jax import optim, sharding
+from oasst_jax.cli import cli_main
+from oasst_jax.config import accumulation_steps, model_config
+from oasst_jax.model import Llama, hidden_dropout_rates
+from oasst_jax.train_step import StepConfig, build_trainer, model_flops_per_token
 
 STEPS = int(os.environ.get("BENCH_STEPS", "10"))
-
-
-def random_batch(accum: int, rows: int, length: int, vocab: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    shape = (accum, rows, length)
-    seg = np.repeat(np.arange(1, 5), -(-length // 4))[:length]
-    pos = np.concatenate([np.arange(n) for n in np.bincount(seg)[1:]])
-    return {
-        "inputs": rng.integers(0, vocab, shape, dtype=np.int32),
-        "targets": rng.integers(0, vocab, shape, dtype=np.int32),
-        "weights": np.ones(shape, np.float32),
-        "segment_ids": np.broadcast_to(seg, shape).astype(np.int32),
-        "positions": np.broadcast_to(pos, shape).astype(np.int32),
-    }
 
 
 def bench(cfg) -> dict:
@@ -56,7 +40,7 @@ def bench(cfg) -> dict:
             Llama(mcfg), tx, optim.schedule(cfg.optim, cfg.train_iters), step_cfg, rates, mesh
         )
         state = t.init_random(jax.random.key(0))
-        batch = random_batch(accum, rows, cfg.seq_length, mcfg.vocab_size)
+        batch = benchlib.random_packed_batch(accum, rows, cfg.seq_length, mcfg.vocab_size)
         batch = {k: jax.device_put(v, t.batch_sharding) for k, v in batch.items()}
         t0 = time.perf_counter()
         state, m = t.step(state, batch)
