@@ -5,12 +5,16 @@ orchestrator computed) and calls ``emit(unit, fn)`` once per unit; ``emit`` guar
 call (an exception becomes an ``ok: false`` record), skips it once the job's deadline
 has passed and appends the record to the job's JSON-lines file.  Sizes come from the
 job (``device_suite.DEVICE`` / ``SMOKE``), so nothing here knows about ``--smoke``.
+The config and optimizer modules (ml_collections, a wheel the device lacks) are imported
+only by the sections that need them, so kernels and attention run without the wheels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import os
 import statistics
 import time
 
@@ -20,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import decode, optim, sharding
-from oasst_jax.config import load_config, model_config
+from oasst_jax import decode, sharding
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.planner import chips, memory, timing
 from oasst_jax.train_step import StepConfig, build_trainer, model_flops_per_token
@@ -225,7 +228,9 @@ def attention_name(seq: int, impl: str, packed: bool) -> str:
 
 def load_model(size: dict) -> tuple[object, LlamaConfig]:
     """The section's training config and its model with ``size['model']`` overrides."""
-    cfg = load_config(size["config"])
+    from oasst_jax.config import load_config, model_config  # ml_collections: a carried wheel
+
+    cfg = load_config(os.path.join(benchlib.ROOT, size["config"]))
     return cfg, dataclasses.replace(model_config(cfg), **size.get("model", {}))
 
 
@@ -268,6 +273,8 @@ def compiled_bytes(compiled) -> int | None:
 
 
 def _compile_step(cfg, model_cfg: LlamaConfig, mb: int, seq: int, mesh) -> dict:
+    from oasst_jax import optim  # ml_collections: a carried wheel
+
     tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
     rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
     step_cfg = StepConfig(1, mb, cfg.loss_normalization, cfg.seed)
@@ -329,6 +336,28 @@ def compile_largest(cfg, model_cfg, seq: int, cap: int, mesh, limit) -> tuple[di
     return first, tried
 
 
+def _timed_steps(c: dict, size: dict) -> tuple[list[float], dict]:
+    """Fresh state, one call plus ``warmup`` untimed steps, then ``steps`` timed ones."""
+    trainer, step = c["trainer"], c["compiled"]
+    state = trainer.init_random(jax.random.key(0))
+    batch = {k: jax.device_put(x, trainer.batch_sharding) for k, x in c["batch"].items()}
+    for _ in range(1 + size["warmup"]):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(size["steps"]):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, {k: float(v) for k, v in metrics.items()}
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
 def train_unit(size: dict, impl: str, remat: str) -> dict:
     cfg, base = load_model(size)
     model_cfg = dataclasses.replace(base, attention_impl=impl, remat_policy=remat)
@@ -341,22 +370,22 @@ def train_unit(size: dict, impl: str, remat: str) -> dict:
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     with jax.set_mesh(mesh):
         c, tried = compile_largest(cfg, model_cfg, seq, size["max_mb"], mesh, limit)
-        trainer, step = c["trainer"], c["compiled"]
-        state = trainer.init_random(jax.random.key(0))
-        batch = {k: jax.device_put(x, trainer.batch_sharding) for k, x in c["batch"].items()}
-        for _ in range(1 + size["warmup"]):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(size["steps"]):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        oom = None
+        try:
+            times, metrics = _timed_steps(c, size)
+        except Exception as e:  # out of memory despite the compiler's figure: halve, once
+            if not _is_oom(e) or c["mb"] == 1:
+                raise
+            oom = benchlib.error_line(e)
+        if oom:  # outside the handler, so the failed attempt's arrays are freed first
+            gc.collect()
+            rec.update(oom_at_micro_batch=c["mb"], oom_error=oom, peak_includes_oom=True)
+            c = _compile_step(cfg, model_cfg, c["mb"] // 2, seq, mesh)
+            tried.append((c["mb"], c["bytes"], round(c["compile_s"], 1)))
+            times, metrics = _timed_steps(c, size)
     dt = statistics.median(times)
     tokens = c["mb"] * seq
-    loss = float(metrics["loss"])
-    stats = memory_stats()
+    loss = metrics["loss"]
     rec.update(
         micro_batch=c["mb"],
         tried=[{"micro_batch": m, "compiled_bytes": b, "compile_s": s} for m, b, s in tried],
@@ -367,10 +396,11 @@ def train_unit(size: dict, impl: str, remat: str) -> dict:
         tokens_per_s=tokens / dt,
         mfu=model_flops_per_token(model_cfg, seq) * tokens / dt / cfg.peak_flops_per_device,
         peak_flops_per_device=cfg.peak_flops_per_device,
-        peak_bytes=stats.get("peak_bytes_in_use"),
+        peak_bytes=memory_stats().get("peak_bytes_in_use"),
         compiled_bytes=c["bytes"],
         bytes_limit=limit,
         loss=loss,
+        grad_norm=metrics.get("grad_norm"),
         ok=math.isfinite(loss),
     )
     if not rec["ok"]:
@@ -415,7 +445,7 @@ def decode_unit(size: dict, batch: int, params, model_cfg: LlamaConfig) -> dict:
 def run_decode(job: dict, emit) -> None:
     size = job["size"]
     _, model_cfg = load_model(size)
-    model_cfg = dataclasses.replace(model_cfg, attention_impl=size.get("attention", "xla"))
+    model_cfg = dataclasses.replace(model_cfg, attention_impl=size["attention"])
     model = Llama(decode.inference_config(model_cfg))
     init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
     params = nn.meta.unbox(init(jax.random.key(0)))

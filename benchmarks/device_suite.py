@@ -33,9 +33,10 @@ weight (time a section leaves is passed on); past its share a section starts not
 and a worker still busy ``GRACE_S`` later is killed.  The whole run ends within about
 ``budget + GRACE_S + 30`` seconds.
 
-On a lent H200 (the device machine has jax 0.11 + CUDA 13, flax, optax, orbax; grain,
-ml_collections and tensorboardX travel as wheels in the git-ignored ``.whl/``).  Prepare
-the wheels once on a machine with network access, in the repository root::
+On a lent H200 the device machine has jax 0.11 + CUDA 13, flax, optax, orbax; grain,
+ml_collections and tensorboardX travel as wheels in the git-ignored ``.whl/`` (only the
+train, decode and plan sections need one: ml_collections, for the config and optimizer).
+Prepare them once where pip reaches the index, in the repository root (about 11 MB)::
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \\
@@ -46,15 +47,21 @@ the wheels once on a machine with network access, in the repository root::
       tokamax==0.0.17 einshape==1.0 qwix==0.1.8 immutabledict==4.3.1 pydantic==2.14.4 \\
       pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
-(the second half is tokamax, the optional outside anchor; ~11 MB in all).  Then one
-device call, ``run`` with ``carry=[".whl"]`` and ``timeout_s=560``::
+(the first two lines of names are the package's missing dependencies and theirs; the rest
+is tokamax, the optional outside anchor, whose ``xprof`` import is stubbed).  Then one
+device call: ``run`` with ``carry=[".whl"]``, ``timeout_s=560`` and this command (fill in
+``git rev-parse --short HEAD``; a failed install still runs the kernel sections)::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
-    PYTHONUNBUFFERED=1 python3 benchmarks/device_suite.py --out $OUT --budget-s 400
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \\
+      --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site GIT_COMMIT=<hash> \\
+      PYTHONUNBUFFERED=1; python3 benchmarks/device_suite.py --out $OUT --budget-s 400 \\
+      2>&1 | tee $OUT/device_suite.log
 
-and copy ``device_suite.md`` to ``benchmarks/results/<device>-<date>.md`` (the name is
-printed at the end) with the JSON beside it.
+It ends in about 7.5 minutes (plus the machine's start), leaving the rest of a
+15-minute lease for a short rerun of what the budget cut (``--sections train
+--budget-s 120``) while the machine is warm, or ``give_back``.  Commit
+``device_suite.md`` as ``benchmarks/results/<device>-<date>.md`` (the name is printed
+last) with the JSON beside it as ``<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ("kernels", "attention", "train", "decode", "plan")
 # Share of the remaining budget each section gets when it starts (measured guesses of need).
-WEIGHTS = {"kernels": 0.12, "attention": 0.24, "train": 0.46, "decode": 0.14, "plan": 0.04}
+WEIGHTS = {"kernels": 0.14, "attention": 0.22, "train": 0.46, "decode": 0.14, "plan": 0.04}
 MIN_SECTION_S = {"plan": 30.0}  # the planner check is cheap and the point of the train runs
 GRACE_S = 45.0  # a worker past its section's deadline by this much is killed
 TRAIN_GRID = [  # priority order: the budget cuts from the end
@@ -88,21 +95,19 @@ TRAIN_GRID = [  # priority order: the budget cuts from the end
 ]
 
 
-def _kernel_cases(dtypes=("bfloat16", "float32")) -> list[dict]:
-    cases = []
-    for dtype in dtypes:
-        short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
-        cases += [
-            {"name": f"{short}-causal-packed", "dtype": dtype, "causal": True, "packed": True},
-            {"name": f"{short}-causal", "dtype": dtype, "causal": True, "packed": False},
-        ]
-    cases += [
-        {"name": "bf16-full-packed", "dtype": "bfloat16", "causal": False, "packed": True},
-        {"name": "bf16-causal-packed-group6", "dtype": "bfloat16", "causal": True, "packed": True},
+def _kernel_cases() -> list[dict]:
+    """Most important first (the budget cuts from the end): the training path (bf16, causal,
+    packed), then dense, fp32, non-causal and a query group of 6 (not a power of two)."""
+    cases = [
+        ("bf16-causal-packed", "bfloat16", True, True, 4),
+        ("bf16-causal", "bfloat16", True, False, 4),
+        ("fp32-causal-packed", "float32", True, True, 4),
+        ("bf16-full-packed", "bfloat16", False, True, 4),
+        ("bf16-causal-packed-group6", "bfloat16", True, True, 6),
+        ("fp32-causal", "float32", True, False, 4),
     ]
-    for c in cases:
-        c["group"] = 6 if c["name"].endswith("group6") else 4
-    return cases
+    keys = ("name", "dtype", "causal", "packed", "group")
+    return [dict(zip(keys, c, strict=True)) for c in cases]
 
 
 DEVICE = {
@@ -133,6 +138,7 @@ DEVICE = {
         "prompt": 512,
         "new_tokens": 128,
         "repeats": 3,
+        "attention": "xla",  # decoding with the KV cache always uses the XLA reference
     },
 }
 _TOY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
@@ -174,6 +180,7 @@ SMOKE = {  # every code path once, as small and few as possible (cudnn, tokamax:
         "prompt": 8,
         "new_tokens": 3,
         "repeats": 2,
+        "attention": "xla",
     },
 }
 # XLA:CPU compiles toy programs in a third of the time without its optimisation passes.
@@ -323,7 +330,8 @@ def host_meta(args) -> dict:
         "budget_s": args.budget_s,
         "python": platform.python_version(),
         "host": platform.node(),
-        "git_commit": run(["git", "rev-parse", "--short", "HEAD"]),
+        # the device machine gets no .git: the command passes GIT_COMMIT
+        "git_commit": os.environ.get("GIT_COMMIT") or run(["git", "rev-parse", "--short", "HEAD"]),
         "nvidia_smi": run(smi),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
@@ -343,6 +351,11 @@ def orchestrate(args) -> dict:
 
     def save() -> None:
         results["meta"]["wall_s"] = round(time.time() - start, 1)
+        device = (results["meta"].get("env") or {}).get("device_kind")
+        device = device or (results["meta"]["nvidia_smi"] or "unknown").split(",")[0]
+        for s in SECTIONS:  # records made here (skipped, worker lost) name the device too
+            for r in results[s]:
+                r.setdefault("device", device)
         write_atomic(json_path, json.dumps(results, indent=1, default=str))
         write_atomic(md_path, markdown(results))
 

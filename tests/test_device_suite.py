@@ -85,6 +85,7 @@ def test_spent_budget_skips_without_starting_workers(tmp_path):
     assert data["kernels"] == [] and data["train"] == []
     for r in data["attention"] + data["decode"]:
         assert r["skipped"] and r["reason"] == "time budget spent" and not r["ok"]
+        assert r["device"]  # named even though no worker ran
 
 
 def test_a_failing_unit_is_a_record_and_the_rest_runs(suite_module, tmp_path):
