@@ -22,7 +22,8 @@ import numpy as np
 
 from oasst_jax import pretokenize as pt
 from oasst_jax.data import shards
-from oasst_jax.data.conversation import Sample, Turn
+from oasst_jax.data.conversation import Sample
+from oasst_jax.text import Turn
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
 
 

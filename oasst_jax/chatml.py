@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oasst_jax.data.conversation import ROLES, Turn
+from oasst_jax.text import LOSS_MODES, ROLES, Turn
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer
 
 ROLE_IDS: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
 ASSISTANT = ROLE_IDS["assistant"]
-LOSS_MODES = ("assistant_turn", "assistant_answer")
 
 
 class TokenizationMismatch(ValueError):

@@ -15,9 +15,11 @@ import os
 import ml_collections
 
 from oasst_jax import distributed
-from oasst_jax.chatml import LOSS_MODES
-from oasst_jax.loss import LOSS_NORMALIZATIONS
 from oasst_jax.model import LlamaConfig
+from oasst_jax.text import LOSS_MODES
+
+# The normalisations ``loss.loss_sum_and_count`` implements (``loss_normalization``).
+LOSS_NORMALIZATIONS: tuple[str, ...] = ("global_token_mean", "microbatch_mean")
 
 
 def base_config() -> ml_collections.ConfigDict:

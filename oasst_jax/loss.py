@@ -11,8 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_NORMALIZATIONS = ("global_token_mean", "microbatch_mean")
-
 
 def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     """Per-token negative log-likelihood in fp32."""
@@ -47,4 +45,6 @@ def loss_sum_and_count(
         nonempty = counts > 0
         means = jnp.where(nonempty, groups / jnp.maximum(counts, 1.0), 0.0)
         return jnp.sum(means), jnp.sum(nonempty.astype(jnp.float32))
-    raise ValueError(f"loss_normalization={normalization!r}; choose one of {LOSS_NORMALIZATIONS}")
+    raise ValueError(
+        f"loss_normalization={normalization!r}; choose global_token_mean or microbatch_mean"
+    )

@@ -62,11 +62,12 @@ from tqdm import tqdm
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
 from oasst_jax.data import megatron, outputs, shards
-from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
-from oasst_jax.data.readers import MAX_RECORD_BYTES
+from oasst_jax.data.conversation import LoadResult, Sample
 from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
 from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
 from oasst_jax.data.stats import reasons_text as _reasons
+from oasst_jax.readers import MAX_RECORD_BYTES
+from oasst_jax.text import DataError, Turn
 from oasst_jax.tokenizer import Tokenizer
 
 __all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]

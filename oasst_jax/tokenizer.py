@@ -42,13 +42,13 @@ from typing import IO
 
 import sentencepiece as spm
 
-from oasst_jax.data.conversation import DataError
-from oasst_jax.data.readers import (
+from oasst_jax.readers import (
     CORRUPT_STREAM_ERRORS,
     MAX_RECORD_BYTES,
     iter_lines,
     iter_parquet_rows,
 )
+from oasst_jax.text import DataError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -16,7 +16,7 @@ from oasst_jax.chatml import (
     loss_mask,
     prompt_ids,
 )
-from oasst_jax.data.conversation import Turn
+from oasst_jax.text import Turn
 from oasst_jax.tokenizer import Tokenizer
 
 DOLLY = (

@@ -41,3 +41,25 @@ def test_shipped_configs_have_only_known_fields():
     for name in ("tiny.py", "pre10.py", "sft10.py", "bench_tinyllama.py"):
         cfg = load_config(os.path.join(REPO, "configs", name))
         assert unknown_fields(cfg, base_config()) == []
+
+
+def test_loss_choices_are_the_ones_the_library_implements():
+    """``config`` validates ``loss_on``/``loss_normalization`` without importing chatml or
+    loss (no SentencePiece at config load); the names it accepts are the implemented ones."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from oasst_jax.chatml import loss_mask
+    from oasst_jax.config import LOSS_MODES, LOSS_NORMALIZATIONS
+    from oasst_jax.loss import loss_sum_and_count
+
+    nll, weights = jnp.ones((2, 3)), jnp.ones((2, 3))
+    for name in LOSS_NORMALIZATIONS:
+        num, den = loss_sum_and_count(nll, weights, normalization=name, micro_batch_size=1)
+        assert float(num / den) == 1.0
+    with pytest.raises(ValueError, match="global_token_mean or microbatch_mean"):
+        loss_sum_and_count(nll, weights, normalization="mean", micro_batch_size=1)
+    roles, tokens = np.array([1, 2, 2]), np.array([5, 6, 7])
+    assert loss_mask(roles, tokens, None, LOSS_MODES[0]).tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        loss_mask(roles, tokens, None, LOSS_MODES[1])

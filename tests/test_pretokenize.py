@@ -20,8 +20,9 @@ from ml_collections import ConfigDict
 from oasst_jax import pretokenize as pt
 from oasst_jax.chatml import assistant_token_count, encode_turns
 from oasst_jax.data import megatron, shards
-from oasst_jax.data.conversation import DataError, Sample, Turn
+from oasst_jax.data.conversation import Sample
 from oasst_jax.data.sources import load_dataset
+from oasst_jax.text import DataError, Turn
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
 
 SAMPLE_CONFIG = "configs/data/sample.py"

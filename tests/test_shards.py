@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oasst_jax.data import megatron, shards
-from oasst_jax.data.conversation import DataError
+from oasst_jax.text import DataError
 from oasst_jax.tokenizer import Tokenizer
 
 

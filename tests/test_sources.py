@@ -19,8 +19,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from oasst_jax.data.conversation import ROLES, DataError, Turn
-from oasst_jax.data.readers import iter_tar_jsonl
 from oasst_jax.data.sources import (
     LOADERS,
     OPTIONS,
@@ -28,6 +26,8 @@ from oasst_jax.data.sources import (
     clean_context,
     load_dataset,
 )
+from oasst_jax.readers import iter_tar_jsonl
+from oasst_jax.text import ROLES, DataError, Turn
 
 DATA = Path(__file__).parent / "data"
 CARD_LANGS = "bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk"

@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 
-from oasst_jax.data.conversation import DataError
+from oasst_jax.text import DataError
 from oasst_jax.tokenizer import Tokenizer, iter_corpus_text, train_sentencepiece
 
 

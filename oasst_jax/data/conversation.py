@@ -1,8 +1,8 @@
 """The conversation types every dataset loader returns.
 
 A loader turns one upstream dataset into a list of :class:`Sample` (a conversation of
-role-tagged turns) plus a counter of the records it skipped and why, so the
-pretokenizer can report drops instead of crashing on bad input.
+role-tagged turns, :class:`oasst_jax.text.Turn`) plus a counter of the records it skipped
+and why, so the pretokenizer can report drops instead of crashing on bad input.
 """
 
 from __future__ import annotations
@@ -10,28 +10,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-# Role id == index; the pretokenizer stores these ids per token (upstream
-# ``pretokenize.py``: system 0, user 1, assistant 2, context 3).
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "context")
-
-
-class DataError(ValueError):
-    """A user-facing input error (missing file, unknown dataset, unsafe archive member).
-
-    The message is one line naming the offending file, field or value.
-    """
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One turn of a conversation; ``role`` is one of :data:`ROLES`."""
-
-    role: str
-    text: str
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown role {self.role!r}; expected one of {ROLES}")
+from oasst_jax.text import Turn
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from oasst_jax.data import shards
-from oasst_jax.data.conversation import DataError
+from oasst_jax.text import DataError
 
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -35,8 +35,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
-from oasst_jax.data.readers import iter_jsonl_input, record_limit, require_path
+from oasst_jax.data.conversation import LoadResult, Sample
+from oasst_jax.readers import iter_jsonl_input, record_limit, require_path
+from oasst_jax.text import DataError, Turn
 
 NAME = "oasst_export"
 ROLE_MAP = {"prompter": "user", "assistant": "assistant"}

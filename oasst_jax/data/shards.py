@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax.data.conversation import DataError
+from oasst_jax.text import DataError
 
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.bin"

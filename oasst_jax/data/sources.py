@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax.data.conversation import DataError, LoadResult, Sample, Turn
+from oasst_jax.data.conversation import LoadResult, Sample
 from oasst_jax.data.oasst_export import load_oasst_export
-from oasst_jax.data.readers import read_records, record_limit, require_path
+from oasst_jax.readers import read_records, record_limit, require_path
+from oasst_jax.text import DataError, Turn
 
 # Upstream ``INSTRUCTION_DATASETS`` column names (role -> column).
 INSTRUCTION_COLUMNS: dict[str, dict[str, str]] = {

@@ -1,5 +1,5 @@
-"""File-format readers shared by the dataset loaders: JSON, JSON lines (optionally gzip),
-parquet, and JSON lines inside a tar.gz.
+"""File-format readers shared by the dataset loaders (:mod:`oasst_jax.data`) and the
+tokenizer trainer: JSON, JSON lines (optionally gzip), parquet, and JSON lines inside a tar.gz.
 
 The upstream datasets ship in several formats (Hugging Face hub files are .json, .jsonl
 or .parquet; the Open-Assistant export is a .jsonl.gz, possibly inside a tar.gz).  These
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from oasst_jax.data.conversation import DataError
+from oasst_jax.text import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_RECORD_BYTES = 16 * 2**20
