@@ -89,7 +89,7 @@ def _rss_anon_gib() -> float:
 def measure(direction: str, src: str, dst: str, max_shard_size: str) -> dict:
     """Run one direction in this process; peak RssAnon is sampled by a thread."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from oasst_jax import convert
+    from oasst_jax.hf import convert
 
     peak = [0.0]
 

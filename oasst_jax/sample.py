@@ -50,8 +50,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import checkpoint, decode, files, sharding
+from oasst_jax import decode, files, sharding
 from oasst_jax.chatml import prompt_ids
+from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 from oasst_jax.train_step import param_shardings
@@ -75,28 +76,14 @@ def load_params(
     Params are cast to the compute dtype (``dtype``, default the checkpoint's):
     fp32 master weights are a training concern and would double inference memory.
     """
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from oasst_jax import convert  # numpy/safetensors only; keeps the orbax path light
-
-        hf = convert.read_hf_config(path)
-        where = os.path.join(path, convert.CONFIG_FILE)
-        host, cfg, _ = convert.load_hf(path, dtype=dtype or convert.hf_dtype(hf, where))
-    else:
-        cfg = checkpoint.load_model_config(path, step)
-        cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
-        host = None
-    cfg = decode.inference_config(cfg)
+    cfg = decode.inference_config(source_config(path, step, dtype))
     boxed = abstract_params(Llama(cfg))
-    shardings = param_shardings(mesh, boxed)
-    if host is not None:
-        params = jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.dtype), s), host, shardings)
-        return params, cfg
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.meta.unbox(boxed),
-        shardings,
+        param_shardings(mesh, boxed),
     )
-    return checkpoint.load_weights(path, target, step), cfg
+    return load_start_params(path, cfg, target, step=step), cfg
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
@@ -302,7 +289,7 @@ def run(args: argparse.Namespace) -> None:
     sp = decode.SamplingParams(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
     )
-    mesh = sharding.make_mesh({"tensor": args.tensor}, jax.devices()[: args.tensor])
+    mesh = sharding.make_mesh({sharding.TENSOR: args.tensor}, jax.devices()[: args.tensor])
     params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
     tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
     tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)

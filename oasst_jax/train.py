@@ -22,6 +22,8 @@ from oasst_jax import chatml, checkpoint, distributed, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import pipeline, shards
+from oasst_jax.hf.config import is_hf_dir
+from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
@@ -116,36 +118,11 @@ def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dic
     return out
 
 
-def load_start_params(cfg, model_cfg: LlamaConfig, abstract: Any) -> Any:
-    """Weights from ``cfg.load``: an orbax checkpoint root or a Hugging Face directory."""
-    if _is_hf_dir(cfg.load):
-        from oasst_jax.convert import load_hf
-
-        params, hf_cfg, _ = load_hf(cfg.load)
-        where = f"load={cfg.load}"
-        if hf_cfg.vocab_size + 2 == model_cfg.vocab_size:
-            raise ValueError(
-                f"{where} has the base vocabulary ({hf_cfg.vocab_size}); import it with "
-                "`python -m oasst_jax.convert hf-to-orbax --add-chatml-tokens` first"
-            )
-        checkpoint.check_same_shape(hf_cfg, model_cfg, where)
-        checkpoint.check_shapes(abstract, params, where)
-        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
-    checkpoint.check_same_shape(
-        checkpoint.load_model_config(cfg.load), model_cfg, f"load={cfg.load}"
-    )
-    return checkpoint.load_weights(cfg.load, abstract)
-
-
-def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
-
-
 def resolve_model_config(cfg) -> LlamaConfig:
     """The config's model, or with ``use_checkpoint_args`` the shape stored with the orbax
     checkpoint in ``load`` (numerics and attention choices stay the run's own)."""
     model_cfg = model_config(cfg)
-    if not (cfg.use_checkpoint_args and cfg.load) or _is_hf_dir(cfg.load):
+    if not (cfg.use_checkpoint_args and cfg.load) or is_hf_dir(cfg.load):
         return model_cfg
     stored = checkpoint.load_model_config(cfg.load)
     keep = ("dtype", "remat_policy", "attention_impl", "attention_backend", "attention_dropout")
@@ -185,7 +162,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             data_state = meta.get("data_iterator")
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
         elif cfg.load:
-            params = load_start_params(cfg, model_cfg, trainer.abstract_state["params"])
+            params = load_start_params(
+                cfg.load, model_cfg, trainer.abstract_state["params"], where=f"load={cfg.load}"
+            )
             state = trainer.init_from_params(params)
             _log(f"loaded weights from {cfg.load} (fresh optimizer, step 0)")
         else:

@@ -1,4 +1,5 @@
-"""Export to Hugging Face: tokenizer files + chat template reproduce oasst_jax's chatml ids."""
+"""``oasst_jax.hf.tokenizer``: exported tokenizer files + chat template reproduce
+oasst_jax's chatml ids."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flax import linen as nn
 
 from oasst_jax import checkpoint, convert, decode, sample
 from oasst_jax.chatml import prompt_ids
-from oasst_jax.hf_tokenizer import TOKENIZER_FILES, write_hf_tokenizer
+from oasst_jax.hf.tokenizer import TOKENIZER_FILES, write_hf_tokenizer
 from oasst_jax.model import Llama
 from oasst_jax.sharding import make_mesh
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab

@@ -17,8 +17,9 @@ import transformers
 from conftest import tiny_hf_llama, tiny_llama
 from flax import linen as nn
 
-from oasst_jax import checkpoint, convert, decode, sample
+from oasst_jax import checkpoint, decode, sample
 from oasst_jax.chatml import prompt_ids
+from oasst_jax.hf.load import load_hf
 from oasst_jax.model import Llama, LlamaConfig
 from oasst_jax.sharding import make_mesh, tree_shardings
 from oasst_jax.tokenizer import Tokenizer
@@ -100,7 +101,7 @@ def _hf_model(path) -> str:
 
 def test_greedy_equals_transformers_generate(tmp_path):
     hf_dir = _hf_model(tmp_path / "hf")
-    params, cfg, _ = convert.load_hf(hf_dir, dtype="float32")
+    params, cfg, _ = load_hf(hf_dir, dtype="float32")
     prompts = _prompts((7, 4), vocab=300)
     ours = decode.generate(params, cfg, prompts, GREEDY, stop_ids=(2,)).ids
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)

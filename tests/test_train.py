@@ -497,7 +497,8 @@ def test_samples_in_batch_counts_segments():
 
 
 def test_finetune_from_hugging_face_directory(sample_data, tmp_path):
-    from oasst_jax import checkpoint, convert
+    from oasst_jax import checkpoint
+    from oasst_jax.hf import convert
 
     base = _tiny_cfg(sample_data, tmp_path / "base", train_iters=1, eval_interval=0)
     run(base)
