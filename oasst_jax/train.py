@@ -21,7 +21,7 @@ import numpy as np
 from oasst_jax import chatml, checkpoint, distributed, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
-from oasst_jax.data import pipeline, shards
+from oasst_jax.data import outputs, pipeline
 from oasst_jax.hf.config import is_hf_dir
 from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
@@ -61,7 +61,7 @@ def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
     """``{data_path}/{data_prefix}-{split}``: our shards, or Megatron ``-text``/``-role``
     indexed datasets (upstream's pretokenizer output) when that is what exists;
     missing, unfinished or empty: a one-line error."""
-    return shards.open_source(cfg.data_path, cfg.data_prefix, split)
+    return outputs.open_source(cfg.data_path, cfg.data_prefix, split)
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
@@ -82,7 +82,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> To
             )
     splits = ("train", "val") if cfg.eval_iters and cfg.eval_interval else ("train",)
     for split in splits:
-        shards.check_source(cfg.data_path, cfg.data_prefix, split, model_cfg.vocab_size, tok)
+        outputs.check_source(cfg.data_path, cfg.data_prefix, split, model_cfg.vocab_size, tok)
     return tok
 
 

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from oasst_jax.data import megatron, shards
+from oasst_jax.data import megatron, outputs, shards
 from oasst_jax.text import DataError
 from oasst_jax.tokenizer import Tokenizer
 
@@ -264,26 +264,26 @@ def test_upstream_written_split_is_read(tmp_path):
         megatron.write_index(
             tmp_path / f"up-val-{feature}.idx", np.dtype(dtype), [len(s[0]) for s in samples], [0]
         )
-    src = shards.open_source(tmp_path, "up", "val")
+    src = outputs.open_source(tmp_path, "up", "val")
     assert isinstance(src, megatron.MegatronDataSource) and src.metadata is None
     for i, (tokens, roles) in enumerate(samples):
         np.testing.assert_array_equal(src[i]["tokens"], tokens)
         np.testing.assert_array_equal(src[i]["roles"], roles)
     top = int(max(s[0].max() for s in samples if len(s[0])))
-    shards.check_source(tmp_path, "up", "val", vocab_size=top + 1)
+    outputs.check_source(tmp_path, "up", "val", vocab_size=top + 1)
     with pytest.raises(DataError, match=f"token id {top} but the model has only {top} ids"):
-        shards.check_source(tmp_path, "up", "val", vocab_size=top)
+        outputs.check_source(tmp_path, "up", "val", vocab_size=top)
 
 
 def test_open_source_prefers_shards_and_names_missing_splits(tmp_path):
     samples = _samples(3)
     _mega(tmp_path / "p-train", samples)
-    assert shards.split_format(tmp_path, "p", "train") == "megatron"
+    assert outputs.split_format(tmp_path, "p", "train") == "megatron"
     _write(tmp_path / "p-train", samples[:2])
-    assert shards.split_format(tmp_path, "p", "train") == "oasst_jax"
-    assert len(shards.open_source(tmp_path, "p", "train")) == 2
+    assert outputs.split_format(tmp_path, "p", "train") == "oasst_jax"
+    assert len(outputs.open_source(tmp_path, "p", "train")) == 2
     with pytest.raises(DataError, match="p-val has no metadata.json and no Megatron files") as err:
-        shards.open_source(tmp_path, "p", "val")
+        outputs.open_source(tmp_path, "p", "val")
     assert "\n" not in str(err.value)
 
 
@@ -328,13 +328,13 @@ def test_megatron_split_tokenizer_checks(tmp_path, sp_model_path):
     tok = Tokenizer(sp_model_path)
     mega_tok = Tokenizer(sp_model_path, megatron_new_tokens=True)
     _mega(tmp_path / "p-train", _samples(2), meta={"tokenizer": shards.tokenizer_identity(tok)})
-    shards.check_source(tmp_path, "p", "train", vocab_size=tok.vocab_size, tokenizer=tok)
+    outputs.check_source(tmp_path, "p", "train", vocab_size=tok.vocab_size, tokenizer=tok)
     with pytest.raises(DataError, match="another tokenizer"):
-        shards.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
+        outputs.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
     (tmp_path / "p-train-metadata.json").unlink()  # as upstream's tool leaves it
     megatron.write_special_tokens(tmp_path, mega_tok)
     assert (tmp_path / "special_tokens.json").read_text() == json.dumps(mega_tok.special_tokens())
-    shards.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
+    outputs.check_source(tmp_path, "p", "train", mega_tok.vocab_size, mega_tok)
     with pytest.raises(DataError, match="other special-token ids") as err:
-        shards.check_source(tmp_path, "p", "train", tok.vocab_size, tok)
+        outputs.check_source(tmp_path, "p", "train", tok.vocab_size, tok)
     assert "\n" not in str(err.value)

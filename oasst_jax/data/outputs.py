@@ -1,4 +1,5 @@
-"""What a pretokenizer run writes per split, in the formats its config asks for.
+"""What a pretokenizer run writes per split, in the formats its config asks for, and how a
+run reads a split back in whichever format it finds.
 
 ``output_format`` (``oasst_jax`` | ``megatron`` | ``both``):
 
@@ -15,6 +16,11 @@ Every file is written under a hidden temporary name and renamed into place once 
 so none is ever seen half-written; the run's ``metadata.json`` (removed before the first
 rename, written after the last) says that the set is complete.  Outputs of this prefix in a
 format the run does not write are removed, so a directory never mixes two runs' splits.
+
+A run reads a split back with :func:`open_source` / :func:`check_source`, which take our
+shards when ``{prefix}-{split}/metadata.json`` exists and otherwise the Megatron pair
+beside it (written by upstream's pretokenizer or ours), so data prepared for Megatron-LLM
+trains as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 
 from oasst_jax import files
 from oasst_jax.data import megatron, shards
+from oasst_jax.text import DataError
 
 OUTPUT_FORMATS = ("oasst_jax", "megatron", "both")
 
@@ -169,3 +176,40 @@ def compress(output_dir: str | os.PathLike) -> Path:
     with files.atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(directory, arcname=arcname, filter=keep)
     return archive
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def split_format(data_path: str | os.PathLike, prefix: str, split: str) -> str:
+    """``"oasst_jax"`` (our shards) or ``"megatron"``, by the files that exist; a one-line
+    DataError when neither is there."""
+    shard_dir = shards.split_path(data_path, prefix, split)
+    if (shard_dir / shards.METADATA_FILE).is_file():
+        return "oasst_jax"
+    if megatron.exists(megatron.split_prefix(data_path, prefix, split)):
+        return "megatron"
+    raise DataError(
+        f"{shard_dir} has no {shards.METADATA_FILE} and no Megatron files ({shard_dir.name}"
+        "-text.bin/.idx, -role.bin/.idx) are beside it: not a finished pretokenizer output"
+    )
+
+
+def open_source(data_path: str | os.PathLike, prefix: str, split: str) -> Any:
+    """``{data_path}/{prefix}-{split}`` as a grain data source in whichever format it is:
+    :class:`~oasst_jax.data.shards.ShardDataSource` or
+    :class:`~oasst_jax.data.megatron.MegatronDataSource`."""
+    if split_format(data_path, prefix, split) == "oasst_jax":
+        return shards.ShardDataSource(shards.split_path(data_path, prefix, split))
+    return megatron.MegatronDataSource(megatron.split_prefix(data_path, prefix, split))
+
+
+def check_source(
+    data_path: str | os.PathLike, prefix: str, split: str, vocab_size: int, tokenizer: Any = None
+) -> None:
+    """:func:`shards.check_split <oasst_jax.data.shards.check_split>` or
+    :func:`megatron.check_split <oasst_jax.data.megatron.check_split>`, by format."""
+    if split_format(data_path, prefix, split) == "oasst_jax":
+        shards.check_split(shards.split_path(data_path, prefix, split), vocab_size, tokenizer)
+    else:
+        megatron.check_split(megatron.split_prefix(data_path, prefix, split), vocab_size, tokenizer)

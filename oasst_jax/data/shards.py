@@ -10,10 +10,8 @@ One split is a directory ``{output_dir}/{prefix}-{split}`` holding
   identity, the config.  Each split carries its own, so what a run reads is checked
   against the split itself, never against whatever ran last in the same directory.
 
-A run reads a split through :func:`open_source` / :func:`check_source`, which take these
-shards when the directory holds ``metadata.json`` and otherwise a Megatron indexed-dataset
-pair ``{prefix}-{split}-text/-role`` beside it (:mod:`oasst_jax.data.megatron`, written by
-upstream's pretokenizer or ours), so data prepared for Megatron-LLM trains as it is.
+A run reads a split through :func:`oasst_jax.data.outputs.open_source`, which takes these
+shards or the Megatron files beside them, whichever exist.
 
 Raw little-endian arrays read with ``np.memmap``: nothing is unpickled and nothing is loaded
 into memory until a sample is read. A split directory only exists once complete: the
@@ -311,44 +309,3 @@ def _memmap(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if count == 0:  # mmap cannot map an empty file
         return np.zeros(0, dtype=dtype)
     return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
-
-
-# ----------------------------------------------------------------------------- either format
-
-
-def split_format(data_path: str | os.PathLike, prefix: str, split: str) -> str:
-    """``"oasst_jax"`` (these shards) or ``"megatron"``, by the files that exist; a
-    one-line DataError when neither is there."""
-    from oasst_jax.data import megatron  # megatron.py builds on this module
-
-    shard_dir = split_path(data_path, prefix, split)
-    if (shard_dir / METADATA_FILE).is_file():
-        return "oasst_jax"
-    if megatron.exists(megatron.split_prefix(data_path, prefix, split)):
-        return "megatron"
-    raise DataError(
-        f"{shard_dir} has no {METADATA_FILE} and no Megatron files ({shard_dir.name}-text"
-        ".bin/.idx, -role.bin/.idx) are beside it: not a finished pretokenizer output"
-    )
-
-
-def open_source(data_path: str | os.PathLike, prefix: str, split: str) -> Any:
-    """``{data_path}/{prefix}-{split}`` as a grain data source in whichever format it is:
-    :class:`ShardDataSource` or :class:`~oasst_jax.data.megatron.MegatronDataSource`."""
-    from oasst_jax.data import megatron
-
-    if split_format(data_path, prefix, split) == "oasst_jax":
-        return ShardDataSource(split_path(data_path, prefix, split))
-    return megatron.MegatronDataSource(megatron.split_prefix(data_path, prefix, split))
-
-
-def check_source(
-    data_path: str | os.PathLike, prefix: str, split: str, vocab_size: int, tokenizer: Any = None
-) -> None:
-    """:func:`check_split` or :func:`~oasst_jax.data.megatron.check_split`, by format."""
-    from oasst_jax.data import megatron
-
-    if split_format(data_path, prefix, split) == "oasst_jax":
-        check_split(split_path(data_path, prefix, split), vocab_size, tokenizer)
-    else:
-        megatron.check_split(megatron.split_prefix(data_path, prefix, split), vocab_size, tokenizer)

@@ -1,0 +1,108 @@
+"""Arrows go one way: the package's import graph (read from the source, imports inside
+functions included) has no cycle, and the layers import only what lies below them."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = Path(REPO) / "oasst_jax"
+TEXT_LAYER = ("oasst_jax.text", "oasst_jax.readers", "oasst_jax.tokenizer", "oasst_jax.chatml")
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _module(name: str) -> str:
+    """The module a dotted import name lands in (``pkg.mod.attr`` -> ``pkg.mod``)."""
+    while name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _imports(path: Path) -> set[str]:
+    """The package's modules that ``path`` imports, anywhere in the file."""
+    me = _name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {_module(a.name) for a in node.names if a.name.startswith("oasst_jax")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if base.split(".")[0] == "oasst_jax":
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    out.add(sub if sub in MODULES else _module(base))
+    out.discard(me)
+    return out
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _cycle() -> list[str]:
+    """One import cycle (``[a, b, ..., a]``), or ``[]``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(GRAPH[m]):
+            if state.get(n) == 1:
+                return [*path[path.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return []
+
+    for m in sorted(GRAPH):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_graph_is_read():
+    assert GRAPH["oasst_jax.chatml"] >= {"oasst_jax.tokenizer", "oasst_jax.text"}
+    assert "oasst_jax.data.shards" in GRAPH["oasst_jax.data.megatron"]
+
+
+def test_no_import_cycle():
+    assert _cycle() == [], " -> ".join(_cycle())
+
+
+def test_text_is_a_leaf():
+    assert GRAPH["oasst_jax.text"] == set()
+
+
+def test_text_layer_does_not_depend_on_data():
+    """tokenizer/chatml (and the leaves under them) know nothing of the dataset loaders."""
+    bad = {m: sorted(GRAPH[m] - set(TEXT_LAYER)) for m in TEXT_LAYER}
+    assert {m: deps for m, deps in bad.items() if deps} == {}
+
+
+def test_data_knows_nothing_of_the_model():
+    """data/ builds on the text layer and the file helpers only (no model, jax or CLI)."""
+    allowed = {"oasst_jax.text", "oasst_jax.readers", "oasst_jax.files"}
+    data = [m for m in GRAPH if m.startswith("oasst_jax.data")]
+    bad = {m: sorted(d for d in GRAPH[m] if not d.startswith("oasst_jax.data")) for m in data}
+    assert {m: deps for m, deps in bad.items() if set(deps) - allowed} == {}
+
+
+def test_loading_a_config_imports_no_sentencepiece():
+    code = "import sys, oasst_jax.config; print([m for m in sys.modules if 'sentencepiece' in m])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
