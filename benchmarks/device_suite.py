@@ -71,7 +71,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -262,6 +261,17 @@ def child_env(smoke: bool, section: str) -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the worker, before exec (Linux): SIGKILL when the orchestrator dies, however it
+    dies (the device call's timeout), so no worker is left holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(job: dict, deadline: float, kill_at: float, smoke: bool) -> tuple[list, dict | None]:
     """Run one job in a worker process; ``(records, env record)``.  Units the worker never
     recorded (it crashed or was killed) come back as failed records."""
@@ -272,12 +282,13 @@ def run_job(job: dict, deadline: float, kill_at: float, smoke: bool) -> tuple[li
         with open(job_path, "w") as f:
             json.dump(job, f)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", job_path]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(smoke, job["section"]),
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=child_env(smoke, job["section"]), preexec_fn=_die_with_parent
+        )
         try:
             rc, why = proc.wait(timeout=max(1.0, kill_at - time.time())), ""
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             late = kill_at - deadline
             rc, why = proc.wait(), f"worker killed, still busy {late:.0f} s past the deadline"
         records = []
