@@ -31,8 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     # data
     c.data_path = ""  # a pretokenizer output_dir
     c.data_prefix = ""  # its filename_prefix ({prefix}-train, {prefix}-val)
-    c.tokenizer_path = ""  # if set, shards made with another tokenizer are refused
-    c.megatron_new_tokens = False  # tokenizer id layout of Megatron-LLM without --no_new_tokens
+    # "": the tokenizer the train split's metadata records (path and id layout), when that
+    # file is still there unchanged; set: this one, and shards of another are refused
+    c.tokenizer_path = ""
+    c.megatron_new_tokens = False  # with tokenizer_path: Megatron-LLM's 32007-id layout
     c.packing = True  # False = one right-padded sample per row (Megatron-exact)
     c.loss_on = "assistant_turn"  # or "assistant_answer"
     c.loss_normalization = "global_token_mean"  # or "microbatch_mean" (Megatron-exact)
@@ -185,10 +187,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"loss_normalization={cfg.loss_normalization!r} not in {LOSS_NORMALIZATIONS}",
     )
     need(cfg.loss_on in LOSS_MODES, f"loss_on={cfg.loss_on!r} not in {LOSS_MODES}")
-    need(
-        cfg.loss_on == "assistant_turn" or bool(cfg.tokenizer_path),
-        f"loss_on={cfg.loss_on!r} needs tokenizer_path (to find the assistant headers)",
-    )
     need(cfg.nonfinite in ("skip", "halt"), f"nonfinite={cfg.nonfinite!r} not in (skip, halt)")
     need(
         cfg.nonfinite_max_consecutive >= 1,

@@ -65,25 +65,56 @@ def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
-    """The run's tokenizer (None without ``tokenizer_path``), checked once against the
-    model's vocabulary.  Every split the run reads (train, and val when evaluating) is
-    checked with or without one: not empty, every token id below ``model.vocab_size``,
-    and made with this tokenizer (each split's own metadata, not the output directory's,
-    which only describes the last pretokenize run into it; a Megatron-format split made by
-    upstream's tool, which records no fingerprint, is checked against the directory's
-    ``special_tokens.json`` and a pass over its token ids)."""
-    tok = None
+    """The run's tokenizer, checked once against the model's vocabulary: ``tokenizer_path``
+    (in the ``megatron_new_tokens`` layout) when set, else the one the train split's
+    metadata records (path, relative to where pretokenize ran, and layout) when that file
+    is still there with the recorded sha256; else None, which only ``loss_on=
+    "assistant_turn"`` trains without.  Every split the run reads (train, and val when
+    evaluating) is checked with or without one: not empty, every token id below
+    ``model.vocab_size``, and made with this tokenizer (each split's own metadata, not the
+    output directory's, which only describes the last pretokenize run into it; a
+    Megatron-format split made by upstream's tool, which records no fingerprint, is checked
+    against the directory's ``special_tokens.json`` and a pass over its token ids)."""
     if cfg.tokenizer_path:
-        tok = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens)
-        if tok.vocab_size != model_cfg.vocab_size:
-            raise ValueError(
-                f"tokenizer {cfg.tokenizer_path} has {tok.vocab_size} ids but "
-                f"model.vocab_size={model_cfg.vocab_size}"
-            )
+        tok, why = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens), ""
+    else:
+        tok, why = _recorded_tokenizer(cfg)
+    if tok is not None and tok.vocab_size != model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.model_path} has {tok.vocab_size} ids but "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
     splits = ("train", "val") if cfg.eval_iters and cfg.eval_interval else ("train",)
     for split in splits:
         outputs.check_source(cfg.data_path, cfg.data_prefix, split, model_cfg.vocab_size, tok)
+    if tok is None and cfg.loss_on != "assistant_turn":
+        raise ValueError(
+            f"loss_on={cfg.loss_on!r} needs the tokenizer (to find the assistant headers) and "
+            f"{why}: set tokenizer_path"
+        )
+    if tok is None and why != _NONE_RECORDED:
+        _log(f"warning: {why}; the splits are checked without a tokenizer (tokenizer_path)")
     return tok
+
+
+_NONE_RECORDED = "the train split records no tokenizer"
+
+
+def _recorded_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Tokenizer | None, str]:
+    """The tokenizer the train split's metadata records, or None and why not."""
+    made = outputs.recorded_tokenizer(cfg.data_path, cfg.data_prefix, "train")
+    if made is None:
+        return None, _NONE_RECORDED
+    path = made["model_path"]
+    if not os.path.isfile(path):
+        return None, f"the tokenizer the train split records, {path}, is not there"
+    tok = Tokenizer(path, megatron_new_tokens=bool(made.get("megatron_new_tokens")))
+    if tok.sha256 != made["sha256"]:
+        return None, (
+            f"the tokenizer the train split records, {path}, has changed since (sha256 "
+            f"{tok.sha256[:12]}, recorded {made['sha256'][:12]})"
+        )
+    return tok, ""
 
 
 def make_iterator(cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -309,11 +310,11 @@ def _snapshot(root):
     return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def _train_cfg(tmp_path, prefix, tokenizer_path="", evaluate=True):
+def _train_cfg(tmp_path, prefix, tokenizer_path="", evaluate=True, loss_on="assistant_turn"):
     return ConfigDict(
         dict(tokenizer_path=str(tokenizer_path), megatron_new_tokens=False,
              data_path=str(tmp_path / "out"), data_prefix=prefix,
-             eval_iters=2 if evaluate else 0, eval_interval=10)
+             eval_iters=2 if evaluate else 0, eval_interval=10, loss_on=loss_on)
     )  # fmt: skip
 
 
@@ -348,16 +349,26 @@ def test_trainer_checks_the_tokenizer_of_the_splits_it_reads(
         load_tokenizer(_train_cfg(tmp_path, "q", sp_model_path), model)
 
 
-def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(tmp_path, sp_model_path):
+def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(
+    tmp_path, sp_model_path, capsys
+):
+    """The tokenizer the split records is gone: the run goes on without one (a warning)."""
     from oasst_jax.train import load_tokenizer, open_split
 
-    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(_megacode_file(tmp_path)),
-                                                        "val_split": 0.0})  # fmt: skip
+    gone = tmp_path / "gone.model"
+    shutil.copy(sp_model_path, gone)
+    cfg = _config(tmp_path, gone, megacode2={"path": str(_megacode_file(tmp_path)),
+                                               "val_split": 0.0})  # fmt: skip
     pt.run(cfg)
+    gone.unlink()
+    capsys.readouterr()
     top = json.loads((tmp_path / "out" / "p-train" / "metadata.json").read_text())["max_token_id"]
     assert top == Tokenizer(sp_model_path).im_end_id  # the tokenizer's largest id
     train_only = _train_cfg(tmp_path, "p", evaluate=False)
     assert load_tokenizer(train_only, types.SimpleNamespace(vocab_size=top + 1)) is None
+    assert f"warning: the tokenizer the train split records, {gone}, is not there" in (
+        capsys.readouterr().out
+    )
     with pytest.raises(DataError, match=f"token id {top} but the model has only {top} ids"):
         load_tokenizer(train_only, types.SimpleNamespace(vocab_size=top))
     # val_split=0: the val split is empty, fine until the run evaluates on it
@@ -366,6 +377,41 @@ def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(tmp_path
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="p-val is an empty split"):
         open_split(_train_cfg(tmp_path, "p"), "val")
+
+
+@pytest.mark.parametrize("output_format", ["oasst_jax", "megatron"])
+def test_trainer_takes_the_tokenizer_the_train_split_records(
+    tmp_path, sp_model_path, other_sp_model_path, output_format
+):
+    """``tokenizer_path`` empty: the train split's metadata names the tokenizer (path and id
+    layout, in either output format), used while that file has the recorded sha256; set:
+    an override, checked against the split.  No usable tokenizer fails ``assistant_answer``
+    only."""
+    from oasst_jax.train import load_tokenizer
+
+    model_file = tmp_path / "tok.model"
+    shutil.copy(sp_model_path, model_file)
+    cfg = _config(tmp_path, model_file, megacode2={"path": str(_megacode_file(tmp_path)),
+                                                     "val_split": 0.2})  # fmt: skip
+    cfg.megatron_new_tokens, cfg.output_format = True, output_format
+    pt.run(cfg)
+    made = Tokenizer(model_file, megatron_new_tokens=True)
+    model = types.SimpleNamespace(vocab_size=made.vocab_size)
+    for loss_on in ("assistant_turn", "assistant_answer"):
+        tok = load_tokenizer(_train_cfg(tmp_path, "p", loss_on=loss_on), model)
+        assert (tok.model_path, tok.sha256) == (str(model_file), made.sha256)
+        assert tok.megatron_new_tokens  # the recorded layout; the train config's is unset
+    override = _train_cfg(tmp_path, "p", model_file)
+    override.megatron_new_tokens = True
+    assert load_tokenizer(override, model).sha256 == made.sha256
+    override.tokenizer_path = str(other_sp_model_path)  # same vocabulary size
+    with pytest.raises(DataError, match="p-train was pretokenized with another tokenizer"):
+        load_tokenizer(override, model)
+    shutil.copy(other_sp_model_path, model_file)  # the recorded file, now another model
+    assert load_tokenizer(_train_cfg(tmp_path, "p"), model) is None
+    with pytest.raises(ValueError, match="needs the tokenizer .* has changed since") as err:
+        load_tokenizer(_train_cfg(tmp_path, "p", loss_on="assistant_answer"), model)
+    assert "set tokenizer_path" in str(err.value) and "\n" not in str(err.value)
 
 
 def _bad_rows_file(tmp_path):

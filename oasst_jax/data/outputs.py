@@ -213,3 +213,14 @@ def check_source(
         shards.check_split(shards.split_path(data_path, prefix, split), vocab_size, tokenizer)
     else:
         megatron.check_split(megatron.split_prefix(data_path, prefix, split), vocab_size, tokenizer)
+
+
+def recorded_tokenizer(data_path: str | os.PathLike, prefix: str, split: str) -> dict | None:
+    """What the split's metadata records about the tokenizer it was made with
+    (:func:`~oasst_jax.data.shards.tokenizer_identity`: ``model_path``, ``sha256``,
+    ``megatron_new_tokens``, ...), or ``None`` for a Megatron split made by upstream's tool."""
+    if split_format(data_path, prefix, split) == "oasst_jax":
+        meta = shards.read_metadata(shards.split_path(data_path, prefix, split))
+    else:
+        meta = megatron.read_metadata(megatron.split_prefix(data_path, prefix, split))
+    return (meta or {}).get("tokenizer") or None
