@@ -30,8 +30,8 @@ Every section runs in its own worker process (each train config too, on a device
 allocator's peak cannot be reset within a process), so a crash, an out-of-memory or a
 hang costs one unit, not the run.  ``--budget-s`` is shared out over the sections by
 weight (time a section leaves is passed on); past its share a section starts nothing new,
-and a worker still busy ``GRACE_S`` later is killed.  The whole run ends within about
-``budget + GRACE_S + 30`` seconds.
+and a worker still busy ``GRACE_S`` (45 s) later is killed.  The planner check always
+gets 30 s (+15 s grace), so a run ends by ``budget + 90`` s at worst.
 
 On a lent H200 the device machine has jax 0.11 + CUDA 13, flax, optax, orbax; grain,
 ml_collections and tensorboardX travel as wheels in the git-ignored ``.whl/`` (only the
@@ -83,7 +83,8 @@ SECTIONS = ("kernels", "attention", "train", "decode", "plan")
 # Share of the remaining budget each section gets when it starts (measured guesses of need).
 WEIGHTS = {"kernels": 0.14, "attention": 0.22, "train": 0.46, "decode": 0.14, "plan": 0.04}
 MIN_SECTION_S = {"plan": 30.0}  # the planner check is cheap and the point of the train runs
-GRACE_S = 45.0  # a worker past its section's deadline by this much is killed
+GRACE_S = 45.0  # a worker past its section's deadline by this much is killed (a compile)
+PLAN_GRACE_S = 15.0  # the planner check compiles nothing
 TRAIN_GRID = [  # priority order: the budget cuts from the end
     ["pallas", "selective"],
     ["cudnn", "selective"],
@@ -300,6 +301,8 @@ def run_job(job: dict, deadline: float, kill_at: float, smoke: bool) -> tuple[li
                     except json.JSONDecodeError:
                         pass  # a line cut off by the kill
     env = next((r for r in records if r.get("unit") == "__env__"), None)
+    if env:
+        env = {k: v for k, v in env.items() if k != "unit"}
     records = [r for r in records if r.get("unit") != "__env__"]
     seen = {r["unit"] for r in records}
     why = why or f"worker exited with status {rc} before this unit"
@@ -374,7 +377,7 @@ def orchestrate(args) -> dict:
     budget = Budget(args.budget_s, sections)
     for section in sections:
         deadline = budget.deadline(section)
-        kill_at = deadline + GRACE_S
+        kill_at = deadline + (PLAN_GRACE_S if section == "plan" else GRACE_S)
         print(f"== {section}: {deadline - time.time():.0f} s of budget", flush=True)
         durations = []
         for job in jobs_for(section, sizes[section], per_config):
