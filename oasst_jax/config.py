@@ -48,8 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_iters = 1000
     c.log_interval = 10
     c.save_interval = 500
-    c.eval_interval = 50
-    c.eval_iters = 10
+    c.eval_interval = 50  # 0 (or eval_iters=0): no evaluation
+    c.eval_iters = 10  # global batches per evaluation, from a stream that continues (Megatron)
+    c.eval_full = False  # True: every val sample once, from the start, at each evaluation
     c.exit_interval = 0
     c.keep_checkpoints = 3
     c.async_checkpointing = True

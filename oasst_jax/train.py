@@ -117,8 +117,11 @@ def _recorded_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Tokenizer | Non
     return tok, ""
 
 
-def make_iterator(cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool):
-    """The global batch stream, ``rows`` rows per batch.
+def make_iterator(
+    cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool, repeat: bool = True
+):
+    """The global batch stream, ``rows`` rows per batch (shuffled when ``train``; cycling
+    through the split when ``repeat``, else one pass that drops a last partial batch).
 
     Every process runs the same seeded pipeline over the whole split and
     :func:`to_global` hands each device only its own rows.  Why not a strided
@@ -136,7 +139,7 @@ def make_iterator(cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train
         num_packing_bins=cfg.num_packing_bins,
         num_threads=cfg.data_threads,
     )
-    return iter(pipeline.build_dataset(source, pc, loss_mask))
+    return iter(pipeline.build_dataset(source, pc, loss_mask, repeat=repeat))
 
 
 def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dict:
@@ -187,10 +190,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         # longer fits names the one that changed
         settings = {f"optim.{k}": v for k, v in cfg.optim.items()}
         restored = ckpt.restore(trainer.abstract_state, model_cfg, settings)
-        data_state = None
+        data_state = val_state = None
         if restored is not None:
             state, meta = restored
-            data_state = meta.get("data_iterator")
+            data_state, val_state = meta.get("data_iterator"), meta.get("val_iterator")
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
         elif cfg.load:
             params = load_start_params(
@@ -201,12 +204,18 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         else:
             state = trainer.init_random(jax.random.key(cfg.seed))
         b_shard = trainer.batch_sharding
-        step_fn, eval_fn = trainer.step, trainer.eval
+        step_fn = trainer.step
         train_source = open_split(cfg, "train")
         train_it = make_iterator(cfg, train_source, cfg.global_batch_size, loss_mask, train=True)
         if data_state is not None:
             train_it.set_state(data_state)
-        val_source = open_split(cfg, "val") if cfg.eval_iters and cfg.eval_interval else None
+        val = None
+        if cfg.eval_iters and cfg.eval_interval:
+            val = Validation(
+                cfg, open_split(cfg, "val"), loss_mask, trainer.eval, mesh, rows_per_micro
+            )
+            if val_state is not None:
+                val.set_state(val_state)
 
         logger = MetricsLogger(cfg.workdir)
         flops_tok = model_flops_per_token(model_cfg, cfg.seq_length)
@@ -242,18 +251,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                 if pending is not None:
                     last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
                 pending = (step, metrics, host_stats, {})
-                if (
-                    cfg.eval_interval
-                    and val_source is not None
-                    and (step % cfg.eval_interval == 0 or step == cfg.train_iters)
-                ):
-                    val = evaluate(
-                        cfg, eval_fn, state["params"], val_source, rows_per_micro, loss_mask, mesh
-                    )
-                    pending[3].update(val)
-                    _log(
-                        f"step {step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}"
-                    )
+                if val is not None and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
+                    vm = val(state["params"])
+                    pending[3].update(vm)
+                    _log(f"step {step}: val_loss {vm['val_loss']:.4f} val_ppl {vm['val_ppl']:.2f}")
                 exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
                 if (
                     (cfg.save_interval and step % cfg.save_interval == 0)
@@ -265,6 +266,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                     pending = None
                     with timer("checkpoint"):
                         meta = {"data_iterator": train_it.get_state()}
+                        if val is not None and val.get_state() is not None:
+                            meta["val_iterator"] = val.get_state()
                         _save(ckpt, step, state, meta, model_cfg, settings, guard)
                 if exiting:
                     _log(f"stopping cleanly after step {step}")
@@ -375,17 +378,87 @@ def _write(cfg, logger, step: int, m: dict, window: _Window, flops_tok: float, t
     window.reset(step)
 
 
-def evaluate(cfg, eval_fn, params, source, rows: int, loss_mask, mesh) -> dict[str, float]:
-    """Token-weighted loss over ``eval_iters`` batches from the start of the val split."""
-    it = make_iterator(cfg, source, rows, loss_mask, train=False)
-    total, count = 0.0, 0.0
-    shard = batch_sharding(mesh)
-    for _ in range(cfg.eval_iters):
-        b = to_global(_next_batch(it, _split_name(cfg, "val")), shard, (rows, cfg.seq_length))
-        s, n = eval_fn(params, b)
-        total, count = total + float(s), count + float(n)
-    loss = total / max(count, 1.0)
-    return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))}
+class Validation:
+    """Evaluation as Megatron-LLM runs it.
+
+    One evaluation is ``eval_iters`` **global** batches (``global_batch_size`` rows
+    each: the card's 10 x 64 = 640 samples), read from one validation stream that
+    persists across evaluations: each evaluation continues where the last one
+    stopped, cycling through the split in its stored order (unshuffled).  The
+    stream's position is saved with every checkpoint (``meta["val_iterator"]``), so a
+    resumed run evaluates the samples an uninterrupted one would.  Each global batch
+    is run in the train step's micro-batches (``rows_per_micro`` rows) and the loss
+    is normalised as training's (``loss_normalization``; ``microbatch_mean`` is
+    Megatron's mean over all the evaluation's micro-batches of each one's own mean).
+
+    ``eval_full``: every sample of the split exactly once instead, in order from the
+    first (the last micro-batch filled up with empty rows), the same data at every
+    evaluation, so checkpoints compare on equal terms; there is no stream to save.
+    """
+
+    def __init__(self, cfg, source, loss_mask, eval_fn, mesh, rows_per_micro: int):
+        self.cfg, self.source, self.loss_mask = cfg, source, loss_mask
+        self.eval_fn, self.rows = eval_fn, rows_per_micro
+        self.shard = batch_sharding(mesh)
+        self.name = _split_name(cfg, "val")
+        self.stream = None
+        if not cfg.eval_full:
+            self.stream = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=False)
+
+    def get_state(self) -> dict | None:
+        """The stream's position, for the checkpoint (None with ``eval_full``)."""
+        return None if self.stream is None else self.stream.get_state()
+
+    def set_state(self, state: dict) -> None:
+        """Continue the stream from a checkpoint's ``meta["val_iterator"]``."""
+        if self.stream is not None:
+            self.stream.set_state(state)
+
+    def __call__(self, params) -> dict[str, float]:
+        chunks = self._full() if self.stream is None else self._continued()
+        shape = (self.rows, self.cfg.seq_length)
+        terms = [self.eval_fn(params, to_global(c, self.shard, shape)) for c in chunks]
+        if not terms:
+            raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")
+        return eval_metrics(terms)
+
+    def _continued(self):
+        """``eval_iters`` global batches from the stream, cut into micro-batches as the
+        train step cuts its global batch."""
+        for _ in range(self.cfg.eval_iters):
+            batch = _next_batch(self.stream, self.name)
+            for i in range(0, self.cfg.global_batch_size, self.rows):
+                yield {k: batch[k][i : i + self.rows] for k in BATCH_FIELDS}
+
+    def _full(self):
+        """One pass over the split, one row at a time, in micro-batches of ``rows``."""
+        it = make_iterator(self.cfg, self.source, 1, self.loss_mask, train=False, repeat=False)
+        rows = []
+        for row in it:
+            rows.append(row)
+            if len(rows) == self.rows:
+                yield _stack_rows(rows)
+                rows = []
+        if rows:
+            empty = {k: np.zeros_like(rows[0][k]) for k in BATCH_FIELDS}  # no loss tokens
+            yield _stack_rows(rows + [empty] * (self.rows - len(rows)))
+
+
+def _stack_rows(rows: list[dict]) -> dict:
+    return {k: np.concatenate([r[k] for r in rows]) for k in BATCH_FIELDS}
+
+
+def eval_metrics(terms: list) -> dict[str, float]:
+    """``val_loss`` = sum of numerators / sum of denominators over an evaluation's
+    micro-batches (:func:`~oasst_jax.train_step.make_eval_step`'s terms), its
+    perplexity, and the loss tokens it read.  NaN when it read no loss token."""
+    num, den, tokens = np.asarray(jax.device_get(terms), np.float64).sum(axis=0)
+    loss = float(num / den) if den > 0 else float("nan")
+    return {
+        "val_loss": loss,
+        "val_ppl": float(np.exp(min(loss, 50.0))),
+        "val_loss_tokens": float(tokens),
+    }
 
 
 if __name__ == "__main__":

@@ -274,15 +274,19 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_eval_step(
-    model: Llama, pipeline_stages: int = 1, layer_specs: Any = None
-) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-    """``(params, batch [rows, length]) -> (sum of token losses, loss-token count)``.
+    model: Llama, step_cfg: StepConfig, layer_specs: Any = None
+) -> Callable[[Any, dict], tuple[jax.Array, jax.Array, jax.Array]]:
+    """``(params, batch [rows, length]) -> (numerator, denominator, loss tokens)``.
 
+    The loss terms of one micro-batch as the train step computes them (same
+    ``loss_normalization`` and ``micro_batch_size``), so an evaluation that sums
+    them over its micro-batches and divides normalises its loss as training does.
     With pipeline stages the batch goes through the schedule as one micro-batch:
     the plain scan over a stage-sharded layer stack would make XLA all-gather
     every layer onto every device (the whole model, for 70B).
     """
     cfg = model.cfg
+    pipeline_stages = step_cfg.pipeline_stages
 
     def logits_fn(params: Any, batch: dict) -> jax.Array:
         if pipeline_stages == 1:
@@ -305,10 +309,8 @@ def make_eval_step(
         return _head_logits(cfg, params, hidden_1BLD[0])
 
     def eval_fn(params: Any, batch: dict):
-        logits = logits_fn(params, batch)
-        nll = token_cross_entropy(logits, batch["targets"])
-        w = batch["weights"].astype(jnp.float32)
-        return jnp.sum(nll * w), jnp.sum(w)
+        num, (den, tokens) = _loss_terms(logits_fn(params, batch), batch, step_cfg)
+        return num, den, tokens
 
     return eval_fn
 
@@ -324,7 +326,7 @@ class CompiledTrainer:
     init_random: Callable[[jax.Array], dict]  # PRNG key -> fresh state
     init_from_params: Callable[[Any], dict]  # loaded weights -> fresh optimizer, step 0
     step: Callable[[dict, dict], tuple[dict, dict]]
-    eval: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+    eval: Callable[[Any, dict], tuple[jax.Array, jax.Array, jax.Array]]  # make_eval_step
 
 
 def build_trainer(
@@ -364,7 +366,7 @@ def build_trainer(
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        make_eval_step(model, step_cfg.pipeline_stages, layer_specs),
+        make_eval_step(model, step_cfg, layer_specs),
         in_shardings=(p_shard, batch_sharding(mesh)),
     )
     return CompiledTrainer(

@@ -24,7 +24,7 @@ from oasst_jax import optim, sharding
 from oasst_jax.config import base_config, load_config, validate
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
 from oasst_jax.model import Llama, hidden_dropout_rates
-from oasst_jax.train import run
+from oasst_jax.train import eval_metrics, open_split, run
 from oasst_jax.train_step import StepConfig, build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,27 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert _max_diff(one, acc) < 1e-6
 
 
+def test_eval_normalizes_like_the_train_step():
+    """An evaluation's micro-batch terms, summed then divided, give the train step's loss
+    on the same global batch: under ``microbatch_mean``, Megatron's val loss, the mean of
+    the per-micro-batch means (one device: the terms are the step's own ``_loss_terms``)."""
+    batch = _batch(accum=2, rows=4, seed=5)
+    batch["weights"][0, :2] = 0  # an empty micro-batch: left out of the mean
+    batch["weights"][1, 2:, 4:] = 0  # and one with fewer loss tokens than the others
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    tx, sched = optim.make_optimizer(_optim_cfg(), 10), optim.schedule(_optim_cfg(), 10)
+    zero = np.zeros(TINY.num_hidden_layers, np.float32)
+    with jax.set_mesh(mesh):
+        t = build_trainer(Llama(TINY), tx, sched, StepConfig(2, 2, "microbatch_mean"), zero, mesh)
+        state = t.init_random(jax.random.key(0))
+        terms = [t.eval(state["params"], {k: v[i] for k, v in batch.items()}) for i in range(2)]
+        got = eval_metrics(terms)
+        _, m = t.step(state, {k: jax.device_put(v, t.batch_sharding) for k, v in batch.items()})
+    assert got["val_loss"] == pytest.approx(float(m["loss"]), rel=1e-6)
+    assert got["val_loss_tokens"] == float(batch["weights"].sum()) == float(m["loss_tokens"])
+    assert sum(float(d) for _, d, _ in terms) == 3  # a mean of 4 micro-batches, one empty
+
+
 def test_all_finite_sees_one_nan_in_a_sharded_tree():
     from oasst_jax.train_step import all_finite
 
@@ -241,31 +262,74 @@ def test_tiny_config_trains_and_logs(sample_data, tmp_path):
 
 
 def test_resume_is_bit_exact(sample_data, tmp_path):
-    straight = _tiny_cfg(
-        sample_data,
-        tmp_path / "a",
-        train_iters=6,
-        eval_interval=0,
-        save_interval=0,
-        hidden_dropout=0.2,
-    )
-    run(straight)
-    first = _tiny_cfg(
-        sample_data,
-        tmp_path / "b",
-        train_iters=6,
-        eval_interval=0,
-        save_interval=0,
-        hidden_dropout=0.2,
-        exit_interval=3,
-    )
+    """Training losses and the validation stream (evaluated every step, continuing from
+    the checkpoint's ``val_iterator``) of 0->3 + resume->6 equal those of 0->6."""
+    kw = dict(train_iters=6, eval_interval=1, eval_iters=1, save_interval=0, hidden_dropout=0.2)
+    run(_tiny_cfg(sample_data, tmp_path / "a", **kw))
+    first = _tiny_cfg(sample_data, tmp_path / "b", exit_interval=3, **kw)
     run(first)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
+    from oasst_jax.checkpoint import load_json_item
+
+    assert "val_iterator" in load_json_item(str(tmp_path / "b" / "checkpoints"), "meta", 3)
     first.exit_interval = 0
     run(first)
-    a = [r["loss"] for r in _metrics(tmp_path / "a")]
-    b = [r["loss"] for r in _metrics(tmp_path / "b")]
-    assert a == b and len(a) == 6  # identical floats, not just close
+    for key in ("loss", "val_loss"):
+        a = [r[key] for r in _metrics(tmp_path / "a")]
+        b = [r[key] for r in _metrics(tmp_path / "b")]
+        assert a == b and len(a) == 6, key  # identical floats, not just close
+
+
+def test_eval_continues_and_eval_full_reads_each_sample_once(sample_data, tmp_path):
+    """With fixed weights only the data moves the val loss.  Megatron's stream reads new
+    global batches at each evaluation, cycles past the end of the split, and its state
+    continues it exactly; ``eval_full`` reads every sample once, the same every time."""
+    from oasst_jax import chatml
+    from oasst_jax.config import accumulation_steps, model_config
+    from oasst_jax.data import pipeline
+    from oasst_jax.tokenizer import Tokenizer
+    from oasst_jax.train import Validation
+
+    cfg = _tiny_cfg(sample_data, tmp_path, eval_iters=1, loss_normalization="microbatch_mean")
+    tok = Tokenizer(cfg.tokenizer_path)
+
+    def mask(roles, tokens):
+        return chatml.loss_mask(roles=roles, tokens=tokens, tokenizer=tok, mode=cfg.loss_on)
+
+    accum = accumulation_steps(cfg, jax.device_count())
+    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    model = Llama(model_config(cfg))
+    zero = np.zeros(model.cfg.num_hidden_layers, np.float32)
+    source = open_split(cfg, "val")
+    with jax.set_mesh(mesh):
+        tx, sched = optim.make_optimizer(cfg.optim, 1), optim.schedule(cfg.optim, 1)
+        t = build_trainer(model, tx, sched, step_cfg, zero, mesh)
+        params = t.init_random(jax.random.key(0))["params"]
+
+        def validation(**kw):
+            c = ml_collections.ConfigDict({**cfg.to_dict(), **kw})
+            return Validation(c, source, mask, t.eval, mesh, cfg.global_batch_size // accum)
+
+        stream = validation()
+        first = stream(params)
+        state = json.loads(json.dumps(stream.get_state()))  # as the checkpoint stores it
+        later = [stream(params) for _ in range(2)]
+        resumed = validation()
+        resumed.set_state(state)
+        assert [resumed(params) for _ in range(2)] == later
+        assert len({m["val_loss"] for m in [first, *later]}) == 3
+
+        full = validation(eval_full=True)
+        assert full.get_state() is None
+        once, twice = full(params), full(params)
+    assert once == twice
+    want = sum(
+        pipeline.make_example(source[i], cfg.seq_length, mask)["weights"].sum()
+        for i in range(len(source))
+    )
+    assert once["val_loss_tokens"] == want > 0
+    assert sum(m["val_loss_tokens"] for m in [first, *later]) > want  # it cycled
 
 
 def test_truncated_checkpoint_falls_back(sample_data, tmp_path):
