@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -231,20 +232,34 @@ def write_samples(
 
 # ----------------------------------------------------------------------------- config
 
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the pretokenizer reads, at its default: ``configs/data/*.py`` start here
+    (as the train configs start from :func:`oasst_jax.config.base_config`) and set the
+    output, the datasets and what the card changes."""
+    c = ml_collections.ConfigDict(sort_keys=False)  # fields in this order
+    c.output_dir = ""  # required
+    c.filename_prefix = ""  # required: the splits are {output_dir}/{prefix}-{train,val}
+    c.tokenizer_path = ""  # required: a SentencePiece model (Llama-2's tokenizer.model)
+    c.min_assistant_tokens = ml_collections.config_dict.placeholder(int)  # None: no minimum
+    c.megatron_new_tokens = False  # True: the 32007-token layout the released model used
+    c.check_tokenization = True  # skip samples whose joined text tokenises differently
+    c.seed = 42
+    c.num_workers = 1  # encoder processes; the output is the same for any number
+    c.overwrite = False  # True: write even where shards of another tokenizer lie
+    c.max_record_bytes = MAX_RECORD_BYTES  # a longer JSON line is skipped (oversize_record)
+    c.output_format = "oasst_jax"  # | "megatron" (upstream's files) | "both"
+    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
+    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
+    # required: name -> loader and split options; sort_keys=False keeps the config's order
+    # (the order of the datasets in the output files)
+    c.datasets = ml_collections.ConfigDict(sort_keys=False)
+    return c
+
+
 REQUIRED = ("output_dir", "filename_prefix", "tokenizer_path", "datasets")
-# Every other top-level field and its default; any key outside these two is refused.
-DEFAULTS: dict[str, Any] = {
-    "min_assistant_tokens": None,
-    "megatron_new_tokens": False,
-    "check_tokenization": True,
-    "seed": 42,
-    "num_workers": 1,
-    "overwrite": False,  # True: write even where shards of another tokenizer lie
-    "max_record_bytes": MAX_RECORD_BYTES,  # a longer JSON line is skipped (readers.py)
-    "output_format": "oasst_jax",  # | "megatron" (upstream's files) | "both"
-    "write_json": False,  # also {prefix}-{split}.jsonl, one {"text": chatml} per sample
-    "compress": False,  # also {output_dir}.tar.gz of the output directory
-}
+# Every other field of base_config() and its default; any key outside these two is refused.
+DEFAULTS: dict[str, Any] = {k: v for k, v in base_config().items() if k not in REQUIRED}
 
 
 def _setting(config: Any, key: str) -> Any:

@@ -213,6 +213,31 @@ def _sample_config(out_dir, sp_model_path):
     return cfg
 
 
+def _data_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join("configs", "data", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_data_configs_build_on_the_base_config():
+    """Every field has one default, in ``pt.base_config()``; a data config sets only what it
+    changes and the card's leave ``tokenizer_path`` to the command line."""
+    base = pt.base_config()
+    assert pt.DEFAULTS == {k: base[k] for k in base if k not in pt.REQUIRED}
+    assert set(base) == set(pt._FIELDS)
+    for name in ("sample.py", "oasst_pre10_min25.py", "oasst_top1.py"):
+        cfg = _data_config(name)
+        assert list(cfg) == list(base), name
+        changed = {k for k in base if cfg[k] != base[k]}
+        card = {"output_dir", "filename_prefix", "datasets", "num_workers", "output_format"}
+        assert card <= changed <= card | {"min_assistant_tokens", "tokenizer_path"}, name
+        if name != "sample.py":
+            with pytest.raises(DataError, match="config: 'tokenizer_path' is required"):
+                pt.validate_config(cfg)
+    assert pt.validate_config(_data_config("sample.py")) == list(_data_config("sample.py").datasets)
+
+
 def test_failed_run_leaves_previous_output_intact(tmp_path, sp_model_path):
     good = _megacode_file(tmp_path)
     cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(good)})

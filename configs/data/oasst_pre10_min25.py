@@ -2,7 +2,8 @@
 
 Mirrors the card's pretokenizer YAML (a key with a dash is overridden as
 ``--config.datasets['orca-chat'].path=...``). Input paths are placeholders: point them at local
-copies of the Hugging Face datasets, and ``tokenizer_path`` at Llama-2's tokenizer.model::
+copies of the Hugging Face datasets, and set ``tokenizer_path`` to Llama-2's tokenizer.model
+(fields not set here keep :func:`oasst_jax.pretokenize.base_config`'s defaults)::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py \\
       --config.tokenizer_path=/models/llama2/tokenizer.model \\
@@ -14,27 +15,18 @@ copies of the Hugging Face datasets, and ``tokenizer_path`` at Llama-2's tokeniz
 
 from ml_collections import ConfigDict
 
+from oasst_jax import pretokenize
 from oasst_jax.data.sources import REFUSAL_PHRASES
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
+    c = pretokenize.base_config()  # tokenizer_path: required, from the command line
     c.output_dir = "output/oasst_pre10_min25"
     c.filename_prefix = "oasst_pre10"
     c.min_assistant_tokens = 25
-    c.tokenizer_path = "/path/to/llama2/tokenizer.model"
-    c.megatron_new_tokens = False  # True: the 32007-token layout the released model used
-    c.check_tokenization = True
-    c.seed = 42
     c.num_workers = 2
-    c.overwrite = False  # True: write even where shards of another tokenizer lie
-    c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
     # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
-    c.output_format = "both"  # | "oasst_jax" | "megatron"
-    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
-    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
-    # sort_keys=False keeps the card's dataset order (the order of the output files).
-    c.datasets = ConfigDict(sort_keys=False)
+    c.output_format = "both"
     c.datasets.megacode2 = ConfigDict(
         dict(
             path="/path/to/DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json",

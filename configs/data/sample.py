@@ -12,26 +12,19 @@ Split options follow the card (stage 1 sets, then the stage 2 oasst export with 
 
 from ml_collections import ConfigDict
 
+from oasst_jax import pretokenize
 from oasst_jax.data.sources import REFUSAL_PHRASES
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
+    c = pretokenize.base_config()
     c.output_dir = "output/sample/data"
     c.filename_prefix = "sample"
     c.min_assistant_tokens = 25
     c.tokenizer_path = "output/sample/tokenizer.model"
-    c.megatron_new_tokens = False
-    c.check_tokenization = True
-    c.seed = 42
     c.num_workers = 2
-    c.overwrite = False  # True: write even where shards of another tokenizer lie
-    c.max_record_bytes = 16 * 2**20  # a longer JSON line is skipped (oversize_record)
     # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
-    c.output_format = "both"  # | "oasst_jax" | "megatron"
-    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
-    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
-    c.datasets = ConfigDict(sort_keys=False)
+    c.output_format = "both"
     c.datasets.megacode2 = ConfigDict(
         dict(
             path="tests/data/megacode2.json",
