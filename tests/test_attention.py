@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
 from oasst_jax.attention import BlockSizes, dot_product_attention, xla
-from oasst_jax.attention.flash import KernelConfig, MaskOperands, _flash, flash_attention
+from oasst_jax.attention.blocks import KernelConfig, MaskOperands
+from oasst_jax.attention.flash import _flash, flash_attention
 from oasst_jax.model import Llama
 
 FP32_TOL = 1e-5

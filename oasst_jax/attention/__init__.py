@@ -14,7 +14,8 @@ import jax
 
 from oasst_jax import sharding
 from oasst_jax.attention import xla
-from oasst_jax.attention.flash import BlockSizes, flash_attention
+from oasst_jax.attention.blocks import BlockSizes
+from oasst_jax.attention.flash import flash_attention
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 

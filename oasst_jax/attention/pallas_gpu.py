@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from oasst_jax.attention.flash import (
+from oasst_jax.attention.blocks import (
     M_FLOOR,
     BlockSizes,
     KernelConfig,
