@@ -9,12 +9,11 @@ validated once at start-up and reported as one line naming the field and value.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import ml_collections
 
-from oasst_jax import distributed
+from oasst_jax import distributed, sharding
 from oasst_jax.model import LlamaConfig
 from oasst_jax.text import LOSS_MODES
 
@@ -79,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.load = ""  # orbax checkpoint dir or HF directory to start from
     c.finetune = False  # True: load weights only (fresh optimizer, step 0, fresh data)
     # hardware
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, pipeline=1, sequence=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(sharding.DEFAULT_MESH))  # axis -> size, -1: the rest
     c.peak_flops_per_device = 989e12  # H100 SXM dense bf16
     # multi-process: mode auto|cluster|off, coordinator_address, num_processes, process_id
     # (oasst_jax/distributed.py; README "Running on a cluster")
@@ -123,28 +122,25 @@ def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
     return LlamaConfig.from_mapping(fields)
 
 
-def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """``cfg.mesh`` with the ``-1`` axis resolved against ``num_devices``."""
-    m = {k: int(v) for k, v in cfg.mesh.items()}
-    fixed = math.prod(v for v in m.values() if v != -1)
-    return {k: (num_devices // fixed if v == -1 else v) for k, v in m.items()}
-
-
 def data_parallel_size(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
-    sizes = mesh_sizes(cfg, num_devices)
-    return sizes["data"] * sizes["fsdp"]
+    return sharding.axis_size(sharding.resolve_mesh(cfg.mesh, num_devices), "batch")
 
 
 def accumulation_steps(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
     """``global_batch / (micro_batch * data-parallel size)`` micro-steps per update."""
     dp = data_parallel_size(cfg, num_devices)
-    per_step = cfg.micro_batch_size * dp
-    if cfg.global_batch_size % per_step:
+    return micro_steps(cfg.global_batch_size, cfg.micro_batch_size, dp)
+
+
+def micro_steps(global_batch_size: int, micro_batch_size: int, data_parallel: int) -> int:
+    """Micro-steps per update, when ``global_batch_size`` splits into whole micro-batches."""
+    per_step = micro_batch_size * data_parallel
+    if global_batch_size % per_step:
         raise ValueError(
-            f"config: global_batch_size={cfg.global_batch_size} is not divisible by "
-            f"micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}"
+            f"config: global_batch_size={global_batch_size} is not divisible by "
+            f"micro_batch_size={micro_batch_size} x data-parallel size {data_parallel}"
         )
-    return cfg.global_batch_size // per_step
+    return global_batch_size // per_step
 
 
 def unknown_fields(cfg, reference, prefix: str = "") -> list[str]:
@@ -200,11 +196,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"seq_length={cfg.seq_length} > model.max_position_embeddings="
         f"{cfg.model.max_position_embeddings}",
     )
-    stages = mesh_sizes(cfg, num_devices)["pipeline"]
-    need(
-        cfg.model.num_hidden_layers % stages == 0,
-        f"model.num_hidden_layers={cfg.model.num_hidden_layers} is not divisible by "
-        f"mesh.pipeline={stages} stages",
-    )
+    sharding.resolve_mesh(cfg.mesh, num_devices, num_layers=cfg.model.num_hidden_layers)
     accumulation_steps(cfg, num_devices)
     model_config(cfg)

@@ -39,15 +39,6 @@ from oasst_jax.model import DecoderStack, LlamaConfig, embed_tokens
 STAGE_ACTIVATION = ("stage", "batch", "res_length", "act_embed")
 
 
-def layers_per_stage(num_layers: int, stages: int) -> int:
-    """Layers each stage holds; a one-line error when they do not split evenly."""
-    if stages < 1 or num_layers % stages:
-        raise ValueError(
-            f"pipeline: num_hidden_layers={num_layers} is not divisible by {stages} pipeline stages"
-        )
-    return num_layers // stages
-
-
 def bubble_fraction(stages: int, microbatches: int) -> float:
     """Idle share of a GPipe schedule: ``(p - 1) / (m + p - 1)``."""
     return (stages - 1) / (microbatches + stages - 1)
@@ -87,7 +78,7 @@ def pipeline_hidden(
     Each (micro-batch, stage) pair gets its own dropout key, and ``nn.scan``
     splits it per layer, so masks stay independent per layer and micro-batch.
     """
-    lps = layers_per_stage(cfg.num_hidden_layers, stages)
+    lps = sharding.layers_per_stage(cfg.num_hidden_layers, stages)
     micro = batch["inputs"].shape[0]
     stage_cfg = dataclasses.replace(cfg, num_hidden_layers=lps)
     stage_params = stage_view(params["decoder"], layer_specs, stages)

@@ -28,6 +28,7 @@ import sys
 
 import ml_collections
 
+from oasst_jax import sharding
 from oasst_jax.config import model_config
 from oasst_jax.model import LlamaConfig
 from oasst_jax.planner import chips, memory, search, timing
@@ -36,28 +37,21 @@ GIB = 2**30
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``tensor=8,pipeline=4`` -> all five axes (unnamed ones 1)."""
-    from oasst_jax.sharding import MESH_AXES
-
-    sizes = dict.fromkeys(MESH_AXES, 1)
+    """``tensor=8,pipeline=4`` -> all five axes (unnamed ones 1; a ``-1`` is kept)."""
+    sizes = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in sizes or not value.lstrip("-").isdigit():
+        if not value.lstrip("-").isdigit():
             raise ValueError(f"plan: bad --mesh item {item!r}; use e.g. tensor=8,pipeline=4")
         sizes[name] = int(value)
-    return sizes
+    try:
+        return sharding.mesh_shape(sizes)
+    except ValueError as e:
+        raise ValueError(f"plan: bad --mesh {text!r}: {e}") from None
 
 
 def config_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> memory.Layout:
     return memory.Layout(mesh, cfg.micro_batch_size, cfg.model.remat_policy)
-
-
-def with_layout(cfg: ml_collections.ConfigDict, layout: memory.Layout):
-    out = ml_collections.ConfigDict(cfg.to_dict())
-    out.mesh.update(dict(layout.mesh))
-    out.micro_batch_size = layout.micro_batch_size
-    out.model.remat_policy = layout.remat
-    return out
 
 
 def prepare_environment(devices: int) -> None:
@@ -122,7 +116,7 @@ def megatron_record(model_cfg: LlamaConfig, cfg, layout, chip: chips.Chip, eff: 
         model_cfg, layout, cfg.seq_length, cfg.global_batch_size, dropout=cfg.hidden_dropout > 0
     )
     first, _ = memory.megatron_param_counts(
-        model_cfg, layout.mesh["tensor"], layout.mesh["pipeline"]
+        model_cfg, layout.mesh[sharding.TENSOR], layout.mesh[sharding.PIPELINE]
     )
     t = timing.estimate_time(
         model_cfg, layout, chip, cfg.seq_length, cfg.global_batch_size, first, "megatron", eff
@@ -146,7 +140,7 @@ def compile_record(cfg, layout: memory.Layout, devices) -> dict:
     """Compile ``layout`` for ``devices``; per-device figures from the compiler."""
     from oasst_jax.planner import aot
 
-    r = aot.compile_step(with_layout(cfg, layout), devices)
+    r = aot.compile_step(cfg, layout, devices)
     return {
         "backend": r.backend,
         "device_kind": r.device_kind,
@@ -310,7 +304,7 @@ def run_single(cfg, mesh: dict[str, int], target: Target, say) -> dict:
     devices = target.devices or aot.cpu_devices(target.num_devices)
     rec.update(compile_record(cfg, layout, devices))
     rec = finish(rec)
-    if target.chip.platform == "gpu" and mesh["fsdp"] == mesh["sequence"] == 1:
+    if target.chip.platform == "gpu" and mesh[sharding.FSDP] == mesh[sharding.SEQUENCE] == 1:
         rec["megatron"] = megatron_record(model_cfg, cfg, layout, target.chip, target.efficiency)
         say("\n".join(describe_megatron(rec["megatron"], layout)))
     say("\n".join(describe(rec)))
@@ -343,7 +337,9 @@ def run(
         f"peak ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16)"
     )
     if not do_search:
-        rec = run_single(cfg, aot.mesh_sizes(mesh or dict(cfg.mesh), n), target, say)
+        layers = model_config(cfg).num_hidden_layers
+        sizes = sharding.resolve_mesh(mesh or cfg.mesh, n, num_layers=layers)
+        rec = run_single(cfg, sizes, target, say)
         print(json.dumps(rec))
         return rec
     records = run_search(cfg, target, compile_top, say)

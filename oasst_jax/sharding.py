@@ -1,8 +1,10 @@
-"""Mesh construction and the one logical-axis rules table.
+"""Mesh shapes and construction, and the one logical-axis rules table.
 
 Model code speaks only logical axis names (``batch``, ``length``, ``embed`` ...).
 This is the only module that spells mesh axis names; everything else asks it to
-translate.  Parameters and activations have separate entries where they differ
+translate, or names an axis by its constant (:data:`TENSOR` ...).  A mesh shape
+(a config's ``mesh``, a planner layout) is resolved in one place,
+:func:`resolve_mesh`.  Parameters and activations have separate entries where they differ
 (levanter's parameter/compute split): e.g. ``embed`` on a weight is sharded over
 ``fsdp`` (ZeRO-3 style), but the ``act_embed`` axis of an activation is not.
 """
@@ -11,48 +13,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "pipeline", "sequence", "tensor")
+# The mesh axes, outermost first (the last ones are physical neighbours: ICI rings,
+# NVLink).  Code elsewhere refers to an axis by these constants, never by its string.
+DATA, FSDP, PIPELINE, SEQUENCE, TENSOR = "data", "fsdp", "pipeline", "sequence", "tensor"
+MESH_AXES: tuple[str, ...] = (DATA, FSDP, PIPELINE, SEQUENCE, TENSOR)
+# The config's default: every device data-parallel.
+DEFAULT_MESH: Mapping[str, int] = MappingProxyType({**dict.fromkeys(MESH_AXES, 1), DATA: -1})
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # ---- parameters
-    ("layers", "pipeline"),  # scanned layer axis: contiguous blocks of layers per stage
-    ("vocab", "tensor"),  # embedding rows / LM-head columns (Megatron vocab-parallel)
-    ("embed", "fsdp"),  # model dim of every weight: FSDP / ZeRO-3
-    ("heads", "tensor"),  # q / o: column- / row-parallel attention
-    ("kv_heads", "tensor"),
+    ("layers", PIPELINE),  # scanned layer axis: contiguous blocks of layers per stage
+    ("vocab", TENSOR),  # embedding rows / LM-head columns (Megatron vocab-parallel)
+    ("embed", FSDP),  # model dim of every weight: FSDP / ZeRO-3
+    ("heads", TENSOR),  # q / o: column- / row-parallel attention
+    ("kv_heads", TENSOR),
     ("head_dim", None),
-    ("mlp", "tensor"),  # gate/up column-parallel, down row-parallel
+    ("mlp", TENSOR),  # gate/up column-parallel, down row-parallel
     ("norm", None),
     # ---- activations
-    ("batch", ("data", "fsdp")),
-    ("length", "sequence"),  # context parallelism
+    ("batch", (DATA, FSDP)),
+    ("length", SEQUENCE),  # context parallelism
     # Megatron sequence parallelism: the residual stream (norms, dropout, residual adds)
     # is also split over tensor; matmul blocks all-gather in / reduce-scatter out.
-    ("res_length", ("sequence", "tensor")),
+    ("res_length", (SEQUENCE, TENSOR)),
     ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("stage", "pipeline"),  # pipeline stage axis of per-stage buffers
+    ("act_heads", TENSOR),
+    ("act_kv_heads", TENSOR),
+    ("act_mlp", TENSOR),
+    ("act_vocab", TENSOR),
+    ("stage", PIPELINE),  # pipeline stage axis of per-stage buffers
 )
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the 5-axis mesh from ``{'tensor': 8, 'pipeline': 4, ...}``.
-
-    Axes left out have size 1; one axis may be ``-1`` to take the remaining
-    devices (``data`` in the card's configs).  The product must equal the
-    device count, because a silently smaller mesh would idle hardware.
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(shape: Mapping[str, int]) -> dict[str, int]:
+    """All :data:`MESH_AXES` in order, left-out axes 1, names and sizes checked; a
+    ``-1`` axis stays ``-1`` (:func:`resolve_mesh` fills it in)."""
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh: unknown axis {unknown[0]!r}; valid axes are {MESH_AXES}")
@@ -62,20 +65,57 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         raise ValueError(f"mesh: at most one axis may be -1, got {free}")
     if any(s < 1 and s != -1 for s in sizes.values()):
         raise ValueError(f"mesh: axis sizes must be >= 1 (or -1), got {dict(sizes)}")
+    return sizes
+
+
+def resolve_mesh(
+    shape: Mapping[str, int], num_devices: int, *, num_layers: int | None = None
+) -> dict[str, int]:
+    """The mesh's axis sizes for ``num_devices``: the one place a mesh shape is resolved.
+
+    ``shape`` is ``{'tensor': 8, 'pipeline': 4, ...}`` (a config's ``mesh``); axes
+    left out have size 1 and one axis may be ``-1`` to take the remaining devices
+    (``data`` in the card's configs).  The product must equal the device count,
+    because a silently smaller mesh would idle hardware.  With ``num_layers``, the
+    layers must also split evenly into pipeline stages (:func:`layers_per_stage`).
+    Returns all :data:`MESH_AXES`, in order.
+    """
+    sizes = mesh_shape(shape)
+    free = [a for a, s in sizes.items() if s == -1]
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
-        if len(devices) % fixed:
+        if num_devices % fixed:
             raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes' product "
+                f"mesh: {num_devices} devices are not divisible by the fixed axes' product "
                 f"{fixed} ({dict(sizes)})"
             )
-        sizes[free[0]] = len(devices) // fixed
+        sizes[free[0]] = num_devices // fixed
     total = math.prod(sizes.values())
-    if total != len(devices):
+    if total != num_devices:
         raise ValueError(
             f"mesh: axis sizes {dict(sizes)} multiply to {total}, but there are "
-            f"{len(devices)} devices"
+            f"{num_devices} devices"
         )
+    if num_layers is not None:
+        layers_per_stage(num_layers, axis_size(sizes, "stage"))
+    return sizes
+
+
+def layers_per_stage(num_layers: int, stages: int) -> int:
+    """Layers each pipeline stage holds; a one-line error when they do not split evenly."""
+    if stages < 1 or num_layers % stages:
+        raise ValueError(
+            f"mesh: model.num_hidden_layers={num_layers} is not divisible by "
+            f"mesh.{PIPELINE}={stages} stages"
+        )
+    return num_layers // stages
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the 5-axis mesh from ``{'tensor': 8, 'pipeline': 4, ...}`` over ``devices``
+    (default: all), sized by :func:`resolve_mesh`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh(shape, len(devices))
     grid = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
 
@@ -101,9 +141,11 @@ def mesh_axes(name: str) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def axis_size(mesh: Mesh, name: str) -> int:
-    """How many ways ``mesh`` splits the logical axis ``name`` (e.g. pipeline stages)."""
-    return math.prod(mesh.shape[a] for a in mesh_axes(name))
+def axis_size(mesh: Mesh | AbstractMesh | Mapping[str, int], name: str) -> int:
+    """How many ways ``mesh`` (a mesh or its axis sizes) splits the logical axis ``name``:
+    ``stage`` gives the pipeline stages, ``batch`` the data-parallel size."""
+    sizes = mesh if isinstance(mesh, Mapping) else mesh.shape
+    return math.prod(sizes[a] for a in mesh_axes(name))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

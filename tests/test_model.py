@@ -199,28 +199,7 @@ def test_dropout_only_when_not_deterministic(tiny_params):
     assert not np.array_equal(dropped, run(rates, deterministic=False, seed=1))
 
 
-# ----------------------------------------------------------------------------- (e) mesh
-
-
-def test_make_mesh_fills_free_axis():
-    mesh = make_mesh({"data": -1, "tensor": 2})
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "pipeline": 1, "sequence": 1, "tensor": 2}
-
-
-@pytest.mark.parametrize(
-    "shape, message",
-    [
-        ({"fsdp": 3}, "multiply to 3, but there are 8 devices"),
-        ({"fsdp": 2, "tensor": 2}, "multiply to 4, but there are 8 devices"),
-        ({"expert": 8}, "unknown axis 'expert'"),
-    ],
-)
-def test_make_mesh_errors(shape, message):
-    with pytest.raises(ValueError, match=message):
-        make_mesh(shape)
-
-
-# ----------------------------------------------------------------------------- (f) configs
+# ----------------------------------------------------------------------------- (e) configs
 
 LLAMA2 = {  # hidden, intermediate, layers, heads, kv heads (Touvron et al. 2023)
     "llama2_7b": (4096, 11008, 32, 32, 32),

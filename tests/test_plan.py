@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from oasst_jax import sharding
 from oasst_jax.config import load_config, model_config
 from oasst_jax.planner import chips, memory, search, timing
 
@@ -25,7 +26,7 @@ def tiny_cfg():
 
 
 def mesh(**sizes):
-    return {a: sizes.get(a, 1) for a in ("data", "fsdp", "pipeline", "sequence", "tensor")}
+    return {a: sizes.get(a, 1) for a in sharding.MESH_AXES}
 
 
 def test_megatron_activation_bytes_llama70b():
@@ -123,8 +124,11 @@ def test_parse_oom_and_mesh():
     assert aot.parse_oom(msg) == (int(50.14 * 2**30), int(15.75 * 2**30), True)
     assert aot.parse_oom("some other error") is None
     assert plan.parse_mesh("tensor=8,pipeline=4") == mesh(tensor=8, pipeline=4)
-    with pytest.raises(ValueError, match="bad --mesh"):
+    assert plan.parse_mesh("data=-1,tensor=8") == mesh(data=-1, tensor=8)
+    with pytest.raises(ValueError, match="bad --mesh 'tensr=8': mesh: unknown axis 'tensr'"):
         plan.parse_mesh("tensr=8")
+    with pytest.raises(ValueError, match="bad --mesh item 'tensor'"):
+        plan.parse_mesh("tensor")
 
 
 def test_cpu_compile_tiny_last_line_json(capsys):
@@ -159,24 +163,23 @@ def test_cpu_compile_tiny_last_line_json(capsys):
 
 def test_tpu_topology_compile_tiny():
     pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
-    from oasst_jax import plan
     from oasst_jax.planner import aot
 
     devices = aot.tpu_devices("v5e:2x2")
-    cfg = plan.with_layout(tiny_cfg(), memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"))
-    r = aot.compile_step(cfg, devices)
+    layout = memory.Layout(mesh(fsdp=2, tensor=2), 2, "full")
+    r = aot.compile_step(tiny_cfg(), layout, devices)
     assert r.backend == "tpu" and r.fits is None and r.error == ""
     assert r.peak_bytes >= r.param_bytes + r.optimizer_bytes > 0
 
 
 def test_tpu_topology_compile_tiny_pallas_builds_mosaic_kernel():
     pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
-    from oasst_jax import plan
     from oasst_jax.planner import aot
 
-    cfg = plan.with_layout(tiny_cfg(), memory.Layout(mesh(fsdp=2, tensor=2), 2, "full"))
+    cfg = tiny_cfg()
     cfg.model.attention_impl = "pallas"
-    r = aot.compile_step(cfg, aot.tpu_devices("v5e:2x2"))
+    layout = memory.Layout(mesh(fsdp=2, tensor=2), 2, "full")
+    r = aot.compile_step(cfg, layout, aot.tpu_devices("v5e:2x2"))
     assert r.backend == "tpu" and r.error == "" and r.attention_impl == "pallas"
     assert r.mosaic_calls > 0  # tpu_custom_call in the compiled HLO: the kernel, not XLA
 

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from oasst_jax import optim, sharding
-from oasst_jax.config import accumulation_steps, model_config
+from oasst_jax.config import micro_steps, model_config
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
+from oasst_jax.planner.memory import Layout
 from oasst_jax.train_step import StepConfig, build_trainer
 
 _BATCH_DTYPES = {
@@ -146,18 +147,21 @@ def target_model_config(model_cfg: LlamaConfig, platform: str) -> LlamaConfig:
     return dataclasses.replace(model_cfg, attention_impl="xla")
 
 
-def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> CompileReport:
-    """Lower and compile ``cfg``'s train step for ``devices`` (mesh from ``cfg.mesh``)."""
-    model_cfg = target_model_config(model_config(cfg), devices[0].platform)
-    n = len(devices)
-    accum = accumulation_steps(cfg, n)
-    sizes = mesh_sizes(dict(cfg.mesh), n)
-    mesh = sharding.make_mesh(sizes, ordered_devices(devices, tuple(sizes.values())))
+def compile_step(
+    cfg: ml_collections.ConfigDict, layout: Layout, devices: list[jax.Device]
+) -> CompileReport:
+    """Lower and compile ``cfg``'s train step for ``devices`` in ``layout``: its mesh sizes
+    (already resolved for ``devices``), micro batch and remat policy stand in for the config's."""
+    model_cfg = dataclasses.replace(model_config(cfg), remat_policy=layout.remat)
+    model_cfg = target_model_config(model_cfg, devices[0].platform)
+    sizes = dict(layout.mesh)
+    accum = micro_steps(cfg.global_batch_size, layout.micro_batch_size, layout.data_parallel)
+    order = tuple(sizes[a] for a in sharding.MESH_AXES)
+    mesh = sharding.make_mesh(sizes, ordered_devices(devices, order))
     tx = optim.make_optimizer(cfg.optim, cfg.train_iters)
     rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
-    step_cfg = StepConfig(
-        accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed, sizes["pipeline"]
-    )
+    stages = sharding.axis_size(sizes, "stage")
+    step_cfg = StepConfig(accum, layout.micro_batch_size, cfg.loss_normalization, cfg.seed, stages)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         trainer = build_trainer(
@@ -213,13 +217,6 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device]) -> C
         fits=None,  # the caller compares peak with the chip's HBM
         compile_s=time.perf_counter() - t0,
     )
-
-
-def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Resolve a ``-1`` axis the way :func:`sharding.make_mesh` does (all axes, in order)."""
-    sizes = {a: int(shape.get(a, 1)) for a in sharding.MESH_AXES}
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    return {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
 
 
 def cpu_devices(n: int) -> list[jax.Device]:

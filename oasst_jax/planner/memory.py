@@ -80,7 +80,8 @@ ATTN_SAVED_BYTES = 6  # remat none: fp32 softmax output + its bf16 cast, per sco
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """One candidate: mesh sizes (all five axes), micro batch (rows per data replica), remat."""
+    """One candidate: mesh sizes (all five axes, resolved: :func:`sharding.resolve_mesh`),
+    micro batch (rows per data replica), remat."""
 
     mesh: Mapping[str, int]
     micro_batch_size: int
@@ -92,7 +93,7 @@ class Layout:
 
     @property
     def data_parallel(self) -> int:
-        return self.mesh["data"] * self.mesh["fsdp"]
+        return sharding.axis_size(self.mesh, "batch")
 
     def accumulation(self, global_batch: int) -> int:
         return global_batch // (self.micro_batch_size * self.data_parallel)
@@ -193,7 +194,7 @@ def jax_memory(
     table = param_table(cfg) if table is None else table
     n = sharded_elements(table, m)
     pbytes = 4 if cfg.param_dtype == "float32" else 2
-    t, sp, p = m["tensor"], m["sequence"], m["pipeline"]
+    t, sp, p = m[sharding.TENSOR], m[sharding.SEQUENCE], m[sharding.PIPELINE]
     rows = layout.micro_batch_size  # rows per data replica = rows per device
     tokens = rows * seq
     res = residual_split(m)
@@ -252,7 +253,7 @@ def megatron_memory(
     cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, dropout: bool = False
 ) -> MemoryEstimate:
     """Megatron-LLM with TP + SP + 1F1B PP and no distributed optimizer (module docstring)."""
-    t, p = layout.mesh["tensor"], layout.mesh["pipeline"]
+    t, p = layout.mesh[sharding.TENSOR], layout.mesh[sharding.PIPELINE]
     b = layout.micro_batch_size
     first, last = megatron_param_counts(cfg, t, p)
     per_layer = megatron_bytes_per_token(cfg, layout.remat, dropout, seq) * seq * b / t

@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator
 
+from oasst_jax import sharding
 from oasst_jax.model import REMAT_POLICIES, LlamaConfig
 from oasst_jax.planner.chips import Chip
 from oasst_jax.planner.memory import (
@@ -26,7 +27,6 @@ from oasst_jax.planner.memory import (
     sharded_elements,
 )
 from oasst_jax.planner.timing import TimeEstimate, estimate_time
-from oasst_jax.sharding import MESH_AXES
 
 MICRO_BATCHES = (1, 2, 4, 8)
 HEADROOM = 0.9  # keep 10% of HBM for what the model leaves out (fragmentation, workspaces)
@@ -57,14 +57,17 @@ def factorisations(n: int, k: int) -> Iterator[tuple[int, ...]]:
 
 def valid(cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int) -> bool:
     m = layout.mesh
-    t = m["tensor"]
+    try:  # names, device count, layers per pipeline stage
+        sharding.resolve_mesh(m, layout.devices, num_layers=cfg.num_hidden_layers)
+    except ValueError:
+        return False
+    t = m[sharding.TENSOR]
     return (
         cfg.num_key_value_heads % t == 0
         and cfg.intermediate_size % t == 0
         and cfg.padded_vocab_size % t == 0
-        and cfg.num_hidden_layers % m["pipeline"] == 0
-        and cfg.hidden_size % m["fsdp"] == 0
-        and seq % m["sequence"] == 0
+        and cfg.hidden_size % m[sharding.FSDP] == 0
+        and seq % m[sharding.SEQUENCE] == 0
         and global_batch % (layout.micro_batch_size * layout.data_parallel) == 0
     )
 
@@ -79,8 +82,8 @@ def enumerate_layouts(
 ) -> list[Layout]:
     """Every valid layout for ``devices`` (the recipe's global batch held fixed)."""
     out = []
-    for sizes in factorisations(devices, len(MESH_AXES)):
-        mesh = dict(zip(MESH_AXES, sizes, strict=True))
+    for sizes in factorisations(devices, len(sharding.MESH_AXES)):
+        mesh = dict(zip(sharding.MESH_AXES, sizes, strict=True))
         for mb, remat in itertools.product(micro_batches, remats):
             layout = Layout(mesh, mb, remat)
             if valid(cfg, layout, seq, global_batch):

@@ -27,7 +27,7 @@ import math
 from oasst_jax.model import LlamaConfig
 from oasst_jax.planner.chips import Chip
 from oasst_jax.planner.memory import Layout
-from oasst_jax.sharding import MESH_AXES
+from oasst_jax.sharding import DATA, FSDP, MESH_AXES, PIPELINE, SEQUENCE, TENSOR
 from oasst_jax.train_step import model_flops_per_token
 
 EFFICIENCY = 0.6  # matmul FLOP/s reached on the chip, a fraction of peak (stated in the output)
@@ -96,7 +96,7 @@ def estimate_time(
     """Step time of ``layout`` (see the module docstring for each term)."""
     m = dict(layout.mesh)
     n = layout.devices
-    t, sp, p, f, d = (m[a] for a in ("tensor", "sequence", "pipeline", "fsdp", "data"))
+    t, sp, p, f, d = (m[a] for a in (TENSOR, SEQUENCE, PIPELINE, FSDP, DATA))
     micro = layout.accumulation(global_batch)
     tokens_step = global_batch * seq
     flops = model_flops_per_token(cfg, seq) * tokens_step
@@ -107,16 +107,16 @@ def estimate_time(
     act = 2 * tokens_dev * cfg.hidden_size  # one bf16 [T, h] activation
     layers = cfg.num_hidden_layers / p
     reduces = 6 if layout.remat == "full" else 4
-    tp = micro * layers * reduces * ring(act, t, axis_bandwidth(chip, m, "tensor"), True)
+    tp = micro * layers * reduces * ring(act, t, axis_bandwidth(chip, m, TENSOR), True)
     kv = 2 * 2 * tokens_dev * sp * cfg.num_key_value_heads * cfg.head_size / t
-    cp = micro * layers * 2 * ring(kv, sp, axis_bandwidth(chip, m, "sequence"))
-    stage_bw = axis_bandwidth(chip, m, "pipeline")
+    cp = micro * layers * 2 * ring(kv, sp, axis_bandwidth(chip, m, SEQUENCE))
+    stage_bw = axis_bandwidth(chip, m, PIPELINE)
     if megatron:
-        exposed = ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
+        exposed = ring(4 * params_per_device, d, axis_bandwidth(chip, m, DATA), True)
         send = micro * 2 * act / t / stage_bw if p > 1 else 0.0
     else:
-        per_micro = ring(8 * params_per_device * f, f, axis_bandwidth(chip, m, "fsdp"))
-        per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, "data"), True)
+        per_micro = ring(8 * params_per_device * f, f, axis_bandwidth(chip, m, FSDP))
+        per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, DATA), True)
         exposed = micro * max(0.0, per_micro - compute / micro)
         # GPipe: the stage buffer (and its gradient) rotates once per iteration
         send = 2 * (micro + p - 1) * act / t / stage_bw if p > 1 else 0.0
