@@ -7,8 +7,8 @@
 Writes ``DIR/device_suite.json`` (keys ``meta``, ``kernels``, ``attention``, ``train``,
 ``decode``, ``plan``; each section a list of records with ``unit``, ``device``, ``ok`` and
 its figures; ``skipped``/``reason`` or ``error`` where ``ok`` is false) and
-``DIR/device_suite.md`` (the same as tables), both rewritten atomically after every
-unit, so a run cut short still leaves what it measured.  ``--smoke`` runs every section
+``DIR/device_suite.md`` (the same as tables), both rewritten atomically as each unit's
+record arrives, so a run cut short still leaves what it measured.  ``--smoke`` runs every section
 on the CPU at toy sizes (tests/test_device_suite.py), so the script cannot rot.
 
 Sections (sizes in :data:`DEVICE`):
@@ -85,6 +85,7 @@ WEIGHTS = {"kernels": 0.14, "attention": 0.22, "train": 0.46, "decode": 0.14, "p
 MIN_SECTION_S = {"plan": 30.0}  # the planner check is cheap and the point of the train runs
 GRACE_S = 45.0  # a worker past its section's deadline by this much is killed (a compile)
 PLAN_GRACE_S = 15.0  # the planner check compiles nothing
+POLL_S = 2.0  # how often the worker's new records are merged into the saved results
 TRAIN_GRID = [  # priority order: the budget cuts from the end
     ["pallas", "selective"],
     ["cudnn", "selective"],
@@ -273,9 +274,28 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_job(job: dict, deadline: float, kill_at: float, smoke: bool) -> tuple[list, dict | None]:
-    """Run one job in a worker process; ``(records, env record)``.  Units the worker never
-    recorded (it crashed or was killed) come back as failed records."""
+def _read_records(path: str) -> tuple[list[dict], dict | None]:
+    """``(unit records, env record)`` of a worker's JSON-lines file so far."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line still being written, or cut off by a kill
+    env = next((r for r in records if r.get("unit") == "__env__"), None)
+    if env:
+        env = {k: v for k, v in env.items() if k != "unit"}
+    return [r for r in records if r.get("unit") != "__env__"], env
+
+
+def run_job(
+    job: dict, deadline: float, kill_at: float, smoke: bool, on_update=None
+) -> tuple[list, dict | None]:
+    """Run one job in a worker process; ``(records, env record)``.  ``on_update(records)``
+    sees each new record as the worker writes it (the suite saves then).  Units the worker
+    never recorded (it crashed or was killed) come back as failed records."""
     job = {**job, "deadline": deadline, "kill_at": kill_at}
     with tempfile.TemporaryDirectory(prefix="device_suite_") as tmp:
         job_path, records_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "records.jsonl")
@@ -286,27 +306,25 @@ def run_job(job: dict, deadline: float, kill_at: float, smoke: bool) -> tuple[li
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=child_env(smoke, job["section"]), preexec_fn=_die_with_parent
         )
-        try:
-            rc, why = proc.wait(timeout=max(1.0, kill_at - time.time())), ""
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            late = kill_at - deadline
-            rc, why = proc.wait(), f"worker killed, still busy {late:.0f} s past the deadline"
-        records = []
-        if os.path.exists(records_path):
-            with open(records_path) as f:
-                for line in f:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a line cut off by the kill
-    env = next((r for r in records if r.get("unit") == "__env__"), None)
-    if env:
-        env = {k: v for k, v in env.items() if k != "unit"}
-    records = [r for r in records if r.get("unit") != "__env__"]
-    seen = {r["unit"] for r in records}
+        rc, why, seen = None, "", 0
+        while rc is None:
+            try:
+                rc = proc.wait(timeout=max(0.1, min(POLL_S, kill_at - time.time())))
+            except subprocess.TimeoutExpired:
+                if time.time() >= kill_at:
+                    proc.kill()
+                    late = kill_at - deadline
+                    rc, why = (
+                        proc.wait(),
+                        f"worker killed, still busy {late:.0f} s past the deadline",
+                    )
+            records, env = _read_records(records_path)
+            if on_update and len(records) > seen:
+                seen = len(records)
+                on_update(records)
+    done = {r["unit"] for r in records}
     why = why or f"worker exited with status {rc} before this unit"
-    records += [{"unit": u, "ok": False, "error": why} for u in job["units"] if u not in seen]
+    records += [{"unit": u, "ok": False, "error": why} for u in job["units"] if u not in done]
     return records, env
 
 
@@ -388,21 +406,23 @@ def orchestrate(args) -> dict:
                 results[section] += skipped(job["units"], "time budget spent")
                 save()
                 continue
-            t0 = time.time()
+            t0, before = time.time(), list(results[section])
+
+            def update(records, before=before, section=section) -> None:
+                results[section] = before + records
+                if section == "attention":
+                    add_ratios(results[section])
+                save()
+
             try:
-                records, env = run_job(job, deadline, kill_at, args.smoke)
+                records, env = run_job(job, deadline, kill_at, args.smoke, update)
             except Exception as e:  # the orchestrator itself failed: say so, carry on
-                records, env = (
-                    [{"unit": u, "ok": False, "error": repr(e)} for u in job["units"]],
-                    {},
-                )
+                records = [{"unit": u, "ok": False, "error": repr(e)} for u in job["units"]]
+                env = {}
             durations.append(time.time() - t0)
             if env and section != "plan" and "env" not in results["meta"]:
                 results["meta"]["env"] = env
-            results[section] += records
-            if section == "attention":
-                add_ratios(results[section])
-            save()
+            update(records)
         budget.done(section)
     results["meta"]["results_name"] = results_name(results)
     save()
