@@ -24,6 +24,8 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
+from oasst_jax.text import DataError
+
 FIELDS = ("inputs", "targets", "weights")
 # ``loss_mask(roles=..., tokens=...)`` -> per-token 0/1 mask: ``chatml.loss_mask`` bound
 # to a tokenizer and mode (the data pipeline itself knows no loss rule)
@@ -78,6 +80,23 @@ def _nonempty(example: dict[str, np.ndarray]) -> bool:
     return len(example["inputs"]) > 0
 
 
+def check_usable(source: Any) -> None:
+    """Refuse a source none of whose samples gives an example (2 or more tokens: an input and
+    its target); filtering them all out, a repeating grain pipeline would spin forever.
+
+    Reads only the lengths where the source has them (our shards, Megatron splits)."""
+    if hasattr(source, "lengths"):
+        lengths = np.asarray(source.lengths())
+    else:
+        lengths = np.array([len(source[i]["tokens"]) for i in range(len(source))])
+    if not (lengths >= 2).any():
+        name = getattr(source, "path", type(source).__name__)
+        raise DataError(
+            f"{name}: none of its {lengths.size} samples has 2 or more tokens (an input and "
+            "its target); nothing to train or evaluate on"
+        )
+
+
 def build_dataset(
     source: Any,
     cfg: PipelineConfig,
@@ -89,8 +108,10 @@ def build_dataset(
 
     Each field is ``[rows_per_batch, seq_length]``.  ``source`` is any grain
     random-access source yielding ``{"tokens", "roles"}`` (the pretokenizer's
-    shards); with ``repeat`` the data cycles through epochs, reshuffled each time.
+    shards); with ``repeat`` the data cycles through epochs, reshuffled each time.  A source
+    without a sample of 2 or more tokens is refused (:func:`check_usable`).
     """
+    check_usable(source)
     ds = grain.MapDataset.source(source)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
