@@ -76,6 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -85,6 +86,7 @@ WEIGHTS = {"kernels": 0.14, "attention": 0.22, "train": 0.46, "decode": 0.14, "p
 MIN_SECTION_S = {"plan": 30.0}  # the planner check is cheap and the point of the train runs
 GRACE_S = 45.0  # a worker past its section's deadline by this much is killed (a compile)
 PLAN_GRACE_S = 15.0  # the planner check compiles nothing
+TRACEBACK_CHARS = 3000  # of a failed unit's traceback kept in its record
 POLL_S = 2.0  # how often the worker's new records are merged into the saved results
 TRAIN_GRID = [  # priority order: the budget cuts from the end
     ["pallas", "selective"],
@@ -447,9 +449,18 @@ def worker(job_path: str) -> None:
     durations = []
     out = open(job["records"], "a")  # noqa: SIM115 -- one line per record, flushed
 
+    written = set()
+
     def write(rec: dict) -> None:
         out.write(json.dumps(rec, default=str) + "\n")
         out.flush()
+        written.add(rec["unit"])
+
+    def failure(e: Exception) -> dict:
+        """The error line for the table, the traceback's end for whoever reads the JSON."""
+        tb = traceback.format_exc()
+        print(tb[-TRACEBACK_CHARS:], file=sys.stderr, flush=True)
+        return {"ok": False, "error": benchlib.error_line(e), "traceback": tb[-TRACEBACK_CHARS:]}
 
     write({"unit": "__env__", **device_sections.environment()})
 
@@ -462,7 +473,7 @@ def worker(job_path: str) -> None:
             try:
                 rec = fn()
             except Exception as e:  # one unit failing (OOM, lowering error) must not stop the rest
-                rec = {"ok": False, "error": benchlib.error_line(e)}
+                rec = failure(e)
             rec.setdefault("ok", True)
             rec["unit_s"] = round(time.time() - now, 2)
             durations.append(time.time() - now)
@@ -470,7 +481,13 @@ def worker(job_path: str) -> None:
         write(rec)
         print(f"[{job['section']}] {progress(rec)}", flush=True)
 
-    device_sections.SECTIONS[job["section"]](job, emit)
+    try:
+        device_sections.SECTIONS[job["section"]](job, emit)
+    except Exception as e:  # the section's own set-up (e.g. decode's weights): every unit left
+        rec = failure(e)
+        for unit in job["units"]:
+            if unit not in written:
+                write({"unit": unit, "device": device, **rec})
     out.close()
 
 

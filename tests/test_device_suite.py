@@ -102,6 +102,22 @@ def test_a_failing_unit_is_a_record_and_the_rest_runs(suite_module, tmp_path):
     assert all(not r["ok"] and r["error"] for r in records)
     assert "no-such-dtype" in records[0]["error"]
     assert records[1]["error"] == "KeyError: 'packed'"
+    assert "Traceback" in records[1]["traceback"]
+
+
+def test_a_failing_section_setup_fails_each_unit(suite_module):
+    """decode loads its weights before any unit: that error lands on every unit."""
+    size = {
+        **suite_module.SMOKE["decode"],
+        "config": "configs/no-such-config.py",
+        "batches": [1, 2],
+    }
+    job = suite_module.jobs_for("decode", size, per_config=False)[0]
+    now = time.time()
+    records, _ = suite_module.run_job(job, now + 300, now + 300, smoke=True)
+    assert [r["unit"] for r in records] == ["batch1", "batch2"]
+    for r in records:
+        assert not r["ok"] and r["error"].startswith("FileNotFoundError: config file not found")
 
 
 def test_a_killed_worker_leaves_failed_records(suite_module):
