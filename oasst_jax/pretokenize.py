@@ -60,6 +60,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from oasst_jax import files
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
 from oasst_jax.data import megatron, outputs, shards
@@ -489,7 +490,7 @@ def run(config: Any) -> dict[str, list[Stats]]:
             text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
             outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
     meta = _output_metadata(common, metas, stats)
-    shards.write_json_atomic(out_dir / shards.METADATA_FILE, meta)
+    files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
     if _setting(config, "compress"):
         outputs.compress(config.output_dir)
     return stats

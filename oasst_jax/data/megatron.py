@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from oasst_jax import files
 from oasst_jax.data import shards
 from oasst_jax.text import DataError
 
@@ -210,7 +211,7 @@ class MegatronSplitWriter:
         metadata_path(self.split).unlink(missing_ok=True)  # the split reads as ours only once whole
         self._text.commit()
         self._role.commit()
-        shards.write_json_atomic(metadata_path(self.split), meta)
+        files.write_json(metadata_path(self.split), meta, indent=2)
         self._done = True
         return meta
 
@@ -222,12 +223,9 @@ class MegatronSplitWriter:
 
 def write_special_tokens(output_dir: Path, tokenizer: Any) -> None:
     """``special_tokens.json`` as upstream writes it (``json.dump``, no newline)."""
-    path = Path(output_dir) / SPECIAL_TOKENS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(tokenizer.special_tokens(), f)
-        _close(f)
-    os.replace(tmp, path)
+    with files.atomic_path(Path(output_dir) / SPECIAL_TOKENS_FILE) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(tokenizer.special_tokens(), f)
 
 
 # ----------------------------------------------------------------------------- reading

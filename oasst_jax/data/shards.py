@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from oasst_jax import files
 from oasst_jax.text import DataError
 
 FORMAT_VERSION = 1
@@ -59,26 +60,6 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
         "megatron_new_tokens": tokenizer.megatron_new_tokens,
         "model_path": tokenizer.model_path,
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a fsynced temp file and a rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -153,13 +134,13 @@ class ShardWriter:
             "max_token_id": self._max_token_id,  # -1: no tokens
             **metadata,
         }
-        write_json_atomic(self._tmp / METADATA_FILE, meta)
+        files.write_json(self._tmp / METADATA_FILE, meta, indent=2)
         old = None
         if self.path.exists():
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, old)
         os.rename(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        files.fsync_path(str(self.path.parent))
         if old is not None:
             shutil.rmtree(old)
         self._done = True
