@@ -6,10 +6,31 @@ warmup 100, 12000 iterations, Adam (0.9, 0.95, 1e-12), weight decay 1e-6,
 no dropout, eval every 50 x 10, save every 500, selective recompute, flash attention.
 Start from a converted base model: `--config.load=/path/to/llama2-70b-orbax`.
 
-Rows hold one right-padded sample each (`packing=False`, as Megatron-LLM without
-`--variable_seq_lengths`), so a step sees the card's 64 samples and stage 2's 519
-steps are its ~2.9 epochs.  `--config.packing=True` packs ~8 samples per 4096-token
-row (the `samples` metric counts them): divide `train_iters` accordingly.
+Where this config differs from the library defaults (`oasst_jax.config.base_config`),
+every other field being the default and the card's value at once:
+
+- `model=` Llama-2-70B (`configs/model/llama2_70b.py`) with
+  `model.attention_impl="pallas"` (flash attention; the default is XLA attention).
+- `mesh.tensor=8`, `mesh.pipeline=4`: the card's TP 8 x PP 4 (`mesh.data=-1` takes
+  the devices left: 1 on 32).
+- `loss_normalization="microbatch_mean"`: Megatron's loss, the mean over
+  micro-batches of each one's mean over its assistant tokens; the default
+  `global_token_mean` weighs every assistant token of a global batch the same.
+  Validation loss is normalised the same way.
+- `packing=False`: one right-padded sample per row, as Megatron-LLM without
+  `--variable_seq_lengths`, so a step sees the card's 64 samples and stage 2's
+  519 steps are its ~2.9 epochs (default: packed rows).  `--config.packing=True`
+  packs ~8 samples per 4096-token row (the `samples` metric counts them): divide
+  `train_iters` accordingly.
+- `train_iters=12000`; `log_interval=1` (Megatron logs every iteration).
+- `finetune=True`, `use_checkpoint_args=True`, `load="checkpoints/llama2-70b-chatml"`:
+  the base weights only (fresh optimizer, step 0), model shape from that checkpoint.
+- `workdir=`, `data_path=`, `data_prefix=`: this run's output and data.
+
+Evaluation is the default, which is Megatron's: every 50 steps, 10 global batches
+(640 samples) from a validation stream that continues from one evaluation to the
+next (and across a resume); `--config.eval_full=True` reads the whole val split
+at each evaluation instead (deterministic, better for comparing checkpoints).
 """
 
 import os
@@ -33,6 +54,7 @@ def get_config():
     c.data_prefix = "oasst_pre10"
     c.seq_length = 4096
     c.packing = False  # one padded sample per row: the card's 64 samples per step
+    c.loss_normalization = "microbatch_mean"  # Megatron's mean of micro-batch means
     c.global_batch_size = 64
     c.micro_batch_size = 2
     c.train_iters = 12000

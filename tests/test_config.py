@@ -1,5 +1,6 @@
 """Train config validation: unknown fields anywhere are one-line errors."""
 
+import ast
 import os
 
 import pytest
@@ -41,6 +42,36 @@ def test_shipped_configs_have_only_known_fields():
     for name in ("tiny.py", "pre10.py", "sft10.py", "bench_tinyllama.py"):
         cfg = load_config(os.path.join(REPO, "configs", name))
         assert unknown_fields(cfg, base_config()) == []
+
+
+def _differences(cfg, ref, prefix: str = "") -> list[str]:
+    """Dotted names whose value in ``cfg`` differs from ``ref`` (a section that ``ref``
+    leaves empty, like ``model``, counts as one name)."""
+    out = []
+    for key in cfg.keys():
+        value, default = cfg[key], ref.get(key)
+        if hasattr(value, "keys") and hasattr(default, "keys") and len(default):
+            out += _differences(value, default, f"{prefix}{key}.")
+        elif key not in ref or value != default:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["pre10.py", "sft10.py"])
+def test_card_configs_are_megatron_and_list_every_difference(name):
+    """The card's configs use Megatron's loss normalisation (the library keeps the
+    token mean) and their docstrings name every field they change, as `field=`."""
+    path = os.path.join(REPO, "configs", name)
+    with open(path) as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    cfg = load_config(path)
+    assert cfg.loss_normalization == "microbatch_mean"
+    assert base_config().loss_normalization == "global_token_mean"
+    assert not cfg.eval_full and "eval_full" in doc  # Megatron's eval; the option named
+    model = load_config(os.path.join(REPO, "configs", "model", "llama2_70b.py"))
+    changed = _differences(cfg, base_config()) + _differences(cfg.model, model, "model.")
+    assert "model.attention_impl" in changed and "loss_normalization" in changed
+    assert [n for n in changed if f"`{n}=" not in doc] == []
 
 
 def test_loss_choices_are_the_ones_the_library_implements():
