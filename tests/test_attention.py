@@ -247,9 +247,10 @@ def test_sharded_equals_unsharded():
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2, "data": 2})
     got, hlo = _mesh_run(mesh, q, k, v, seg)
     want = _loss_and_grads("pallas", q, k, v, seg, True, block_sizes=GPU_BLOCKS)
-    for g, w in zip(got, want, strict=True):
-        assert isinstance(g.sharding, NamedSharding)
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert all(isinstance(g.sharding, NamedSharding) for g in got)
+    # Not bitwise on every CPU: a gradient that is zero in exact arithmetic (a query that
+    # sees only itself) comes out 0 on one side and ~1e-6 rounding noise on the other.
+    _assert_matches(got, want, FP32_TOL)
     # Each device ran the kernel on its own shard: nothing was gathered.
     assert "all-gather" not in hlo
 
