@@ -55,7 +55,6 @@ from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
 from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
-from oasst_jax.train_step import param_shardings
 
 # The model card's recommended inference system prompt.
 SYSTEM_PROMPT = (
@@ -81,7 +80,7 @@ def load_params(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.meta.unbox(boxed),
-        param_shardings(mesh, boxed),
+        sharding.param_shardings(mesh, boxed),
     )
     return load_start_params(path, cfg, target, step=step), cfg
 

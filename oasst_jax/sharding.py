@@ -1,4 +1,5 @@
-"""Mesh shapes and construction, and the one logical-axis rules table.
+"""Mesh shapes and construction, the one logical-axis rules table, and the shardings
+of parameters, train state and batches resolved through it.
 
 Model code speaks only logical axis names (``batch``, ``length``, ``embed`` ...).
 This is the only module that spells mesh axis names; everything else asks it to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 import jax
 import numpy as np
@@ -132,6 +134,45 @@ def logical_sharding(mesh: Mesh, names: Sequence[str | None]) -> NamedSharding:
 def tree_shardings(mesh: Mesh, logical_tree):
     """Map a pytree of logical PartitionSpecs (from ``nn.get_partition_spec``) to NamedShardings."""
     return nn.logical_to_mesh_sharding(logical_tree, mesh, RULES)
+
+
+def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
+    """NamedShardings of a boxed (logically partitioned) parameter tree."""
+    return tree_shardings(mesh, nn.get_partition_spec(boxed_params))
+
+
+def state_shardings(mesh: Mesh, params_sharding: Any, abstract_state: dict) -> dict:
+    """Shardings for the train state ``{step, params, opt_state}``.
+
+    Optimizer moments mirror the parameters, so an optimizer leaf whose path
+    ends with a parameter's path (and has its shape) gets that parameter's
+    sharding; counters and other scalars are replicated.
+    """
+    by_path = {
+        tuple(jax.tree_util.keystr((k,)) for k in path): s
+        for path, s in jax.tree_util.tree_leaves_with_path(params_sharding)
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(jax.tree_util.keystr((k,)) for k in path)
+        for n in range(len(keys)):
+            s = by_path.get(keys[n:])
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+
+    return {
+        "step": replicated,
+        "params": params_sharding,
+        "opt_state": jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"]),
+    }
+
+
+def batch_sharding(mesh: Mesh, leading: tuple = ()) -> NamedSharding:
+    """A batch field's sharding: ``[*leading, rows, length]`` over ``batch`` and ``length``
+    (``leading=(None,)``: the train step's unsharded accumulation axis)."""
+    return logical_sharding(mesh, (*leading, "batch", "length"))
 
 
 def mesh_axes(name: str) -> tuple[str, ...]:

@@ -32,7 +32,6 @@ from oasst_jax.train_step import (
     BATCH_FIELDS,
     StepConfig,
     all_finite,
-    batch_sharding,
     build_trainer,
     model_flops_per_token,
 )
@@ -399,7 +398,7 @@ class Validation:
     def __init__(self, cfg, source, loss_mask, eval_fn, mesh, rows_per_micro: int):
         self.cfg, self.source, self.loss_mask = cfg, source, loss_mask
         self.eval_fn, self.rows = eval_fn, rows_per_micro
-        self.shard = batch_sharding(mesh)
+        self.shard = sharding.batch_sharding(mesh)
         self.name = _split_name(cfg, "val")
         self.stream = None
         if not cfg.eval_full:

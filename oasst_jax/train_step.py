@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from oasst_jax import pipeline_parallel, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
@@ -49,44 +49,8 @@ class StepConfig:
     pipeline_stages: int = 1
 
 
-def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
-    return sharding.tree_shardings(mesh, nn.get_partition_spec(boxed_params))
-
-
-def state_shardings(mesh: Mesh, params_sharding: Any, abstract_state: dict) -> dict:
-    """Shardings for ``{step, params, opt_state}``.
-
-    Optimizer moments mirror the parameters, so an optimizer leaf whose path
-    ends with a parameter's path (and has its shape) gets that parameter's
-    sharding; counters and other scalars are replicated.
-    """
-    by_path = {
-        tuple(jax.tree_util.keystr((k,)) for k in path): s
-        for path, s in jax.tree_util.tree_leaves_with_path(params_sharding)
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        keys = tuple(jax.tree_util.keystr((k,)) for k in path)
-        for n in range(len(keys)):
-            s = by_path.get(keys[n:])
-            if s is not None and len(s.spec) <= leaf.ndim:
-                return s
-        return replicated
-
-    return {
-        "step": replicated,
-        "params": params_sharding,
-        "opt_state": jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"]),
-    }
-
-
 def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-
-def batch_sharding(mesh: Mesh, leading: tuple = ()) -> NamedSharding:
-    return sharding.logical_sharding(mesh, (*leading, "batch", "length"))
 
 
 def _microbatch_loss(
@@ -344,9 +308,9 @@ def build_trainer(
     """
     boxed = abstract_params(model)
     layer_specs = nn.get_partition_spec(boxed)["decoder"]
-    p_shard = param_shardings(mesh, boxed)
+    p_shard = sharding.param_shardings(mesh, boxed)
     abs_state = jax.eval_shape(lambda p: init_state(p, tx), nn.meta.unbox(boxed))
-    s_shard = state_shardings(mesh, p_shard, abs_state)
+    s_shard = sharding.state_shardings(mesh, p_shard, abs_state)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, s_shard
     )
@@ -358,7 +322,7 @@ def build_trainer(
         tokens = jnp.zeros((init_rows(), 8), jnp.int32)
         return init_state(nn.meta.unbox(model.init(key, tokens)["params"]), tx)
 
-    b_shard = batch_sharding(mesh, leading=(None,))
+    b_shard = sharding.batch_sharding(mesh, leading=(None,))
     step = jax.jit(
         make_train_step(model, tx, lr_schedule, step_cfg, dropout_rates, layer_specs),
         in_shardings=(s_shard, b_shard),
@@ -367,7 +331,7 @@ def build_trainer(
     )
     eval_fn = jax.jit(
         make_eval_step(model, step_cfg, layer_specs),
-        in_shardings=(p_shard, batch_sharding(mesh)),
+        in_shardings=(p_shard, sharding.batch_sharding(mesh)),
     )
     return CompiledTrainer(
         param_shardings=p_shard,
