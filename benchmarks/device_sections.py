@@ -27,7 +27,7 @@ from flax import linen as nn
 from oasst_jax import decode, sharding
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.planner import chips, memory, timing
-from oasst_jax.train_step import StepConfig, build_trainer, model_flops_per_token
+from oasst_jax.train_step import StepConfig, build_trainer
 
 GIB = 2**30
 # Kernel tolerances, as tests/test_attention.py: errors relative to the reference's largest
@@ -394,7 +394,7 @@ def train_unit(size: dict, impl: str, remat: str) -> dict:
         step_times_s=[round(t, 5) for t in times],
         tokens_per_step=tokens,
         tokens_per_s=tokens / dt,
-        mfu=model_flops_per_token(model_cfg, seq) * tokens / dt / cfg.peak_flops_per_device,
+        mfu=model_cfg.flops_per_token(seq) * tokens / dt / cfg.peak_flops_per_device,
         peak_flops_per_device=cfg.peak_flops_per_device,
         peak_bytes=memory_stats().get("peak_bytes_in_use"),
         compiled_bytes=c["bytes"],

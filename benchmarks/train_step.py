@@ -5,7 +5,7 @@
 
 Random packed rows (4 segments per row) feed the real jitted step built by
 ``train_step.build_trainer``, so the number measures the step, not the input
-pipeline.  MFU uses the trainer's FLOP formula (``model_flops_per_token``).
+pipeline.  MFU uses the trainer's FLOP formula (``LlamaConfig.flops_per_token``).
 benchmarks/device_suite.py runs this step for every attention x remat pair on a device.
 """
 
@@ -22,7 +22,7 @@ from oasst_jax import optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config
 from oasst_jax.model import Llama, hidden_dropout_rates
-from oasst_jax.train_step import StepConfig, build_trainer, model_flops_per_token
+from oasst_jax.train_step import StepConfig, build_trainer
 
 STEPS = int(os.environ.get("BENCH_STEPS", "10"))
 
@@ -52,7 +52,7 @@ def bench(cfg) -> dict:
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / STEPS
     tokens = cfg.global_batch_size * cfg.seq_length
-    flops = model_flops_per_token(mcfg, cfg.seq_length) * tokens
+    flops = mcfg.flops_per_token(cfg.seq_length) * tokens
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "device": jax.devices()[0].device_kind,

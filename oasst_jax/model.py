@@ -108,6 +108,14 @@ class LlamaConfig:
             n += 2 * self.padded_vocab_size * d
         return n
 
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (the MFU numerator): ``6 N`` for the matmul weights
+        (embedding lookup excluded, LM head included) plus attention's ``QK^T`` and ``AV``:
+        ``6 * 2 * layers * seq * heads * head_dim`` (full, non-causal count, as PaLM/MaxText)."""
+        n = self.num_params(include_embedding=False) + self.hidden_size * self.padded_vocab_size
+        attn = 12 * self.num_hidden_layers * seq_length * self.num_attention_heads * self.head_size
+        return 6.0 * n + attn
+
 
 def remat_policy(name: str):
     """The named rematerialisation policies.

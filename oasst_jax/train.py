@@ -33,7 +33,6 @@ from oasst_jax.train_step import (
     StepConfig,
     all_finite,
     build_trainer,
-    model_flops_per_token,
 )
 
 
@@ -217,7 +216,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                 val.set_state(val_state)
 
         logger = MetricsLogger(cfg.workdir)
-        flops_tok = model_flops_per_token(model_cfg, cfg.seq_length)
+        flops_tok = model_cfg.flops_per_token(cfg.seq_length)
         _log(
             f"model {model_cfg.num_params() / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
             f"accumulation {accum} x {rows_per_micro} rows x {cfg.seq_length} tokens"

@@ -343,12 +343,3 @@ def build_trainer(
         step=step,
         eval=eval_fn,
     )
-
-
-def model_flops_per_token(cfg: LlamaConfig, seq_length: int) -> float:
-    """Training FLOPs per token: ``6 N`` for the matmul weights (embedding lookup
-    excluded, LM head included) plus attention's ``QK^T`` and ``AV``:
-    ``6 * 2 * layers * seq * heads * head_dim`` (full, non-causal count, as PaLM/MaxText)."""
-    n = cfg.num_params(include_embedding=False) + cfg.hidden_size * cfg.padded_vocab_size
-    attn = 12 * cfg.num_hidden_layers * seq_length * cfg.num_attention_heads * cfg.head_size
-    return 6.0 * n + attn

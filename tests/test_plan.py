@@ -79,7 +79,7 @@ def test_ring_and_bubble():
     first, _ = memory.megatron_param_counts(c, 8, 4)
     t = timing.estimate_time(c, layout, chips.CHIPS["h100"], 4096, 64, first, "megatron")
     assert t.bubble_s / (t.step_s - t.fsdp_dp_exposed_s) == pytest.approx(3 / 35)  # (p-1)/(m+p-1)
-    assert t.flops_per_step == pytest.approx(64 * 4096 * timing.model_flops_per_token(c, 4096))
+    assert t.flops_per_step == pytest.approx(64 * 4096 * c.flops_per_token(4096))
 
 
 def test_axis_bandwidth_nvlink_vs_infiniband():

@@ -1,6 +1,6 @@
 """Step-time model: compute at a stated fraction of peak plus the main collectives.
 
-* FLOPs: :func:`oasst_jax.train_step.model_flops_per_token` (the trainer's MFU
+* FLOPs: :meth:`oasst_jax.model.LlamaConfig.flops_per_token` (the trainer's MFU
   formula) x tokens per step.  Recompute adds hardware FLOPs (not model FLOPs):
   full remat one more forward (+2N per token), selective the attention forward.
 * Compute: hardware FLOPs / (devices x peak x efficiency).
@@ -28,7 +28,6 @@ from oasst_jax.model import LlamaConfig
 from oasst_jax.planner.chips import Chip
 from oasst_jax.planner.memory import Layout
 from oasst_jax.sharding import DATA, FSDP, MESH_AXES, PIPELINE, SEQUENCE, TENSOR
-from oasst_jax.train_step import model_flops_per_token
 
 EFFICIENCY = 0.6  # matmul FLOP/s reached on the chip, a fraction of peak (stated in the output)
 
@@ -74,7 +73,7 @@ def ring(bytes_: float, n: int, bw: float, all_reduce: bool = False) -> float:
 
 
 def hardware_flops_per_token(cfg: LlamaConfig, seq: int, remat: str) -> float:
-    model = model_flops_per_token(cfg, seq)
+    model = cfg.flops_per_token(seq)
     attn = 12 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_size
     if remat == "full":
         return model + (model - attn) / 3 + attn / 3
@@ -99,7 +98,7 @@ def estimate_time(
     t, sp, p, f, d = (m[a] for a in (TENSOR, SEQUENCE, PIPELINE, FSDP, DATA))
     micro = layout.accumulation(global_batch)
     tokens_step = global_batch * seq
-    flops = model_flops_per_token(cfg, seq) * tokens_step
+    flops = cfg.flops_per_token(seq) * tokens_step
     megatron = framework == "megatron"
     compute = hardware_flops_per_token(cfg, seq, layout.remat) * tokens_step
     compute /= n * chip.peak_flops * efficiency
