@@ -22,6 +22,7 @@ from oasst_jax import chatml, checkpoint, distributed, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
+from oasst_jax.data.pipeline import BATCH_FIELDS
 from oasst_jax.hf.config import is_hf_dir
 from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
@@ -29,7 +30,6 @@ from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
 from oasst_jax.tokenizer import Tokenizer
 from oasst_jax.train_step import (
-    BATCH_FIELDS,
     StepConfig,
     all_finite,
     build_trainer,
@@ -228,7 +228,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             )
         stop = _StopFlag()
         timer = Timer()
-        global_shape = (accum, rows_per_micro, cfg.seq_length)
+        global_shape = pipeline.batch_shape(rows_per_micro, cfg.seq_length, accumulation=accum)
         step = int(state["step"])
         guard = _NonFiniteGuard(cfg, ckpt.directory, step if restored is not None else None)
         pending = None
@@ -414,7 +414,7 @@ class Validation:
 
     def __call__(self, params) -> dict[str, float]:
         chunks = self._full() if self.stream is None else self._continued()
-        shape = (self.rows, self.cfg.seq_length)
+        shape = pipeline.batch_shape(self.rows, self.cfg.seq_length)
         terms = [self.eval_fn(params, to_global(c, self.shard, shape)) for c in chunks]
         if not terms:
             raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")

@@ -35,8 +35,6 @@ from oasst_jax.model import (
     output_logits,
 )
 
-BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -190,7 +188,8 @@ def make_train_step(
     dropout_rates: jax.Array,
     layer_specs: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """Build the (unjitted) step; ``batch`` fields are ``[accumulation, rows, length]``.
+    """Build the (unjitted) step; ``batch`` holds :data:`oasst_jax.data.pipeline.BATCH_FIELDS`,
+    each ``[accumulation, rows, length]``.
 
     ``layer_specs`` are the decoder's logical partition specs (the pipeline schedule
     lays its stage buffers out by them).

@@ -1,6 +1,7 @@
 """The grain input pipeline (oasst_jax/data/pipeline.py): a split with no sample long enough
 for one example is refused in one line instead of the repeating pipeline spinning forever."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,18 @@ def test_one_usable_sample_is_enough(tmp_path, make):
     batch = next(iter(pipeline.build_dataset(source, CFG, _mask)))
     assert batch["inputs"].shape == (2, 8)
     assert pipeline.samples_in_batch(batch) >= 2  # the one 5-token sample, repeated
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_hold_the_batch_fields(packing):
+    """Packed or padded, a batch is :data:`~oasst_jax.data.pipeline.BATCH_FIELDS` of their
+    ``BATCH_DTYPES`` and ``batch_shape``: the definition the loop and the planner read."""
+    cfg = dataclasses.replace(CFG, packing=packing)
+    batch = next(iter(pipeline.build_dataset(ListSource([3, 5, 9, 4]), cfg, _mask)))
+    assert sorted(batch) == sorted(pipeline.BATCH_FIELDS)
+    for k, dtype in pipeline.BATCH_DTYPES.items():
+        assert batch[k].dtype == dtype and batch[k].shape == pipeline.batch_shape(2, 8), k
+    assert pipeline.batch_shape(2, 8, accumulation=4) == (4, 2, 8)
 
 
 def test_all_filtered_split_does_not_hang():

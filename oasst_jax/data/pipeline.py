@@ -17,7 +17,8 @@ exactly the same batches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import grain
@@ -27,6 +28,18 @@ from grain import experimental as grain_exp
 from oasst_jax.text import DataError
 
 FIELDS = ("inputs", "targets", "weights")
+# A batch's fields and their dtypes, each field [rows, seq_length]: the one list the loop,
+# the train step and the planner's abstract batch read.
+BATCH_DTYPES: Mapping[str, type] = MappingProxyType(
+    {
+        "inputs": np.int32,
+        "targets": np.int32,
+        "weights": np.float32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+    }
+)
+BATCH_FIELDS = tuple(BATCH_DTYPES)
 # ``loss_mask(roles=..., tokens=...)`` -> per-token 0/1 mask: ``chatml.loss_mask`` bound
 # to a tokenizer and mode (the data pipeline itself knows no loss rule)
 LossMask = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -42,6 +55,13 @@ class PipelineConfig:
     num_packing_bins: int = 16
     num_threads: int = 2
     prefetch: int = 4
+
+
+def batch_shape(rows: int, seq_length: int, *, accumulation: int | None = None) -> tuple:
+    """A batch field's shape: ``(rows, seq_length)`` (an eval step's micro-batch), or with
+    ``accumulation`` the train step's ``(accumulation, rows, seq_length)``, its
+    micro-batches stacked."""
+    return (rows, seq_length) if accumulation is None else (accumulation, rows, seq_length)
 
 
 def make_example(

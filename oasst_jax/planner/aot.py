@@ -37,17 +37,11 @@ import ml_collections
 
 from oasst_jax import optim, sharding
 from oasst_jax.config import micro_steps, model_config
+from oasst_jax.data import pipeline
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.planner.memory import Layout
 from oasst_jax.train_step import StepConfig, build_trainer
 
-_BATCH_DTYPES = {
-    "inputs": jnp.int32,
-    "targets": jnp.int32,
-    "weights": jnp.float32,
-    "segment_ids": jnp.int32,
-    "positions": jnp.int32,
-}
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -129,10 +123,10 @@ def mosaic_calls(program_text: str) -> int:
 
 def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -> dict:
     rows = cfg.global_batch_size // accum
-    shape = (accum, rows, cfg.seq_length)
+    shape = pipeline.batch_shape(rows, cfg.seq_length, accumulation=accum)
     return {
         k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding)
-        for k, dt in _BATCH_DTYPES.items()
+        for k, dt in pipeline.BATCH_DTYPES.items()
     }
 
 
