@@ -21,18 +21,15 @@ export leaves an existing ``--out`` as it was.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 
+from oasst_jax import cli
 from oasst_jax.hf.config import CONFIG_FILE, DTYPES
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m oasst_jax.convert", description=__doc__.split("\n")[0]
-    )
+    p = cli.ArgumentParser(prog="python -m oasst_jax.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-orbax", help="Hugging Face safetensors -> orbax checkpoint")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json + safetensors")
@@ -55,31 +52,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Bad input (a damaged HF directory or checkpoint, an occupied --out) ends with one
-    line on stderr and exit status 1, never a traceback; nothing at --out is changed."""
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "hf-to-orbax":
-            cfg = hf_to_orbax(args.hf_dir, args.out, add_chatml_tokens=args.add_chatml_tokens)
-            print(
-                f"wrote {args.out}: {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size} "
-                f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"
-            )
-        else:
-            written = orbax_to_hf(
-                args.ckpt,
-                args.out,
-                max_shard_size=args.max_shard_size,
-                dtype=args.dtype,
-                tokenizer=args.tokenizer,
-            )
-            extra = (
-                " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
-            )
-            print(f"wrote {args.out}: {CONFIG_FILE} + {len(written)} safetensors file(s){extra}")
-    except (ValueError, OSError) as e:
-        if os.environ.get("OASST_TRACEBACK"):  # developers: see where it came from
-            raise
-        sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
+    ``error:`` line (:func:`oasst_jax.cli.run_main`); nothing at --out is changed."""
+    cli.run_main(_convert, _parser().parse_args(argv))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    if args.command == "hf-to-orbax":
+        cfg = hf_to_orbax(args.hf_dir, args.out, add_chatml_tokens=args.add_chatml_tokens)
+        print(
+            f"wrote {args.out}: {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size} "
+            f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"
+        )
+    else:
+        written = orbax_to_hf(
+            args.ckpt,
+            args.out,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+        )
+        extra = " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
+        print(f"wrote {args.out}: {CONFIG_FILE} + {len(written)} safetensors file(s){extra}")
 
 
 if __name__ == "__main__":

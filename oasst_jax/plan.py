@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
 import ml_collections
 
@@ -352,33 +351,34 @@ def run(
     return records[0]
 
 
-def main(argv) -> None:
+def main(cfg: ml_collections.ConfigDict) -> None:
+    """Configure the platform before jax starts a backend, then plan (flags: _define_flags)."""
     from absl import flags
 
-    del argv
     f = flags.FLAGS
-    try:
-        mesh = parse_mesh(f.mesh) if f.mesh else None
-        run(
-            f.config,
-            mesh,
-            f.topology,
-            f.chip,
-            do_search=f.search,
-            efficiency=f.efficiency,
-            compile_top=f.compile_top,
-            json_only=f.json,
-            devices_hint=f.devices,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    mesh = parse_mesh(f.mesh) if f.mesh else None
+    fixed = mesh and -1 not in mesh.values()
+    if "JAX_PLATFORMS" not in os.environ:  # jax read it at import: set the config too
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    prepare_environment(math.prod(mesh.values()) if fixed else f.devices)
+    run(
+        cfg,
+        mesh,
+        f.topology,
+        f.chip,
+        do_search=f.search,
+        efficiency=f.efficiency,
+        compile_top=f.compile_top,
+        json_only=f.json,
+        devices_hint=f.devices,
+    )
 
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
     flags.DEFINE_string("mesh", "", "mesh override, e.g. tensor=8,pipeline=4 (others 1)")
     flags.DEFINE_string("topology", "", "TPU topology to compile for, e.g. v5p:2x4x4")
     flags.DEFINE_string("chip", "", f"chip for the analytic verdicts: {sorted(chips.CHIPS)}")
@@ -387,26 +387,16 @@ def _define_flags() -> None:
     flags.DEFINE_integer("compile_top", 2, "--search: how many best layouts to model/compile")
     flags.DEFINE_float("efficiency", timing.EFFICIENCY, "fraction of peak FLOP/s reached")
     flags.DEFINE_bool("json", False, "print JSON lines only")
-    flags.mark_flags_as_required(["config"])
-
-
-def _entry(argv) -> None:
-    """Configure the platform before jax starts a backend, then plan."""
-    from absl import flags
-
-    f = flags.FLAGS
-    mesh = parse_mesh(f.mesh) if f.mesh else {}
-    fixed = mesh and -1 not in mesh.values()
-    if "JAX_PLATFORMS" not in os.environ:  # jax read it at import: set the config too
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
-    prepare_environment(math.prod(mesh.values()) if fixed else f.devices)
-    main(argv)
 
 
 if __name__ == "__main__":
-    from absl import app
+    from oasst_jax.cli import cli_main
 
-    _define_flags()
-    app.run(_entry)
+    cli_main(
+        main,
+        "training config file",
+        define=_define_flags,
+        lock_config=False,
+        description="Does a layout fit, how fast will it be, and which layout is best: "
+        "analytic models plus an ahead-of-time compile, before renting hardware.",
+    )

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import decode, files, sharding
+from oasst_jax import cli, decode, files, sharding
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
@@ -235,9 +235,7 @@ def chat(args, params, cfg, tok, mesh, sp) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m oasst_jax.sample", description=__doc__.split("\n")[0]
-    )
+    p = cli.ArgumentParser(prog="python -m oasst_jax.sample", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
     p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
     p.add_argument("--step", type=int, help="orbax step (default: the newest)")
@@ -311,15 +309,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Bad input (flags, files, a checkpoint that does not load, a prompt longer than
-    the context window) ends with one line on stderr and exit status 1; the report
-    file is written whole or not at all (``OASST_TRACEBACK=1`` re-raises)."""
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        if os.environ.get("OASST_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e} (OASST_TRACEBACK=1 shows the traceback)")
+    the context window) ends with one ``error:`` line (:func:`oasst_jax.cli.run_main`);
+    the report file is written whole or not at all."""
+    cli.run_main(run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

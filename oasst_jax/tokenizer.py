@@ -384,28 +384,33 @@ _SKIP_TEXT = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m oasst_jax.tokenizer")
+def main(argv: Sequence[str] | None = None) -> None:
+    """``train``: bad input ends with one ``error:`` line (:func:`oasst_jax.cli.run_main`)."""
+    from oasst_jax import cli  # a leaf; imported here so the library need not load it
+
+    parser = cli.ArgumentParser(
+        prog="python -m oasst_jax.tokenizer", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a small BPE SentencePiece model")
     train.add_argument("--input", nargs="+", required=True, help="files or directories")
     train.add_argument("--out", required=True, help="output path, e.g. tokenizer.model")
     train.add_argument("--vocab-size", type=int, default=1000)
-    args = parser.parse_args(argv)
+    cli.run_main(_train, parser.parse_args(argv))
+
+
+def _train(args: argparse.Namespace) -> None:
     out = args.out[: -len(".model")] if args.out.endswith(".model") else args.out
     skipped: collections.Counter = collections.Counter()
     try:
         path = train_sentencepiece(list(args.input), out, args.vocab_size, skipped)
-    except (ValueError, RuntimeError, OSError) as e:  # DataError is a ValueError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {first}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:  # SentencePiece refusing its input (e.g. too few pieces)
+        raise ValueError(str(e)) from e
     for reason, count in sorted(skipped.items()):
         print(f"warning: skipped {count} {_SKIP_TEXT.get(reason, reason)}", file=sys.stderr)
     tok = Tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
