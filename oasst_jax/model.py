@@ -368,9 +368,29 @@ def hidden_dropout_rates(num_layers: int, hidden_dropout: float, lima: bool) -> 
 
 
 class Llama(nn.Module):
+    """The decoder: embedding, layer stack and :meth:`head`.  ``setup`` rather than
+    ``nn.compact`` so the tail is a method of its own; parameter names and their
+    initial values are those ``nn.compact`` gave."""
+
     cfg: LlamaConfig
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        self.embedding = self.param(
+            "embedding",
+            _init(c, ("vocab", "embed")),
+            (c.padded_vocab_size, c.hidden_size),
+            jnp.dtype(c.param_dtype),
+        )
+        self.decoder = DecoderStack(c)
+        self.final_norm = RMSNorm(c)
+        self.lm_head = self.param(
+            "lm_head",
+            _init(c, ("embed", "vocab")),
+            (c.hidden_size, c.padded_vocab_size),
+            jnp.dtype(c.param_dtype),
+        )
+
     def __call__(
         self,
         tokens_BL: jax.Array,
@@ -395,24 +415,24 @@ class Llama(nn.Module):
                 positions_BL = positions_from_segments(segment_ids_BL)
         if dropout_rates is None:
             dropout_rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
-        embedding = self.param(
-            "embedding",
-            _init(c, ("vocab", "embed")),
-            (c.padded_vocab_size, c.hidden_size),
-            jnp.dtype(c.param_dtype),
+        x_BLD = embed_tokens(c, self.embedding, tokens_BL)
+        x_BLD = self.decoder(x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic)
+        return self.head(x_BLD)
+
+    def head(self, x_BLD: jax.Array) -> jax.Array:
+        """The model's tail: fp32 logits ``[B, L, V]`` of decoder outputs (final norm, LM
+        head, padded vocab columns set to -inf-like).  The pipelined train and eval steps
+        apply it alone to the last stage's outputs (``apply(..., method=Llama.head)``)."""
+        c = self.cfg
+        x_BLD = self.final_norm(x_BLD)
+        logits_BLV = jnp.einsum(
+            "bld,dv->blv", x_BLD, self.lm_head.astype(c.dtype), preferred_element_type=jnp.float32
         )
-        x_BLD = embed_tokens(c, embedding, tokens_BL)
-        x_BLD = DecoderStack(c, name="decoder")(
-            x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic
-        )
-        x_BLD = RMSNorm(c, name="final_norm")(x_BLD)
-        head = self.param(
-            "lm_head",
-            _init(c, ("embed", "vocab")),
-            (c.hidden_size, c.padded_vocab_size),
-            jnp.dtype(c.param_dtype),
-        )
-        return output_logits(c, head, x_BLD)
+        logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
+        if c.padded_vocab_size != c.vocab_size:
+            valid = jnp.arange(c.padded_vocab_size) < c.vocab_size
+            logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
+        return logits_BLV
 
 
 def embed_tokens(cfg: LlamaConfig, embedding_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
@@ -428,19 +448,6 @@ def embed_tokens(cfg: LlamaConfig, embedding_VD: jax.Array, tokens_BL: jax.Array
     onehot_BLV = constrain(onehot_BLV, ("batch", "length", "act_vocab"))
     x_BLD = jnp.einsum("blv,vd->bld", onehot_BLV, embedding_VD.astype(cfg.dtype))
     return constrain(x_BLD, ("batch", "length", "act_embed"))
-
-
-def output_logits(cfg: LlamaConfig, head_DV: jax.Array, x_BLD: jax.Array) -> jax.Array:
-    """fp32 logits ``[B, L, V]`` of final-normed hidden states, padded vocab columns
-    set to -inf-like (shared with the pipeline schedule, like :func:`embed_tokens`)."""
-    logits_BLV = jnp.einsum(
-        "bld,dv->blv", x_BLD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
-    logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
-    if cfg.padded_vocab_size != cfg.vocab_size:
-        valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-        logits_BLV = jnp.where(valid, logits_BLV, jnp.finfo(jnp.float32).min)
-    return logits_BLV
 
 
 def init_rows() -> int:

@@ -26,14 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from oasst_jax import pipeline_parallel, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
-from oasst_jax.model import (
-    Llama,
-    LlamaConfig,
-    RMSNorm,
-    abstract_params,
-    init_rows,
-    output_logits,
-)
+from oasst_jax.model import Llama, abstract_params, init_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +77,6 @@ def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
     return num, (den, jnp.sum(mb["weights"]))
 
 
-def _head_logits(cfg: LlamaConfig, params: Any, x_BLD: jax.Array) -> jax.Array:
-    """Final norm + LM head of decoder outputs (the pipeline's tail, as in :class:`Llama`)."""
-    x_BLD = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_BLD)
-    return output_logits(cfg, params["lm_head"], x_BLD)
-
-
 def _pipelined_loss(
     model: Llama,
     params: Any,
@@ -119,7 +106,8 @@ def _pipelined_loss(
 
     @jax.checkpoint
     def head(x_BLD, mb):
-        return _loss_terms(_head_logits(cfg, params, x_BLD), mb, step_cfg)
+        logits = model.apply({"params": params}, x_BLD, method=Llama.head)
+        return _loss_terms(logits, mb, step_cfg)
 
     def micro(totals, xs):
         return jax.tree.map(jnp.add, totals, head(*xs)), None
@@ -269,7 +257,7 @@ def make_eval_step(
             layer_specs=layer_specs,
             deterministic=True,
         )
-        return _head_logits(cfg, params, hidden_1BLD[0])
+        return model.apply({"params": params}, hidden_1BLD[0], method=Llama.head)
 
     def eval_fn(params: Any, batch: dict):
         num, (den, tokens) = _loss_terms(logits_fn(params, batch), batch, step_cfg)
