@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -129,3 +130,9 @@ def tiny_hf_llama(path, *, rope_factor: float = 1.0, dtype=None, max_shard_size=
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return str(path)
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference between two pytrees of arrays (same structure)."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(np.max(np.abs(x - y))) for x, y in pairs)

@@ -94,3 +94,32 @@ def test_loss_choices_are_the_ones_the_library_implements():
     assert loss_mask(roles, tokens, None, LOSS_MODES[0]).tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="needs the tokenizer"):
         loss_mask(roles, tokens, None, LOSS_MODES[1])
+
+
+def test_config_errors_are_one_line():
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
+    cfg.micro_batch_size = 3
+    with pytest.raises(
+        ValueError, match="global_batch_size=8 is not divisible by micro_batch_size=3"
+    ):
+        validate(cfg, 8)
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
+    cfg.model.remat_policy = "sometimes"
+    with pytest.raises(ValueError, match="remat_policy='sometimes'"):
+        validate(cfg, 8)
+    for name in ("pre10.py", "sft10.py"):
+        c = load_config(os.path.join(REPO, "configs", name))
+        validate(c, 32)  # the card's layouts validate for 32 devices
+        assert (c.mesh.tensor, c.mesh.pipeline, c.seq_length, c.global_batch_size) == (
+            8,
+            4,
+            4096,
+            64,
+        )
+    sft = load_config(os.path.join(REPO, "configs", "sft10.py"))
+    assert (sft.hidden_dropout, sft.lima_dropout, sft.train_iters, sft.save_interval) == (
+        0.25,
+        True,
+        519,
+        346,
+    )

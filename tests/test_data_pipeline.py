@@ -1,5 +1,6 @@
 """The grain input pipeline (oasst_jax/data/pipeline.py): a split with no sample long enough
-for one example is refused in one line instead of the repeating pipeline spinning forever."""
+for one example is refused in one line instead of the repeating pipeline spinning forever;
+batches hold the batch fields; samples are counted per packed row."""
 
 import dataclasses
 import subprocess
@@ -98,3 +99,10 @@ def test_all_filtered_split_does_not_hang():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("refused: list: none of its 4 samples has 2 or more tokens")
+
+
+def test_samples_in_batch_counts_segments():
+    from oasst_jax.data.pipeline import samples_in_batch
+
+    seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert samples_in_batch({"segment_ids": seg}) == 4

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import max_diff
 
 from oasst_jax import optim
 from oasst_jax.config import base_config
@@ -83,11 +84,6 @@ def _steps(cfg, mesh_shape, stages, batches, tx, devices=None, hlo=False):
     return params0, jax.device_get(state), losses, text
 
 
-def _max_diff(a, b) -> float:
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return max(float(np.max(np.abs(x - y))) for x, y in pairs)
-
-
 _REFERENCE: dict = {}
 
 
@@ -115,7 +111,7 @@ def test_pipeline_matches_unpipelined_loss_and_grads(mesh_shape, stages, layers,
         _cfg(layers, remat), mesh_shape, stages, [_batch(MICRO, ROWS)], optax.sgd(1.0), hlo=True
     )
     grads = jax.tree.map(np.subtract, p0, state["params"])
-    loss_err, grad_err = abs(losses[0] - want_loss), _max_diff(grads, want_grads)
+    loss_err, grad_err = abs(losses[0] - want_loss), max_diff(grads, want_grads)
     print(f"{mesh_shape} {layers} layers: loss err {loss_err:.1e}, grad err {grad_err:.1e}")
     assert loss_err < 1e-5 and grad_err < 1e-5
     # Stages hand activations on by collective permutes; without fsdp/tensor nothing is
@@ -135,7 +131,7 @@ def test_full_train_step_pipeline2_equals_pipeline1():
     _, want, want_losses, _ = _steps(cfg, {"data": 8}, 1, batches, tx)
     _, got, losses, _ = _steps(cfg, {"pipeline": 2, "data": 4}, 2, batches, tx)
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
-    assert _max_diff(got["params"], want["params"]) < 1e-5
+    assert max_diff(got["params"], want["params"]) < 1e-5
 
 
 def _eval(cfg, mesh_shape, stages, batch, devices=None):
