@@ -153,7 +153,7 @@ def _close(f: Any) -> None:
     f.close()
 
 
-class MegatronSplitWriter:
+class MegatronSplitWriter(shards.StagedWriter):
     """The ``-text`` and ``-role`` datasets of one split (and our metadata beside them).
 
     Same interface as :class:`shards.ShardWriter`: ``add_batch``, ``num_samples``,
@@ -170,17 +170,6 @@ class MegatronSplitWriter:
         self._num_tokens = 0
         self._max_token_id = -1
         self._done = False
-
-    def __enter__(self) -> MegatronSplitWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._done:
-            self.abort()
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_samples
 
     def add_batch(self, tokens: np.ndarray, roles: np.ndarray, lengths: np.ndarray) -> None:
         tokens, roles, lengths = np.asarray(tokens), np.asarray(roles), np.asarray(lengths)

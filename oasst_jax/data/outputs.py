@@ -60,7 +60,7 @@ def full_prefix(output_dir: str, prefix: str, split: str) -> str:
     return str(Path(output_dir) / f"{prefix}-{split}")
 
 
-class SplitWriter:
+class SplitWriter(shards.StagedWriter):
     """Fans one split's samples out to the writers of each configured format (and the
     jsonl); :meth:`commit` finishes and renames them, leaving the block without it
     removes every temporary."""
@@ -94,17 +94,6 @@ class SplitWriter:
         except BaseException:
             self.abort()
             raise
-
-    def __enter__(self) -> SplitWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._done:
-            self.abort()
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_samples
 
     def add_batch(self, tokens: np.ndarray, roles: np.ndarray, lengths: np.ndarray) -> None:
         for writer in self._writers:

@@ -20,6 +20,7 @@ writer fills a hidden temp directory, fsyncs it and renames it into place.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import shutil
@@ -62,7 +63,32 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-class ShardWriter:
+class StagedWriter(abc.ABC):
+    """Base of the split writers: nothing they write counts until ``commit``, and leaving
+    the ``with`` block without committing (an exception, a run stopped early) calls
+    ``abort``, which removes what was written, so a failed run never leaves a half split.
+    Subclasses count ``_num_samples`` and set ``_done`` in ``commit`` and ``abort``."""
+
+    _done = False
+    _num_samples = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Remove everything written so far."""
+
+
+class ShardWriter(StagedWriter):
     """Streams samples of one split into a hidden temp dir; :meth:`commit` moves it into place.
 
     Use as a context manager: leaving the block without :meth:`commit` (an exception, or a
@@ -83,17 +109,6 @@ class ShardWriter:
         self._num_samples = 0
         self._max_token_id = -1
         self._done = False
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._done:
-            self.abort()
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_samples
 
     def add(self, tokens: np.ndarray, roles: np.ndarray) -> None:
         """Append one sample."""
