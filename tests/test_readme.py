@@ -58,10 +58,12 @@ def section(name: str) -> str:
 def pipeline_rows() -> dict[str, str]:
     """Pipeline table: step (first column) -> the command (first ``python -m`` code span)."""
     rows = {}
-    for line in section("Pipeline").splitlines():
+    lines = section("Pipeline").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| step |"))
+    for line in lines[start + 2 :]:  # the first table only: header and rule skipped
+        if not line.startswith("|"):
+            break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or cells[0] in ("step", "---"):
-            continue
         commands = [c for c in re.findall(r"`([^`]+)`", cells[1]) if c.startswith("python -m ")]
         assert commands, f"README Pipeline row without a command: {line}"
         rows[cells[0]] = commands[0]
