@@ -62,6 +62,11 @@ def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
     return outputs.open_source(cfg.data_path, cfg.data_prefix, split)
 
 
+def evaluates(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the run reads the val split: the checks at start-up and the loop agree on it."""
+    return bool(cfg.eval_iters and cfg.eval_interval)
+
+
 def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Tokenizer | None:
     """The run's tokenizer, checked once against the model's vocabulary: ``tokenizer_path``
     (in the ``megatron_new_tokens`` layout) when set, else the one the train split's
@@ -82,7 +87,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> To
             f"tokenizer {tok.model_path} has {tok.vocab_size} ids but "
             f"model.vocab_size={model_cfg.vocab_size}"
         )
-    splits = ("train", "val") if cfg.eval_iters and cfg.eval_interval else ("train",)
+    splits = ("train", "val") if evaluates(cfg) else ("train",)
     for split in splits:
         outputs.check_source(cfg.data_path, cfg.data_prefix, split, model_cfg.vocab_size, tok)
     if tok is None and cfg.loss_on != "assistant_turn":
@@ -208,7 +213,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         if data_state is not None:
             train_it.set_state(data_state)
         val = None
-        if cfg.eval_iters and cfg.eval_interval:
+        if evaluates(cfg):
             val = Validation(
                 cfg, open_split(cfg, "val"), loss_mask, trainer.eval, mesh, rows_per_micro
             )
