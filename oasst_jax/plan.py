@@ -30,7 +30,7 @@ import ml_collections
 from oasst_jax import sharding
 from oasst_jax.config import model_config
 from oasst_jax.model import LlamaConfig
-from oasst_jax.planner import chips, memory, search, timing
+from oasst_jax.planner import chips, lora, memory, search, timing
 
 GIB = 2**30
 
@@ -68,16 +68,15 @@ def analytic_record(
 ) -> dict:
     """This trainer's analytic memory and time for ``layout`` on ``chip``."""
     table = memory.param_table(model_cfg)
-    mem = memory.jax_memory(model_cfg, layout, cfg.seq_length, cfg.global_batch_size, table)
-    per_device = memory.sharded_elements(table, layout.mesh)
-    t = timing.estimate_time(
+    mem, t = search.model_layout(
         model_cfg,
         layout,
         chip,
         cfg.seq_length,
         cfg.global_batch_size,
-        per_device,
-        efficiency=efficiency,
+        efficiency,
+        table,
+        lora.LoraSpec.from_config(cfg),
     )
     return {
         "mesh": dict(layout.mesh),
@@ -92,6 +91,7 @@ def analytic_record(
         "step_time_s": t.step_s,
         "mfu": t.mfu,
         "dominant": t.dominant(),
+        "notes": list(mem.notes),
         "efficiency": efficiency,
         "overrides": layout.overrides(),
     }
@@ -210,6 +210,7 @@ def describe(rec: dict) -> list[str]:
     lines.append(f"  {'per device':24s} {'compiled':>11s} {'analytic':>11s}")
     for name, got, est in rows:
         lines.append(f"  {name:24s} {gib(got):>11s} {gib(est):>11s}")
+    lines += [f"  {note}" for note in rec.get("notes", ())]
     verdict = "fits" if rec["fits"] else "DOES NOT FIT"
     lines.append(f"  {rec['chip']} HBM {gib(rec['hbm_bytes'])}: {verdict} ({rec['fits_by']})")
     if "analytic_error" in rec:
@@ -271,7 +272,15 @@ def run_search(cfg, target: Target, compile_top: int, say) -> list[dict]:
     model_cfg = model_config(cfg)
     seq, batch = cfg.seq_length, cfg.global_batch_size
     layouts = search.enumerate_layouts(model_cfg, target.num_devices, seq, batch)
-    ranked = search.rank(model_cfg, layouts, target.chip, seq, batch, target.efficiency)
+    ranked = search.rank(
+        model_cfg,
+        layouts,
+        target.chip,
+        seq,
+        batch,
+        target.efficiency,
+        lora.LoraSpec.from_config(cfg),
+    )
     fitting = sum(c.fits for c in ranked)
     say(
         f"search: {len(layouts)} valid layouts, {fitting} fit {target.chip.name} HBM x "
@@ -280,7 +289,7 @@ def run_search(cfg, target: Target, compile_top: int, say) -> list[dict]:
     if not fitting:
         state = gib(ranked[0].memory.params + ranked[0].memory.optimizer).strip()
         say(
-            f"no layout fits: fp32 parameters + Adam state alone are {state} per device on "
+            f"no layout fits: parameters + optimizer state alone are {state} per device on "
             f"{target.num_devices} x {target.chip.name}; the least memory-hungry are listed"
         )
     records = []
@@ -303,7 +312,8 @@ def run_single(cfg, mesh: dict[str, int], target: Target, say) -> dict:
     devices = target.devices or aot.cpu_devices(target.num_devices)
     rec.update(compile_record(cfg, layout, devices))
     rec = finish(rec)
-    if target.chip.platform == "gpu" and mesh[sharding.FSDP] == mesh[sharding.SEQUENCE] == 1:
+    card_layout = mesh[sharding.FSDP] == mesh[sharding.SEQUENCE] == 1
+    if target.chip.platform == "gpu" and card_layout and not lora.LoraSpec.from_config(cfg):
         rec["megatron"] = megatron_record(model_cfg, cfg, layout, target.chip, target.efficiency)
         say("\n".join(describe_megatron(rec["megatron"], layout)))
     say("\n".join(describe(rec)))

@@ -5,11 +5,13 @@ import json
 import math
 import os
 
+import ml_collections
 import pytest
 
 from oasst_jax import sharding
 from oasst_jax.config import load_config, model_config
-from oasst_jax.planner import chips, memory, search, timing
+from oasst_jax.model import LlamaConfig
+from oasst_jax.planner import chips, lora, memory, search, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +70,72 @@ def test_jax_selective_activations_by_hand():
     got = memory.activation_bytes_per_token(c, "selective", t, t)
     assert got == 2 * (3 * h / t + (h + 2 * k + 2 * f) / t)
     assert memory.residual_split(mesh(sequence=2, tensor=4)) == 8  # res_length: sequence x tensor
+
+
+def test_lora_trainable_params_match_peft_count_for_llama2_7b():
+    # PEFT's print_trainable_parameters() for Llama-2-7B, r=16 on all seven projections:
+    # "trainable params: 39,976,960"
+    model = load_config(os.path.join(REPO, "configs", "model", "llama2_7b.py"))
+    c = LlamaConfig.from_mapping(dict(model))
+    spec = lora.LoraSpec(16, lora.TARGETS, "bfloat16")
+    assert lora.adapter_params(c, spec) == 39_976_960
+
+
+def test_lora_memory_by_hand():
+    c = model_config(tiny_cfg())
+    layout = memory.Layout(mesh(fsdp=2, tensor=2), 2, "selective")
+    spec = lora.LoraSpec(4, ("q_proj", "down_proj"), "nf4")
+    est = lora.lora_memory(c, layout, 64, 8, spec)
+    full = memory.jax_memory(c, layout, 64, 8)
+    d, heads, dh, f, layers = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.head_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+    )
+    # q: A [d/fsdp, r], B [r, heads/tensor, dh]; down: A [f/tensor, r], B [r, d/fsdp]
+    adapters = layers * (d / 2 * 4 + 4 * heads / 2 * dh + f / 2 * 4 + 4 * d / 2)
+    targets = layers * (d * heads * dh + f * d) / 4
+    everything = full.params / 4
+    base = targets * (0.5 + 4 / 64) + (everything - targets) * 2
+    assert est.params == pytest.approx(base + 4 * adapters)
+    assert est.optimizer == pytest.approx(8 * adapters) and est.grads == pytest.approx(8 * adapters)
+    assert est.activations == full.activations
+    assert est.total < full.total
+
+
+def test_qlora_70b_fits_one_8gpu_host_where_full_training_cannot():
+    c = cfg_70b()
+    layout = memory.Layout(mesh(fsdp=8), 1, "full")
+    hbm = chips.CHIPS["h100"].hbm_bytes
+    full = memory.jax_memory(c, layout, 4096, 64)
+    qlora = lora.lora_memory(c, layout, 4096, 64, lora.LoraSpec(16, lora.TARGETS, "nf4"))
+    assert full.total > hbm > qlora.total
+    assert qlora.params < 6 * 2**30  # ~69B x 0.56 B / 8 + bf16 embeddings / 8
+
+
+def test_lora_spec_from_config_and_errors():
+    cfg = ml_collections.ConfigDict(
+        {"lora": {"rank": 8, "targets": "q_proj, v_proj", "base_dtype": "int8"}}
+    )
+    assert lora.LoraSpec.from_config(cfg) == lora.LoraSpec(8, ("q_proj", "v_proj"), "int8")
+    cfg.lora.rank = 0
+    assert lora.LoraSpec.from_config(cfg) is None
+    with pytest.raises(ValueError, match="lora.targets: unknown"):
+        lora.LoraSpec(8, ("qkv",), "int8")
+    with pytest.raises(ValueError, match="lora.base_dtype"):
+        lora.LoraSpec(8, ("q_proj",), "int4")
+
+
+def test_frozen_base_step_is_faster():
+    c = cfg_70b()
+    layout = memory.Layout(mesh(fsdp=8), 1, "full")
+    chip = chips.CHIPS["h100"]
+    full = timing.estimate_time(c, layout, chip, 4096, 64, 1e9)
+    frozen = timing.estimate_time(c, layout, chip, 4096, 64, 1e9, frozen_base_bytes=0.6)
+    assert frozen.compute_s < full.compute_s and frozen.step_s < full.step_s
+    assert frozen.flops_per_step == full.flops_per_step  # the MFU numerator is unchanged
 
 
 def test_ring_and_bubble():

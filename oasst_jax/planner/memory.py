@@ -186,14 +186,13 @@ def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int, res: int) -
     return selective + 2 * (2 * h / res + (h + k + f) / t)
 
 
-def jax_memory(
-    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, table=None
-) -> MemoryEstimate:
-    """This trainer's step on ``layout`` (see the module docstring)."""
+def activation_terms(
+    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int
+) -> tuple[float, float]:
+    """``(saved activations, transients)`` bytes per device of one step: what does not
+    depend on which parameters are trained (so LoRA, :mod:`oasst_jax.planner.lora`,
+    shares it).  Transients here: one layer's recompute, XLA attention, logits."""
     m = layout.mesh
-    table = param_table(cfg) if table is None else table
-    n = sharded_elements(table, m)
-    pbytes = 4 if cfg.param_dtype == "float32" else 2
     t, sp, p = m[sharding.TENSOR], m[sharding.SEQUENCE], m[sharding.PIPELINE]
     rows = layout.micro_batch_size  # rows per data replica = rows per device
     tokens = rows * seq
@@ -213,13 +212,24 @@ def jax_memory(
     if cfg.attention_impl in ("xla", "pallas"):  # the AOT compile uses XLA attention
         attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
     logits = LOGIT_COPIES * rows * (seq / sp) * cfg.padded_vocab_size / t * 4
+    return acts, recompute + attn + logits
+
+
+def jax_memory(
+    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, table=None
+) -> MemoryEstimate:
+    """This trainer's step on ``layout`` (see the module docstring)."""
+    table = param_table(cfg) if table is None else table
+    n = sharded_elements(table, layout.mesh)
+    pbytes = 4 if cfg.param_dtype == "float32" else 2
+    acts, transient = activation_terms(cfg, layout, seq, global_batch)
     cast = n * 2 if cfg.dtype == "bfloat16" and pbytes == 4 else 0.0
     return MemoryEstimate(
         params=n * pbytes,
         optimizer=2 * n * pbytes,
         grads=2 * n * 4,
         activations=acts,
-        transient=recompute + attn + logits + cast + n * 4,
+        transient=transient + cast + n * 4,
     )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from oasst_jax import sharding
 from oasst_jax.model import REMAT_POLICIES, LlamaConfig
 from oasst_jax.planner.chips import Chip
+from oasst_jax.planner.lora import LoraSpec, lora_memory
 from oasst_jax.planner.memory import (
     Layout,
     MemoryEstimate,
@@ -91,6 +92,38 @@ def enumerate_layouts(
     return out
 
 
+def model_layout(
+    cfg: LlamaConfig,
+    layout: Layout,
+    chip: Chip,
+    seq: int,
+    global_batch: int,
+    efficiency: float,
+    table: list,
+    lora: LoraSpec | None = None,
+) -> tuple[MemoryEstimate, TimeEstimate]:
+    """This trainer's analytic memory and step time for ``layout``: full training, or a
+    frozen base with LoRA adapters when ``lora`` is given."""
+    per_device = sharded_elements(table, layout.mesh)
+    if lora is None:
+        memory = jax_memory(cfg, layout, seq, global_batch, table)
+        base_bytes = None
+    else:
+        memory = lora_memory(cfg, layout, seq, global_batch, lora, table)
+        base_bytes = lora.bytes_per_base_param(cfg, layout.mesh, table)
+    time = estimate_time(
+        cfg,
+        layout,
+        chip,
+        seq,
+        global_batch,
+        per_device,
+        efficiency=efficiency,
+        frozen_base_bytes=base_bytes,
+    )
+    return memory, time
+
+
 def rank(
     cfg: LlamaConfig,
     layouts: list[Layout],
@@ -98,16 +131,13 @@ def rank(
     seq: int,
     global_batch: int,
     efficiency: float,
+    lora: LoraSpec | None = None,
 ) -> list[Candidate]:
     """Model every layout; those that fit (with headroom) first, fastest first."""
     table = param_table(cfg)
     capacity = chip.hbm_bytes * HEADROOM
     out = []
     for layout in layouts:
-        memory = jax_memory(cfg, layout, seq, global_batch, table)
-        per_device = sharded_elements(table, layout.mesh)
-        time = estimate_time(
-            cfg, layout, chip, seq, global_batch, per_device, efficiency=efficiency
-        )
+        memory, time = model_layout(cfg, layout, chip, seq, global_batch, efficiency, table, lora)
         out.append(Candidate(layout, memory, time, capacity))
     return sorted(out, key=lambda c: (not c.fits, c.time.step_s if c.fits else c.memory.total))

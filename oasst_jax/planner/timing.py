@@ -72,9 +72,15 @@ def ring(bytes_: float, n: int, bw: float, all_reduce: bool = False) -> float:
     return (2 if all_reduce else 1) * (n - 1) / n * bytes_ / bw
 
 
-def hardware_flops_per_token(cfg: LlamaConfig, seq: int, remat: str) -> float:
+def hardware_flops_per_token(
+    cfg: LlamaConfig, seq: int, remat: str, frozen_base: bool = False
+) -> float:
+    """FLOPs the step executes per token; a frozen (LoRA) base skips its weight
+    gradients: ``4N`` instead of ``6N`` for the matmul weights."""
     model = cfg.flops_per_token(seq)
     attn = 12 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_size
+    if frozen_base:
+        model = attn + (model - attn) * 4 / 6
     if remat == "full":
         return model + (model - attn) / 3 + attn / 3
     if remat == "selective":
@@ -91,8 +97,16 @@ def estimate_time(
     params_per_device: float,
     framework: str = "jax",
     efficiency: float = EFFICIENCY,
+    frozen_base_bytes: float | None = None,
 ) -> TimeEstimate:
-    """Step time of ``layout`` (see the module docstring for each term)."""
+    """Step time of ``layout`` (see the module docstring for each term).
+
+    ``frozen_base_bytes``: LoRA -- the base is frozen and stored at this many bytes per
+    parameter (:mod:`oasst_jax.planner.lora`): no weight gradients, FSDP all-gathers the
+    stored base for the forward and the backward, nothing is reduced but the adapters'
+    (neglected).  The MFU numerator stays the trainer's ``6N`` formula.
+    """
+    frozen = frozen_base_bytes is not None
     m = dict(layout.mesh)
     n = layout.devices
     t, sp, p, f, d = (m[a] for a in (TENSOR, SEQUENCE, PIPELINE, FSDP, DATA))
@@ -100,7 +114,7 @@ def estimate_time(
     tokens_step = global_batch * seq
     flops = cfg.flops_per_token(seq) * tokens_step
     megatron = framework == "megatron"
-    compute = hardware_flops_per_token(cfg, seq, layout.remat) * tokens_step
+    compute = hardware_flops_per_token(cfg, seq, layout.remat, frozen) * tokens_step
     compute /= n * chip.peak_flops * efficiency
     tokens_dev = layout.micro_batch_size * seq / sp  # per device per micro-batch
     act = 2 * tokens_dev * cfg.hidden_size  # one bf16 [T, h] activation
@@ -114,8 +128,12 @@ def estimate_time(
         exposed = ring(4 * params_per_device, d, axis_bandwidth(chip, m, DATA), True)
         send = micro * 2 * act / t / stage_bw if p > 1 else 0.0
     else:
-        per_micro = ring(8 * params_per_device * f, f, axis_bandwidth(chip, m, FSDP))
-        per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, DATA), True)
+        if frozen:  # all-gathers of the stored base only
+            gathers = 2 * frozen_base_bytes * params_per_device * f
+            per_micro = ring(gathers, f, axis_bandwidth(chip, m, FSDP))
+        else:
+            per_micro = ring(8 * params_per_device * f, f, axis_bandwidth(chip, m, FSDP))
+            per_micro += ring(4 * params_per_device, d, axis_bandwidth(chip, m, DATA), True)
         exposed = micro * max(0.0, per_micro - compute / micro)
         # GPipe: the stage buffer (and its gradient) rotates once per iteration
         send = 2 * (micro + p - 1) * act / t / stage_bw if p > 1 else 0.0
