@@ -18,6 +18,27 @@ Deviations, where upstream would crash or emit unusable samples: a malformed lin
 JSON, missing or mistyped field, roles that do not alternate starting with the prompter) skips that
 tree, and a thread with an empty (whitespace-only) message is dropped as ``empty_text``.
 
+``mode="rm"`` (upstream's ``mode == "rm"`` branch of the same function, for reward models
+and DPO): ``visit_threads_depth_first`` visits *every* root-to-node path (pre-order: a
+node's path before its children's, children in ``replies`` order) and keeps a path as a
+prefix when
+
+* it ends on a **prompter** message that has **more than one ranked reply** (``rank`` not
+  null), and
+* it passes the same ``thread_filter`` as sft (no ``deleted`` or ``synthetic`` message on
+  the prefix; with ``top_k``, the rank rule above applied to the prefix's assistants).
+
+The example is that prefix plus the ranked replies (``rank`` not null) **sorted by rank,
+best first** (:class:`RankedSample`).  As upstream, the replies themselves are not checked
+for ``deleted`` or ``synthetic`` (the ``*_oasst_ready`` exports hold no deleted messages).
+recipe.md ("oasst_export rules") supports the tree filter, the ``thread_filter`` and the
+split by tree; it says nothing of rm mode, whose rule here is the one the trainer issue
+(#19) quotes from upstream.  Our one deviation is the sft one: a prefix with an empty
+(whitespace-only) message is skipped as ``empty_text``; an empty reply is left out
+(``empty_reply``), and the prefix is skipped as ``empty_text`` when fewer than two replies
+remain.  Prompter messages with replies but fewer than two ranked ones are counted as
+``too_few_ranked``.
+
 Upstream splits the accepted *trees* (those without a single thread included) with torch
 ``random_split(trees, [1 - val_split, val_split])``, so :class:`LoadResult` carries every
 accepted tree id (``groups``, ``upstream_split="random_split"``); the pretokenizer splits.
@@ -41,6 +62,7 @@ from oasst_jax.text import DataError, Turn
 
 NAME = "oasst_export"
 ROLE_MAP = {"prompter": "user", "assistant": "assistant"}
+MODES = ("sft", "rm")  # upstream's modes we implement (not "rl")
 
 
 class MalformedTree(Exception):
@@ -84,6 +106,25 @@ def parse_top_k(top_k: Any) -> int | None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise DataError(f"{NAME}: option 'top_k' must be a positive int or None, got {top_k!r}")
     return top_k
+
+
+def parse_mode(mode: Any) -> str:
+    """``mode`` is ``"sft"`` (default) or ``"rm"``."""
+    if mode is None:
+        return "sft"
+    if mode not in MODES:
+        raise DataError(f"{NAME}: option 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class RankedSample:
+    """One rm-mode example: a conversation prefix ending on a user turn and its ranked
+    assistant replies, best (rank 0) first.  ``group`` is the tree id (the split unit)."""
+
+    prefix: tuple[Turn, ...]
+    replies: tuple[Turn, ...]
+    group: str
 
 
 def _field(node: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -189,14 +230,66 @@ def tree_threads(
     return threads
 
 
+def iter_prefix_paths(root: Message) -> Iterable[list[Message]]:
+    """Every root-to-node path in upstream's ``visit_threads_depth_first`` order (pre-order,
+    ``replies`` order)."""
+    stack: list[list[Message]] = [[root]]
+    while stack:
+        path = stack.pop()
+        yield path
+        stack.extend(path + [child] for child in reversed(path[-1].replies))
+
+
+def prefix_skip_reason(prefix: Sequence[Message], top_k: int | None) -> str | None:
+    """Upstream's rm-mode ``leaf_filter`` for a prefix ending on a prompter with replies
+    (the caller checks the role); ``None`` keeps it."""
+    if sum(r.rank is not None for r in prefix[-1].replies) < 2:
+        return "too_few_ranked"
+    if any(m.deleted for m in prefix):
+        return "deleted"
+    if any(m.synthetic for m in prefix):
+        return "synthetic"
+    if top_k is not None and _violates_top_k(prefix, top_k):
+        return "top_k"
+    if any(not m.text.strip() for m in prefix):
+        return "empty_text"
+    return None
+
+
+def tree_ranked(
+    root: Message, top_k: int | None, skipped: collections.Counter
+) -> list[tuple[tuple[Turn, ...], tuple[Turn, ...]]]:
+    """The rm examples ``(prefix turns, replies best first)`` of one accepted tree."""
+    examples = []
+    for path in iter_prefix_paths(root):
+        if path[-1].role != "prompter" or not path[-1].replies:
+            continue
+        reason = prefix_skip_reason(path, top_k)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        ranked = sorted((r for r in path[-1].replies if r.rank is not None), key=lambda r: r.rank)
+        replies = [r for r in ranked if r.text.strip()]
+        if len(replies) < len(ranked):
+            skipped["empty_reply"] += len(ranked) - len(replies)
+        if len(replies) < 2:
+            skipped["empty_text"] += 1
+            continue
+        prefix = tuple(Turn(ROLE_MAP[m.role], m.text) for m in path)
+        examples.append((prefix, tuple(Turn("assistant", r.text) for r in replies)))
+    return examples
+
+
 def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
     """Load an Open-Assistant export (options ``input_file_path``, ``lang``, ``top_k``,
-    ``max_record_bytes``) as one :class:`Sample` per thread, grouped by ``message_tree_id``."""
+    ``mode``, ``max_record_bytes``), grouped by ``message_tree_id``: mode ``sft`` gives one
+    :class:`Sample` per thread, ``rm`` one :class:`RankedSample` per ranked prefix."""
     path = require_path(options.get("input_file_path"), f"{NAME}.input_file_path")
     langs = parse_lang(options.get("lang"))
     top_k = parse_top_k(options.get("top_k"))
+    mode = parse_mode(options.get("mode"))
     skipped: collections.Counter = collections.Counter()
-    samples: list[Sample] = []
+    samples: list[Any] = []
     trees: list[str] = []  # every tree that passed the tree filter: upstream's split units
     for record in iter_jsonl_input(path, skipped, record_limit(options)):
         try:
@@ -215,5 +308,9 @@ def load_oasst_export(options: Mapping[str, Any]) -> LoadResult:
             skipped[reason] += 1
             continue
         trees.append(tree_id)
-        samples.extend(Sample(turns, tree_id) for turns in tree_threads(root, top_k, skipped))
+        if mode == "rm":
+            examples = tree_ranked(root, top_k, skipped)
+            samples.extend(RankedSample(p, r, tree_id) for p, r in examples)
+        else:
+            samples.extend(Sample(t, tree_id) for t in tree_threads(root, top_k, skipped))
     return LoadResult(NAME, samples, skipped, groups=trees, upstream_split="random_split")
