@@ -4,6 +4,7 @@
     python -m oasst_jax.sample --ckpt ... --chat
     python -m oasst_jax.sample --ckpt ... --prompt "Hi" --prompt "2+2?" --json
     python -m oasst_jax.sample --ckpt ... --prompts prompts.jsonl --out report.json
+    python -m oasst_jax.sample compare a.json b.json ... --out compare.html
 
 Every prompt is a user turn formatted in chatml (``chatml.prompt_ids``), after a
 system turn that defaults to the model card's recommended Llama-2 system prompt
@@ -33,6 +34,10 @@ reports of two checkpoints line up prompt by prompt::
 
 ``FILE`` holds one prompt per line: a JSON string or an object with ``"prompt"``
 (Open-Assistant's ``prompt_lottery`` files are such lines).
+
+``compare`` (a first argument, before any flag) puts sampling reports side by side in
+one self-contained HTML page: prompts as rows, reports as columns, a select element
+for the sampling config (``oasst_jax.compare``).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import cli, decode, files, sharding
+from oasst_jax import cli, compare, decode, files, sharding
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
@@ -235,7 +240,12 @@ def chat(args, params, cfg, tok, mesh, sp) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m oasst_jax.sample", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(
+        prog="python -m oasst_jax.sample",
+        description=__doc__.split("\n")[0],
+        epilog="python -m oasst_jax.sample compare REPORT.json ... --out PAGE.html puts "
+        "sampling reports side by side (compare --help)",
+    )
     p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
     p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
     p.add_argument("--step", type=int, help="orbax step (default: the newest)")
@@ -307,11 +317,36 @@ def run(args: argparse.Namespace) -> None:
             reply(args, *loaded, [{"role": "user", "content": prompt}])
 
 
+def _compare_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m oasst_jax.sample compare",
+        description="Sampling reports side by side in one self-contained HTML page.",
+    )
+    p.add_argument("reports", nargs="+", help="sampling reports (sample --out) to compare")
+    p.add_argument("--out", required=True, help="the HTML page to write")
+    p.add_argument("--title", default="", help="page title (default: the reports' model names)")
+    return p
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    """Read and check every report before writing, then write the page atomically."""
+    files.check_writable_dir(args.out)
+    reports = [(path, compare.load_report(path)) for path in args.reports]
+    page = compare.render(reports, args.title)
+    with files.atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {args.out}: {len(reports)} reports")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Bad input (flags, files, a checkpoint that does not load, a prompt longer than
-    the context window) ends with one ``error:`` line (:func:`oasst_jax.cli.run_main`);
-    the report file is written whole or not at all."""
-    cli.run_main(run, _parser().parse_args(argv))
+    the context window, a file that is not a report) ends with one ``error:`` line
+    (:func:`oasst_jax.cli.run_main`); the report or page is written whole or not at all."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        cli.run_main(run_compare, _compare_parser().parse_args(argv[1:]))
+    else:
+        cli.run_main(run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":
