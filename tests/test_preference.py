@@ -5,6 +5,7 @@ losses (NumPy, TRL), segment log-probs and the reward-model export."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oasst_jax.data.oasst_export import RankedSample, load_oasst_export
@@ -122,3 +123,162 @@ def test_rm_empty_messages_and_bad_mode(tmp_path):
     assert got.skipped["empty_reply"] == 2 and got.skipped["empty_text"] == 1
     with pytest.raises(DataError, match="option 'mode' must be one of sft, rm, got 'rl'"):
         load_oasst_export({"input_file_path": str(path), "mode": "rl"})
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _rm_batch(seed=0, sizes=(2, 3, 5, 1), pad=4):
+    """Slots of prompts with ``sizes`` replies (a 1-reply prompt has no pair), shuffled
+    together with ``pad`` padding slots."""
+    rng = np.random.default_rng(seed)
+    group = np.concatenate([np.full(k, g) for g, k in enumerate(sizes)] + [np.zeros(pad, int)])
+    rank = np.concatenate([np.arange(k) for k in sizes] + [np.zeros(pad, int)])
+    valid = np.arange(group.size) < sum(sizes)
+    order = rng.permutation(group.size)
+    scores = rng.normal(0, 2, group.size)
+    return scores, group[order], rank[order], valid[order]
+
+
+def _numpy_rm(scores, group, rank, valid, beta):
+    """The formula, pair by pair in float64, and its gradient by hand."""
+    losses, grad, pairs = [], np.zeros_like(scores), []
+    prompts = sorted({int(g) for g, v in zip(group, valid, strict=True) if v})
+    per_prompt = {g: [] for g in prompts}
+    for a in range(scores.size):
+        for b in range(scores.size):
+            if valid[a] and valid[b] and group[a] == group[b] and rank[a] < rank[b]:
+                per_prompt[int(group[a])].append((a, b))
+    counted = [g for g in prompts if per_prompt[g]]
+    for g in counted:
+        n = len(per_prompt[g])
+        total = 0.0
+        for a, b in per_prompt[g]:
+            d = scores[a] - scores[b]
+            total += np.log1p(np.exp(-d)) + beta * 0.5 * (scores[a] ** 2 + scores[b] ** 2)
+            s = 1 / (1 + np.exp(-d))
+            grad[a] += (-(1 - s) + beta * scores[a]) / n / len(counted)
+            grad[b] += ((1 - s) + beta * scores[b]) / n / len(counted)
+            pairs.append(d)
+        losses.append(total / n)
+    pairs = np.array(pairs)
+    return np.mean(losses), grad, np.mean(pairs > 0), np.mean(pairs)
+
+
+@pytest.mark.parametrize("beta", [0.001, 0.5])
+def test_rm_loss_and_gradient_equal_the_formula(beta):
+    import jax
+
+    from oasst_jax.preference import rm_loss
+
+    scores, group, rank, valid = _rm_batch(seed=int(beta * 1000))
+    want, want_grad, acc, margin = _numpy_rm(scores, group, rank, valid, beta)
+
+    def loss(s):
+        return rm_loss(s, group, rank, valid, num_groups=6, beta=beta)
+
+    (got, metrics), grad = jax.value_and_grad(loss, has_aux=True)(scores.astype(np.float32))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["margin"]), margin, rtol=1e-5)
+    assert (float(metrics["num_prompts"]), float(metrics["num_pairs"])) == (3, 1 + 3 + 10)
+    assert np.all(np.asarray(grad)[~valid] == 0)
+    empty = rm_loss(scores, group, rank, np.zeros_like(valid), num_groups=6)
+    assert float(empty[0]) == 0 and float(empty[1]["accuracy"]) == 0
+
+
+def _trl_dpo(policy, reference, beta):
+    """TRL 1.16's own ``DPOTrainer._compute_loss`` (``loss_type="sigmoid"``) on given
+    summed log-probs: a stand-in model returns per-token log-probs whose row sums are
+    ``policy`` (batch = [chosen..., rejected...]); the reference log-probs are precomputed."""
+    import collections
+    import types
+
+    import torch
+    from trl import DPOTrainer
+
+    n = policy.shape[1]
+    length = 4
+    logps = torch.zeros(2 * n, length - 1, dtype=torch.float64)
+    logps[:, 0] = torch.tensor(np.concatenate(policy))
+    outputs = types.SimpleNamespace(
+        log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps),
+        is_top1=torch.zeros_like(logps, dtype=torch.bool),
+    )  # fmt: skip
+
+    def model(**kwargs):
+        return outputs
+
+    model.training = True
+    accelerator = types.SimpleNamespace(
+        device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
+    trainer = types.SimpleNamespace(
+        model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+        loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
+        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    mask = torch.ones(2 * n, length, dtype=torch.long)
+    inputs = {
+        "input_ids": torch.ones(2 * n, length, dtype=torch.long), "attention_mask": mask,
+        "completion_mask": mask, "ref_chosen_logps": torch.tensor(reference[0]),
+        "ref_rejected_logps": torch.tensor(reference[1]),
+    }  # fmt: skip
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_equals_trl(beta):
+    from oasst_jax.preference import dpo_loss
+
+    rng = np.random.default_rng(7)
+    policy = rng.normal(-60, 15, (2, 6))  # [chosen; rejected] summed log-probs
+    reference = policy + rng.normal(0, 4, (2, 6))
+    want, trl_metrics = _trl_dpo(policy, reference, beta)
+    valid = np.ones(6, bool)
+    got, metrics = dpo_loss(*policy.astype(np.float32), *reference.astype(np.float32), valid,
+                            beta=beta)  # fmt: skip
+    assert abs(float(got) - want) < 1e-5, (float(got), want)
+    for ours, theirs in (("reward_accuracy", "rewards/accuracies"),
+                         ("reward_margin", "rewards/margins"), ("rewards_chosen", "rewards/chosen"),
+                         ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected")):  # fmt: skip
+        np.testing.assert_allclose(float(metrics[ours]), trl_metrics[theirs], rtol=1e-5)
+    # padding pairs (garbage values) change nothing
+    pad = np.concatenate([policy, np.full((2, 3), 1e4)], axis=1).astype(np.float32)
+    ref_pad = np.concatenate([reference, np.full((2, 3), -1e4)], axis=1).astype(np.float32)
+    padded, _ = dpo_loss(*pad, *ref_pad, np.arange(9) < 6, beta=beta)
+    np.testing.assert_allclose(float(padded), float(got), rtol=1e-6)
+
+
+def test_sequence_logps_equal_a_loop_and_pairs_gather():
+    import jax
+
+    from oasst_jax.preference import last_token, pair_values, sequence_logps
+
+    rng = np.random.default_rng(3)
+    rows, length, vocab, slots = 3, 10, 11, 5
+    logits = rng.normal(0, 3, (rows, length, vocab)).astype(np.float32)
+    targets = rng.integers(0, vocab, (rows, length))
+    weights = rng.integers(0, 2, (rows, length)).astype(np.float32)
+    seq = rng.integers(0, slots + 1, (rows, length))  # slots == padding id
+    got = jax.jit(sequence_logps, static_argnums=4)(logits, targets, weights, seq, slots)
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    want = np.zeros(slots)
+    for r in range(rows):
+        for t in range(length):
+            if seq[r, t] < slots:
+                want[seq[r, t]] += weights[r, t] * logp[r, t, targets[r, t]]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    hidden = rng.normal(size=(rows, length, 4))
+    np.testing.assert_array_equal(
+        last_token(hidden, np.array([2, 0]), np.array([9, 3])), hidden[[2, 0], [9, 3]]
+    )
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    group, rank = np.array([1, 0, 1, 0, 0]), np.array([1, 1, 0, 0, 0])
+    chosen, rejected, ok = pair_values(values, group, rank, np.array([1, 1, 1, 1, 0]), num_pairs=3)
+    np.testing.assert_array_equal(chosen, [4.0, 3.0, 0.0])
+    np.testing.assert_array_equal(rejected, [2.0, 1.0, 0.0])
+    np.testing.assert_array_equal(ok, [True, True, False])
