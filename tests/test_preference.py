@@ -242,9 +242,10 @@ def test_dpo_loss_equals_trl(beta):
     got, metrics = dpo_loss(*policy.astype(np.float32), *reference.astype(np.float32), valid,
                             beta=beta)  # fmt: skip
     assert abs(float(got) - want) < 1e-5, (float(got), want)
-    for ours, theirs in (("reward_accuracy", "rewards/accuracies"),
-                         ("reward_margin", "rewards/margins"), ("rewards_chosen", "rewards/chosen"),
-                         ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected")):  # fmt: skip
+    names = {"reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
+             "rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+             "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}  # fmt: skip
+    for ours, theirs in names.items():
         np.testing.assert_allclose(float(metrics[ours]), trl_metrics[theirs], rtol=1e-5)
     # padding pairs (garbage values) change nothing
     pad = np.concatenate([policy, np.full((2, 3), 1e4)], axis=1).astype(np.float32)
