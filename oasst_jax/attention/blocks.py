@@ -4,7 +4,7 @@ A leaf module: the backend kernels (:mod:`pallas_gpu` Triton, :mod:`pallas_tpu`
 Mosaic) and the backend-independent wrapper (:mod:`flash`) all import it, and it
 imports none of them.  :class:`BlockSizes` are the tile sizes; :class:`KernelConfig`
 the static description of one launch; :class:`MaskOperands` its traced mask
-inputs; :func:`block_mask` the in-block mask; ``mm``/``div``/``rem``/``cdiv``
+inputs; :func:`block_mask` the in-block mask; ``mm``/``div``/``rem``
 arithmetic both Triton and Mosaic lower.
 """
 
@@ -137,7 +137,3 @@ def div(a, b: int):
 
 def rem(a, b: int):
     return lax.rem(a, b) if isinstance(a, jax.Array) else a % b
-
-
-def cdiv(a, b: int):
-    return div(a + b - 1, b)

@@ -7,7 +7,7 @@ around the GPU (Triton) and TPU (Mosaic) kernels: padding to whole blocks,
 picking the backend, and the ``custom_vjp`` that wires forward to backward; the
 types and the in-block mask the kernels share live in :mod:`blocks`, which
 both sides import (the backends never import this module).  A backend module
-provides ``DEFAULT_BLOCKS``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
+provides ``default_blocks(head_dim)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
 ``forward(q, k, v, mask, cfg) -> (o, lse)`` and
 ``backward(q, k, v, mask, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
 ``[batch, length, heads, head_dim]`` arrays, ``mask`` a :class:`MaskOperands`.
@@ -68,12 +68,12 @@ def _flash_bwd(cfg: KernelConfig, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+def _pad_axis(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths, mode=mode)
 
 
 def _check_shapes(q, k, v, segment_ids, kv_segment_ids) -> None:
@@ -133,7 +133,7 @@ def flash_attention(
             f"lie past the last of {kv_len} keys"
         )
     mod = _backend_module(backend)
-    blocks = (block_sizes or mod.DEFAULT_BLOCKS).fit(max(q_len, kv_len), mod.MIN_BLOCK)
+    blocks = (block_sizes or mod.default_blocks(head_dim)).fit(max(q_len, kv_len), mod.MIN_BLOCK)
     blocks.validate(mod.MIN_BLOCK)
     q_pad, kv_pad = (_round_up(n, blocks.largest) for n in (q_len, kv_len))
     cfg = KernelConfig(
@@ -150,8 +150,11 @@ def flash_attention(
     k, v = (_pad_axis(_pad_axis(x, 1, kv_pad), 3, dim) for x in (k, v))
     if segment_ids is not None:
         kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-        segment_ids = _pad_axis(segment_ids.astype(jnp.int32), 1, q_pad)
-        kv_segment_ids = _pad_axis(kv_ids.astype(jnp.int32), 1, kv_pad)
+        # Padding repeats the last id, so a block's id range (bounds.py) stays as
+        # narrow as its real rows: padded queries get zero cotangents and
+        # padded keys are hidden by causality or kv_len, whatever their id.
+        segment_ids = _pad_axis(segment_ids.astype(jnp.int32), 1, q_pad, "edge")
+        kv_segment_ids = _pad_axis(kv_ids.astype(jnp.int32), 1, kv_pad, "edge")
     offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
     out = _flash(q, k, v, MaskOperands(segment_ids, kv_segment_ids, offset), cfg)
     return out[:, :q_len, :, :head_dim]
