@@ -35,6 +35,18 @@ Better than upstream, on purpose: a sample failing the joined-text tokenisation 
 skipped and counted (``tokenization_mismatch``; upstream's assert stops the run), and a
 dataset or split with 0 accepted samples reports 0 instead of dividing by zero.
 
+``--config.datasets.oasst_export.mode=rm`` (``configs/data/oasst_rm.py``) pretokenizes the
+export's ranked prefixes instead (upstream's rm mode, :mod:`oasst_jax.data.oasst_export`):
+each example is its chatml prefix and two or more replies, each encoded as an assistant
+turn, best first, written as a *ranked* shard split (:mod:`oasst_jax.data.shards`); the
+stats blocks count prompts and add a ``Replies per prompt`` line.  Such a run holds only rm
+datasets and writes only our shards (no Megatron files, no jsonl: upstream's tool has no
+format for them); ``min_assistant_tokens`` does not apply.  A prompt whose prefix or a
+reply fails the tokenisation check is skipped (``tokenization_mismatch``).  Prefix and
+reply are encoded separately: the prefix ends with ``<|im_end|>\n`` and the reply starts
+with ``<|im_start|>``, so their concatenation is the joined text's tokenisation (the
+argument of :func:`oasst_jax.chatml.encode_batch`).
+
 Nothing is replaced when the run fails: an unknown config key or dataset option, an
 ``output_dir`` that is a file, shards of another tokenizer already in ``output_dir``
 (unless ``overwrite=True``), or a split left without a single sample (a dataset that gives
@@ -63,8 +75,9 @@ from tqdm import tqdm
 from oasst_jax import files
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
-from oasst_jax.data import megatron, outputs, shards
+from oasst_jax.data import megatron, oasst_export, outputs, shards
 from oasst_jax.data.conversation import LoadResult, Sample
+from oasst_jax.data.oasst_export import RankedSample
 from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
 from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
 from oasst_jax.data.stats import reasons_text as _reasons
@@ -77,6 +90,8 @@ __all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "wri
 SPLITS = ("train", "val")
 SPLIT_OPTIONS = ("fraction", "val_split", "max_val_set")
 PATH_OPTIONS = ("path", "input_file_path")
+# Loader options sources.OPTIONS does not list (yet): the oasst export's mode.
+MODE_OPTIONS: dict[str, tuple[str, ...]] = {"oasst_export": ("mode",)}
 DEFAULT_VAL_SPLIT = 0.2
 CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
 
@@ -182,15 +197,18 @@ class Encoder:
 
     def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
         """Encoded chunks of ``CHUNK_SIZE`` samples, in order."""
-        starts = range(0, len(samples), CHUNK_SIZE)
+        return self.encode_conversations([s.turns for s in samples])
+
+    def encode_conversations(self, convs: Sequence[Sequence[Turn]]) -> Iterator[EncodedBatch]:
+        """Encoded chunks of ``CHUNK_SIZE`` conversations, in order."""
+        starts = range(0, len(convs), CHUNK_SIZE)
         if self._pool is None:
             for i in starts:
-                turns = [s.turns for s in samples[i : i + CHUNK_SIZE]]
-                yield encode_batch(self._tokenizer, turns, check=self._check)
+                yield encode_batch(self._tokenizer, convs[i : i + CHUNK_SIZE], check=self._check)
             return
         pending: deque = deque()
         for i in starts:
-            chunk = [tuple((t.role, t.text) for t in s.turns) for s in samples[i : i + CHUNK_SIZE]]
+            chunk = [tuple((t.role, t.text) for t in c) for c in convs[i : i + CHUNK_SIZE]]
             pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
             if len(pending) >= self._window:
                 yield pending.popleft().get()
@@ -229,6 +247,39 @@ def write_samples(
             }
             stats.add(batch.lengths[keep], reasons)
             bar.update(batch.lengths.size)
+
+
+def _conversations(batches: Iterator[EncodedBatch]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(tokens, roles)`` per conversation of encoded chunks; a failed check: ``None``s."""
+    for batch in batches:
+        ends = np.cumsum(batch.lengths)
+        for end, n, bad in zip(ends, batch.lengths, batch.mismatch, strict=True):
+            if bad:
+                yield None, None
+            else:
+                yield batch.tokens[end - n : end], batch.roles[end - n : end]
+
+
+def write_ranked(
+    samples: Sequence[RankedSample],
+    encoder: Encoder,
+    writer: shards.RankedShardWriter,
+    stats: Stats,
+    *,
+    desc: str = "",
+) -> None:
+    """Encode rm examples (prefix, then each reply as an assistant turn) and append them to
+    ``writer``; a prompt with a piece failing the tokenisation check is skipped."""
+    convs = [c for s in samples for c in (s.prefix, *((r,) for r in s.replies))]
+    pieces = _conversations(encoder.encode_conversations(convs))
+    for sample in tqdm(samples, desc=desc, unit="prompt", disable=None):
+        parts = [next(pieces) for _ in range(1 + len(sample.replies))]
+        if any(tokens is None for tokens, _ in parts):
+            stats.add(np.zeros(0, np.int64), {"tokenization_mismatch": 1})
+            continue
+        writer.add_example(parts)
+        stats.add(np.array([sum(len(t) for t, _ in parts)]), {})
+        stats.add_replies(np.array([len(sample.replies)]))
 
 
 # ----------------------------------------------------------------------------- config
@@ -305,7 +356,7 @@ def validate_config(config: Any) -> list[str]:
         if name not in LOADERS:
             raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
         opts = _options(config, name)
-        valid = (*OPTIONS[name], *SPLIT_OPTIONS)
+        valid = (*OPTIONS[name], *MODE_OPTIONS.get(name, ()), *SPLIT_OPTIONS)
         for key in opts:
             if key not in valid:
                 raise DataError(
@@ -325,7 +376,38 @@ def validate_config(config: Any) -> list[str]:
         for key in PATH_OPTIONS:
             if opts.get(key) and not Path(opts[key]).exists():
                 raise DataError(f"datasets.{name}.{key}: input not found: {opts[key]}")
+    _check_ranked(config, names)
     return names
+
+
+def is_ranked(config: Any) -> bool:
+    """Whether the run pretokenizes rm examples (a dataset in ``mode = "rm"``)."""
+    return any(_options(config, n).get("mode") == "rm" for n in config.datasets.keys())
+
+
+def _check_ranked(config: Any, names: list[str]) -> None:
+    """An rm run: every dataset in rm mode, only our shards, no ``min_assistant_tokens``."""
+    for name in names:
+        mode = _options(config, name).get("mode", "sft")
+        if mode not in oasst_export.MODES:
+            modes = ", ".join(oasst_export.MODES)
+            raise DataError(f"config: datasets.{name}.mode must be one of {modes}, got {mode!r}")
+    if not is_ranked(config):
+        return
+    for name in names:
+        if _options(config, name).get("mode") != "rm":
+            raise DataError(
+                f"config: datasets.{name} is not in rm mode, but another dataset is: an rm run "
+                "writes ranked examples only (set datasets.<name>.mode=rm or drop the dataset)"
+            )
+    if _setting(config, "output_format") != "oasst_jax":
+        raise DataError(
+            f"config: output_format must be 'oasst_jax' in rm mode (Megatron's format holds no "
+            f"ranked replies), got {_setting(config, 'output_format')!r}"
+        )
+    for key in ("write_json", "min_assistant_tokens"):
+        if config.get(key):
+            raise DataError(f"config: {key} is not supported in rm mode, got {config.get(key)!r}")
 
 
 _FIELDS = (*REQUIRED, *DEFAULTS)
@@ -417,20 +499,19 @@ def run(config: Any) -> dict[str, list[Stats]]:
     expected = {s: False for s in SPLITS}
     load_skips: dict[str, Counter] = {}
     common = {"tokenizer": shards.tokenizer_identity(tokenizer), "config": _config_json(config)}
+    ranked = is_ranked(config)
+
+    def split_writer(split: str) -> Any:
+        if ranked:
+            path = shards.split_path(out_dir, prefix, split)
+            return shards.RankedShardWriter(path, vocab_size=tokenizer.vocab_size)
+        return outputs.SplitWriter(
+            out_dir, prefix, split, vocab_size=tokenizer.vocab_size,
+            output_format=output_format, write_json=write_json,
+        )  # fmt: skip
+
     with contextlib.ExitStack() as stack:
-        writers = {
-            split: stack.enter_context(
-                outputs.SplitWriter(
-                    out_dir,
-                    prefix,
-                    split,
-                    vocab_size=tokenizer.vocab_size,
-                    output_format=output_format,
-                    write_json=write_json,
-                )  # fmt: skip
-            )
-            for split in SPLITS
-        }
+        writers = {split: stack.enter_context(split_writer(split)) for split in SPLITS}
         encoder = stack.enter_context(
             Encoder(
                 tokenizer,
@@ -461,10 +542,14 @@ def run(config: Any) -> dict[str, list[Stats]]:
             ):
                 title = dataset_title(result, split, val_split=val_split, subsampled=drawn)
                 block = Stats(result.name, len(samples), frac, key=name, title=title)
-                write_samples(
-                    samples, encoder, writers[split], block,
-                    min_assistant_tokens=min_tokens, desc=f"{name} {split}",
-                )  # fmt: skip
+                if ranked:
+                    block.ranked = True
+                    write_ranked(samples, encoder, writers[split], block, desc=f"{name} {split}")
+                else:
+                    write_samples(
+                        samples, encoder, writers[split], block,
+                        min_assistant_tokens=min_tokens, desc=f"{name} {split}",
+                    )  # fmt: skip
                 stats[split].append(block)
                 if _in_upstream_split(split, val_split, result):
                     upstream_blocks[split].append(block)
@@ -516,10 +601,8 @@ def _begin_commit(out_dir: Path) -> None:
 
 
 def _output_metadata(common: dict, metas: dict, stats: dict[str, list[Stats]]) -> dict[str, Any]:
-    splits = {
-        split: {k: meta[k] for k in ("num_samples", "num_tokens", "token_dtype", "max_token_id")}
-        for split, meta in metas.items()
-    }
+    keys = ("num_samples", "num_tokens", "token_dtype", "max_token_id", "layout", "num_examples")
+    splits = {split: {k: meta[k] for k in keys if k in meta} for split, meta in metas.items()}
     counts = {
         split: {b.key: {"accepted": b.accepted, "skipped": dict(b.reasons)} for b in blocks}
         for split, blocks in stats.items()

@@ -283,3 +283,99 @@ def test_sequence_logps_equal_a_loop_and_pairs_gather():
     np.testing.assert_array_equal(chosen, [4.0, 3.0, 0.0])
     np.testing.assert_array_equal(rejected, [2.0, 1.0, 0.0])
     np.testing.assert_array_equal(ok, [True, True, False])
+
+
+# ----------------------------------------------------------------------------- rm shards
+
+
+def _rm_config(out_dir, tokenizer_path, **options):
+    from oasst_jax.config import load_config
+
+    cfg = load_config("configs/data/oasst_rm.py")
+    cfg.output_dir, cfg.tokenizer_path, cfg.num_workers = str(out_dir), str(tokenizer_path), 1
+    cfg.datasets.oasst_export.update({"input_file_path": str(RM_FIXTURE), "lang": "en",
+                                      "val_split": 0.3, **options})  # fmt: skip
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def rm_data(tmp_path_factory, sp_model_path):
+    """The fixture pretokenized with configs/data/oasst_rm.py: ``(out_dir, stats)``."""
+    from oasst_jax import pretokenize as pt
+
+    out = tmp_path_factory.mktemp("rm") / "out"
+    return out, pt.run(_rm_config(out, sp_model_path))
+
+
+def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
+    from oasst_jax import pretokenize as pt
+    from oasst_jax.chatml import encode_turns
+    from oasst_jax.data import shards
+    from oasst_jax.tokenizer import Tokenizer
+
+    out, stats = rm_data
+    tok = Tokenizer(sp_model_path)
+    result = load_oasst_export({"input_file_path": str(RM_FIXTURE), "lang": "en", "mode": "rm"})
+    parts = pt.split_parts(
+        result.samples, val_split=0.3, max_val_set=None, fraction=1.0,
+        rng=pt.dataset_rng(42, "oasst_export"), groups=result.groups, rounding="floor",
+    )  # fmt: skip
+    assert len(parts.val) and len(parts.train)
+    for split, samples in (("train", parts.train), ("val", parts.val)):
+        src = shards.RankedDataSource(out / f"oasst_rm-{split}")
+        assert len(src) == len(samples) == stats[split][0].accepted
+        for i, sample in enumerate(samples):
+            ex = src[i]
+            tokens, roles = encode_turns(tok, sample.prefix)
+            np.testing.assert_array_equal(ex["prefix_tokens"], tokens)
+            np.testing.assert_array_equal(ex["prefix_roles"], roles)
+            assert len(ex["reply_tokens"]) == len(sample.replies)
+            for reply, got, got_roles in zip(sample.replies, ex["reply_tokens"],
+                                             ex["reply_roles"], strict=True):  # fmt: skip
+                np.testing.assert_array_equal(got, encode_turns(tok, (reply,))[0])
+                assert set(got_roles.tolist()) == {2}
+            joined = np.concatenate([ex["prefix_tokens"], ex["reply_tokens"][0]])
+            assert tok.encode(
+                "".join(f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n"
+                        for t in (*sample.prefix, sample.replies[0]))  # fmt: skip
+            ) == joined.tolist()
+        block = stats[split][0]
+        counts = [len(s.replies) for s in samples]
+        line = (f"  Replies per prompt: {sum(counts) / len(counts)} "
+                f"(min {min(counts)}, max {max(counts)})")  # fmt: skip
+        assert line in block.format()
+        meta = shards.read_metadata(out / f"oasst_rm-{split}")
+        assert (meta["layout"], meta["num_examples"]) == ("ranked", len(samples))
+        assert meta["tokenizer"]["sha256"] == tok.sha256
+    report = (out / "stats.md").read_text()
+    assert "Replies per prompt: " in report and "too_few_ranked 5" in report
+    top = json.loads((out / "metadata.json").read_text())
+    assert top["splits"]["train"]["layout"] == "ranked"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metadata.json", "oasst_rm-train", "oasst_rm-val", "stats.md"]  # fmt: skip
+    with pytest.raises(DataError, match="holds rm examples .* not the 'sft' layout"):
+        shards.ShardDataSource(out / "oasst_rm-train")
+
+
+def test_rm_config_errors(tmp_path, sp_model_path):
+    from oasst_jax import pretokenize as pt
+
+    cfg = _rm_config(tmp_path / "o", sp_model_path)
+    cfg.output_format = "both"
+    with pytest.raises(DataError, match="output_format must be 'oasst_jax' in rm mode"):
+        pt.validate_config(cfg)
+    cfg = _rm_config(tmp_path / "o", sp_model_path, mode="rl")
+    with pytest.raises(DataError, match="datasets.oasst_export.mode must be one of sft, rm"):
+        pt.validate_config(cfg)
+    cfg = _rm_config(tmp_path / "o", sp_model_path)
+    cfg.min_assistant_tokens = 5
+    with pytest.raises(DataError, match="min_assistant_tokens is not supported in rm mode"):
+        pt.validate_config(cfg)
+    cfg = _rm_config(tmp_path / "o", sp_model_path)
+    cfg.datasets.megacode2 = {"path": "tests/data/megacode2.json"}
+    with pytest.raises(DataError, match="datasets.megacode2 is not in rm mode"):
+        pt.validate_config(cfg)
+    base = pt.base_config()
+    rm = _rm_config(tmp_path / "o", sp_model_path)
+    assert list(rm) == list(base)
+    assert not (tmp_path / "o").exists()

@@ -13,6 +13,15 @@ One split is a directory ``{output_dir}/{prefix}-{split}`` holding
 A run reads a split through :func:`oasst_jax.data.outputs.open_source`, which takes these
 shards or the Megatron files beside them, whichever exist.
 
+A *ranked* split (the oasst export's rm mode, for reward models and DPO) is the same
+directory with ``"layout": "ranked"`` and ``num_examples`` in its metadata and one more
+index, ``examples.bin`` (``int64[num_examples + 1]``): example ``i`` is the samples
+``[examples[i], examples[i+1])``, the first its prefix (a conversation ending on a user
+turn), the others its replies as assistant turns, best first.  ``num_samples`` and
+``num_tokens`` count those pieces.  :class:`RankedShardWriter` writes it and
+:class:`RankedDataSource` reads it; :class:`ShardDataSource` refuses it (and the ranked
+reader a plain split), so neither trains on the other's data by mistake.
+
 Raw little-endian arrays read with ``np.memmap``: nothing is unpickled and nothing is loaded
 into memory until a sample is read. A split directory only exists once complete: the
 writer fills a hidden temp directory, fsyncs it and renames it into place.
@@ -37,6 +46,8 @@ FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.bin"
 ROLES_FILE = "roles.bin"
 OFFSETS_FILE = "offsets.bin"
+EXAMPLES_FILE = "examples.bin"  # ranked splits only
+LAYOUTS = ("sft", "ranked")  # metadata "layout"; absent = "sft"
 METADATA_FILE = "metadata.json"
 UINT16_LIMIT = 65500  # upstream's threshold (Megatron indexed dataset best_fitting_dtype)
 
@@ -169,6 +180,35 @@ class ShardWriter(StagedWriter):
         self._done = True
 
 
+class RankedShardWriter(ShardWriter):
+    """A :class:`ShardWriter` of rm examples (module doc): each example's prefix and
+    replies are appended as samples and ``examples.bin`` groups them."""
+
+    def __init__(self, path: str | os.PathLike, *, vocab_size: int):
+        super().__init__(path, vocab_size=vocab_size)
+        self._examples = [0]
+
+    def add_example(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Append one example: ``(tokens, roles)`` of its prefix, then of each reply."""
+        if len(pieces) < 3:
+            raise ValueError("an rm example is a prefix and at least two replies")
+        tokens = np.concatenate([np.asarray(t) for t, _ in pieces])
+        roles = np.concatenate([np.asarray(r) for _, r in pieces])
+        self.add_batch(tokens, roles, np.array([len(t) for t, _ in pieces], dtype=np.int64))
+        self._examples.append(self._num_samples)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._examples) - 1
+
+    def commit(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        with open(self._tmp / EXAMPLES_FILE, "wb") as f:
+            f.write(np.asarray(self._examples, dtype="<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        return super().commit({"layout": "ranked", "num_examples": self.num_examples, **metadata})
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """``metadata.json`` of a split or output directory; one-line DataError when absent."""
     file = Path(path) / METADATA_FILE
@@ -237,17 +277,31 @@ def _check_not_empty(path: str | os.PathLike, meta: dict[str, Any]) -> None:
         raise DataError(f"{path} is an empty split (0 samples); nothing to train or evaluate on")
 
 
+def _check_layout(path: str | os.PathLike, meta: dict[str, Any], layout: str) -> None:
+    found = meta.get("layout", "sft")
+    if found != layout:
+        hint = {"ranked": "rm examples (datasets.oasst_export.mode=rm)", "sft": "sft samples"}
+        raise DataError(
+            f"{path} holds {hint.get(found, repr(found))} (layout {found!r}), not the "
+            f"{layout!r} layout this reader takes"
+        )
+
+
 class ShardDataSource:
     """A split as a grain ``RandomAccessDataSource``: ``len`` and ``[i]`` over samples.
 
     ``source[i]`` is ``{"tokens": int32[n], "roles": uint8[n]}``. Files are memory-mapped
     lazily on first access in each process; pickling carries only the path (grain workers).
-    An empty split is refused: no sampler can draw from it.
+    An empty split is refused: no sampler can draw from it, and so is a ranked split
+    (``layout`` names the layout a subclass reads).
     """
+
+    layout = "sft"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
+        _check_layout(self.path, self.metadata, self.layout)
         _check_not_empty(self.path, self.metadata)
         self._len = int(self.metadata["num_samples"])
         self._dtype = np.dtype(self.metadata["token_dtype"])
@@ -296,6 +350,60 @@ class ShardDataSource:
                 offsets,
             )
         return self._arrays
+
+
+class _RankedPieces(ShardDataSource):
+    """The samples (prefixes and replies) of a ranked split."""
+
+    layout = "ranked"
+
+
+class RankedDataSource:
+    """A ranked split (module doc) as a random-access source of rm examples:
+    ``source[i]`` is ``{"prefix_tokens": int32[n], "prefix_roles": uint8[n],
+    "reply_tokens": [int32[m_k]], "reply_roles": [uint8[m_k]]}``, replies best first."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.pieces = _RankedPieces(path)
+        self.path = self.pieces.path
+        self._len = int(self.pieces.metadata["num_examples"])
+        self._examples: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pieces": self.pieces, "path": self.path, "_len": self._len, "_examples": None}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"RankedDataSource({str(self.path)!r}, num_examples={self._len})"
+
+    def examples(self) -> np.ndarray:
+        """``int64[num_examples + 1]``: example ``i`` is samples ``[e[i], e[i+1])``."""
+        if self._examples is None:
+            examples = _memmap(self.path / EXAMPLES_FILE, np.dtype("<i8"), self._len + 1)
+            if int(examples[-1]) != len(self.pieces) or (np.diff(examples) < 3).any():
+                raise DataError(f"{self.path}: examples.bin does not match; re-run pretokenize")
+            self._examples = examples
+        return self._examples
+
+    def num_replies(self) -> np.ndarray:
+        """Replies per example (int64)."""
+        return np.diff(self.examples()) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self._len:
+            raise IndexError(f"example {index} out of range for {self._len} examples")
+        start, end = (int(i) for i in self.examples()[index : index + 2])
+        prefix = self.pieces[start]
+        replies = [self.pieces[i] for i in range(start + 1, end)]
+        return {
+            "prefix_tokens": prefix["tokens"],
+            "prefix_roles": prefix["roles"],
+            "reply_tokens": [r["tokens"] for r in replies],
+            "reply_roles": [r["roles"] for r in replies],
+        }
 
 
 def _memmap(file: Path, dtype: np.dtype, count: int) -> np.ndarray:

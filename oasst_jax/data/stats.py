@@ -19,6 +19,11 @@ dataset of a split and one for ``total``, and writes them to ``{prefix}-{split}_
 by zero on a block with 0 processed or 0 accepted samples; ours prints 0.0% and a min, max
 and average of 0.  Our skips (``min_assistant_tokens``, ``tokenization_mismatch``, where
 upstream crashes) are counted in ``Skipped``; ``stats.md`` adds the counts by reason.
+
+An rm-mode block (``ranked``; upstream's pretokenizer has none) counts prompts as samples,
+their tokens as the prefix's plus every reply's, and adds one line after the average::
+
+      Replies per prompt: {replies/accepted} (min {min}, max {max})
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ class Stats:
     min_tokens: int | None = None
     max_tokens: int = 0
     reasons: Counter = field(default_factory=Counter)
+    ranked: bool = False  # an rm-mode block: prompts with ranked replies
+    replies: int = 0
+    min_replies: int | None = None
+    max_replies: int = 0
+
+    def add_replies(self, counts: np.ndarray) -> None:
+        """Record the reply counts of accepted rm prompts (alongside :meth:`add`)."""
+        if counts.size:
+            self.replies += int(counts.sum())
+            lo, hi = int(counts.min()), int(counts.max())
+            self.min_replies = lo if self.min_replies is None else min(self.min_replies, lo)
+            self.max_replies = max(self.max_replies, hi)
 
     def add(self, lengths: np.ndarray, reasons: Mapping[str, int]) -> None:
         """Record accepted sample lengths and skips by reason."""
@@ -78,10 +95,19 @@ class Stats:
                 f"  Min tokens per sample: {self.min_tokens or 0}",
                 f"  Max tokens per sample: {self.max_tokens}",
                 f"  Avg tokens per sample: {_ratio(self.tokens, self.accepted)}",
+                *self._replies_line(),
                 RULE,
                 "",
             ]
         )
+
+    def _replies_line(self) -> list[str]:
+        if not self.ranked:
+            return []
+        avg = _ratio(self.replies, self.accepted)
+        return [
+            f"  Replies per prompt: {avg} (min {self.min_replies or 0}, max {self.max_replies})"
+        ]
 
 
 def _ratio(a: int, b: int) -> float:
@@ -90,8 +116,12 @@ def _ratio(a: int, b: int) -> float:
 
 def total_stats(blocks: Sequence[Stats]) -> Stats:
     """The ``total`` block of a split."""
-    total = Stats("total", sum(b.total for b in blocks))
+    total = Stats("total", sum(b.total for b in blocks), ranked=any(b.ranked for b in blocks))
     for b in blocks:
+        total.replies += b.replies
+        total.max_replies = max(total.max_replies, b.max_replies)
+        if b.min_replies is not None:
+            total.min_replies = min(b.min_replies, total.min_replies or b.min_replies)
         total.accepted += b.accepted
         total.skipped += b.skipped
         total.tokens += b.tokens

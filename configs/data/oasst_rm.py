@@ -1,0 +1,36 @@
+"""Reward-model / DPO data: the OA export's ranked replies (upstream's ``mode: rm``).
+
+The card's stage-2 export and languages (``configs/data/oasst_top1.py``), but every prefix
+ending on a user turn with two or more ranked assistant replies becomes one example: the
+chatml prefix and its replies, best first (:mod:`oasst_jax.data.oasst_export`), written as
+ranked shards (:mod:`oasst_jax.data.shards`).  No ``top_k``: every rank is kept, as
+upstream's reward-model configs do.  ``input_file_path`` is a placeholder and
+``tokenizer_path`` is required::
+
+    python -m oasst_jax.pretokenize --config=configs/data/oasst_rm.py \\
+      --config.tokenizer_path=/models/llama2/tokenizer.model \\
+      --config.datasets.oasst_export.input_file_path=/data/2023-07-23_oasst_ready.tar.gz
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from oasst_jax import pretokenize
+
+
+def get_config() -> ConfigDict:
+    c = pretokenize.base_config()  # tokenizer_path: required, from the command line
+    c.output_dir = "output/oasst_rm_2023-07-23"
+    c.filename_prefix = "oasst_rm"
+    c.num_workers = 2
+    # output_format: "oasst_jax" (the base's): Megatron's format holds no ranked replies
+    c.datasets.oasst_export = ConfigDict(
+        dict(
+            lang="bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk",
+            input_file_path="/path/to/2023-07-23_oasst_ready.tar.gz",
+            mode="rm",
+            top_k=config_dict.placeholder(int),  # None: every rank
+            val_split=0.05,
+            max_val_set=config_dict.placeholder(int),  # None: no cap
+        )
+    )
+    return c
