@@ -421,16 +421,24 @@ class TrainCheckpointer:
         )
 
     def restore(
-        self, abstract_state: dict, cfg: LlamaConfig, settings: Mapping[str, Any] | None = None
+        self,
+        abstract_state: dict,
+        cfg: LlamaConfig,
+        settings: Mapping[str, Any] | None = None,
+        check_meta: Callable[[dict, str], None] | None = None,
     ) -> tuple[dict, dict] | None:
         """``(state, meta)`` from the newest step (or the one before it, if the newest is
         damaged), None when there is no step.  ``settings`` are the run's, as passed to
-        :meth:`save`, to name what changed when the checkpoint does not fit."""
+        :meth:`save`, to name what changed when the checkpoint does not fit.
+        ``check_meta(meta, where)`` sees a step's ``meta`` before any array is read and
+        raises (a :class:`CheckpointError`) to refuse it: a LoRA run's base check.
+        Only ``params`` and ``opt_state`` are restored; other state entries (a LoRA run's
+        ``frozen`` base) are the caller's."""
         steps = sorted(self._mngr.all_steps(), reverse=True)
         if not steps:
             return None
         try:
-            return self._restore_step(steps[0], abstract_state, cfg, settings)
+            return self._restore_step(steps[0], abstract_state, cfg, settings, check_meta)
         except _Damaged as damage:
             newest = damage
         where = f"{self.directory}/{steps[0]}"
@@ -440,7 +448,7 @@ class TrainCheckpointer:
                 "to start afresh"
             ) from newest
         try:
-            restored = self._restore_step(steps[1], abstract_state, cfg, settings)
+            restored = self._restore_step(steps[1], abstract_state, cfg, settings, check_meta)
         except _Damaged as older:
             raise CheckpointError(
                 f"{where} is damaged ({newest}) and so is the step before it ({older}); "
@@ -475,7 +483,12 @@ class TrainCheckpointer:
         raise AssertionError("unreachable")
 
     def _restore_step(
-        self, step: int, abstract_state: dict, cfg: LlamaConfig, settings: Mapping | None
+        self,
+        step: int,
+        abstract_state: dict,
+        cfg: LlamaConfig,
+        settings: Mapping | None,
+        check_meta: Callable[[dict, str], None] | None = None,
     ) -> tuple[dict, dict]:
         where = f"{self.directory}/{step}"
         stored = self._read(
@@ -484,11 +497,15 @@ class TrainCheckpointer:
             lambda: LlamaConfig.from_mapping(_restore_json(self._mngr, step, "model")),
         )
         check_same_shape(stored, cfg, where)
+        if check_meta is not None:
+            check_meta(
+                self._read(step, "meta", lambda: _restore_json(self._mngr, step, "meta")), where
+            )
         for item in ("params", "opt_state"):
             saved = self._read(step, f"{item} metadata", lambda item=item: self._tree(step, item))
             problem = tree_mismatch(saved, abstract_state[item])
             if problem:
-                tree_fields = (*SHAPE_FIELDS, "param_dtype")
+                tree_fields = (*SHAPE_FIELDS, "param_dtype", "lora_rank", "lora_targets")
                 changed = _changed(
                     {f: getattr(stored, f) for f in tree_fields},
                     {f: getattr(cfg, f) for f in tree_fields},

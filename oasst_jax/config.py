@@ -72,6 +72,19 @@ def base_config() -> ml_collections.ConfigDict:
             clip_grad=1.0,
         )
     )
+    # LoRA / QLoRA (oasst_jax/lora.py): rank 0 = off (full fine-tuning).  With rank > 0 the
+    # base (`load`, else a random init) is frozen in base_dtype (bfloat16 | int8 | nf4;
+    # float32 for exactness tests) and only adapters on `targets` (PEFT's names for Llama's
+    # linear layers, comma-separated) are trained; checkpoints hold the adapters alone.
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,
+            alpha=16.0,
+            dropout=0.0,
+            targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            base_dtype="bfloat16",
+        )
+    )
     c.nonfinite = "skip"  # or "halt"
     c.nonfinite_max_consecutive = 5  # "skip" stops the run after this many NaN/Inf steps in a row
     # checkpoints in
@@ -119,6 +132,15 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
     fields = dict(cfg.model)
     fields["attention_dropout"] = cfg.attention_dropout
+    if cfg.lora.rank:
+        lora = cfg.lora
+        fields.update(
+            lora_rank=lora.rank,
+            lora_alpha=float(lora.alpha),
+            lora_dropout=float(lora.dropout),
+            lora_targets=",".join(t.strip() for t in str(lora.targets).split(",") if t.strip()),
+            lora_base_dtype=lora.base_dtype,
+        )
     return LlamaConfig.from_mapping(fields)
 
 

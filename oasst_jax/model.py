@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import linen as nn
 
 from oasst_jax import sharding
@@ -32,6 +33,20 @@ RESIDUAL = ("batch", "res_length", "act_embed")
 # Logical axes of the decoding KV cache: kv heads only (GQA), tensor-parallel like k/v.
 CACHE_KV_NAMES = ("batch", None, "act_kv_heads", None)
 ATTENTION_BACKENDS = ("auto", "tpu", "gpu")
+# LoRA targets by their PEFT names (Llama's nn.Linear modules) -> (our module, kernel name,
+# how many leading kernel axes are its input).  Adapters live beside their kernel:
+# ``decoder/layers/attn/q_lora_a`` [layers, D, r] and ``q_lora_b`` [layers, r, H, Dh].
+LORA_TARGETS: Mapping[str, tuple[str, str, int]] = {
+    "q_proj": ("attn", "q", 1),
+    "k_proj": ("attn", "k", 1),
+    "v_proj": ("attn", "v", 1),
+    "o_proj": ("attn", "o", 2),
+    "gate_proj": ("mlp", "gate", 1),
+    "up_proj": ("mlp", "up", 1),
+    "down_proj": ("mlp", "down", 1),
+}
+# What the frozen base of a LoRA run is held in (``float32`` only for exactness tests).
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +75,13 @@ class LlamaConfig:
     attention_backend: str = "auto"
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
+    # LoRA (``oasst_jax/lora.py``): rank 0 = off.  ``lora_targets`` are PEFT module names,
+    # comma-separated (a string, so the config stays hashable and JSON round-trips).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    lora_base_dtype: str = "bfloat16"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -80,6 +102,38 @@ class LlamaConfig:
                 f"model: attention_backend={self.attention_backend!r}; "
                 f"choose one of {ATTENTION_BACKENDS}"
             )
+        if self.lora_rank < 0:
+            raise ValueError(f"lora: rank={self.lora_rank} must be >= 0 (0 = off)")
+        if self.lora_rank:
+            bad = [t for t in self.lora_target_names if t not in LORA_TARGETS]
+            if bad or not self.lora_target_names:
+                raise ValueError(
+                    f"lora: targets={self.lora_targets!r} names {bad[0] if bad else 'nothing'!r};"
+                    f" choose from {','.join(LORA_TARGETS)}"
+                )
+            if not self.lora_alpha > 0:
+                raise ValueError(f"lora: alpha={self.lora_alpha} must be > 0")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"lora: dropout={self.lora_dropout} not in [0, 1)")
+            if self.lora_base_dtype not in LORA_BASE_DTYPES:
+                raise ValueError(
+                    f"lora: base_dtype={self.lora_base_dtype!r}; choose one of {LORA_BASE_DTYPES}"
+                )
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def lora_kernels(self) -> frozenset[tuple[str, str]]:
+        """``(module, kernel)`` pairs that carry an adapter (empty without LoRA)."""
+        if not self.lora_rank:
+            return frozenset()
+        return frozenset(LORA_TARGETS[t][:2] for t in self.lora_target_names)
+
+    @property
+    def lora_scale(self) -> float:
+        """PEFT's ``scaling``: the adapter's output is multiplied by ``alpha / rank``."""
+        return self.lora_alpha / self.lora_rank
 
     @property
     def head_size(self) -> int:
@@ -170,6 +224,61 @@ def _init(cfg: LlamaConfig, names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
 
 
+def as_weight(w: Any, dtype: str) -> jax.Array:
+    """A kernel in the compute dtype; a frozen QLoRA base kernel (a ``qwix.QArray``)
+    is dequantized here, inside the scanned layer, so only one layer's dense copy lives."""
+    if isinstance(w, qwix.QArray):
+        w = qwix.dequantize(w)
+    return w.astype(dtype)
+
+
+def _lora_a_init(n_in: int):
+    """PEFT's default for ``lora_A``: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(
+        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+
+
+def linear(
+    module: nn.Module,
+    name: str,
+    x: jax.Array,
+    shape: tuple[int, ...],
+    names: tuple[str, ...],
+    n_in: int,
+    deterministic: bool = True,
+) -> jax.Array:
+    """``x @ W`` for kernel ``name`` of ``shape`` (its first ``n_in`` axes contract with
+    ``x``'s last ``n_in``), plus ``(alpha / r) * dropout(x) @ A @ B`` when the kernel is a
+    LoRA target.  A ``[*in, r]`` and B ``[r, *out]`` (PEFT's lora_A/lora_B, transposed)
+    are sharded by the kernel's own logical names with the rank axis replicated."""
+    cfg = module.cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    w = as_weight(module.param(name, _init(cfg, names), shape, pd), cfg.dtype)
+    ins, outs = "ijk"[:n_in], "mno"[: len(shape) - n_in]
+    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, w)
+    if (module.name, name) not in cfg.lora_kernels():
+        return y
+    r = cfg.lora_rank
+    a = module.param(
+        f"{name}_lora_a",
+        nn.with_logical_partitioning(_lora_a_init(n_in), (*names[:n_in], "lora_rank")),
+        (*shape[:n_in], r),
+        pd,
+    )
+    b = module.param(
+        f"{name}_lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *names[n_in:])),
+        (r, *shape[n_in:]),
+        pd,
+    )
+    if cfg.lora_dropout > 0 and not deterministic:
+        x = dropout(x, cfg.lora_dropout, module.make_rng("dropout"))
+    h = jnp.einsum(f"...{ins},{ins}r->...r", x, a.astype(cfg.dtype))
+    delta = jnp.einsum(f"...r,r{outs}->...{outs}", h, b.astype(cfg.dtype))
+    return y + (cfg.lora_scale * delta).astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     cfg: LlamaConfig
 
@@ -189,32 +298,32 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     cfg: LlamaConfig
 
-    def _w(self, name: str, shape: tuple[int, ...], names: tuple[str, ...]) -> jax.Array:
-        w = self.param(name, _init(self.cfg, names), shape, jnp.dtype(self.cfg.param_dtype))
-        return w.astype(self.cfg.dtype)
-
     @nn.compact
     def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool) -> jax.Array:
         c = self.cfg
         d, h, k, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_size
-        wq = self._w("q", (d, h, dh), ("embed", "heads", "head_dim"))
-        wk = self._w("k", (d, k, dh), ("embed", "kv_heads", "head_dim"))
-        wv = self._w("v", (d, k, dh), ("embed", "kv_heads", "head_dim"))
-        wo = self._w("o", (h, dh, d), ("heads", "head_dim", "embed"))
+
+        def proj(name, x, shape, names, n_in):
+            return linear(self, name, x, shape, names, n_in, deterministic)
+
         q_BLHD = constrain(
-            jnp.einsum("bld,dhk->blhk", x_BLD, wq), ("batch", "length", "act_heads", None)
+            proj("q", x_BLD, (d, h, dh), ("embed", "heads", "head_dim"), 1),
+            ("batch", "length", "act_heads", None),
         )
         k_BLKD = constrain(
-            jnp.einsum("bld,dhk->blhk", x_BLD, wk), ("batch", "length", "act_kv_heads", None)
+            proj("k", x_BLD, (d, k, dh), ("embed", "kv_heads", "head_dim"), 1),
+            ("batch", "length", "act_kv_heads", None),
         )
         v_BLKD = constrain(
-            jnp.einsum("bld,dhk->blhk", x_BLD, wv), ("batch", "length", "act_kv_heads", None)
+            proj("v", x_BLD, (d, k, dh), ("embed", "kv_heads", "head_dim"), 1),
+            ("batch", "length", "act_kv_heads", None),
         )
         q_BLHD = rope(q_BLHD, positions_BL, c.rope_theta, c.rope_scaling_factor)
         k_BLKD = rope(k_BLKD, positions_BL, c.rope_theta, c.rope_scaling_factor)
+        o_names = ("heads", "head_dim", "embed")
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
-            return jnp.einsum("blhk,hkd->bld", out_BLHD, wo)
+            return proj("o", out_BLHD, (h, dh, d), o_names, 2)
         use_dropout = c.attention_dropout > 0.0 and not deterministic
         out_BLHD = dot_product_attention(
             q_BLHD,
@@ -229,7 +338,7 @@ class Attention(nn.Module):
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
         )
         out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
-        return jnp.einsum("blhk,hkd->bld", out_BLHD, wo)
+        return proj("o", out_BLHD, (h, dh, d), o_names, 2)
 
     def _cached_attention(self, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL) -> jax.Array:
         """Decoding: write this call's keys/values at the cache index, attend to the cache.
@@ -276,20 +385,16 @@ class MLP(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.cfg
-        pd = jnp.dtype(c.param_dtype)
         shape_in, shape_out = (
             (c.hidden_size, c.intermediate_size),
             (c.intermediate_size, c.hidden_size),
         )
-        gate = self.param("gate", _init(c, ("embed", "mlp")), shape_in, pd).astype(c.dtype)
-        up = self.param("up", _init(c, ("embed", "mlp")), shape_in, pd).astype(c.dtype)
-        down = self.param("down", _init(c, ("mlp", "embed")), shape_out, pd).astype(c.dtype)
-        g_BLF = jnp.einsum("bld,df->blf", x_BLD, gate)
-        u_BLF = jnp.einsum("bld,df->blf", x_BLD, up)
+        g_BLF = linear(self, "gate", x_BLD, shape_in, ("embed", "mlp"), 1, deterministic)
+        u_BLF = linear(self, "up", x_BLD, shape_in, ("embed", "mlp"), 1, deterministic)
         h_BLF = constrain(nn.silu(g_BLF) * u_BLF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("blf,fd->bld", h_BLF, down)
+        return linear(self, "down", h_BLF, shape_out, ("mlp", "embed"), 1, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -318,7 +423,7 @@ class DecoderLayer(nn.Module):
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
         x_BLD = x_BLD + h
-        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD), deterministic)
         h = constrain(h, RESIDUAL)
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
@@ -426,7 +531,10 @@ class Llama(nn.Module):
         c = self.cfg
         x_BLD = self.final_norm(x_BLD)
         logits_BLV = jnp.einsum(
-            "bld,dv->blv", x_BLD, self.lm_head.astype(c.dtype), preferred_element_type=jnp.float32
+            "bld,dv->blv",
+            x_BLD,
+            self.lm_head.astype(c.dtype),
+            preferred_element_type=jnp.float32,
         )
         logits_BLV = constrain(logits_BLV, ("batch", "length", "act_vocab"))
         if c.padded_vocab_size != c.vocab_size:

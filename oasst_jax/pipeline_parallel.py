@@ -52,9 +52,13 @@ def _stage_spec(spec: PartitionSpec) -> tuple:
 def stage_view(layer_params: Any, layer_specs: Any, stages: int) -> Any:
     """``[layers, ...]`` leaves -> ``[stages, layers_per_stage, ...]``, a stage per device group."""
 
-    def view(w: jax.Array, spec: PartitionSpec) -> jax.Array:
-        w = w.reshape(stages, w.shape[0] // stages, *w.shape[1:])
-        return sharding.constrain(w, _stage_spec(spec))
+    def view(w: Any, spec: PartitionSpec) -> Any:
+        def one(x: jax.Array) -> jax.Array:
+            return x.reshape(stages, x.shape[0] // stages, *x.shape[1:])
+
+        if not isinstance(w, jax.Array):  # a LoRA run's quantized kernel: values + scales
+            return jax.tree.map(one, w)
+        return sharding.constrain(one(w), _stage_spec(spec))
 
     return jax.tree.map(view, layer_params, layer_specs)
 

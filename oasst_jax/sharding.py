@@ -40,6 +40,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", TENSOR),  # gate/up column-parallel, down row-parallel
     ("norm", None),
+    ("lora_rank", None),  # LoRA A's last / B's first axis: small, replicated
     # ---- activations
     ("batch", (DATA, FSDP)),
     ("length", SEQUENCE),  # context parallelism
@@ -141,8 +142,38 @@ def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
     return tree_shardings(mesh, nn.get_partition_spec(boxed_params))
 
 
-def state_shardings(mesh: Mesh, params_sharding: Any, abstract_state: dict) -> dict:
-    """Shardings for the train state ``{step, params, opt_state}``.
+def fitted_sharding(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """``s`` with each dimension's mesh axes dropped where they do not divide it: a
+    quantized kernel's block scales (``[layers, in / block, ...]``) follow the kernel's
+    layout where they can and are replicated along a dimension too short to split."""
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    sizes = s.mesh.shape
+
+    def fits(axes, dim: int) -> bool:
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return dim % math.prod(sizes[a] for a in names) == 0
+
+    return NamedSharding(
+        s.mesh,
+        PartitionSpec(*(a if fits(a, d) else None for a, d in zip(spec, shape, strict=True))),
+    )
+
+
+def frozen_shardings(params_sharding: Any, abstract_frozen: Any) -> Any:
+    """Shardings of a LoRA run's frozen base: each leaf like the kernel it holds (a
+    quantized kernel's values exactly so, its scales fitted by :func:`fitted_sharding`)."""
+    return jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda a: fitted_sharding(s, a.shape), sub),
+        params_sharding,
+        abstract_frozen,
+    )
+
+
+def state_shardings(
+    mesh: Mesh, params_sharding: Any, abstract_state: dict, frozen_sharding: Any = None
+) -> dict:
+    """Shardings for the train state ``{step, params, opt_state}`` (+ ``frozen``, a LoRA
+    run's base weights, when ``frozen_sharding`` is given).
 
     Optimizer moments mirror the parameters, so an optimizer leaf whose path
     ends with a parameter's path (and has its shape) gets that parameter's
@@ -162,11 +193,14 @@ def state_shardings(mesh: Mesh, params_sharding: Any, abstract_state: dict) -> d
                 return s
         return replicated
 
-    return {
+    out = {
         "step": replicated,
         "params": params_sharding,
         "opt_state": jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"]),
     }
+    if frozen_sharding is not None:
+        out["frozen"] = frozen_sharding
+    return out
 
 
 def batch_sharding(mesh: Mesh, leading: tuple = ()) -> NamedSharding:

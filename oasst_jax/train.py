@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import chatml, checkpoint, distributed, optim, sharding
+from oasst_jax import chatml, checkpoint, distributed, lora, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
@@ -163,6 +163,7 @@ def resolve_model_config(cfg) -> LlamaConfig:
         return model_cfg
     stored = checkpoint.load_model_config(cfg.load)
     keep = ("dtype", "remat_policy", "attention_impl", "attention_backend", "attention_dropout")
+    keep += tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.name.startswith("lora_"))
     return dataclasses.replace(stored, **{k: getattr(model_cfg, k) for k in keep})
 
 
@@ -192,12 +193,28 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         # the optimizer settings shape the saved opt_state: stored so a resume that no
         # longer fits names the one that changed
         settings = {f"optim.{k}": v for k, v in cfg.optim.items()}
-        restored = ckpt.restore(trainer.abstract_state, model_cfg, settings)
+        base = base_record = None
+        if model_cfg.lora_rank:
+            base, base_record = _lora_base(cfg, model_cfg, trainer)
+        restored = ckpt.restore(
+            trainer.abstract_state,
+            model_cfg,
+            settings,
+            None if base is None else functools.partial(lora.check_base, current=base_record),
+        )
         data_state = val_state = None
         if restored is not None:
             state, meta = restored
             data_state, val_state = meta.get("data_iterator"), meta.get("val_iterator")
+            if base is not None:  # adapters and optimizer from the checkpoint, base as loaded
+                state = {**state, "frozen": trainer.init_from_params(base)["frozen"]}
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
+        elif base is not None:
+            state = trainer.init_from_params(base)
+            _log(
+                f"LoRA rank {model_cfg.lora_rank} on {model_cfg.lora_targets} over the base "
+                f"{cfg.load or 'random init'} frozen in {model_cfg.lora_base_dtype}"
+            )
         elif cfg.load:
             params = load_start_params(
                 cfg.load, model_cfg, trainer.abstract_state["params"], where=f"load={cfg.load}"
@@ -206,6 +223,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             _log(f"loaded weights from {cfg.load} (fresh optimizer, step 0)")
         else:
             state = trainer.init_random(jax.random.key(cfg.seed))
+        del base  # a LoRA run holds it frozen (quantized) in the state from here on
         b_shard = trainer.batch_sharding
         step_fn = trainer.step
         train_source = open_split(cfg, "train")
@@ -255,7 +273,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                     last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
                 pending = (step, metrics, host_stats, {})
                 if val is not None and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
-                    vm = val(state["params"])
+                    vm = val(trainer.eval_params(state))
                     pending[3].update(vm)
                     _log(f"step {step}: val_loss {vm['val_loss']:.4f} val_ppl {vm['val_ppl']:.2f}")
                 exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
@@ -269,6 +287,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                     pending = None
                     with timer("checkpoint"):
                         meta = {"data_iterator": train_it.get_state()}
+                        if base_record is not None:
+                            meta[lora.BASE_META] = base_record
                         if val is not None and val.get_state() is not None:
                             meta["val_iterator"] = val.get_state()
                         _save(ckpt, step, state, meta, model_cfg, settings, guard)
@@ -281,6 +301,22 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             ckpt.close()
             logger.close()
     return last
+
+
+def _lora_base(cfg, model_cfg: LlamaConfig, trainer) -> tuple[Any, dict]:
+    """A LoRA run's base weights (``load``, else the seed's random init) and the record a
+    checkpoint keeps of them (path + content fingerprint), computed before any restore so
+    a checkpoint trained on another base is refused."""
+    if cfg.load:
+        base = load_start_params(
+            cfg.load,
+            lora.base_model_config(model_cfg),
+            trainer.abstract_base,
+            where=f"load={cfg.load}",
+        )
+    else:
+        base = trainer.random_base(jax.random.key(cfg.seed))
+    return base, lora.base_record(cfg.load, base)
 
 
 class _Window:
