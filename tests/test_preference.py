@@ -2,6 +2,7 @@
 reimplementation of upstream's rule), rm shards, pairs, the batch layout, the RM and DPO
 losses (NumPy, TRL), segment log-probs and the reward-model export."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -335,10 +336,15 @@ def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
                 np.testing.assert_array_equal(got, encode_turns(tok, (reply,))[0])
                 assert set(got_roles.tolist()) == {2}
             joined = np.concatenate([ex["prefix_tokens"], ex["reply_tokens"][0]])
-            assert tok.encode(
-                "".join(f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n"
-                        for t in (*sample.prefix, sample.replies[0]))  # fmt: skip
-            ) == joined.tolist()
+            assert (
+                tok.encode(
+                    "".join(
+                        f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n"
+                        for t in (*sample.prefix, sample.replies[0])
+                    )  # fmt: skip
+                )
+                == joined.tolist()
+            )
         block = stats[split][0]
         counts = [len(s.replies) for s in samples]
         line = (f"  Replies per prompt: {sum(counts) / len(counts)} "
@@ -379,3 +385,144 @@ def test_rm_config_errors(tmp_path, sp_model_path):
     rm = _rm_config(tmp_path / "o", sp_model_path)
     assert list(rm) == list(base)
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_truncate_and_pairs():
+    from oasst_jax.data.preference import make_pairs, truncate
+
+    assert truncate(10, [5, 8], 20, 6) == (10, [5, 8])  # fits: untouched
+    assert truncate(10, [5, 15], 20, 6) == (6, [5, 14])  # prefix tail >= 6, reply heads
+    assert truncate(10, [5, 12], 20, 6) == (8, [5, 12])  # the replies leave room for 8
+    assert truncate(3, [40], 20, 6) == (3, [17])  # a short prefix is kept whole
+    assert make_pairs(4, "best_vs_rest", 9) == [(0, 1), (0, 2), (0, 3)]
+    assert make_pairs(4, "all", 4) == [(0, 1), (0, 2), (0, 3), (1, 2)]
+    assert make_pairs(3, "all", 9) == [(0, 1), (0, 2), (1, 2)]
+
+
+def _mask(sp_model_path):
+    import functools
+
+    from oasst_jax import chatml
+    from oasst_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(sp_model_path)
+    return functools.partial(chatml.loss_mask, tokenizer=tok, mode="assistant_answer")
+
+
+def _epoch(source, cfg, mask):
+    from oasst_jax.data.preference import PreferenceBatches
+
+    return list(PreferenceBatches(source, cfg, mask, repeat=False))
+
+
+@pytest.mark.parametrize("kind,packing", [("rm", True), ("rm", False), ("dpo", True)])
+def test_batches_hold_each_group_once_in_the_documented_layout(
+    rm_data, sp_model_path, kind, packing
+):
+    """Every example's groups appear once per epoch; each valid slot's tokens are its
+    prefix tail + reply head, its weights the reply's loss mask on the targets, and the
+    summed log-probs of a bigram "model" through the batch fields equal the same sum
+    computed on the sequence alone."""
+    from oasst_jax.data.preference import PreferenceConfig, make_pairs, truncate
+    from oasst_jax.data.shards import RankedDataSource
+    from oasst_jax.preference import last_token, sequence_logps
+
+    source = RankedDataSource(rm_data[0] / "oasst_rm-train")
+    mask = _mask(sp_model_path)
+    longest = max(len(source[i]["prefix_tokens"]) + max(map(len, source[i]["reply_tokens"]))
+                  for i in range(len(source)))  # fmt: skip
+    length = longest * 2 // 3  # some groups truncated
+    cfg = PreferenceConfig(
+        kind=kind, seq_length=length, rows=4, max_sequences=6, max_groups=3, packing=packing,
+        max_replies=3, pairs="all", max_pairs_per_prompt=2,
+    )  # fmt: skip
+    batches = _epoch(source, cfg, mask)
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 1, (400, 400)).astype(np.float32)  # logits[next | token]
+    logp_table = table - np.log(np.exp(table.astype(np.float64)).sum(-1, keepdims=True))
+    seen, truncated = [], 0
+    for b in batches:
+        assert {k: v.shape for k, v in b.items()} == {
+            **{k: (4, length) for k in ("inputs", "targets", "weights", "segment_ids",
+                                        "positions", "sequence_ids")},
+            **{k: (6,) for k in ("sequence_row", "sequence_last", "sequence_group",
+                                 "sequence_rank", "sequence_valid")},
+            "group_example": (3,),
+        }  # fmt: skip
+        assert np.all(b["sequence_ids"][b["segment_ids"] == 0] == 6)
+        if not packing:
+            assert np.all(np.bincount(b["sequence_row"][b["sequence_valid"]]) <= 1)
+        got = sequence_logps(table[b["inputs"]], b["targets"], b["weights"], b["sequence_ids"], 6)
+        last_ids = last_token(b["inputs"], b["sequence_row"], b["sequence_last"])
+        groups = {}
+        for slot in np.flatnonzero(b["sequence_valid"]):
+            g, rank = int(b["sequence_group"][slot]), int(b["sequence_rank"][slot])
+            groups.setdefault(g, []).append((rank, slot))
+        for g, members in groups.items():
+            ex_index = int(b["group_example"][g])
+            ex = source[ex_index]
+            members.sort()
+            ranks = [r for r, _ in members]
+            if kind == "rm":
+                assert ranks == list(range(min(3, len(ex["reply_tokens"]))))
+                replies = ranks
+            else:
+                assert ranks == [0, 1]
+                seen_pairs = [p for e, p in seen if e == ex_index]
+                replies = make_pairs(len(ex["reply_tokens"]), "all", 2)[len(seen_pairs)]
+            seen.append((ex_index, tuple(replies)))
+            keep, lens = truncate(len(ex["prefix_tokens"]),
+                                  [len(ex["reply_tokens"][i]) for i in replies], length,
+                                  length // 2)  # fmt: skip
+            truncated += keep < len(ex["prefix_tokens"])
+            for (_, slot), i, n in zip(members, replies, lens, strict=True):
+                row, cols = (
+                    b["sequence_row"][slot],
+                    b["sequence_ids"][b["sequence_row"][slot]] == slot,
+                )
+                reply = ex["reply_tokens"][i]
+                want = np.concatenate([ex["prefix_tokens"][len(ex["prefix_tokens"]) - keep:],
+                                       reply[:n]])  # fmt: skip
+                np.testing.assert_array_equal(b["inputs"][row, cols], want)
+                assert np.flatnonzero(cols)[-1] == b["sequence_last"][slot]
+                assert last_ids[slot] == want[-1]
+                np.testing.assert_array_equal(b["positions"][row, cols], np.arange(len(want)))
+                reply_mask = mask(roles=ex["reply_roles"][i], tokens=reply)[:n]
+                w = np.concatenate([np.zeros(keep), reply_mask])[1:]
+                np.testing.assert_array_equal(b["weights"][row, cols][:-1], w)
+                assert b["weights"][row, cols][-1] == 0
+                direct = sum(w[t] * logp_table[want[t], want[t + 1]] for t in range(len(want) - 1))
+                np.testing.assert_allclose(float(got[slot]), direct, rtol=1e-4, atol=1e-4)
+    if kind == "rm":
+        assert sorted(e for e, _ in seen) == list(range(len(source)))
+    else:
+        want = [(e, p) for e in range(len(source))
+                for p in make_pairs(len(source[e]["reply_tokens"]), "all", 2)]  # fmt: skip
+        assert sorted(seen) == sorted(want)
+    assert truncated > 0
+    assert (max(int(b["segment_ids"].max()) for b in batches) > 1) == packing
+
+
+def test_batches_resume_and_refuse_bad_configs(rm_data, sp_model_path):
+    from oasst_jax.data.preference import PreferenceBatches, PreferenceConfig
+    from oasst_jax.data.shards import RankedDataSource
+
+    source = RankedDataSource(rm_data[0] / "oasst_rm-train")
+    cfg = PreferenceConfig(kind="dpo", seq_length=256, rows=2, max_sequences=4, max_groups=2)
+    it = PreferenceBatches(source, cfg, _mask(sp_model_path))
+    for _ in range(5):  # past the first epoch
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    again = PreferenceBatches(source, cfg, _mask(sp_model_path))
+    again.set_state(json.loads(json.dumps(state)))
+    for a, b in zip(want, [next(again) for _ in range(3)], strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    bad = {"rows": 1, "max_sequences": 1, "max_prefix_length": 256, "kind": "ppo", "pairs": "x"}
+    for field, value in bad.items():
+        wrong = PreferenceConfig(**{**dataclasses.asdict(cfg), field: value})
+        with pytest.raises(DataError, match=field if field != "kind" else "preference kind"):
+            PreferenceBatches(source, wrong, _mask(sp_model_path))
