@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -119,6 +119,48 @@ def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) 
     return jax.jit(zeros, out_shardings=shardings)()
 
 
+def forward(
+    module: Llama,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+) -> jax.Array:
+    """The cached model's fp32 logits ``[B, V]`` of the last position only.
+
+    Applied as ``model.apply(..., method=forward)``: ``Llama.__call__`` with two
+    inference shortcuts that change no value.  The LM head runs on the last position
+    only (a prompt's other logits are never read; over the whole prompt the head cost
+    as much as all of a small model's layers), and the embedding is a row gather
+    rather than training's one-hot matmul (an exact lookup either way; the matmul
+    reads the whole table for every token).
+    """
+    c = module.cfg
+    x_BLD = jnp.take(module.embedding, tokens_BL, axis=0).astype(c.dtype)
+    x_BLD = sharding.constrain(x_BLD, ("batch", "length", "act_embed"))
+    rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
+    x_BLD = module.decoder(x_BLD, positions_BL, segment_ids_BL, rates, True)
+    return module.head(x_BLD[:, -1:])[:, 0]
+
+
+def _apply(model: Llama, params, cache, tokens_BL, positions_BL, segment_ids_BL):
+    """``(last logits [B, V], updated cache)``."""
+    return model.apply(
+        {"params": params, "cache": cache},
+        tokens_BL,
+        positions_BL,
+        segment_ids_BL,
+        method=forward,
+        mutable=["cache"],
+    )
+
+
+def seen_mask(tokens_BP: jax.Array, segments_BP: jax.Array, vocab: int) -> jax.Array:
+    """``[B, vocab]`` bool: the ids a row's real (segment != 0) tokens hold."""
+    rows = jnp.arange(tokens_BP.shape[0])[:, None]
+    counts = jnp.zeros((tokens_BP.shape[0], vocab), jnp.int32)
+    return counts.at[rows, tokens_BP].add(segments_BP) > 0
+
+
 def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sp: SamplingParams) -> jax.Array:
     """Penalty, temperature, top-k, top-p; removed tokens get ``-inf``."""
     if sp.repetition_penalty != 1.0:
@@ -174,29 +216,23 @@ def prefill(
     tokens_BP: jax.Array,
     segments_BP: jax.Array,
     positions_BP: jax.Array,
+    seen_BV: jax.Array,
     key: jax.Array,
 ) -> DecodeState:
-    """Run the prompt through the model, filling the cache, and sample the first token."""
-    logits, v = model.apply(
-        {"params": params, "cache": cache},
-        tokens_BP,
-        positions_BL=positions_BP,
-        segment_ids_BL=segments_BP,
-        mutable=["cache"],
-    )
-    batch, vocab = tokens_BP.shape[0], logits.shape[-1]
-    rows = jnp.arange(batch)[:, None]
-    seen = jnp.zeros((batch, vocab), jnp.int32).at[rows, tokens_BP].add(segments_BP) > 0
+    """Run the prompt through the model, filling the cache from its index on, and sample
+    the first token.  ``seen_BV``: the ids the repetition penalty counts as seen."""
+    logits_BV, v = _apply(model, params, cache, tokens_BP, positions_BP, segments_BP)
+    batch = tokens_BP.shape[0]
     state = DecodeState(
         cache=v["cache"],
         token_B=tokens_BP[:, -1],
         position_B=positions_BP[:, -1],
-        seen_BV=seen,
+        seen_BV=seen_BV,
         out_BN=jnp.zeros((batch, sp.max_new_tokens), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         done_B=jnp.zeros((batch,), bool),
     )
-    token = choose(logits[:, -1], seen, jax.random.fold_in(key, 0), sp)
+    token = choose(logits_BV, seen_BV, jax.random.fold_in(key, 0), sp)
     return _record(state, token, stop_ids)
 
 
@@ -204,19 +240,21 @@ def decode_step(
     model: Llama, sp: SamplingParams, stop_ids: tuple[int, ...], params, state: DecodeState, key
 ) -> DecodeState:
     """Feed the last token through the cached model and sample the next one."""
-    logits, v = model.apply(
-        {"params": params, "cache": state.cache},
+    logits_BV, v = _apply(
+        model,
+        params,
+        state.cache,
         state.token_B[:, None],
-        positions_BL=state.position_B[:, None],
-        segment_ids_BL=jnp.ones_like(state.token_B)[:, None],
-        mutable=["cache"],
+        state.position_B[:, None],
+        jnp.ones_like(state.token_B)[:, None],
     )
-    token = choose(logits[:, 0], state.seen_BV, jax.random.fold_in(key, state.step), sp)
+    token = choose(logits_BV, state.seen_BV, jax.random.fold_in(key, state.step), sp)
     return _record(state._replace(cache=v["cache"]), token, stop_ids)
 
 
 def _generate(model, sp, stop_ids, params, cache, tokens, segments, positions, key):
-    state = prefill(model, sp, stop_ids, params, cache, tokens, segments, positions, key)
+    seen = seen_mask(tokens, segments, model.cfg.padded_vocab_size)
+    state = prefill(model, sp, stop_ids, params, cache, tokens, segments, positions, seen, key)
     state = jax.lax.while_loop(
         lambda s: (s.step < sp.max_new_tokens) & ~jnp.all(s.done_B),
         lambda s: decode_step(model, sp, stop_ids, params, s, key),
@@ -298,16 +336,111 @@ def stream(
     mesh: Mesh | None = None,
 ) -> Iterator[int]:
     """Yield one prompt's generated ids as they decode (stop token excluded)."""
-    model, sp, cache, args = _setup(cfg, [prompt], sp, mesh, seed)
-    stop = tuple(sorted({int(s) for s in stop_ids}))
-    key = args[-1]
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = _prefill_jit(model, sp, stop, params, cache, *args)
-        for _ in range(sp.max_new_tokens):
-            token = int(state.token_B[0])
-            if token in stop:
-                return
-            yield token
-            if int(state.step) >= sp.max_new_tokens:
-                return
-            state = _step_jit(model, sp, stop, params, state, key)
+    capacity = _round_up(len(prompt)) + sp.max_new_tokens
+    chat = Chat(params, cfg, sp, stop_ids, seed=seed, mesh=mesh, capacity=capacity)
+    yield from chat.turn(prompt)
+
+
+def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Chat:
+    """One conversation's KV cache, kept across turns, so a turn prefills only the ids the
+    cache does not hold yet (the new user turn, the assistant header, and whatever of the
+    previous reply was never fed: its closing ``<|im_end|>``, or its last token when the
+    reply was cut at ``max_new_tokens``) rather than the whole history.
+
+    The cache has ``capacity`` slots (default: the context window, so a conversation fits);
+    each turn's new ids are left-padded to :data:`PAD_MULTIPLE` masked slots, so prefill
+    compiles for few lengths.  Only when those padding slots leave no room for the next
+    turn is the whole history prefilled into a fresh cache (``note`` says so).  Results
+    are those of re-prefilling the whole token history every turn (``keep_cache=False``),
+    repetition penalty included: the penalty's seen ids are the whole history's.
+
+    ``history`` is the conversation's ids (prompts, replies, closing tokens) in the order
+    the model reads them; ``prefilled`` the ids each turn prefilled.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        cfg: LlamaConfig,
+        sp: SamplingParams,
+        stop_ids: Sequence[int],
+        *,
+        seed: int = 0,
+        mesh: Mesh | None = None,
+        capacity: int | None = None,
+        keep_cache: bool = True,
+        note: Callable[[str], None] | None = None,
+    ):
+        self.params, self.cfg, self.sp, self.mesh = params, cfg, sp, mesh
+        self.model = Llama(inference_config(cfg))
+        self.stop = tuple(sorted({int(s) for s in stop_ids}))
+        self.key = jax.random.key(seed)
+        self.capacity = capacity or _round_up(cfg.max_position_embeddings)
+        self.keep_cache, self.note = keep_cache, note
+        self.history: list[int] = []
+        self.prefilled: list[int] = []
+        self._state: DecodeState | None = None
+        self._cached = 0  # how many ids of history the cache holds
+        self._slots = 0  # the cache's index: cached ids plus padding slots
+
+    def turn(self, new_ids: Sequence[int]) -> Iterator[int]:
+        """Append ``new_ids`` to the conversation and yield the reply's ids as they decode
+        (stop token excluded).  At most ``sp.max_new_tokens``, fewer where the context
+        window ends first."""
+        if not new_ids:
+            raise ValueError("a turn needs at least one token")
+        self.history.extend(int(i) for i in new_ids)
+        window = self.cfg.max_position_embeddings
+        room = window - len(self.history)
+        if room < 1:
+            raise ValueError(
+                f"the conversation is {len(self.history)} tokens; the context window "
+                f"(max_position_embeddings) is {window}, leaving no room to generate"
+            )
+        limit = min(self.sp.max_new_tokens, room)
+        todo = self.history[self._cached :]
+        if self._state is None or not self.keep_cache or not self._fits(len(todo), limit):
+            if self._state is not None and self.keep_cache and self.note:
+                self.note(
+                    f"the KV cache ({self.capacity} slots) is full; re-reading the "
+                    f"{len(self.history)}-token conversation into a fresh cache"
+                )
+            self._state, self._cached, self._slots, todo = None, 0, 0, self.history
+            if not self._fits(len(todo), limit):
+                raise ValueError(
+                    f"a {len(todo)}-token prompt and {limit} new tokens do not fit a "
+                    f"{self.capacity}-slot KV cache"
+                )
+            cache = init_cache(self.model, 1, self.capacity, self.mesh)
+        else:
+            cache, self._state = self._state.cache, None  # donated to prefill
+        tokens, segments, positions = left_pad([todo])
+        seen = np.zeros((1, self.cfg.padded_vocab_size), bool)
+        seen[0, self.history] = True
+        args = (tokens, segments, positions + self._cached, seen, self.key)
+        self.prefilled.append(len(todo))
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            state = _prefill_jit(self.model, self.sp, self.stop, self.params, cache, *args)
+            self._slots += tokens.shape[1]
+            self._cached += len(todo)
+            for n in range(1, limit + 1):
+                token = int(state.token_B[0])
+                if token in self.stop:
+                    break
+                self.history.append(token)
+                yield token
+                if n == limit:
+                    break
+                state = _step_jit(self.model, self.sp, self.stop, self.params, state, self.key)
+                self._slots += 1
+                self._cached += 1
+        self._state = state
+
+    def _fits(self, new: int, limit: int) -> bool:
+        """Whether ``new`` ids (padded) and a ``limit``-token reply fit the cache's free
+        slots (the reply's last token is never fed)."""
+        return self._slots + _round_up(new) + limit - 1 <= self.capacity

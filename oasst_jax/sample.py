@@ -56,10 +56,10 @@ import numpy as np
 from flax import linen as nn
 
 from oasst_jax import cli, compare, decode, files, sharding
-from oasst_jax.chatml import prompt_ids
+from oasst_jax.chatml import format_turn, prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
-from oasst_jax.tokenizer import Tokenizer, tokenizer_for_vocab
+from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer, tokenizer_for_vocab
 
 # The model card's recommended inference system prompt.
 SYSTEM_PROMPT = (
@@ -206,23 +206,41 @@ def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> di
     }
 
 
-def reply(args, params, cfg, tok, mesh, sp, messages: list[dict[str, str]]) -> str:
-    """Stream one assistant reply to stdout and return its text."""
-    ids = prompt_ids(tok, messages, args.system)
-    what = "the conversation" if len(messages) > 1 else "the prompt"
-    check_fits(ids, cfg, what, args.system)
+def _print_reply(tok: Tokenizer, ids: Iterable[int]) -> str:
+    """Stream a reply's text to stdout as its ids decode; return the text."""
     pieces = []
-    stream = decode.stream(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
-    for piece in incremental_text(tok, stream):
+    for piece in incremental_text(tok, ids):
         pieces.append(piece)
         print(piece, end="", flush=True)
     print()
     return "".join(pieces)
 
 
+def reply(args, params, cfg, tok, mesh, sp, prompt: str) -> str:
+    """Stream one assistant reply to a one-shot prompt to stdout and return its text."""
+    ids = _ids(args, tok, prompt)
+    check_fits(ids, cfg, "the prompt", args.system)
+    stream = decode.stream(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
+    return _print_reply(tok, stream)
+
+
+def next_turn_ids(tok: Tokenizer, text: str) -> list[int]:
+    """The ids a chat turn adds after the model's reply: the reply's closing
+    ``<|im_end|>\\n``, the user turn and the next assistant header.  Equal to the tail
+    of ``prompt_ids`` over the whole history, since the tokenizer splits at special tokens."""
+    return tok.encode(f"{IM_END}\n{format_turn('user', text)}{IM_START}assistant\n")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def chat(args, params, cfg, tok, mesh, sp) -> None:
-    """Multi-turn chat on stdin; the history is re-sent in chatml every turn."""
-    messages: list[dict[str, str]] = []
+    """Multi-turn chat on stdin.  The KV cache is kept across turns (``decode.Chat``), so
+    a turn prefills only its own ids, not the whole history again."""
+    conversation = decode.Chat(
+        params, cfg, sp, stop_ids(tok), seed=args.seed, mesh=mesh, note=_note
+    )
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -232,11 +250,13 @@ def chat(args, params, cfg, tok, mesh, sp) -> None:
             return
         if not text.strip():
             return
-        messages.append({"role": "user", "content": text})
+        if conversation.history:
+            ids, what = next_turn_ids(tok, text), "the conversation"
+        else:
+            ids, what = _ids(args, tok, text), "the prompt"
+        check_fits(conversation.history + ids, cfg, what, args.system)
         print("assistant> ", end="", flush=True)
-        messages.append(
-            {"role": "assistant", "content": reply(args, params, cfg, tok, mesh, sp, messages)}
-        )
+        _print_reply(tok, conversation.turn(ids))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -314,7 +334,7 @@ def run(args: argparse.Namespace) -> None:
         run_json(args, *loaded, prompts)
     else:
         for prompt in prompts:
-            reply(args, *loaded, [{"role": "user", "content": prompt}])
+            reply(args, *loaded, prompt)
 
 
 def _compare_parser() -> cli.ArgumentParser:
