@@ -526,3 +526,51 @@ def test_batches_resume_and_refuse_bad_configs(rm_data, sp_model_path):
         wrong = PreferenceConfig(**{**dataclasses.asdict(cfg), field: value})
         with pytest.raises(DataError, match=field if field != "kind" else "preference kind"):
             PreferenceBatches(source, wrong, _mask(sp_model_path))
+
+
+# ----------------------------------------------------------------------------- reward export
+
+
+def test_reward_export_scores_equal_jax(tmp_path):
+    """transformers' ``LlamaForSequenceClassification`` scores of the export equal the last
+    real token's final normed hidden state (captured from ``Llama.apply``) @ the kernel."""
+    import flax.linen as nn
+    import jax
+    import torch
+    import transformers
+    from conftest import tiny_llama
+
+    from oasst_jax.hf.reward import export_reward_model
+    from oasst_jax.model import Llama
+
+    cfg = tiny_llama(max_position_embeddings=32)
+    model = Llama(cfg)
+    tokens = np.zeros((1, 8), np.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
+    params["score"] = {"kernel": rng.normal(0, 1, (cfg.hidden_size, 1)).astype(np.float32)}
+    pad = 0
+    export_reward_model(params, cfg, str(tmp_path / "rm"), pad_token_id=pad, dtype="float32")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    assert (hf.config.num_labels, hf.config.pad_token_id) == (1, pad)
+    lengths = [11, 6, 1]
+    ids = np.full((3, 11), pad, np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, cfg.vocab_size, n)
+    with torch.no_grad():
+        got = hf(torch.tensor(ids), attention_mask=torch.tensor(ids != pad)).logits.numpy()
+
+    def is_final_norm(module, method):
+        return module.name == "final_norm" and method == "__call__"
+
+    want = []
+    for row, n in zip(ids, lengths, strict=True):
+        tokens = row[None, :n].astype(np.int32)
+        variables = {"params": params}
+        _, state = model.apply(variables, tokens, capture_intermediates=is_final_norm)
+        hidden = state["intermediates"]["final_norm"]["__call__"][0]
+        want.append(np.asarray(hidden[0, n - 1]) @ params["score"]["kernel"])
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-4, atol=1e-4)
+    assert np.abs(got).max() > 0.1  # not trivially zero

@@ -1,0 +1,97 @@
+"""Export a reward model: our Llama parameters plus a score head as a Hugging Face
+``LlamaForSequenceClassification`` directory (``num_labels = 1``, ``pad_token_id`` set).
+
+The score head is ``params["score"]["kernel"]``, ``[hidden, 1]``: the reward of a sequence
+is its final normed hidden state at the last token times that kernel, which is what
+``LlamaForSequenceClassification`` computes at the last token that is not ``pad_token_id``
+(so the pad id must not end a real sequence; chatml sequences end with ``\\n``).
+
+The tensors are :mod:`oasst_jax.hf.convert`'s export (``hf_tensors`` over a reader of the
+in-memory tree, same names and layouts) without ``lm_head.weight``, plus ``score.weight``
+(``[1, hidden]``); the config is :func:`~oasst_jax.hf.config.llama_to_hf_config` with the
+classification fields.  The directory is built beside ``out`` and renamed into place when
+complete, and an existing ``out`` is replaced only when it holds nothing but export files
+(``convert.check_replaceable``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from oasst_jax import files
+from oasst_jax.hf.config import CONFIG_FILE, llama_to_hf_config, write_json
+from oasst_jax.hf.convert import check_replaceable, hf_tensors
+from oasst_jax.hf.layout import HEAD_TENSOR, get_path
+from oasst_jax.hf.safetensors_io import parse_size, write_safetensors
+from oasst_jax.hf.tokenizer import write_hf_tokenizer
+from oasst_jax.model import LlamaConfig
+from oasst_jax.tokenizer import tokenizer_for_vocab
+
+SCORE_PATH = ("score", "kernel")
+SCORE_TENSOR = "score.weight"
+
+
+class TreeReader:
+    """``convert.hf_tensors``'s reader interface (``read(path, layer)``) over a parameter
+    tree in memory (numpy or jax arrays)."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params = params
+
+    def read(self, path: tuple[str, ...], index: int | None = None) -> np.ndarray:
+        leaf = get_path(self.params, path)
+        return np.asarray(leaf if index is None else leaf[index])
+
+
+def reward_config(
+    cfg: LlamaConfig, dtype: str, pad_token_id: int, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``config.json`` of the exported reward model: one label, ``pad_token_id`` set."""
+    return {
+        **llama_to_hf_config(cfg, dtype, base),
+        "architectures": ["LlamaForSequenceClassification"],
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": pad_token_id,
+    }
+
+
+def export_reward_model(
+    params: Mapping[str, Any],
+    cfg: LlamaConfig,
+    out: str,
+    *,
+    pad_token_id: int,
+    dtype: str = "bfloat16",
+    tokenizer: str | None = None,
+    max_shard_size: str = "5GB",
+    base: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Write ``out`` (module doc); returns the weight files written.  ``params`` is the
+    model's tree with ``score/kernel`` ``[hidden, 1]``; ``tokenizer`` (a SentencePiece
+    model) adds the tokenizer files; ``base`` an imported config.json's extra keys."""
+    try:
+        kernel = np.asarray(get_path(params, SCORE_PATH))
+    except (KeyError, TypeError):
+        raise ValueError("params has no score head ('score' / 'kernel', [hidden, 1])") from None
+    if kernel.shape != (cfg.hidden_size, 1):
+        raise ValueError(
+            f"score kernel has shape {kernel.shape}, expected ({cfg.hidden_size}, 1) "
+            "(hidden_size, num_labels=1)"
+        )
+    tensors = [t for t in hf_tensors(TreeReader(params), cfg, dtype) if t[0] != HEAD_TENSOR[1]]
+    score = np.ascontiguousarray(kernel.T.astype(jnp.dtype(dtype)))
+    tensors.append((SCORE_TENSOR, score.shape, lambda: score))
+    tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
+    check_replaceable(out)
+    with files.atomic_dir(out) as tmp:
+        if tok is not None:
+            write_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
+        written = write_safetensors(tmp, tensors, dtype, parse_size(max_shard_size))
+        write_json(os.path.join(tmp, CONFIG_FILE), reward_config(cfg, dtype, pad_token_id, base))
+    return written
