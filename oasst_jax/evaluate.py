@@ -240,7 +240,7 @@ class OasstJaxLM(TemplateLM):
         progress = Progress("loglikelihood", len(rows)) if not disable_tqdm else None
         for batch in _chunks(order, self.batch_rows):
             length = length_bucket(len(rows[batch[0]]) - 1, self.max_length)
-            tokens, targets, mask = (np.zeros((self.batch_rows, length), np.int32) for _ in "ttm")
+            tokens, targets, mask = np.zeros((3, self.batch_rows, length), np.int32)
             for r, i in enumerate(batch):
                 seq, n_cont = rows[i], len(requests[i][2])
                 tokens[r, : len(seq) - 1], targets[r, : len(seq) - 1] = seq[:-1], seq[1:]
