@@ -565,12 +565,10 @@ def test_reward_export_scores_equal_jax(tmp_path):
     def is_final_norm(module, method):
         return module.name == "final_norm" and method == "__call__"
 
-    want = []
-    for row, n in zip(ids, lengths, strict=True):
-        tokens = row[None, :n].astype(np.int32)
-        variables = {"params": params}
-        _, state = model.apply(variables, tokens, capture_intermediates=is_final_norm)
-        hidden = state["intermediates"]["final_norm"]["__call__"][0]
-        want.append(np.asarray(hidden[0, n - 1]) @ params["score"]["kernel"])
-    np.testing.assert_allclose(got, np.array(want), rtol=1e-4, atol=1e-4)
+    # causal: the hidden state at a sequence's last token ignores the padding after it
+    variables = {"params": params}
+    _, state = model.apply(variables, ids.astype(np.int32), capture_intermediates=is_final_norm)
+    hidden = np.asarray(state["intermediates"]["final_norm"]["__call__"][0])
+    want = hidden[np.arange(3), np.array(lengths) - 1] @ params["score"]["kernel"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(got).max() > 0.1  # not trivially zero
