@@ -23,7 +23,7 @@ from conftest import tiny_llama
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
-from oasst_jax.attention import BlockSizes, dot_product_attention, xla
+from oasst_jax.attention import BlockSizes, bounds, dot_product_attention, pallas_gpu, xla
 from oasst_jax.attention.blocks import KernelConfig, MaskOperands
 from oasst_jax.attention.flash import _flash, flash_attention
 from oasst_jax.model import Llama
@@ -177,6 +177,178 @@ def test_query_offset_and_kv_segments(backend, q_len, kv_len, offset, causal, pa
     got = _offset_loss_and_grads(kernel, q, k, v)
     want = _offset_loss_and_grads(reference, q, k, v)
     _assert_matches(got, want, FP32_TOL)
+
+
+def _short_segments(length: int, batch: int, seed: int = 0) -> np.ndarray:
+    """Packed rows as the data pipeline writes them, with every block-skipping case:
+    one sample over the first ~40 % (whole blocks inside one segment, the unmasked
+    path), then samples of 1..12 tokens crossing block edges, then ~10 % trailing
+    padding (id 0)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        long_len, pad = int(0.4 * length), length // 10
+        short = np.minimum(rng.integers(1, 13, length), length - long_len - pad).cumsum()
+        short = short[short <= length - long_len - pad]
+        lengths = np.diff(np.concatenate([[0], short, [length - long_len - pad]]))
+        ids = np.repeat(np.arange(2, 2 + len(lengths)), lengths)
+        rows.append(np.concatenate([np.ones(long_len), ids, np.zeros(pad)]))
+    return np.stack(rows).astype(np.int32)
+
+
+PACKED_ROW_CASES = [
+    # (backend, blocks, causal, length): lengths not whole blocks
+    pytest.param("gpu", GPU_MIXED, True, 160, id="gpu-causal"),
+    pytest.param("gpu", GPU_MIXED, False, 160, id="gpu-full"),
+    pytest.param("tpu", TPU_BLOCKS, True, 300, id="tpu-causal"),
+]
+
+
+@pytest.mark.parametrize("backend,blocks,causal,length", PACKED_ROW_CASES)
+def test_packed_rows_with_short_segments_and_masked_rows(backend, blocks, causal, length):
+    """Many short samples crossing block edges, trailing padding, and query rows whose
+    id no key has (nothing to attend: zeros, zero gradients): kernel == XLA."""
+    q, k, v = _inputs(2, length, 4, 2, 32, jnp.float32, seed=8)
+    kv_seg = _short_segments(length, 2)
+    q_seg = kv_seg.copy()
+    q_seg[:, length // 2 : length // 2 + 5] = 10**6
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, q_seg, kv_segment_ids=kv_seg, causal=causal, softmax_scale=None,
+        block_sizes=blocks, backend=backend, interpret=True,
+    )  # fmt: skip
+    reference = lambda q, k, v: xla.dot_product_attention(
+        q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal
+    )
+    got = _offset_loss_and_grads(kernel, q, k, v)
+    _assert_matches(got, _offset_loss_and_grads(reference, q, k, v), FP32_TOL)
+    np.testing.assert_array_equal(got[0][:, length // 2 : length // 2 + 5], 0.0)
+
+
+def _touched_and_full(elem: np.ndarray, bq: int, bk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block pair of a boolean ``[b, lq, lk]`` element mask: any / all True."""
+    b, lq, lk = elem.shape
+    blocks = elem.reshape(b, lq // bq, bq, lk // bk, bk)
+    return blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+
+
+def _check_bounds(bnd: np.ndarray, touched: np.ndarray, full: np.ndarray) -> None:
+    """Every attending block lies in ``[lo, hi)`` and every block of the unmasked run is full."""
+    idx = np.arange(touched.shape[-1])
+    lo, full_lo, full_hi, hi = (bnd[..., f, None] for f in range(bounds.N_FIELDS))
+    assert (lo <= full_lo).all() and (full_lo <= full_hi).all() and (full_hi <= hi).all()
+    assert not (touched & ((idx < lo) | (idx >= hi))).any(), "an attending block is skipped"
+    unmasked = (idx >= full_lo) & (idx < full_hi)
+    assert not (unmasked & ~full).any(), "a partly masked block takes the unmasked path"
+
+
+def _kernel_tiles(dim: int) -> dict[str, tuple[int, int]]:
+    """(block_q, block_k) of each GPU kernel at the default tiles, plus uniform 128."""
+    b = pallas_gpu.default_blocks(dim)
+    return {
+        "128x128": (128, 128),
+        "fwd": (b.block_q, b.block_k),
+        "dq": (b.block_q_dq, b.block_k_dq),
+        "dkv": (b.block_q_dkv, b.block_k_dkv),
+    }
+
+
+def _kernel_visits(seg: np.ndarray, offset: int, tiles: dict) -> dict:
+    """Per tile pair: fwd/dq bounds, dk/dv bounds and the blocks each visits per row, as
+    the kernels compute them (causal), in one compiled call."""
+    cfg = KernelConfig(True, 1.0, GPU_BLOCKS, None, True, True, "gpu")
+    q_seg = seg[:, offset:]
+    mask = MaskOperands(jnp.asarray(q_seg), jnp.asarray(seg), jnp.full((1,), offset, jnp.int32))
+    dims = (q_seg.shape[1], seg.shape[1])
+
+    def visits(m, bq: int, bk: int):
+        rest = (*dims, bq, bk, cfg, seg.shape[0])
+        kv_b, q_b = bounds.kv_loop_bounds(m, *rest), bounds.q_loop_bounds(m, *rest)
+        count = lambda b: jnp.stack([bounds.visited_blocks(row) for row in b])
+        return kv_b, q_b, count(kv_b), count(q_b)
+
+    run = lambda m: {name: visits(m, *t) for name, t in tiles.items()}
+
+    return jax.tree.map(np.asarray, jax.jit(run)(mask))
+
+
+def _assert_visits_are_exact(seg: np.ndarray, offset: int) -> dict[str, np.ndarray]:
+    """Each kernel's bounds (:func:`_check_bounds`) visit exactly the attending blocks;
+    returns the blocks visited per row for each tile pair."""
+    pos = np.arange(seg.shape[1])
+    causal = (pos[offset:, None] >= pos[None, :])[None]
+    elem = causal & (seg[:, offset:, None] == seg[:, None, :])
+    tiles = _kernel_tiles(128)
+    visited = {}
+    for name, (kv_b, q_b, kv_n, q_n) in _kernel_visits(seg, offset, tiles).items():
+        touched, full = _touched_and_full(elem, *tiles[name])
+        _check_bounds(kv_b, touched, full)
+        _check_bounds(q_b, touched.swapaxes(1, 2), full.swapaxes(1, 2))
+        want = touched.sum(axis=(1, 2))
+        np.testing.assert_array_equal(kv_n, want, name)
+        np.testing.assert_array_equal(q_n, want, name)
+        visited[name] = want
+    return visited
+
+
+def test_blocks_visited_are_the_blocks_that_attend():
+    """4096-token rows of 1, 4 and 8 equal samples: each kernel visits exactly the block
+    pairs holding an attending (query, key) pair -- with 128-blocks 528 causal blocks
+    for one sample, 144 (27 %) for four, 80 (15 %) for eight."""
+    length = 4096
+    seg = np.stack([np.repeat(np.arange(1, n + 1), length // n) for n in (1, 4, 8)])
+    visited = _assert_visits_are_exact(seg.astype(np.int32), 0)
+    np.testing.assert_array_equal(visited["128x128"], [528, 144, 80])
+
+
+def test_blocks_visited_on_irregular_rows_with_an_offset():
+    """Short samples crossing block edges, trailing padding (id 0) and a context-parallel
+    query offset: still exactly the attending blocks, none skipped, none in vain."""
+    _assert_visits_are_exact(_short_segments(1024, 2, seed=3), 256)
+
+
+def test_default_tiles_keep_dkv_accumulators_in_registers():
+    """The review's spill: two fp32 128x128 dk/dv accumulators need 128 registers per
+    thread even at 8 warps, so at head dim 128 the key tile drops to 64 (still a
+    wgmma M); at head dim 64 the 128 tile fits."""
+    assert pallas_gpu.default_blocks(128).block_k_dkv == 64
+    assert pallas_gpu.default_blocks(64).block_k_dkv == 128
+    assert pallas_gpu._num_warps(pallas_gpu._live_fp32(2, 64, 128, 32, 64)) == 8
+
+
+def test_triton_ir_uses_wgmma_shapes_and_exp2():
+    """Lower fwd+bwd for CUDA (70B shard layout, packed) and read each kernel's Triton IR:
+    every dot of dk/dv has M >= 64 (Hopper wgmma; the FA2 ``k @ q^T`` orientation),
+    and no kernel calls libdevice ``expf`` (the softmax is ``exp2``)."""
+    from jax._src.pallas.triton import lowering
+
+    modules, lower = {}, lowering.lower_jaxpr_to_triton_module
+
+    def spy(jaxpr, *args, **kwargs):
+        result = lower(jaxpr, *args, **kwargs)
+        modules[jaxpr.debug_info.func_name] = result.module.operation.get_asm()
+        return result
+
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 1, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+
+    def loss(q, k, v, seg):
+        out = dot_product_attention(
+            q, k, v, segment_ids=seg, implementation="pallas", backend="gpu", interpret=False
+        )
+        return out.astype(jnp.float32).sum()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lowering, "lower_jaxpr_to_triton_module", spy)
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
+            lowering_platforms=("cuda",)
+        )
+    assert set(modules) == {"flash_fwd", "flash_dq", "flash_dkv"}
+    dot = re.compile(r"tt\.dot .*-> tensor<(\d+)x(\d+)xf32>")
+    dkv_rows = [int(m.group(1)) for m in dot.finditer(modules["flash_dkv"])]
+    assert len(dkv_rows) >= 4 and min(dkv_rows) >= 64, dkv_rows
+    for name, text in modules.items():
+        assert "__nv_expf" not in text and "__nv_exp2f" in text, name
 
 
 def test_causal_queries_past_the_keys_are_rejected():

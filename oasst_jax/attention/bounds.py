@@ -3,14 +3,14 @@
 Packed rows make most of a causal score matrix useless: with ``k`` samples per
 row only about ``1/k`` of the causal blocks hold a query and a key of the same
 sample.  Before a kernel runs, this cheap XLA pass reduces the segment ids to a
-``[min, max]`` range per block and marks, for every (query block, key block)
-pair, whether it is *visible* (some query may attend some key: causally not
-wholly in the future, key ranges and query ranges intersect, not all padding)
-and whether it is *full* (every query attends every key: below the diagonal,
+``[min, max]`` range per block (padding id 0 tracked apart) and marks, for
+every (query block, key block) pair, whether it is *visible* (some query may
+attend some key: causally not wholly in the future, id ranges intersect or both
+hold padding) and whether it is *full* (every query attends every key: below the diagonal,
 one segment on both sides, no padded keys).  The intervals are conservative
 for any ids -- disjoint ranges share no id -- and exact for the packed rows
-the data pipeline writes (ids non-decreasing along a row, trailing padding id
-0, which attends only to itself like any other id).
+the data pipeline writes (ids non-decreasing along a row, then trailing
+padding id 0, which attends to itself like any other id).
 
 Each kernel program receives four loop bounds ``lo <= full_lo <= full_hi <= hi``
 over the blocks it streams: ``[lo, full_lo)`` and ``[full_hi, hi)`` take the
@@ -32,10 +32,24 @@ LO, FULL_LO, FULL_HI, HI = range(4)  # fields of the last axis of a bounds array
 N_FIELDS = 4
 
 
-def _id_ranges(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """Per-block ``(min, max)`` segment id, each ``[b, length // block]``."""
+def _id_ranges(ids: jax.Array, block: int) -> dict[str, jax.Array]:
+    """Per-block id summaries, each ``[b, length // block]``.
+
+    ``lo``/``hi``: range of the non-zero ids (empty, ``lo > hi``, when there
+    are none); ``pad``: whether id 0 occurs; ``single``: the one id of a block
+    holding only one (else -1).  Padding (id 0, after a row's last sample) is
+    kept out of the range, or the block where a row's samples end would span
+    every earlier id and be visited by every query block.
+    """
     blocks = ids.reshape(ids.shape[0], -1, block)
-    return blocks.min(axis=-1), blocks.max(axis=-1)
+    big = jnp.iinfo(jnp.int32).max
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    return {
+        "lo": jnp.where(blocks == 0, big, blocks).min(axis=-1),
+        "hi": jnp.where(blocks == 0, -big, blocks).max(axis=-1),
+        "pad": lo == 0,
+        "single": jnp.where(lo == hi, lo, -1),
+    }
 
 
 def block_visibility(
@@ -60,10 +74,11 @@ def block_visibility(
         visible = visible & (k_first < cfg.kv_len)
         full = full & (k_last < cfg.kv_len)
     if mask.q_segment_ids is not None:
-        q_min, q_max = (x[:, :, None] for x in _id_ranges(mask.q_segment_ids, bq))
-        k_min, k_max = (x[:, None, :] for x in _id_ranges(mask.kv_segment_ids, bk))
-        visible = visible & (q_min <= k_max) & (k_min <= q_max)
-        full = full & (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+        qr = {n: x[:, :, None] for n, x in _id_ranges(mask.q_segment_ids, bq).items()}
+        kr = {n: x[:, None, :] for n, x in _id_ranges(mask.kv_segment_ids, bk).items()}
+        shared = (qr["lo"] <= kr["hi"]) & (kr["lo"] <= qr["hi"]) | (qr["pad"] & kr["pad"])
+        visible = visible & shared
+        full = full & (qr["single"] >= 0) & (qr["single"] == kr["single"])
     return visible, full & visible
 
 
