@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.resources
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -33,7 +35,9 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from oasst_jax import sharding
+from oasst_jax.chatml import prompt_ids
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
+from oasst_jax.tokenizer import Tokenizer
 
 PAD_ID = 0  # what fills left padding; masked, so any valid id works
 PAD_MULTIPLE = 32  # prompt lengths are rounded up to this, so chats rarely recompile
@@ -260,7 +264,7 @@ def _generate(model, sp, stop_ids, params, cache, tokens, segments, positions, k
         lambda s: decode_step(model, sp, stop_ids, params, s, key),
         state,
     )
-    return state.out_BN
+    return sharding.constrain(state.out_BN, (None, None))  # replicated: every host reads it
 
 
 _STATIC = ("model", "sp", "stop_ids")
@@ -444,3 +448,69 @@ class Chat:
         """Whether ``new`` ids (padded) and a ``limit``-token reply fit the cache's free
         slots (the reply's last token is never fed)."""
         return self._slots + _round_up(new) + limit - 1 <= self.capacity
+
+
+# ----------------------------------------------------------------------------- eval samples
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a JSON-lines file: strings or objects with ``"prompt"`` (Open-Assistant's
+    ``prompt_lottery`` lines); one-line ``ValueError`` naming the line that is neither."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            prompt = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f'{path}:{number}: expected a JSON string or {{"prompt": string}}, '
+                    f"got {line.strip()[:60]}"
+                )
+            prompts.append(prompt)
+    return prompts
+
+
+def eval_prompts(path: str | None = None) -> list[str]:
+    """The eval-time sample prompts: ``path`` (an ``eval_prompts`` JSONL file), or the
+    small default set shipped with the package (``resources/eval_prompts.jsonl``)."""
+    if path:
+        return read_prompts(path)
+    default = importlib.resources.files("oasst_jax") / "resources" / "eval_prompts.jsonl"
+    with importlib.resources.as_file(default) as file:
+        return read_prompts(str(file))
+
+
+def greedy_replies(
+    model_cfg: LlamaConfig,
+    params: Any,
+    mesh: Mesh,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    system: str | None = None,
+) -> list[str]:
+    """Greedy replies to ``prompts`` (user turns in chatml) from the training parameters
+    as they are, so the trainer can log generation samples without a checkpoint round trip.
+
+    ``params`` are the train state's (fp32 master weights, sharded by the training rules
+    on ``mesh``): they are read in place, never gathered onto one host; each layer's
+    weights are cast to the compute dtype inside the scanned decoder, one layer at a time.
+    The prompts decode as one left-padded batch, padded to a multiple of the mesh's batch
+    shards with repeats of the first prompt (dropped from the result), and the generated
+    ids come back replicated, so every process of a multi-host job gets all replies.
+    """
+    if not prompts:
+        return []
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}], system) for p in prompts]
+    rows = sharding.axis_size(mesh, "batch")
+    batch = ids + [ids[0]] * (-len(ids) % rows)
+    sp = SamplingParams(max_new_tokens=max_new_tokens)
+    stop = (tokenizer.im_end_id, tokenizer.eos_id)
+    out = generate(params, model_cfg, batch, sp, stop, mesh=mesh).ids[: len(prompts)]
+    return [tokenizer.decode(o) for o in out]

@@ -94,27 +94,6 @@ def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
     return (tok.im_end_id, tok.eos_id)
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a JSON-lines file: strings or objects with ``"prompt"``."""
-    prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            prompt = item.get("prompt") if isinstance(item, dict) else item
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f'{path}:{number}: expected a JSON string or {{"prompt": string}}, '
-                    f"got {line.strip()[:60]}"
-                )
-            prompts.append(prompt)
-    return prompts
-
-
 def check_fits(ids: Sequence[int], cfg: LlamaConfig, what: str, system: str) -> None:
     """One-line error when ``ids`` leave no room to generate in the context window."""
     if len(ids) >= cfg.max_position_embeddings:
@@ -309,7 +288,7 @@ def check_args(args: argparse.Namespace, prompts: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    prompts = list(args.prompt) + (decode.read_prompts(args.prompts) if args.prompts else [])
     check_args(args, prompts)
     if args.out:
         files.check_writable_dir(args.out)  # now, not after generating
