@@ -50,17 +50,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
-from lm_eval import utils as lm_utils
-from lm_eval.api.instance import Instance
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (
-    handle_stop_sequences,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
-)
 
 from oasst_jax import cli, decode, files, sharding
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+    )
+except ImportError:  # the model class cannot even be defined without it
+    cli.fail("oasst_jax.evaluate needs lm-evaluation-harness: pip install -e '.[eval]'")
 from oasst_jax.chatml import format_turn
 from oasst_jax.hf.tokenizer import CHAT_TEMPLATE
 from oasst_jax.model import Llama
@@ -478,7 +482,7 @@ def run(args: argparse.Namespace) -> None:
     if jax.process_index() == 0:
         files.write_json(args.out, results, indent=2, ensure_ascii=False, allow_nan=False)
         for task, metrics in results["results"].items():
-            shown = {k: v for k, v in metrics.items() if "stderr" not in k and k != "alias"}
+            shown = {k: v for k, v in metrics.items() if "," in k and "stderr" not in k}
             print(f"{task}: {json.dumps(shown)}")
         print(f"wrote {args.out}")
 
