@@ -22,8 +22,8 @@ def _run(path, steps, *, lr=1e-5, restart_at=None):
     path.mkdir()
     rows = []
     for step in range(1, steps + 1):
-        row = {"step": step, "loss": 3.0 - 0.05 * step, "lr": lr * step / steps,
-               "grad_norm": 1.0 / step, "tokens_per_s": 1000.0 + step}  # fmt: skip
+        row = {"step": step, "loss": 3.0 - 0.05 * step, "lr": lr * step / steps}
+        row.update(grad_norm=1.0 / step, tokens_per_s=1000.0 + step)
         if step % 5 == 0:
             row["val_loss"] = 3.1 - 0.05 * step
         rows.append(row)
@@ -72,8 +72,14 @@ def test_bad_run_dir_is_one_line(tmp_path, content, message):
         run.mkdir()
         if content:
             (run / "metrics.jsonl").write_text(content)
-    cmd = [sys.executable, "-m", "oasst_jax.plot", str(run), "--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run), "--out", str(tmp_path / "x.png")])
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "x.png").exists()
+
+
+def test_command_line_exit_status(tmp_path):
+    cmd = [sys.executable, "-m", "oasst_jax.plot", str(tmp_path / "nope"), "--out", "x.png"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert result.stderr.count("\n") == 1 and not (tmp_path / "x.png").exists()
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
