@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py --config=configs/bench_tinyllama.py [--config.x=y]
     python benchmarks/train_step.py --config=configs/tiny.py   # CPU smoke run
+    python benchmarks/train_step.py --config=configs/tiny.py --config.lora.rank=8
+        # one line each for full fine-tuning, LoRA (bf16 base) and QLoRA (nf4 base)
 
 Random packed rows (4 segments per row) feed the real jitted step built by
 ``train_step.build_trainer``, so the number measures the step, not the input
@@ -25,6 +27,17 @@ from oasst_jax.model import Llama, hidden_dropout_rates
 from oasst_jax.train_step import StepConfig, build_trainer
 
 STEPS = int(os.environ.get("BENCH_STEPS", "10"))
+
+
+def state_bytes(state) -> int:
+    """Bytes the train state holds on the first device (params, frozen base, moments)."""
+    dev = jax.devices()[0]
+    return sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(state)
+        for s in x.addressable_shards
+        if s.device == dev
+    )
 
 
 def bench(cfg) -> dict:
@@ -51,6 +64,7 @@ def bench(cfg) -> dict:
             state, m = t.step(state, batch)
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / STEPS
+        held = state_bytes(state)
     tokens = cfg.global_batch_size * cfg.seq_length
     flops = mcfg.flops_per_token(cfg.seq_length) * tokens
     stats = jax.devices()[0].memory_stats() or {}
@@ -68,12 +82,27 @@ def bench(cfg) -> dict:
         "tokens_per_s": tokens / dt,
         "mfu": flops / dt / (jax.device_count() * cfg.peak_flops_per_device),
         "peak_bytes_per_device": stats.get("peak_bytes_in_use"),
+        "state_bytes_per_device": held,
+        "lora_rank": mcfg.lora_rank,
+        "lora_base_dtype": mcfg.lora_base_dtype if mcfg.lora_rank else None,
         "loss": float(m["loss"]),
     }
 
 
 def main(cfg) -> None:
-    print(json.dumps(bench(cfg)))
+    """With ``lora.rank > 0``: full fine-tuning, LoRA over a bf16 base and QLoRA over an
+    nf4 base of the same config, one line each, to compare memory and tokens/s."""
+    if not cfg.lora.rank:
+        print(json.dumps(bench(cfg)))
+        return
+    for variant, rank, base_dtype in (
+        ("full", 0, cfg.lora.base_dtype),
+        ("lora", cfg.lora.rank, "bfloat16"),
+        ("qlora", cfg.lora.rank, "nf4"),
+    ):
+        c = cfg.copy_and_resolve_references()
+        c.lora.rank, c.lora.base_dtype = rank, base_dtype
+        print(json.dumps({"variant": variant, **bench(c)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens]
     python -m oasst_jax.convert orbax-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
         [--tokenizer tokenizer.model]
+    python -m oasst_jax.convert lora-to-peft --ckpt RUN/checkpoints --out DIR
+        [--merge --base BASE_CKPT [--dtype bfloat16] [--tokenizer tokenizer.model]]
 
 Import reads ``config.json`` and ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; ``.bin``/``.pt`` files are refused because loading
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from oasst_jax import cli
 from oasst_jax.hf.config import CONFIG_FILE, DTYPES
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
+from oasst_jax.hf.peft import lora_merged_to_hf, lora_to_peft
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--tokenizer", help="SentencePiece model: also write tokenizer files + chat template"
     )
+    lp = sub.add_parser(
+        "lora-to-peft",
+        help="a LoRA run's adapters -> PEFT adapter dir (or, with --merge, a merged HF model)",
+    )
+    lp.add_argument("--ckpt", required=True, help="the LoRA run's checkpoints (latest step)")
+    lp.add_argument("--out", required=True, help="output directory")
+    lp.add_argument("--merge", action="store_true", help="write base + adapters as a full HF model")
+    lp.add_argument("--base", help="with --merge: the base's orbax checkpoint (the run's load=)")
+    lp.add_argument("--max-shard-size", default="5GB", help="with --merge: largest file (5GB)")
+    lp.add_argument("--dtype", choices=DTYPES, help="with --merge: default the base's dtype")
+    lp.add_argument("--tokenizer", help="with --merge: SentencePiece model for tokenizer files")
     return p
 
 
@@ -63,6 +77,8 @@ def _convert(args: argparse.Namespace) -> None:
             f"wrote {args.out}: {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size} "
             f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"
         )
+    elif args.command == "lora-to-peft":
+        _lora_to_peft(args)
     else:
         written = orbax_to_hf(
             args.ckpt,
@@ -73,6 +89,26 @@ def _convert(args: argparse.Namespace) -> None:
         )
         extra = " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
         print(f"wrote {args.out}: {CONFIG_FILE} + {len(written)} safetensors file(s){extra}")
+
+
+def _lora_to_peft(args: argparse.Namespace) -> None:
+    if not args.merge:
+        if args.base:
+            raise ValueError("--base is for --merge; a PEFT adapter needs no base")
+        lora_to_peft(args.ckpt, args.out)
+        print(f"wrote {args.out}: PEFT adapter (adapter_config.json, adapter_model.safetensors)")
+        return
+    if not args.base:
+        raise ValueError("--merge needs --base (the orbax checkpoint the run loaded)")
+    written = lora_merged_to_hf(
+        args.ckpt,
+        args.base,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+    )
+    print(f"wrote {args.out}: merged model, {CONFIG_FILE} + {len(written)} safetensors file(s)")
 
 
 if __name__ == "__main__":

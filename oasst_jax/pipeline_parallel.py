@@ -60,7 +60,12 @@ def stage_view(layer_params: Any, layer_specs: Any, stages: int) -> Any:
             return jax.tree.map(one, w)
         return sharding.constrain(one(w), _stage_spec(spec))
 
-    return jax.tree.map(view, layer_params, layer_specs)
+    return jax.tree.map(
+        lambda spec, w: view(w, spec),
+        layer_specs,
+        layer_params,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def pipeline_hidden(

@@ -115,7 +115,7 @@ def layer_chunked_save_args(params: Any) -> Any:
 
 
 def hf_tensors(
-    reader: checkpoint.ParamReader, cfg: LlamaConfig, dtype: str
+    reader: Any, cfg: LlamaConfig, dtype: str
 ) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """``(name, shape, make)`` for every HF tensor; ``make`` reads and converts on demand.
 
@@ -174,6 +174,23 @@ def orbax_to_hf(
     place needs disk for both copies until the swap.
     """
     reader, cfg, base = open_orbax(ckpt)
+    return write_hf_dir(
+        reader, cfg, base, out, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer
+    )
+
+
+def write_hf_dir(
+    reader: Any,
+    cfg: LlamaConfig,
+    base: dict[str, Any] | None,
+    out: str,
+    *,
+    max_shard_size: str = "5GB",
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+) -> list[str]:
+    """:func:`orbax_to_hf` from any ``reader`` with ``ParamReader.read(path, layer)`` (the
+    LoRA merge reads base + adapters through one), one layer's tensor at a time."""
     dtype = dtype or (hf_dtype(base) if base else "bfloat16")
     max_bytes = parse_size(max_shard_size)
     hf_config = llama_to_hf_config(cfg, dtype, base)

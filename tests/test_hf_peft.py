@@ -1,0 +1,159 @@
+"""LoRA export (oasst_jax/hf/peft.py, ``convert lora-to-peft``): peft's PeftModel on the
+exported base gives our logits; the merged export is base + (alpha / r) B A per target.
+
+Tolerance: fp32 on both sides; logits agree within 1e-4 (torch's and XLA's matmul and
+softmax orders differ; the logits are O(1)); merged tensors within 1e-6.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_llama
+from flax import linen as nn
+from safetensors.numpy import load_file
+from test_train_step import _batch, _optim_cfg
+
+from oasst_jax import checkpoint, lora, optim, sharding
+from oasst_jax.convert import main as convert_main
+from oasst_jax.hf.convert import orbax_to_hf
+from oasst_jax.hf.load import load_start_params
+from oasst_jax.model import Llama
+from oasst_jax.train_step import StepConfig, build_trainer
+
+CFG = tiny_llama(
+    lora_rank=4,
+    lora_alpha=8.0,
+    lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    lora_base_dtype="float32",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A random base saved as orbax, an adapter trained 4 steps on it (lr 1e-2, so B is
+    far from 0), its checkpoint, and the base exported to HF in fp32."""
+    root = tmp_path_factory.mktemp("peft")
+    base_cfg = lora.base_model_config(CFG)
+    base_params = nn.meta.unbox(
+        Llama(base_cfg).init(jax.random.key(3), np.zeros((1, 8), np.int32))["params"]
+    )
+    base_dir = str(root / "base")
+    checkpoint.save_weights(base_dir, jax.device_get(base_params), base_cfg)
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    tx = optim.make_optimizer(_optim_cfg(), 10)
+    zero = np.zeros((CFG.num_hidden_layers,), np.float32)
+    with jax.set_mesh(mesh):
+        t = build_trainer(
+            Llama(CFG), tx, optim.schedule(_optim_cfg(), 10), StepConfig(1, 4), zero, mesh
+        )
+        base = load_start_params(base_dir, base_cfg, t.abstract_base)
+        record = lora.base_record(base_dir, base)
+        state = t.init_from_params(base)
+        batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch(1, 4).items()}
+        for _ in range(4):
+            state, _ = t.step(state, batch)
+        state = jax.device_get(state)
+    ckpt = checkpoint.TrainCheckpointer(str(root / "run"), async_save=False)
+    ckpt.save(4, state, {lora.BASE_META: record}, CFG)
+    ckpt.close()
+    hf_base = str(root / "hf_base")
+    orbax_to_hf(base_dir, hf_base, dtype="float32")
+    return {
+        "root": root,
+        "base": base_dir,
+        "hf_base": hf_base,
+        "ckpt": str(root / "run"),
+        "state": state,
+    }
+
+
+def _ours(state, tokens):
+    params = lora.merge(state["params"], state["frozen"])
+    return np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))[..., : CFG.vocab_size]
+
+
+def _torch_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def test_peft_loads_the_adapter_with_our_logits(trained, capsys):
+    import peft
+    import torch
+    import transformers
+
+    out = str(trained["root"] / "peft")
+    convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", out])
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert "PEFT adapter" in capsys.readouterr().out
+    base = transformers.LlamaForCausalLM.from_pretrained(trained["hf_base"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    tokens = _batch(1, 2, seed=9)["inputs"][0]
+    theirs = _torch_logits(model, tokens)
+    ours = _ours(trained["state"], tokens)
+    assert np.max(np.abs(theirs - ours)) < 1e-4
+    # the adapter matters: without it the logits are far from ours
+    with model.disable_adapter():
+        assert np.max(np.abs(_torch_logits(model, tokens) - ours)) > 1e-2
+
+
+def test_merged_export_is_base_plus_scaled_ba(trained):
+    import torch
+    import transformers
+
+    out, peft_dir = str(trained["root"] / "merged"), str(trained["root"] / "peft2")
+    convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", peft_dir])
+    convert_main(
+        [
+            "lora-to-peft",
+            "--ckpt",
+            trained["ckpt"],
+            "--merge",
+            "--base",
+            trained["base"],
+            "--out",
+            out,
+            "--dtype",
+            "float32",
+        ]
+    )
+    merged = load_file(os.path.join(out, "model.safetensors"))
+    base = load_file(os.path.join(trained["hf_base"], "model.safetensors"))
+    ad = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    scale = CFG.lora_alpha / CFG.lora_rank
+    for name in base:
+        key = f"base_model.model.{name[: -len('.weight')]}"
+        if f"{key}.lora_A.weight" in ad:
+            want = base[name] + scale * ad[f"{key}.lora_B.weight"] @ ad[f"{key}.lora_A.weight"]
+        else:
+            want = base[name]
+        np.testing.assert_allclose(merged[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+    model = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokens = _batch(1, 2, seed=9)["inputs"][0]
+    assert np.max(np.abs(_torch_logits(model, tokens) - _ours(trained["state"], tokens))) < 1e-4
+
+
+def test_merged_params_for_sampling(trained):
+    """What the sampler calls: base weights + an adapter checkpoint -> a plain model's
+    params whose logits are the adapted model's."""
+    base_cfg = lora.base_model_config(CFG)
+    base = checkpoint.load_weights(trained["base"])
+    params = lora.merged_params(base, trained["ckpt"])
+    tokens = _batch(1, 2, seed=9)["inputs"][0]
+    plain = np.asarray(jax.jit(Llama(base_cfg).apply)({"params": params}, tokens))
+    assert np.max(np.abs(plain[..., : CFG.vocab_size] - _ours(trained["state"], tokens))) < 1e-4
+
+
+def test_export_refusals_are_one_line(trained, tmp_path):
+    with pytest.raises(SystemExit, match="not a LoRA checkpoint"):
+        convert_main(["lora-to-peft", "--ckpt", trained["base"], "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--merge needs --base"):
+        convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--merge", "--out", str(tmp_path)])
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds 'keep.txt'"):
+        convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", str(tmp_path)])
+    assert (tmp_path / "keep.txt").read_text() == "mine"
