@@ -7,6 +7,12 @@ Layouts are per-device head counts: Llama-2-70B under TP8 (64 q / 8 kv heads
 -> 8 / 1 per shard) and 7B (32 / 32).  Causal FLOPs count half the score
 matrix; fwd+bwd is 3.5x the forward (2 matmuls forward, 5 backward), the
 FlashAttention papers' convention, so TFLOP/s compare across implementations.
+Each shape runs dense rows and rows packed with ``--segments`` equal samples
+(1, 4, 8 by default): raw TFLOP/s count the dense causal row, ``useful_*``
+only the work inside samples -- the rate packed training gets, and the figure
+that shows whether a kernel skips the blocks across samples.  cuDNN takes the
+packed rows as a dense ``[b, 1, L, L]`` mask (jax.nn has no packed offsets),
+so its packed figure is a baseline, not a packed kernel.
 benchmarks/device_suite.py measures the 1.1B layout (32 / 8) with the same code.
 """
 
@@ -23,11 +29,16 @@ import jax.numpy as jnp
 LAYOUTS = {"70b_tp8": (8, 1), "7b": (32, 32)}
 
 
-def _measure(impl: str, q, k, v, iters: int) -> dict:
+def _measure(impl: str, q, k, v, seg, iters: int) -> dict:
     try:
-        return benchlib.measure_attention(impl, q, k, v, causal=True, repeats=iters, inner=1)
+        rec = benchlib.measure_attention(
+            impl, q, k, v, causal=True, segment_ids=seg, repeats=iters, inner=1
+        )
     except Exception as e:  # one implementation failing (OOM, no cuDNN) must not stop the rest
         return {"error": benchlib.error_line(e, 200)}
+    if impl == "cudnn" and seg is not None:
+        rec["note"] = benchlib.CUDNN_PACKED_NOTE
+    return rec
 
 
 def _ratio(results: dict, a: str, b: str) -> float | None:
@@ -36,11 +47,13 @@ def _ratio(results: dict, a: str, b: str) -> float | None:
 
 
 def run_shape(
-    layout: str, batch: int, seq: int, dim: int, dtype, impls: list[str], iters: int
+    layout: str, batch: int, seq: int, dim: int, dtype, impls: list[str], iters: int, segments: int
 ) -> dict:
+    """One shape; ``segments``: equal samples packed per row (0: dense rows, no ids)."""
     heads, kv_heads = LAYOUTS[layout]
     q, k, v = benchlib.random_qkv(batch, seq, heads, kv_heads, dim, dtype)
-    results = {impl: _measure(impl, q, k, v, iters) for impl in impls}
+    seg = jnp.asarray(benchlib.packed_segment_ids(batch, seq, segments)) if segments else None
+    results = {impl: _measure(impl, q, k, v, seg, iters) for impl in impls}
     return {
         "device": jax.devices()[0].device_kind,
         "layout": layout,
@@ -51,6 +64,7 @@ def run_shape(
         "head_dim": dim,
         "dtype": jnp.dtype(dtype).name,
         "causal": True,
+        "segments": segments,
         **results,
         # Speed-ups of pallas over the others, fwd+bwd (>1: pallas is faster).
         "pallas_vs_cudnn": _ratio(results, "pallas", "cudnn"),
@@ -65,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument(
+        "--segments", type=int, nargs="*", default=[1, 4, 8], help="samples per packed row"
+    )
     args = parser.parse_args(argv)
     impls = ["pallas", "xla"] if args.smoke else ["pallas", "xla", "cudnn"]
     # Smoke: just proves every path still traces, runs and differentiates.
@@ -72,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         (1, [128], 64, 1) if args.smoke else (args.batch, args.seqs, 128, args.iters)
     )
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    packings = [0, 4] if args.smoke else [0, *args.segments]
     for seq in seqs:
         for layout in args.layouts:
-            print(json.dumps(run_shape(layout, batch, seq, dim, dtype, impls, iters)), flush=True)
+            for segments in packings:
+                rec = run_shape(layout, batch, seq, dim, dtype, impls, iters, segments)
+                print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":

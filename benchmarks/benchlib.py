@@ -27,12 +27,26 @@ from oasst_jax.attention import dot_product_attention  # noqa: E402
 # fwd+bwd FLOPs are 3.5x the forward's (2 matmuls forward, 5 backward): the FlashAttention
 # papers' convention, so TFLOP/s compare across implementations whatever they recompute.
 FWD_BWD_FACTOR = 3.5
+# The caveat on cuDNN's packed figures: jax.nn.dot_product_attention has no packed-sequence
+# offsets, so it is a dense-mask baseline, not a packed kernel.
+CUDNN_PACKED_NOTE = "segment ids as a dense [b,1,L,L] mask (no packed offsets in jax.nn)"
 
 
 def attention_fwd_flops(batch: int, seq: int, heads: int, dim: int, causal: bool) -> float:
     """``QK^T`` and ``PV`` of the forward; causal counts half the score matrix. Packed rows
-    are counted as dense causal rows (the work a kernel that skips nothing would do)."""
+    are counted as dense causal rows (the work a kernel that skips nothing would do): the
+    *raw* figure, comparable across implementations and with dense rows."""
     flops = 4.0 * batch * heads * seq * seq * dim
+    return flops / 2 if causal else flops
+
+
+def useful_fwd_flops(segment_ids: np.ndarray, heads: int, dim: int, causal: bool) -> float:
+    """Forward FLOPs inside the samples of packed rows ``[batch, seq]``: each sample of
+    ``n`` tokens as a dense row of ``n`` (causal: half its square), nothing across samples.
+    What a segment-aware kernel needs to do; equals the raw figure for one sample a row."""
+    sizes = [np.unique(row, return_counts=True)[1] for row in np.asarray(segment_ids)]
+    pairs = float(sum((n.astype(np.float64) ** 2).sum() for n in sizes))
+    flops = 4.0 * heads * dim * pairs
     return flops / 2 if causal else flops
 
 
@@ -134,7 +148,11 @@ def attention_jits(impl: str, causal: bool, segment_ids=None) -> tuple[Callable,
 def measure_attention(
     impl: str, q, k, v, *, causal: bool, segment_ids=None, repeats: int, inner: int
 ) -> dict:
-    """Forward and fwd+bwd time and TFLOP/s of one implementation on ``q, k, v``."""
+    """Forward and fwd+bwd time and TFLOP/s of one implementation on ``q, k, v``.
+
+    With ``segment_ids`` also ``useful_*_tflops``: the same times over the FLOPs inside
+    the samples (:func:`useful_fwd_flops`), the rate that packed training actually gets.
+    """
     b, seq, heads, dim = q.shape
     flops = attention_fwd_flops(b, seq, heads, dim, causal)
     fwd, fwd_bwd = attention_jits(impl, causal, segment_ids)
@@ -143,13 +161,19 @@ def measure_attention(
     compile_s = time.perf_counter() - start
     fwd_ms, _ = time_ms(fwd, (q, k, v), repeats, inner)
     both_ms, _ = time_ms(fwd_bwd, (q, k, v, q), repeats, inner)
-    return {
+    rec = {
         "compile_s": round(compile_s, 2),
         "fwd_ms": fwd_ms,
         "fwd_tflops": flops / fwd_ms / 1e9,
         "fwd_bwd_ms": both_ms,
         "fwd_bwd_tflops": FWD_BWD_FACTOR * flops / both_ms / 1e9,
     }
+    if segment_ids is not None:
+        useful = useful_fwd_flops(segment_ids, heads, dim, causal)
+        rec["useful_fraction"] = useful / flops
+        rec["useful_fwd_tflops"] = useful / fwd_ms / 1e9
+        rec["useful_fwd_bwd_tflops"] = FWD_BWD_FACTOR * useful / both_ms / 1e9
+    return rec
 
 
 def random_qkv(batch: int, seq: int, heads: int, kv_heads: int, dim: int, dtype, seed: int = 0):

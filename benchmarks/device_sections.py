@@ -22,6 +22,7 @@ import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import suite_report
 from flax import linen as nn
 
 from oasst_jax import decode, sharding
@@ -170,7 +171,8 @@ def available(impl: str) -> str:
     return ""
 
 
-def attention_unit(size: dict, seq: int, impl: str, packed: bool, cache: dict) -> dict:
+def attention_unit(size: dict, seq: int, impl: str, packed: int, cache: dict) -> dict:
+    """One implementation at one shape; ``packed``: samples per row (0: dense rows)."""
     batch = max(1, size["tokens"] // seq)
     key = (seq, packed)
     if key not in cache:  # one set of inputs per shape, shared by the implementations
@@ -178,7 +180,7 @@ def attention_unit(size: dict, seq: int, impl: str, packed: bool, cache: dict) -
         q, k, v = benchlib.random_qkv(
             batch, seq, size["heads"], size["kv_heads"], size["dim"], jnp.bfloat16, seed=seq
         )
-        seg = jnp.asarray(benchlib.packed_segment_ids(batch, seq)) if packed else None
+        seg = jnp.asarray(benchlib.packed_segment_ids(batch, seq, packed)) if packed else None
         cache[key] = (q, k, v, seg)
     q, k, v, seg = cache[key]
     rec = {
@@ -197,6 +199,8 @@ def attention_unit(size: dict, seq: int, impl: str, packed: bool, cache: dict) -
         return {**rec, "ok": False, "skipped": True, "reason": reason}
     if impl == "tokamax":
         rec["note"] = benchlib.import_tokamax()[1]
+    if impl == "cudnn" and packed:
+        rec["note"] = benchlib.CUDNN_PACKED_NOTE
     figures = benchlib.measure_attention(
         impl,
         q,
@@ -214,13 +218,9 @@ def run_attention(job: dict, emit) -> None:
     size, cache = job["size"], {}
     for seq, impl, packed in job["grid"]:
         emit(
-            attention_name(seq, impl, packed),
+            suite_report.attention_name(seq, impl, packed),
             lambda s=seq, i=impl, p=packed: attention_unit(size, s, i, p, cache),
         )
-
-
-def attention_name(seq: int, impl: str, packed: bool) -> str:
-    return f"{impl}@{seq}{'-packed' if packed else ''}"
 
 
 # ---------------------------------------------------------------- train step

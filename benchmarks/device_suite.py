@@ -17,8 +17,11 @@ Sections (sizes in :data:`DEVICE`):
              length 1000 (not a whole number of blocks); tolerances as tests/test_attention.py.
   attention  forward and fwd+bwd ms and TFLOP/s of pallas, cudnn, xla and tokamax's Mosaic
              GPU kernel (when it imports) at seq 4096/2048/8192/1024, 32k tokens per batch,
-             32 q / 8 kv heads, d 128, bf16, causal; packed rows at 4096. Pallas records
-             carry ``vs_<impl>`` (fwd+bwd) and ``vs_<impl>_fwd`` speed ratios (> 1: faster).
+             32 q / 8 kv heads, d 128, bf16, causal; rows packed with 4, 1 and 8 samples
+             at 4096 (``packed``: samples a row, 0 dense), with ``useful_*_tflops`` over
+             the FLOPs inside samples next to the raw (dense-row) TFLOP/s; cuDNN takes
+             packed rows as a dense mask (``note``). Pallas records carry ``vs_<impl>``
+             (fwd+bwd) and ``vs_<impl>_fwd`` speed ratios (> 1: faster).
   train      TinyLlama-1.1B shape (configs/bench_tinyllama.py), seq 4096, packed, bf16:
              tokens/s, MFU, allocator peak and compiler bytes for attention x remat, at
              the largest micro batch (<= 16) the compiler says fits 85% of the memory.
@@ -78,6 +81,8 @@ import tempfile
 import time
 import traceback
 
+from suite_report import attention_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ("kernels", "attention", "train", "decode", "plan")
@@ -123,7 +128,13 @@ DEVICE = {
         "dim": 128,
         "impls": ["pallas", "cudnn", "xla", "tokamax"],
         "packed_seq": 4096,
-        "packed_impls": ["pallas", "cudnn", "xla"],
+        # [samples per row, impls]: most important first (the budget cuts from the end);
+        # XLA's packed figure once (it materialises the scores, whatever the packing).
+        "packed_grid": [
+            [4, ["pallas", "cudnn", "xla"]],
+            [1, ["pallas", "cudnn"]],
+            [8, ["pallas", "cudnn"]],
+        ],
         "repeats": 7,
         "inner": 5,
     },
@@ -162,7 +173,7 @@ SMOKE = {  # every code path once, as small and few as possible (cudnn, tokamax:
         "kv_heads": 1,
         "dim": 16,
         "packed_seq": 32,
-        "packed_impls": ["xla"],
+        "packed_grid": [[4, ["xla"]]],
         "repeats": 1,
         "inner": 1,
     },
@@ -197,15 +208,17 @@ for _sizes in (DEVICE, SMOKE):  # the planner check reads the train section's mo
 
 
 def attention_grid(size: dict) -> list[list]:
-    grid = [[seq, impl, False] for seq in size["seqs"] for impl in size["impls"]]
-    return grid + [[size["packed_seq"], impl, True] for impl in size["packed_impls"]]
+    """``[seq, impl, samples per row]`` units; 0 samples: dense rows, no segment ids."""
+    grid = [[seq, impl, 0] for seq in size["seqs"] for impl in size["impls"]]
+    seq = size["packed_seq"]
+    return grid + [[seq, impl, n] for n, impls in size["packed_grid"] for impl in impls]
 
 
 def unit_names(section: str, size: dict, grid: list) -> list[str]:
     if section == "kernels":
         return [c["name"] for c in size["cases"]]
     if section == "attention":
-        return [f"{impl}@{seq}{'-packed' if packed else ''}" for seq, impl, packed in grid]
+        return [attention_name(seq, impl, packed) for seq, impl, packed in grid]
     if section in ("train", "plan"):
         return [f"{impl}/{remat}" for impl, remat in grid]
     return [f"batch{b}" for b in size["batches"]]

@@ -65,7 +65,10 @@ def test_smoke_runs_every_section(tmp_path):
             missing = [k for k in FIGURES[section] if k not in r]
             assert not missing, f"{section} {r['unit']}: no {missing}"
     packed = [r for r in data["attention"] if r["ok"] and r["packed"]]
-    assert [r["impl"] for r in packed] == ["xla"]
+    assert [(r["unit"], r["packed"]) for r in packed] == [("xla@32-packed4", 4)]
+    # 4 equal samples a row: a quarter of the dense causal work is inside samples
+    assert packed[0]["useful_fraction"] == pytest.approx(0.25)
+    assert packed[0]["useful_fwd_bwd_tflops"] == pytest.approx(packed[0]["fwd_bwd_tflops"] / 4)
     skipped = {r["unit"] for s in SECTIONS for r in data[s] if r.get("skipped")}
     assert {"cudnn@32", "tokamax@32", "cudnn/selective"} <= skipped
     md = (tmp_path / "device_suite.md").read_text()
