@@ -10,6 +10,7 @@ from functools import partial
 import datasets
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import REPO, tiny_llama
 from flax import linen as nn
@@ -174,3 +175,11 @@ def test_length_buckets_are_few():
     buckets = [evaluate.length_bucket(n, 4096) for n in (1, 32, 33, 100, 4000)]
     assert buckets == [32, 32, 64, 128, 4096]
     assert evaluate.length_bucket(120, 100) == 128  # the context rounded up to 32
+
+
+def test_results_are_strict_json():
+    results = {"acc,none": np.float32(0.5), "stderr": float("nan"), "n": np.int64(3)}
+    results.update(tags={"x"}, rows=[float("inf"), np.bool_(True)], dtype=np.dtype("f4"))
+    safe = json.loads(json.dumps(evaluate.json_safe(results), allow_nan=False))
+    assert safe == {"acc,none": 0.5, "stderr": None, "n": 3, "tags": ["x"],
+                    "rows": [None, True], "dtype": "float32"}  # fmt: skip
