@@ -150,6 +150,8 @@ class OasstJaxLM(TemplateLM):
         shape = {sharding.DATA: -1, sharding.FSDP: int(fsdp), sharding.TENSOR: int(tensor)}
         self.mesh = sharding.make_mesh(shape)
         rows = sharding.axis_size(self.mesh, "batch")
+        if isinstance(batch_size, str) and not batch_size.isdigit():
+            raise ValueError(f"batch_size {batch_size!r}: give a number of rows (no 'auto')")
         self.batch_rows = int(batch_size or 8)
         if self.batch_rows % rows:
             raise ValueError(
