@@ -338,3 +338,46 @@ def test_megatron_split_tokenizer_checks(tmp_path, sp_model_path):
     with pytest.raises(DataError, match="other special-token ids") as err:
         outputs.check_source(tmp_path, "p", "train", tok.vocab_size, tok)
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- ranked splits
+
+
+def _ranked(path, examples, vocab=300):
+    with shards.RankedShardWriter(path, vocab_size=vocab) as w:
+        for pieces in examples:
+            w.add_example(pieces)
+        return w.commit({"split": "train"})
+
+
+def test_ranked_round_trip_pickle_and_layout_checks(tmp_path):
+    """rm examples (prefix + replies) read back as written, also after pickling; a plain
+    reader refuses a ranked split and the ranked reader a plain one; nothing is left by a
+    write that does not commit; a damaged examples.bin is one line."""
+    pieces = _samples(9, vocab=300)
+    pieces = [p for p in pieces if p[0].size]  # prefixes and replies are never empty
+    examples = [pieces[:3], pieces[3:7]]
+    meta = _ranked(tmp_path / "r-train", examples)
+    assert (meta["layout"], meta["num_examples"], meta["num_samples"]) == ("ranked", 2, 7)
+    src = pickle.loads(pickle.dumps(shards.RankedDataSource(tmp_path / "r-train")))
+    assert len(src) == 2 and src.num_replies().tolist() == [2, 3]
+    for i, ex in enumerate(examples):
+        item = src[i]
+        np.testing.assert_array_equal(item["prefix_tokens"], ex[0][0])
+        np.testing.assert_array_equal(item["prefix_roles"], ex[0][1])
+        for (tokens, roles), got, got_roles in zip(
+            ex[1:], item["reply_tokens"], item["reply_roles"], strict=True
+        ):
+            np.testing.assert_array_equal(got, tokens)
+            np.testing.assert_array_equal(got_roles, roles)
+    with pytest.raises(DataError, match="holds rm examples .*not the 'sft' layout"):
+        outputs.open_source(tmp_path, "r", "train")
+    _write(tmp_path / "p-train", pieces)
+    with pytest.raises(DataError, match="holds sft samples .*not the 'ranked' layout"):
+        shards.RankedDataSource(tmp_path / "p-train")
+    with pytest.raises(ValueError, match="a prefix and at least two replies"):
+        _ranked(tmp_path / "bad", [pieces[:2]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p-train", "r-train"]
+    (tmp_path / "r-train" / shards.EXAMPLES_FILE).write_bytes(np.array([0, 3], "<i8").tobytes())
+    with pytest.raises(DataError, match="examples.bin has the wrong size"):
+        shards.RankedDataSource(tmp_path / "r-train")[0]
