@@ -141,7 +141,7 @@ def test_merged_params_for_sampling(trained):
     """What the sampler calls: base weights + an adapter checkpoint -> a plain model's
     params whose logits are the adapted model's."""
     base_cfg = lora.base_model_config(CFG)
-    base = checkpoint.load_weights(trained["base"])
+    base = trained["state"]["frozen"]  # the float32 base as loaded, on the host
     params = lora.merged_params(base, trained["ckpt"])
     tokens = _batch(1, 2, seed=9)["inputs"][0]
     plain = np.asarray(jax.jit(Llama(base_cfg).apply)({"params": params}, tokens))
