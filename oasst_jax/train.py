@@ -200,7 +200,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             trainer.abstract_state,
             model_cfg,
             settings,
-            None if base is None else functools.partial(lora.check_base, current=base_record),
+            None if base is None else lambda meta, where: lora.check_base(meta, base_record, where),
         )
         data_state = val_state = None
         if restored is not None:
