@@ -237,6 +237,36 @@ def test_sampling_report(tiny_ckpt, sp_model_path, tmp_path):
         assert all(len(ids) <= 6 for ids in result["output_ids"])
 
 
+def test_cli_chat_keeps_the_kv_cache(tiny_ckpt, sp_model_path, monkeypatch, capsys):
+    """Turn 2 prefills only its own ids (the reply's closing, the user turn, the assistant
+    header; plus the reply's last id when it was cut at --max-new-tokens), and prints what
+    re-prefilling the whole token history prints."""
+    path, params, cfg, tok = tiny_ckpt
+    inputs = iter(["hello world", "please explain python", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(inputs))
+    chats, real = [], decode.Chat
+    monkeypatch.setattr(decode, "Chat", lambda *a, **k: chats.append(real(*a, **k)) or chats[-1])
+    sample.main(
+        ["--ckpt", path, "--tokenizer", str(sp_model_path), "--chat", "--system", ""]
+        + ["--temperature", "0", "--max-new-tokens", "6"]
+    )
+    printed = capsys.readouterr().out.splitlines()
+    first = prompt_ids(tok, [{"role": "user", "content": "hello world"}])
+    second = sample.next_turn_ids(tok, "please explain python")
+    sp = decode.SamplingParams(6, 0.0, 0, 0.9, 1.0)  # the CLI's, so compiled code is reused
+    ref = real(params, cfg, sp, sample.stop_ids(tok), keep_cache=False)
+    replies = [list(ref.turn(first)), list(ref.turn(second))]
+    assert printed == ["assistant> " + "".join(sample.incremental_text(tok, r)) for r in replies]
+    (chat,) = chats
+    assert chat.prefilled == [len(first), len(second) + (len(replies[0]) == 6)]
+    history = [
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": tok.decode(replies[0])},
+        {"role": "user", "content": "please explain python"},
+    ]
+    assert prompt_ids(tok, history)[-len(second) :] == second  # the same ids as a re-sent history
+
+
 # ----------------------------------------------------------------------------- failures
 
 
