@@ -257,7 +257,15 @@ def _kernel_tiles(dim: int) -> dict[str, tuple[int, int]]:
 def _kernel_visits(seg: np.ndarray, offset: int, tiles: dict) -> dict:
     """Per tile pair: fwd/dq bounds, dk/dv bounds and the blocks each visits per row, as
     the kernels compute them (causal), in one compiled call."""
-    cfg = KernelConfig(True, 1.0, GPU_BLOCKS, None, True, True, "gpu")
+    cfg = KernelConfig(
+        causal=True,
+        scale=1.0,
+        blocks=GPU_BLOCKS,  # unused: the tiles come in as arguments
+        kv_len=None,
+        has_segments=True,
+        interpret=True,
+        backend="gpu",
+    )
     q_seg = seg[:, offset:]
     mask = MaskOperands(jnp.asarray(q_seg), jnp.asarray(seg), jnp.full((1,), offset, jnp.int32))
     dims = (q_seg.shape[1], seg.shape[1])

@@ -6,8 +6,10 @@ dk/dv over query blocks).  This module is the backend-independent wrapper
 around the GPU (Triton) and TPU (Mosaic) kernels: padding to whole blocks,
 picking the backend, and the ``custom_vjp`` that wires forward to backward; the
 types and the in-block mask the kernels share live in :mod:`blocks`, which
-both sides import (the backends never import this module).  A backend module
-provides ``default_blocks(head_dim)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
+both sides import (the backends never import this module); which blocks each
+kernel program visits -- causality, packed segments, the query offset -- comes
+from one XLA pre-pass in :mod:`bounds` that both backends call.  A backend
+module provides ``default_blocks(head_dim)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
 ``forward(q, k, v, mask, cfg) -> (o, lse)`` and
 ``backward(q, k, v, mask, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
 ``[batch, length, heads, head_dim]`` arrays, ``mask`` a :class:`MaskOperands`.
