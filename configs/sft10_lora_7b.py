@@ -4,8 +4,9 @@ The card's stage-2 data, schedule and regularisation (`configs/sft10.py`) with t
 base frozen in bf16 (13.5 GB) and rank-64 adapters on every linear layer (QLoRA's
 recipe: r=64, alpha=16, dropout 0.1, lr 2e-4 for 7B) trained in fp32 with AdamW
 (~160M adapter parameters: ~2.5 GB with moments and gradients).  Checkpoints hold only
-adapters + moments (~1.9 GB each, against ~81 GB for full fine-tuning); `python -m oasst_jax.convert lora-to-peft --ckpt
-runs/oasst_sft10_lora_llama2_7b/checkpoints --out DIR` exports them for PEFT.
+adapters + moments (~1.9 GB each, against ~81 GB for full fine-tuning); `python -m
+oasst_jax.convert lora-to-peft --ckpt runs/oasst_sft10_lora_llama2_7b/checkpoints
+--out DIR` exports them for PEFT.
 
 What it changes from `configs/sft10.py`:
 
