@@ -19,6 +19,8 @@ from oasst_jax.text import LOSS_MODES
 
 # The normalisations ``loss.loss_sum_and_count`` implements (``loss_normalization``).
 LOSS_NORMALIZATIONS: tuple[str, ...] = ("global_token_mean", "microbatch_mean")
+OBJECTIVES: tuple[str, ...] = ("sft", "rm", "dpo")
+DPO_REFERENCES: tuple[str, ...] = ("on_the_fly", "precomputed")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_iters = 10  # global batches per evaluation, from a stream that continues (Megatron)
     c.eval_full = False  # True: every val sample once, from the start, at each evaluation
     c.exit_interval = 0
+    # eval-time generation samples (samples.jsonl, tensorboard, W&B): "default" = the set
+    # shipped in oasst_jax/resources, a JSONL path = those prompts, "" or None = off
+    c.eval_prompts = "default"
+    c.eval_max_new_tokens = 64
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     # regularisation
@@ -84,6 +90,25 @@ def base_config() -> ml_collections.ConfigDict:
             targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
             base_dtype="bfloat16",
         )
+    )
+    # what is trained: "sft" (next-token loss), "rm" (reward model: score head on the last
+    # token, upstream's K-wise ranking loss) or "dpo" (sigmoid DPO against the load= policy);
+    # rm/dpo read ranked shards (configs/data/oasst_rm.py, oasst_jax/data/preference.py)
+    c.objective = "sft"
+    # rm/dpo batches: sequence slots and groups (prompts / pairs) per micro-batch, prefix cap
+    c.preference = ml_collections.ConfigDict(
+        dict(max_sequences=16, max_groups=8, max_prefix_length=0)  # 0: seq_length // 2
+    )
+    c.rm = ml_collections.ConfigDict(dict(beta=0.001, max_replies=5))
+    # reference: "on_the_fly" (the load= weights kept frozen beside the policy; a LoRA run
+    # uses its base) or "precomputed" (a pre-pass writes reference_logps.json to the
+    # workdir once, keyed by (example, pair, reply); no reference model during training)
+    c.dpo = ml_collections.ConfigDict(
+        dict(beta=0.1, reference="on_the_fly", pairs="best_vs_rest", max_pairs_per_prompt=4)
+    )
+    # Weights & Biases beside tensorboard (oasst_jax/metrics.py; WANDB_MODE=offline works)
+    c.logging = ml_collections.ConfigDict(
+        dict(wandb=False, wandb_project="oasst_jax", wandb_entity="", wandb_name="")
     )
     c.nonfinite = "skip"  # or "halt"
     c.nonfinite_max_consecutive = 5  # "skip" stops the run after this many NaN/Inf steps in a row
@@ -211,6 +236,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         cfg.nonfinite_max_consecutive >= 1,
         f"nonfinite_max_consecutive={cfg.nonfinite_max_consecutive} must be >= 1",
     )
+    need(cfg.objective in OBJECTIVES, f"objective={cfg.objective!r} not in {OBJECTIVES}")
+    need(
+        cfg.dpo.reference in DPO_REFERENCES,
+        f"dpo.reference={cfg.dpo.reference!r} not in {DPO_REFERENCES}",
+    )
+    need(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be > 0")
+    need(cfg.rm.beta >= 0, f"rm.beta={cfg.rm.beta} must be >= 0")
+    need(cfg.eval_max_new_tokens >= 1, f"eval_max_new_tokens={cfg.eval_max_new_tokens} < 1")
     need(not cfg.finetune or bool(cfg.load), "finetune=True needs load=<checkpoint or HF dir>")
     need(bool(cfg.data_path), "data_path is empty (point it at a pretokenizer output_dir)")
     need(
@@ -218,6 +251,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"seq_length={cfg.seq_length} > model.max_position_embeddings="
         f"{cfg.model.max_position_embeddings}",
     )
-    sharding.resolve_mesh(cfg.mesh, num_devices, num_layers=cfg.model.num_hidden_layers)
+    mesh = sharding.resolve_mesh(cfg.mesh, num_devices, num_layers=cfg.model.num_hidden_layers)
+    stages = sharding.axis_size(mesh, "stage")
+    need(
+        cfg.objective == "sft" or stages == 1,
+        f"objective={cfg.objective!r} with {stages} pipeline stages: the pipeline schedule "
+        "runs the sft loss only (use the other mesh axes)",
+    )
     accumulation_steps(cfg, num_devices)
     model_config(cfg)

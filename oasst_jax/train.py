@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import chatml, checkpoint, distributed, lora, optim, sharding
+from oasst_jax import chatml, checkpoint, decode, distributed, lora, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
@@ -238,7 +238,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             if val_state is not None:
                 val.set_state(val_state)
 
-        logger = MetricsLogger(cfg.workdir)
+        logger = MetricsLogger(cfg.workdir, wandb=wandb_options(cfg), run_config=cfg.to_dict())
+        prompts = sample_prompts(cfg, tokenizer)
         flops_tok = model_cfg.flops_per_token(cfg.seq_length)
         _log(
             f"model {model_cfg.num_params() / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
@@ -276,6 +277,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                     vm = val(trainer.eval_params(state))
                     pending[3].update(vm)
                     _log(f"step {step}: val_loss {vm['val_loss']:.4f} val_ppl {vm['val_ppl']:.2f}")
+                if prompts and (
+                    (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.train_iters
+                ):
+                    pending[3]["time_samples"] = log_samples(
+                        cfg, logger, step, model_cfg, trainer.eval_params(state), mesh,
+                        tokenizer, prompts,
+                    )  # fmt: skip
                 exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
                 if (
                     (cfg.save_interval and step % cfg.save_interval == 0)
@@ -301,6 +309,36 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             ckpt.close()
             logger.close()
     return last
+
+
+def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
+    """``MetricsLogger``'s ``wandb`` argument from ``cfg.logging`` (None: W&B off)."""
+    lg = cfg.logging
+    if not lg.wandb:
+        return None
+    return {"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_name}
+
+
+def sample_prompts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> list[str]:
+    """The eval-time generation prompts: none without a tokenizer (nothing to decode
+    with), for a reward model (it does not generate) or with ``eval_prompts`` empty."""
+    if tokenizer is None or cfg.objective == "rm" or not cfg.eval_prompts:
+        return []
+    return decode.eval_prompts(None if cfg.eval_prompts == "default" else cfg.eval_prompts)
+
+
+def log_samples(
+    cfg, logger: MetricsLogger, step: int, model_cfg: LlamaConfig, params: Any, mesh,
+    tokenizer: Tokenizer, prompts: list[str],
+) -> float:  # fmt: skip
+    """Greedy replies to ``prompts`` from the current weights (every process decodes, as
+    the params are sharded over all of them; process 0 writes); returns the seconds."""
+    t0 = time.perf_counter()
+    replies = decode.greedy_replies(
+        model_cfg, params, mesh, tokenizer, prompts, cfg.eval_max_new_tokens
+    )
+    logger.log_samples(step, list(zip(prompts, replies, strict=True)))
+    return time.perf_counter() - t0
 
 
 def _lora_base(cfg, model_cfg: LlamaConfig, trainer) -> tuple[Any, dict]:
