@@ -82,6 +82,9 @@ class LlamaConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""
     lora_base_dtype: str = "bfloat16"
+    # a reward model's scalar head ``score/kernel`` [hidden, 1] on the final normed hidden
+    # state (HF ``LlamaForSequenceClassification``'s ``score``); off for a language model
+    score_head: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -495,6 +498,15 @@ class Llama(nn.Module):
             (c.hidden_size, c.padded_vocab_size),
             jnp.dtype(c.param_dtype),
         )
+        if c.score_head:
+            self.score = nn.Dense(
+                1,
+                use_bias=False,
+                dtype=jnp.float32,  # one column: fp32 scores cost nothing
+                param_dtype=jnp.dtype(c.param_dtype),
+                kernel_init=_init(c, ("embed", "score")),
+                name="score",
+            )
 
     def __call__(
         self,
@@ -505,13 +517,36 @@ class Llama(nn.Module):
         dropout_rates: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
-        """Logits ``[B, L, V]`` (fp32; padded vocab columns set to -inf-like).
+        """Logits ``[B, L, V]`` (fp32; padded vocab columns set to -inf-like): :meth:`head`
+        of :meth:`decode`.
 
         With ``segment_ids`` the row is a pack of samples: attention stays inside
         each segment and, unless given, positions restart at 0 per segment.
         Applied with a mutable ``cache`` collection, attention appends to and reads
         a preallocated KV cache (``oasst_jax.decode``); pass positions explicitly then.
         """
+        x_BLD = self.decode(
+            tokens_BL,
+            positions_BL=positions_BL,
+            segment_ids_BL=segment_ids_BL,
+            dropout_rates=dropout_rates,
+            deterministic=deterministic,
+        )
+        if self.cfg.score_head and self.is_initializing():
+            self.score(self.final_norm(x_BLD))  # creates the head's kernel
+        return self.head(x_BLD)
+
+    def decode(
+        self,
+        tokens_BL: jax.Array,
+        *,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        dropout_rates: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """The decoder stack's outputs ``[B, L, D]`` (before the final norm): what
+        :meth:`head` (language model) and :meth:`hidden` (reward model) start from."""
         c = self.cfg
         if positions_BL is None:
             if segment_ids_BL is None:
@@ -521,8 +556,16 @@ class Llama(nn.Module):
         if dropout_rates is None:
             dropout_rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
         x_BLD = embed_tokens(c, self.embedding, tokens_BL)
-        x_BLD = self.decoder(x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic)
-        return self.head(x_BLD)
+        return self.decoder(x_BLD, positions_BL, segment_ids_BL, dropout_rates, deterministic)
+
+    def hidden(self, tokens_BL: jax.Array, **kwargs) -> jax.Array:
+        """The final normed hidden states ``[B, L, D]`` (:meth:`decode`'s keyword
+        arguments): what a reward model's score head reads at each reply's last token."""
+        return self.final_norm(self.decode(tokens_BL, **kwargs))
+
+    def scores(self, hidden_ND: jax.Array) -> jax.Array:
+        """The score head on final normed hidden states: fp32 rewards ``[N]``."""
+        return self.score(hidden_ND)[..., 0].astype(jnp.float32)
 
     def head(self, x_BLD: jax.Array) -> jax.Array:
         """The model's tail: fp32 logits ``[B, L, V]`` of decoder outputs (final norm, LM

@@ -41,6 +41,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", TENSOR),  # gate/up column-parallel, down row-parallel
     ("norm", None),
     ("lora_rank", None),  # LoRA A's last / B's first axis: small, replicated
+    ("score", None),  # the reward model's one output column
     # ---- activations
     ("batch", (DATA, FSDP)),
     ("length", SEQUENCE),  # context parallelism

@@ -8,9 +8,16 @@ host inside the step; metrics are device scalars the loop reads one step late.
 State is a plain dict ``{step, params, opt_state}``; a LoRA run's (``model.lora_rank >
 0``, ``oasst_jax/lora.py``) adds ``frozen``, the base weights, and its ``params`` are
 only the adapters: gradients, optimizer state and fp32 masters exist for them alone.
-The per-micro-batch loss is one seam, :func:`_microbatch_loss` (logits of the full
-parameter tree -> loss terms).  Dropout randomness is
-``fold_in(key(seed), step)`` then per micro-batch and (inside the scanned
+The per-micro-batch loss is one seam, :func:`_microbatch_loss`: the full parameter tree
+and a micro-batch -> ``(numerator, sums)``, chosen by ``StepConfig.objective``: ``sft``
+(next-token cross-entropy), ``rm`` (the score head at each reply's last token, upstream's
+K-wise ranking loss) or ``dpo`` (summed reply log-probs against a reference's).  ``sums``
+are additive over micro-batches (``den`` the denominator: loss tokens, prompts or pairs),
+so accumulation divides once per step and weighs every token / prompt / pair of the
+global batch equally.  A DPO run's reference log-probs come with the batch
+(``reference_logps``, precomputed) or from reference weights: a LoRA run's frozen base
+(adapters off), else the state's ``reference`` (the load= weights, never trained).
+Dropout randomness is ``fold_in(key(seed), step)`` then per micro-batch and (inside the scanned
 layers) per layer, so a resumed run draws exactly the same masks.
 """
 
@@ -28,7 +35,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from oasst_jax import lora, pipeline_parallel, sharding
+from oasst_jax import lora, pipeline_parallel, preference, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
 from oasst_jax.model import Llama, abstract_params, init_rows
 
@@ -42,6 +49,43 @@ class StepConfig:
     # > 1: the micro-batches flow through this many stages of a GPipe schedule
     # (oasst_jax/pipeline_parallel.py); the mesh's pipeline axis size.
     pipeline_stages: int = 1
+    # "sft" | "rm" | "dpo" (module doc); rm/dpo: the batch's slots S and groups P
+    # (oasst_jax/data/preference.py), the loss's beta, and where DPO's reference comes from
+    objective: str = "sft"
+    num_sequences: int = 0
+    num_groups: int = 0
+    beta: float = 0.0
+    reference: str = "on_the_fly"  # or "precomputed": mb["reference_logps"] [S]
+
+    @property
+    def on_the_fly_reference(self) -> bool:
+        return self.objective == "dpo" and self.reference == "on_the_fly"
+
+
+# The device fields of an rm/dpo micro-batch beyond the token rows (data/preference.py);
+# a precomputed DPO reference adds ``reference_logps`` [S].
+SLOT_FIELDS = ("sequence_row", "sequence_last", "sequence_group", "sequence_rank",
+               "sequence_valid")  # fmt: skip
+ROW_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "sequence_ids")
+
+
+def batch_fields(step_cfg: StepConfig) -> tuple[str, ...]:
+    """The fields the step reads from each micro-batch."""
+    if step_cfg.objective == "sft":
+        return ("inputs", "targets", "weights", "segment_ids", "positions")
+    extra = ("reference_logps",) if step_cfg.objective == "dpo" and not (
+        step_cfg.on_the_fly_reference) else ()  # fmt: skip
+    return ROW_FIELDS + SLOT_FIELDS + extra
+
+
+def batch_shardings(mesh: Mesh, step_cfg: StepConfig, leading: tuple = ()) -> Any:
+    """The batch's sharding: one for every field (sft), or per field (rm/dpo: token rows
+    over ``batch``/``length``, the small per-slot fields replicated)."""
+    rows = sharding.batch_sharding(mesh, leading)
+    if step_cfg.objective == "sft":
+        return rows
+    slots = sharding.logical_sharding(mesh, (*leading, None))
+    return {k: rows if k in ROW_FIELDS else slots for k in batch_fields(step_cfg)}
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, frozen: Any = None) -> dict:
@@ -66,21 +110,31 @@ def _microbatch_loss(
     dropout_rates: jax.Array,
     deterministic: bool,
     step_cfg: StepConfig,
+    reference: Any = None,
 ):
-    logits = model.apply(
-        {"params": params},
-        mb["inputs"],
-        positions_BL=mb["positions"],
-        segment_ids_BL=mb["segment_ids"],
-        dropout_rates=dropout_rates,
-        deterministic=deterministic,
-        rngs={"dropout": rng},
-    )
-    return _loss_terms(logits, mb, step_cfg)
+    """``(numerator, sums)`` of one micro-batch under ``step_cfg.objective`` (module doc);
+    ``reference``: an on-the-fly DPO reference's parameter tree (no gradient flows to it)."""
+    kwargs = dict(positions_BL=mb["positions"], segment_ids_BL=mb["segment_ids"])
+    run = dict(dropout_rates=dropout_rates, deterministic=deterministic, rngs={"dropout": rng})
+    if step_cfg.objective == "rm":
+        hidden = model.apply({"params": params}, mb["inputs"], **kwargs, **run,
+                             method=Llama.hidden)  # fmt: skip
+        last = preference.last_token(hidden, mb["sequence_row"], mb["sequence_last"])
+        return _rm_terms(model.apply({"params": params}, last, method=Llama.scores), mb, step_cfg)
+    logits = model.apply({"params": params}, mb["inputs"], **kwargs, **run)
+    if step_cfg.objective == "sft":
+        return _loss_terms(logits, mb, step_cfg)
+    if step_cfg.on_the_fly_reference:
+        ref_logits = model.apply({"params": jax.lax.stop_gradient(reference)}, mb["inputs"],
+                                 **kwargs)  # fmt: skip
+        ref_logps = _sequence_logps(ref_logits, mb, step_cfg)
+    else:
+        ref_logps = mb["reference_logps"]
+    return _dpo_terms(_sequence_logps(logits, mb, step_cfg), ref_logps, mb, step_cfg)
 
 
 def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
-    """``(numerator, (denominator, loss tokens))`` of one micro-batch's logits."""
+    """``(numerator, sums)`` of one micro-batch's logits, the sft loss."""
     nll = token_cross_entropy(logits, mb["targets"])
     num, den = loss_sum_and_count(
         nll,
@@ -88,7 +142,56 @@ def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
         normalization=step_cfg.loss_normalization,
         micro_batch_size=step_cfg.micro_batch_size,
     )
-    return num, (den, jnp.sum(mb["weights"]))
+    return num, {"den": den, "loss_tokens": jnp.sum(mb["weights"])}
+
+
+def _sequence_logps(logits: jax.Array, mb: dict, step_cfg: StepConfig) -> jax.Array:
+    """Summed log-probs of each slot's reply loss tokens, ``[S]``."""
+    return preference.sequence_logps(
+        logits, mb["targets"], mb["weights"], mb["sequence_ids"], step_cfg.num_sequences
+    )
+
+
+def _rm_terms(scores_S: jax.Array, mb: dict, step_cfg: StepConfig):
+    """The ranking loss of one micro-batch as a sum over its prompts (``den``: prompts),
+    accuracy and margin as sums over its pairs."""
+    loss, m = preference.rm_loss(
+        scores_S, mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"],
+        num_groups=step_cfg.num_groups, beta=step_cfg.beta,
+    )  # fmt: skip
+    pairs = m["num_pairs"]
+    sums = {"den": m["num_prompts"], "num_pairs": pairs, "accuracy": m["accuracy"] * pairs,
+            "margin": m["margin"] * pairs}  # fmt: skip
+    return loss * m["num_prompts"], sums
+
+
+def _dpo_terms(logps_S: jax.Array, ref_logps_S: jax.Array, mb: dict, step_cfg: StepConfig):
+    """The DPO loss of one micro-batch as a sum over its pairs (``den``: pairs), every
+    metric of :func:`~oasst_jax.preference.dpo_loss` likewise."""
+    slots = (mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"])
+    pc, pr, valid = preference.pair_values(logps_S, *slots, num_pairs=step_cfg.num_groups)
+    rc, rr, _ = preference.pair_values(ref_logps_S, *slots, num_pairs=step_cfg.num_groups)
+    loss, m = preference.dpo_loss(pc, pr, rc, rr, valid, beta=step_cfg.beta)
+    n = m.pop("num_pairs")
+    return loss * n, {"den": n, **{k: v * n for k, v in m.items()}}
+
+
+def finish_metrics(num: jax.Array, sums: dict, step_cfg: StepConfig) -> dict:
+    """Step (or evaluation) metrics from summed micro-batch terms: ``loss`` = num / den,
+    the sft ``loss_tokens``, or the rm/dpo means over the pairs (``num_pairs``, and the
+    rm's ``num_prompts``)."""
+    den = sums["den"]
+    loss = jnp.where(den > 0, num / jnp.maximum(den, 1e-9), 0.0)
+    if step_cfg.objective == "sft":
+        return {"loss": loss, "loss_tokens": sums["loss_tokens"]}
+    pairs = sums["den"] if step_cfg.objective == "dpo" else sums["num_pairs"]
+    out = {"loss": loss, "num_pairs": pairs}
+    if step_cfg.objective == "rm":
+        out["num_prompts"] = den
+    for k, v in sums.items():
+        if k not in ("den", "num_pairs"):
+            out[k] = v / jnp.maximum(pairs, 1.0)
+    return out
 
 
 def _pipelined_loss(
@@ -127,7 +230,8 @@ def _pipelined_loss(
         return jax.tree.map(jnp.add, totals, head(*xs)), None
 
     zero = jnp.float32(0)
-    totals, _ = jax.lax.scan(micro, (zero, (zero, zero)), (hidden_MBLD, batch))
+    init = (zero, {"den": zero, "loss_tokens": zero})
+    totals, _ = jax.lax.scan(micro, init, (hidden_MBLD, batch))
     return totals
 
 
@@ -138,8 +242,9 @@ def _pipeline_accumulate(
     deterministic: bool,
     layer_specs: Any,
 ) -> Callable:
-    """``(params, frozen, batch, rng) -> (grads, num, den, tokens)`` with all micro-batches
-    differentiated at once through the pipeline schedule (with respect to ``params``)."""
+    """``(params, frozen, batch, rng, reference) -> (grads, num, sums)`` with all
+    micro-batches differentiated at once through the pipeline schedule (with respect to
+    ``params``; the sft loss only, config.validate refuses the others)."""
 
     def loss(params, frozen, batch, rng):
         full = model_params(params, frozen)
@@ -149,9 +254,10 @@ def _pipeline_accumulate(
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-    def accumulate(params: Any, frozen: Any, batch: dict, rng: jax.Array):
-        (num, (den, tokens)), grads = grad_fn(params, frozen, batch, rng)
-        return grads, num, den, tokens
+    def accumulate(params: Any, frozen: Any, batch: dict, rng: jax.Array, reference: Any):
+        del reference
+        (num, sums), grads = grad_fn(params, frozen, batch, rng)
+        return grads, num, sums
 
     return accumulate
 
@@ -159,7 +265,7 @@ def _pipeline_accumulate(
 def _scan_accumulate(
     model: Llama, step_cfg: StepConfig, dropout_rates: jax.Array, deterministic: bool
 ) -> Callable:
-    """``(params, frozen, batch, rng) -> (grads, num, den, tokens)`` summed over the
+    """``(params, frozen, batch, rng, reference) -> (grads, num, sums)`` summed over the
     micro-batches, one at a time in a ``lax.scan`` (so only one micro-batch's activations
     live at once); gradients with respect to ``params`` only."""
     loss_fn = partial(
@@ -170,25 +276,39 @@ def _scan_accumulate(
         step_cfg=step_cfg,
     )
     grad_fn = jax.value_and_grad(
-        lambda params, frozen, mb, rng: loss_fn(model_params(params, frozen), mb, rng),
+        lambda params, frozen, mb, rng, ref: loss_fn(model_params(params, frozen), mb, rng,
+                                                      reference=ref),
         has_aux=True,
-    )
+    )  # fmt: skip
 
-    def accumulate(params: Any, frozen: Any, batch: dict, rng: jax.Array):
+    def accumulate(params: Any, frozen: Any, batch: dict, rng: jax.Array, reference: Any):
         def micro(carry, xs):
-            grads, num, den, tokens = carry
+            grads, num, sums = carry
             mb, i = xs
-            (n, (d, t)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, num + n, den + d, tokens + t), None
+            (n, s), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), reference)
+            add = partial(jax.tree.map, jnp.add)
+            return (add(grads, g), num + n, add(sums, s)), None
 
+        first = jax.tree.map(lambda x: x[0], batch)
+        (_, sums_shape), _ = jax.eval_shape(grad_fn, params, frozen, first, rng, reference)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        init = (zeros, jnp.float32(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                    sums_shape))  # fmt: skip
         idx = jnp.arange(step_cfg.accumulation_steps)
-        (grads, num, den, tokens), _ = jax.lax.scan(micro, init, (batch, idx))
-        return grads, num, den, tokens
+        (grads, num, sums), _ = jax.lax.scan(micro, init, (batch, idx))
+        return grads, num, sums
 
     return accumulate
+
+
+def reference_params(state: dict, step_cfg: StepConfig) -> Any:
+    """An on-the-fly DPO reference's parameter tree (else None): a LoRA run's frozen base
+    with its adapters off (zero), or the state's ``reference`` (the load= weights)."""
+    if not step_cfg.on_the_fly_reference:
+        return None
+    if "frozen" in state:
+        return model_params(jax.tree.map(jnp.zeros_like, state["params"]), state["frozen"])
+    return state["reference"]
 
 
 def make_train_step(
@@ -199,8 +319,8 @@ def make_train_step(
     dropout_rates: jax.Array,
     layer_specs: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """Build the (unjitted) step; ``batch`` holds :data:`oasst_jax.data.pipeline.BATCH_FIELDS`,
-    each ``[accumulation, rows, length]``.
+    """Build the (unjitted) step; ``batch`` holds :func:`batch_fields`, each with a leading
+    accumulation axis (``[accumulation, rows, length]``, rm/dpo slots ``[accumulation, S]``).
 
     ``layer_specs`` are the decoder's logical partition specs (the pipeline schedule
     lays its stage buffers out by them).
@@ -216,10 +336,13 @@ def make_train_step(
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
         params = state["params"]
         rng = jax.random.fold_in(jax.random.key(step_cfg.seed), state["step"])
-        grads, num, den, tokens = accumulate(params, state.get("frozen"), batch, rng)
+        reference = reference_params(state, step_cfg)
+        grads, num, sums = accumulate(params, state.get("frozen"), batch, rng, reference)
+        den = sums["den"]
         scale = jnp.where(den > 0, 1.0 / jnp.maximum(den, 1e-9), 0.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
-        loss = num * scale
+        objective = finish_metrics(num, sums, step_cfg)
+        loss = objective["loss"]
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.global_norm(grads)
@@ -231,12 +354,11 @@ def make_train_step(
             "opt_state": opt_state,
         }
         metrics = {
-            "loss": loss,
+            **objective,
             "grad_norm": grad_norm,
             "update_norm": optax.global_norm(jax.tree.map(jnp.subtract, new_params, params)),
             "param_norm": optax.global_norm(new_params),
             "lr": lr_schedule(state["step"]),
-            "loss_tokens": tokens,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return new_state, metrics
@@ -288,8 +410,22 @@ def make_eval_step(
         return model.apply({"params": params}, hidden_1BLD[0], method=Llama.head)
 
     def eval_fn(params: Any, batch: dict):
-        num, (den, tokens) = _loss_terms(logits_fn(params, batch), batch, step_cfg)
-        return num, den, tokens
+        num, sums = _loss_terms(logits_fn(params, batch), batch, step_cfg)
+        return num, sums["den"], sums["loss_tokens"]
+
+    return eval_fn
+
+
+def make_preference_eval_step(model: Llama, step_cfg: StepConfig) -> Callable:
+    """``(params, batch, reference) -> (numerator, sums)`` of one rm/dpo micro-batch
+    (no dropout): summed over an evaluation's micro-batches and passed to
+    :func:`finish_metrics`, the val metrics weigh prompts / pairs as training does."""
+
+    def eval_fn(params: Any, batch: dict, reference: Any):
+        zero = jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
+        return _microbatch_loss(
+            model, params, batch, jax.random.key(0), zero, True, step_cfg, reference
+        )
 
     return eval_fn
 
@@ -306,9 +442,12 @@ class CompiledTrainer:
     # loaded weights (a LoRA run: the base, as ``abstract_base``) -> fresh optimizer, step 0
     init_from_params: Callable[[Any], dict]
     step: Callable[[dict, dict], tuple[dict, dict]]
-    eval: Callable[[Any, dict], tuple[jax.Array, jax.Array, jax.Array]]  # make_eval_step
+    # sft: make_eval_step's (params, batch); rm/dpo: make_preference_eval_step's
+    # (params, batch, eval_reference(state))
+    eval: Callable[..., Any]
     # what ``eval`` takes: the state's whole model tree (a LoRA run: adapters + frozen base)
     eval_params: Callable[[dict], Any]
+    step_cfg: StepConfig
     # a LoRA run: the base weights ``load`` is read into (its dtype, its shardings), and
     # the random base of a run without ``load`` (PRNG key -> base); else None
     abstract_base: Any = None
@@ -383,29 +522,45 @@ def build_trainer(
             return lora.merge(state["params"], state["frozen"])
     else:
         p_shard = eval_shard = all_shard
-        abs_state = jax.eval_shape(lambda p: init_state(p, tx), nn.meta.unbox(boxed))
+        keep_reference = step_cfg.on_the_fly_reference
+
+        def fresh(p: Any) -> dict:
+            # an on-the-fly DPO reference: the starting weights, kept apart, never trained
+            return {**init_state(p, tx), "reference": p} if keep_reference else init_state(p, tx)
+
+        abs_state = jax.eval_shape(fresh, nn.meta.unbox(boxed))
         s_shard = sharding.state_shardings(mesh, p_shard, abs_state)
-        init_from_params = jax.jit(lambda p: init_state(p, tx), out_shardings=s_shard)
+        if keep_reference:
+            s_shard["reference"] = p_shard
+        init_from_params = jax.jit(fresh, out_shardings=s_shard)
 
         def init_random(key: jax.Array) -> dict:
-            return init_state(init_params(key), tx)
+            return fresh(init_params(key))
 
         def eval_params(state: dict) -> Any:
             return state["params"]
 
         random_base = None
+    if cfg.lora_rank and cfg.score_head:
+        raise ValueError(
+            "config: objective='rm' with lora.rank > 0: the score head would be frozen with "
+            "the base (oasst_jax/lora.py trains adapters only); train the reward model fully"
+        )
 
-    b_shard = sharding.batch_sharding(mesh, leading=(None,))
+    b_shard = batch_shardings(mesh, step_cfg, leading=(None,))
     step = jax.jit(
         make_train_step(model, tx, lr_schedule, step_cfg, dropout_rates, layer_specs),
         in_shardings=(s_shard, b_shard),
         out_shardings=(s_shard, None),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(
-        make_eval_step(model, step_cfg, layer_specs),
-        in_shardings=(eval_shard, sharding.batch_sharding(mesh)),
-    )
+    if step_cfg.objective == "sft":
+        eval_fn = jax.jit(
+            make_eval_step(model, step_cfg, layer_specs),
+            in_shardings=(eval_shard, sharding.batch_sharding(mesh)),
+        )
+    else:  # the reference (None, or a tree) comes sharded as the state holds it
+        eval_fn = jax.jit(make_preference_eval_step(model, step_cfg))
     return CompiledTrainer(
         param_shardings=p_shard,
         state_shardings=s_shard,
@@ -416,6 +571,7 @@ def build_trainer(
         step=step,
         eval=eval_fn,
         eval_params=eval_params,
+        step_cfg=step_cfg,
         abstract_base=abstract_base,
         random_base=None if random_base is None else jax.jit(random_base, out_shardings=base_shard),
     )
