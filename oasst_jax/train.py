@@ -22,17 +22,23 @@ from oasst_jax import chatml, checkpoint, decode, distributed, lora, optim, shar
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
+from oasst_jax.data import preference as pref_data
 from oasst_jax.data.pipeline import BATCH_FIELDS
 from oasst_jax.hf.config import is_hf_dir
 from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
+from oasst_jax.preference import sequence_logps
 from oasst_jax.tokenizer import Tokenizer
 from oasst_jax.train_step import (
     StepConfig,
     all_finite,
+    batch_shardings,
     build_trainer,
+    finish_metrics,
+    model_params,
+    reference_params,
 )
 
 
@@ -173,6 +179,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(dict(cfg.mesh))
     model_cfg = resolve_model_config(cfg)
+    if cfg.objective == "rm":
+        model_cfg = dataclasses.replace(model_cfg, score_head=True)
     tokenizer = load_tokenizer(cfg, model_cfg)
     loss_mask = functools.partial(chatml.loss_mask, tokenizer=tokenizer, mode=cfg.loss_on)
     model = Llama(model_cfg)
@@ -181,7 +189,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     rows_per_micro = cfg.global_batch_size // accum
     rates = hidden_dropout_rates(model_cfg.num_hidden_layers, cfg.hidden_dropout, cfg.lima_dropout)
     stages = sharding.axis_size(mesh, "stage")
-    step_cfg = StepConfig(accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed, stages)
+    step_cfg = StepConfig(
+        accum, cfg.micro_batch_size, cfg.loss_normalization, cfg.seed, stages,
+        objective=cfg.objective, num_sequences=cfg.preference.max_sequences,
+        num_groups=cfg.preference.max_groups,
+        beta=float(cfg.dpo.beta if cfg.objective == "dpo" else cfg.rm.beta),
+        reference=cfg.dpo.reference,
+    )  # fmt: skip
 
     with jax.set_mesh(mesh):
         trainer = build_trainer(
@@ -208,6 +222,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             data_state, val_state = meta.get("data_iterator"), meta.get("val_iterator")
             if base is not None:  # adapters and optimizer from the checkpoint, base as loaded
                 state = {**state, "frozen": trainer.init_from_params(base)["frozen"]}
+            elif "reference" in trainer.abstract_state:  # DPO: the starting weights again
+                state = {**state, "reference": _reference_weights(cfg, model_cfg, trainer)}
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
         elif base is not None:
             state = trainer.init_from_params(base)
@@ -216,27 +232,33 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                 f"{cfg.load or 'random init'} frozen in {model_cfg.lora_base_dtype}"
             )
         elif cfg.load:
-            params = load_start_params(
-                cfg.load, model_cfg, trainer.abstract_state["params"], where=f"load={cfg.load}"
-            )
-            state = trainer.init_from_params(params)
+            state = trainer.init_from_params(_start_weights(cfg, model_cfg, trainer))
             _log(f"loaded weights from {cfg.load} (fresh optimizer, step 0)")
         else:
             state = trainer.init_random(jax.random.key(cfg.seed))
         del base  # a LoRA run holds it frozen (quantized) in the state from here on
-        b_shard = trainer.batch_sharding
         step_fn = trainer.step
-        train_source = open_split(cfg, "train")
-        train_it = make_iterator(cfg, train_source, cfg.global_batch_size, loss_mask, train=True)
+        val = None
+        if cfg.objective == "sft":
+            train_it = SftFeed(cfg, open_split(cfg, "train"), loss_mask, trainer, accum)
+            if evaluates(cfg):
+                val = Validation(
+                    cfg, open_split(cfg, "val"), loss_mask, trainer.eval, mesh, rows_per_micro
+                )
+        else:
+            table = None
+            if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
+                table = reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh)
+            train_it = PreferenceFeed(
+                cfg, _ranked(cfg, "train"), loss_mask, trainer, accum, train=True, table=table
+            )
+            if evaluates(cfg):
+                val = PreferenceValidation(cfg, _ranked(cfg, "val"), loss_mask, trainer, accum,
+                                           table, mesh)  # fmt: skip
         if data_state is not None:
             train_it.set_state(data_state)
-        val = None
-        if evaluates(cfg):
-            val = Validation(
-                cfg, open_split(cfg, "val"), loss_mask, trainer.eval, mesh, rows_per_micro
-            )
-            if val_state is not None:
-                val.set_state(val_state)
+        if val is not None and val_state is not None:
+            val.set_state(val_state)
 
         logger = MetricsLogger(cfg.workdir, wandb=wandb_options(cfg), run_config=cfg.to_dict())
         prompts = sample_prompts(cfg, tokenizer)
@@ -252,7 +274,6 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             )
         stop = _StopFlag()
         timer = Timer()
-        global_shape = pipeline.batch_shape(rows_per_micro, cfg.seq_length, accumulation=accum)
         step = int(state["step"])
         guard = _NonFiniteGuard(cfg, ckpt.directory, step if restored is not None else None)
         pending = None
@@ -261,28 +282,27 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         try:
             while step < cfg.train_iters:
                 with timer("data_wait"):
-                    host_batch = _next_batch(train_it, _split_name(cfg, "train"))
-                    batch = to_global(host_batch, b_shard, global_shape)
+                    batch, host_stats = train_it.next()
                 with timer("step_dispatch"):
                     state, metrics = step_fn(state, batch)
                 step += 1
-                host_stats = {
-                    "packing_efficiency": pipeline.packing_efficiency(host_batch),
-                    "samples": pipeline.samples_in_batch(host_batch),
-                }
                 if pending is not None:
                     last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
                 pending = (step, metrics, host_stats, {})
                 if val is not None and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
-                    vm = val(trainer.eval_params(state))
+                    if cfg.objective == "sft":
+                        vm = val(trainer.eval_params(state))
+                    else:
+                        vm = val(trainer.eval_params(state), reference_params(state, step_cfg))
                     pending[3].update(vm)
-                    _log(f"step {step}: val_loss {vm['val_loss']:.4f} val_ppl {vm['val_ppl']:.2f}")
+                    _log(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in vm.items()))
                 if prompts and (
                     (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.train_iters
                 ):
                     pending[3]["time_samples"] = log_samples(
-                        cfg, logger, step, model_cfg, trainer.eval_params(state), mesh,
-                        tokenizer, prompts,
+                        cfg, logger, step, model_cfg,
+                        model_params(state["params"], state.get("frozen")), mesh, tokenizer,
+                        prompts,
                     )  # fmt: skip
                 exiting = stop.set or (cfg.exit_interval and step % cfg.exit_interval == 0)
                 if (
@@ -309,6 +329,30 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             ckpt.close()
             logger.close()
     return last
+
+
+def _start_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
+    """The ``load=`` weights placed as the state's params (a reward model's score head,
+    which an SFT checkpoint lacks, freshly drawn from the seed; never read from ``load``)."""
+    abstract = dict(trainer.abstract_state["params"])
+    score = abstract.pop("score", None)
+    if score is not None:
+        model_cfg = dataclasses.replace(model_cfg, score_head=False)
+    params = load_start_params(cfg.load, model_cfg, abstract, where=f"load={cfg.load}")
+    if score is not None:
+        kernel = score["kernel"]
+        draw = jax.random.normal(jax.random.key(cfg.seed), kernel.shape, kernel.dtype)
+        params["score"] = {
+            "kernel": jax.device_put(draw * model_cfg.initializer_range, kernel.sharding)
+        }
+    return params
+
+
+def _reference_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
+    """A full DPO run's reference: its starting weights (``load=``, else the seed's init)."""
+    if cfg.load:
+        return _start_weights(cfg, model_cfg, trainer)
+    return trainer.init_random(jax.random.key(cfg.seed))["reference"]
 
 
 def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
@@ -354,7 +398,7 @@ def _lora_base(cfg, model_cfg: LlamaConfig, trainer) -> tuple[Any, dict]:
         )
     else:
         base = trainer.random_base(jax.random.key(cfg.seed))
-    return base, lora.base_record(cfg.load, base)
+    return base, lora.base_record(cfg.load, base, model_cfg.vocab_size)
 
 
 class _Window:
@@ -536,6 +580,181 @@ def eval_metrics(terms: list) -> dict[str, float]:
         "val_ppl": float(np.exp(min(loss, 50.0))),
         "val_loss_tokens": float(tokens),
     }
+
+
+# ----------------------------------------------------------------------------- data feeds
+
+
+class SftFeed:
+    """The sft global batch stream placed on the mesh, with its host-side statistics."""
+
+    def __init__(self, cfg, source, loss_mask, trainer, accum: int):
+        self.it = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=True)
+        self.shard, self.name = trainer.batch_sharding, _split_name(cfg, "train")
+        rows = cfg.global_batch_size // accum
+        self.shape = pipeline.batch_shape(rows, cfg.seq_length, accumulation=accum)
+
+    def get_state(self) -> dict:
+        return self.it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state)
+
+    def next(self) -> tuple[dict, dict[str, float]]:
+        host = _next_batch(self.it, self.name)
+        stats = {
+            "packing_efficiency": pipeline.packing_efficiency(host),
+            "samples": pipeline.samples_in_batch(host),
+        }
+        return to_global(host, self.shard, self.shape), stats
+
+
+def _ranked(cfg, split: str) -> Any:
+    return pref_data.open_ranked(cfg.data_path, cfg.data_prefix, split)
+
+
+def preference_config(cfg, rows: int, *, train: bool) -> pref_data.PreferenceConfig:
+    """The rm/dpo batch shape of one micro-batch (``rows`` rows) from the run's config."""
+    p = cfg.preference
+    return pref_data.PreferenceConfig(
+        kind=cfg.objective, seq_length=cfg.seq_length, rows=rows,
+        max_sequences=p.max_sequences, max_groups=p.max_groups, packing=cfg.packing,
+        max_prefix_length=p.max_prefix_length or None, max_replies=cfg.rm.max_replies,
+        pairs=cfg.dpo.pairs, max_pairs_per_prompt=cfg.dpo.max_pairs_per_prompt,
+        seed=cfg.seed, shuffle=train,
+    )  # fmt: skip
+
+
+def preference_to_global(host: dict, shardings: dict) -> dict:
+    """A host rm/dpo batch (every field, each process the same) -> global arrays of the
+    fields the step reads, each process transferring only its devices' slices."""
+    return {
+        k: jax.make_array_from_callback(host[k].shape, s, np.asarray(host[k]).__getitem__)
+        for k, s in shardings.items()
+    }
+
+
+class PreferenceFeed:
+    """rm/dpo global batches: ``accum`` micro-batches of :class:`PreferenceBatches` stacked
+    on the accumulation axis (each micro-batch holds whole groups, so the step's per-prompt
+    or per-pair weighting is exact), plus a precomputed DPO reference's log-probs."""
+
+    def __init__(self, cfg, source, loss_mask, trainer, accum: int, *, train: bool,
+                 table: dict | None = None, repeat: bool = True):  # fmt: skip
+        rows = cfg.global_batch_size // accum
+        pc = preference_config(cfg, rows, train=train)
+        self.it = pref_data.PreferenceBatches(source, pc, loss_mask, repeat=repeat)
+        self.accum, self.table, self.shardings = accum, table, trainer.batch_sharding
+        self.where = os.path.join(cfg.workdir, pref_data.REFERENCE_FILE)
+
+    def get_state(self) -> dict:
+        return self.it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state)
+
+    def micro(self) -> dict[str, np.ndarray]:
+        b = next(self.it)
+        if self.table is not None:
+            b["reference_logps"] = pref_data.reference_logps(b, self.table, self.where)
+        return b
+
+    def next(self) -> tuple[dict, dict[str, float]]:
+        host = pref_data.stack([self.micro() for _ in range(self.accum)])
+        stats = {
+            "packing_efficiency": float(np.mean(host["segment_ids"] > 0)),
+            "samples": float(host["sequence_valid"].sum()),
+        }
+        return preference_to_global(host, self.shardings), stats
+
+
+class PreferenceValidation:
+    """rm/dpo evaluation: ``eval_iters`` global batches from a persistent unshuffled stream
+    (as :class:`Validation`), or with ``eval_full`` one pass over the split; metrics summed
+    per micro-batch and finished as the train step's, prefixed ``val_``."""
+
+    def __init__(self, cfg, source, loss_mask, trainer, accum: int, table, mesh):
+        self.cfg, self.source, self.loss_mask, self.trainer = cfg, source, loss_mask, trainer
+        self.accum, self.table, self.name = accum, table, _split_name(cfg, "val")
+        self.shardings = batch_shardings(mesh, trainer.step_cfg)
+        self.stream = None if cfg.eval_full else self._feed(repeat=True)
+
+    def _feed(self, repeat: bool) -> PreferenceFeed:
+        return PreferenceFeed(self.cfg, self.source, self.loss_mask, self.trainer, self.accum,
+                              train=False, table=self.table, repeat=repeat)  # fmt: skip
+
+    def get_state(self) -> dict | None:
+        return None if self.stream is None else self.stream.get_state()
+
+    def set_state(self, state: dict) -> None:
+        if self.stream is not None:
+            self.stream.set_state(state)
+
+    def _micro_batches(self):
+        if self.stream is not None:
+            for _ in range(self.cfg.eval_iters * self.accum):
+                yield self.stream.micro()
+            return
+        yield from iter(self._feed(repeat=False).micro, None)  # until the pass ends
+
+    def __call__(self, params: Any, reference: Any) -> dict[str, float]:
+        terms = [self.trainer.eval(params, preference_to_global(b, self.shardings), reference)
+                 for b in self._micro_batches()]  # fmt: skip
+        if not terms:
+            raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")
+        num, sums = jax.tree.map(lambda *x: sum(np.float64(v) for v in x), *terms)
+        m = finish_metrics(num, sums, self.trainer.step_cfg)
+        return {f"val_{k}": float(v) for k, v in m.items()}
+
+
+# ----------------------------------------------------------------------------- DPO reference
+
+
+def reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh) -> dict:
+    """The precomputed reference log-probs of every (pair, reply) sequence of the train and
+    val splits: read from ``{workdir}/reference_logps.json`` when it was made from the same
+    data and weights, else computed once from the reference weights (a fresh state's own
+    params, a LoRA run's base, or ``load=`` again on resume) and written atomically."""
+    if "frozen" in state:
+        ref = model_params(jax.tree.map(np.zeros_like, state["params"]), state["frozen"])
+    elif restored is None:
+        ref = state["params"]
+    else:
+        ref = _reference_weights(cfg, model_cfg, trainer)
+    splits = ("train", "val") if evaluates(cfg) else ("train",)
+    identity = {
+        "reference": lora.fingerprint(ref),
+        "load": cfg.load,
+        **{f"data_{s}": _ranked(cfg, s).pieces.metadata for s in splits},
+        **{k: cfg[k] for k in ("seq_length", "packing", "loss_on")},
+        **{f"dpo.{k}": cfg.dpo[k] for k in ("pairs", "max_pairs_per_prompt")},
+        "preference.max_prefix_length": cfg.preference.max_prefix_length,
+    }
+    path = os.path.join(cfg.workdir, pref_data.REFERENCE_FILE)
+    table = pref_data.load_reference(path, identity)
+    if table is not None:
+        return table
+    table = {}
+    logps_fn = jax.jit(functools.partial(_summed_logps, Llama(model_cfg), cfg.preference))
+    shardings = batch_shardings(mesh, trainer.step_cfg)
+    rows = cfg.global_batch_size // trainer.step_cfg.accumulation_steps
+    for split in splits:
+        pc = preference_config(cfg, rows, train=False)
+        for b in pref_data.PreferenceBatches(_ranked(cfg, split), pc, loss_mask, repeat=False):
+            b["reference_logps"] = np.zeros(b["sequence_valid"].shape, np.float32)
+            got = np.asarray(jax.device_get(logps_fn(ref, preference_to_global(b, shardings))))
+            table.update({key: float(got[slot]) for slot, key in pref_data.pair_keys(b)})
+    if jax.process_index() == 0:
+        os.makedirs(cfg.workdir, exist_ok=True)
+        pref_data.save_reference(path, identity, table)
+    _log(f"reference log-probs of {len(table)} sequences written to {path}")
+    return table
+
+
+def _summed_logps(model: Llama, pcfg, params: Any, b: dict) -> jax.Array:
+    logits = model.apply({"params": params}, b["inputs"], positions_BL=b["positions"],
+                         segment_ids_BL=b["segment_ids"])  # fmt: skip
+    return sequence_logps(logits, b["targets"], b["weights"], b["sequence_ids"], pcfg.max_sequences)
 
 
 if __name__ == "__main__":

@@ -449,7 +449,7 @@ def test_batches_hold_each_group_once_in_the_documented_layout(
             **{k: (4, length) for k in ("inputs", "targets", "weights", "segment_ids",
                                         "positions", "sequence_ids")},
             **{k: (6,) for k in ("sequence_row", "sequence_last", "sequence_group",
-                                 "sequence_rank", "sequence_valid")},
+                                 "sequence_rank", "sequence_reply", "sequence_valid")},
             "group_example": (3,),
         }  # fmt: skip
         assert np.all(b["sequence_ids"][b["segment_ids"] == 0] == 6)
@@ -572,3 +572,92 @@ def test_reward_export_scores_equal_jax(tmp_path):
     want = hidden[np.arange(3), np.array(lengths) - 1] @ params["score"]["kernel"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(got).max() > 0.1  # not trivially zero
+
+
+# ----------------------------------------------------------------------------- training
+# rm / dpo through the one train step (oasst_jax/train_step.py) and the loop (train.py).
+# Tolerances: fp32 everywhere; sharded vs single device 1e-5 (reduction order differs);
+# ours vs TRL / transformers 1e-4 (torch and XLA kernels, summed over ~50 tokens).
+
+SEQ = 64
+
+
+def _tiny(sp_model_path, **fields):
+    from conftest import tiny_llama
+
+    from oasst_jax.tokenizer import Tokenizer
+
+    return tiny_llama(vocab_size=Tokenizer(sp_model_path).vocab_size, max_position_embeddings=SEQ,
+                      initializer_range=0.05, **fields)  # fmt: skip
+
+
+def _micro_batches(rm_data, sp_model_path, kind, n, rows=4):
+    from oasst_jax.data.preference import PreferenceBatches, PreferenceConfig
+    from oasst_jax.data.shards import RankedDataSource
+
+    source = RankedDataSource(rm_data[0] / "oasst_rm-train")
+    cfg = PreferenceConfig(kind=kind, seq_length=SEQ, rows=rows, max_sequences=8, max_groups=4,
+                           max_replies=3, shuffle=False)  # fmt: skip
+    it = PreferenceBatches(source, cfg, _mask(sp_model_path))
+    return [next(it) for _ in range(n)]
+
+
+def _trainer(model_cfg, kind, accum, mesh, lr=1e-2, reference="on_the_fly"):
+    from oasst_jax import optim
+    from oasst_jax.config import base_config
+    from oasst_jax.model import Llama
+    from oasst_jax.train_step import StepConfig, build_trainer
+
+    oc = base_config().optim
+    oc.lr, oc.min_lr, oc.lr_warmup_iters, oc.weight_decay = lr, lr / 10, 1, 0.0
+    beta = 0.1 if kind == "dpo" else 0.001
+    sc = StepConfig(accum, 4, objective=kind, num_sequences=8, num_groups=4, beta=beta,
+                    reference=reference)  # fmt: skip
+    rates = np.zeros(model_cfg.num_hidden_layers, np.float32)
+    return build_trainer(Llama(model_cfg), optim.make_optimizer(oc, 50), optim.schedule(oc, 50),
+                         sc, rates, mesh)  # fmt: skip
+
+
+def _place(t, stacked):
+    return {k: jax_put(stacked[k], s) for k, s in t.batch_sharding.items()}
+
+
+def jax_put(x, s):
+    import jax
+
+    return jax.device_put(np.asarray(x), s)
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_preference_steps_sharded_equal_single_device(rm_data, sp_model_path, kind):
+    """Three steps of 2 stacked micro-batches on one device and on fsdp 2 x sequence 2 x
+    tensor 2: same losses, metrics and parameters (1e-5)."""
+    import jax
+    from conftest import max_diff
+
+    from oasst_jax import sharding
+    from oasst_jax.data.preference import stack
+
+    model_cfg = _tiny(sp_model_path, score_head=kind == "rm")
+    batch = stack(_micro_batches(rm_data, sp_model_path, kind, 2))
+    out = []
+    for shape, devices in (({}, jax.devices()[:1]), ({"fsdp": 2, "sequence": 2, "tensor": 2},
+                                                     None)):  # fmt: skip
+        mesh = sharding.make_mesh(shape, devices)
+        with jax.set_mesh(mesh):
+            t = _trainer(model_cfg, kind, 2, mesh)
+            state = t.init_random(jax.random.key(0))
+            ms = []
+            for _ in range(3):  # the first update is 0 (warm-up starts at lr 0)
+                state, m = t.step(state, _place(t, batch))
+                ms.append({k: float(v) for k, v in m.items()})
+            out.append((ms, jax.device_get(state["params"])))
+    (m1, p1), (m8, p8) = out
+    for a, b in zip(m1, m8, strict=True):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert max_diff(p1, p8) < 1e-5
+    key = "num_prompts" if kind == "rm" else "num_pairs"
+    assert m1[0][key] == float((batch["group_example"] >= 0).sum())  # every group counted
+    if kind == "rm":
+        assert "score" in p1 and m1[2]["loss"] < m1[0]["loss"]

@@ -32,6 +32,7 @@ field                shape     dtype   meaning
 ``sequence_group``   [S]       int32   group index in ``[0, P)``: prompt (rm) / pair (dpo)
 ``sequence_rank``    [S]       int32   rm: position in the best-first list (0 best);
                                        dpo: 0 chosen, 1 rejected
+``sequence_reply``   [S]       int32   the reply's index in its example's best-first list
 ``sequence_valid``   [S]       bool    False for padding slots (all other slot fields 0)
 ``group_example``    [P]       int32   source example of each group; -1 for padding
 ==================== ========= ======= ==================================================
@@ -45,19 +46,24 @@ is a small JSON-able dict, so a resumed run sees the same batches.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from oasst_jax import files
 from oasst_jax.data.pipeline import LossMask
 from oasst_jax.data.shards import RankedDataSource, split_path
 from oasst_jax.text import DataError
 
+REFERENCE_FILE = "reference_logps.json"  # a DPO run's precomputed reference, in its workdir
+
 KINDS = ("rm", "dpo")
 PAIR_SCHEMES = ("best_vs_rest", "all")
 ROW_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "sequence_ids")
-SLOT_FIELDS = ("sequence_row", "sequence_last", "sequence_group", "sequence_rank")
+SLOT_FIELDS = ("sequence_row", "sequence_last", "sequence_group", "sequence_rank", "sequence_reply")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +154,8 @@ def _groups(k: int, cfg: PreferenceConfig) -> list[list[tuple[int, int]]]:
 
 def _sequences(
     example: dict[str, Any], group: list[tuple[int, int]], cfg: PreferenceConfig, mask: LossMask
-) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """``(tokens, loss mask, rank)`` of each sequence of a group, truncated."""
+) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+    """``(tokens, loss mask, rank, reply index)`` of each sequence of a group, truncated."""
     prefix = np.asarray(example["prefix_tokens"], np.int32)
     replies = [np.asarray(example["reply_tokens"][i], np.int32) for i, _ in group]
     keep, lens = truncate(len(prefix), [len(r) for r in replies], cfg.seq_length, cfg.prefix_budget)
@@ -158,7 +164,7 @@ def _sequences(
         reply_mask = mask(roles=np.asarray(example["reply_roles"][i]), tokens=reply)
         tokens = np.concatenate([prefix[len(prefix) - keep :], reply[:n]])
         weights = np.concatenate([np.zeros(keep, np.float32), reply_mask[:n].astype(np.float32)])
-        out.append((tokens, weights, rank))
+        out.append((tokens, weights, rank, i))
     return out
 
 
@@ -192,16 +198,16 @@ class _Batch:
             rows.append(int(fits[0]))
         return rows
 
-    def add(self, example_index: int, seqs: list[tuple[np.ndarray, np.ndarray, int]]) -> bool:
+    def add(self, example_index: int, seqs: list[tuple[np.ndarray, np.ndarray, int, int]]) -> bool:
         if self.num_groups == self.cfg.max_groups:
             return False
         if self.num_slots + len(seqs) > self.cfg.max_sequences:
             return False
-        rows = self._place([len(t) for t, _, _ in seqs])
+        rows = self._place([len(s[0]) for s in seqs])
         if rows is None:
             return False
         g = self.num_groups
-        for (tokens, weights, rank), row in zip(seqs, rows, strict=True):
+        for (tokens, weights, rank, reply), row in zip(seqs, rows, strict=True):
             n, start, slot = len(tokens), int(self.used[row]), self.num_slots
             cols = slice(start, start + n)
             self.segments[row] += 1
@@ -215,6 +221,7 @@ class _Batch:
             self.slots["sequence_last"][slot] = start + n - 1
             self.slots["sequence_group"][slot] = g
             self.slots["sequence_rank"][slot] = rank
+            self.slots["sequence_reply"][slot] = reply
             self.slots["sequence_valid"][slot] = True
             self.used[row] += n
             self.num_slots += 1
@@ -283,3 +290,65 @@ class PreferenceBatches:
             if not batch.add(index, seqs):
                 return batch.arrays()  # never empty: validate() lets a group fit one
             self._position += 1
+
+
+def stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Micro-batches stacked along a new leading axis: the train step's accumulation axis."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def pair_keys(batch: dict[str, np.ndarray]) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """``(slot, (example, chosen reply, rejected reply, rank))`` of each valid slot of a
+    DPO batch: what a sequence's reference log-prob is stored under.  The pair is part of
+    the key because truncation is per group (the kept prefix depends on both replies)."""
+    valid = np.flatnonzero(batch["sequence_valid"])
+    members: dict[int, dict[int, int]] = {}
+    for slot in valid:
+        members.setdefault(int(batch["sequence_group"][slot]), {})[
+            int(batch["sequence_rank"][slot])
+        ] = int(batch["sequence_reply"][slot])
+    out = []
+    for slot in valid:
+        g = int(batch["sequence_group"][slot])
+        pair = members[g]
+        key = (int(batch["group_example"][g]), pair[0], pair[1], int(batch["sequence_rank"][slot]))
+        out.append((int(slot), key))
+    return out
+
+
+def save_reference(path: str, identity: dict[str, Any], logps: dict[tuple, float]) -> None:
+    """Write a precomputed reference (``{pair_keys key: summed log-prob}``) and the identity
+    of the data and weights it was computed from, atomically (JSON: nothing unpickled)."""
+    keys = sorted(logps)
+    obj = {"identity": identity, "keys": [list(k) for k in keys],
+           "logps": [float(logps[k]) for k in keys]}  # fmt: skip
+    files.write_json(path, obj)
+
+
+def load_reference(path: str, identity: dict[str, Any]) -> dict[tuple, float] | None:
+    """The table :func:`save_reference` wrote, None when there is none; one line naming
+    the first field that differs when it was made from other data or weights."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        obj = json.load(f)
+    stored = obj.get("identity", {})
+    for field in sorted(set(identity) | set(stored)):
+        if stored.get(field) != identity.get(field):
+            raise DataError(
+                f"{path} was computed for {field}={stored.get(field)!r}, this run has "
+                f"{identity.get(field)!r}; delete it to recompute the reference log-probs"
+            )
+    return {tuple(k): float(v) for k, v in zip(obj["keys"], obj["logps"], strict=True)}
+
+
+def reference_logps(batch: dict[str, np.ndarray], table: dict[tuple, float], where: str):
+    """``[S]`` float32: each valid slot's reference log-prob from ``table`` (0 on padding);
+    a sequence the table lacks is a one-line error naming ``where``."""
+    out = np.zeros(batch["sequence_valid"].shape, np.float32)
+    for slot, key in pair_keys(batch):
+        if key not in table:
+            raise DataError(f"{where} has no reference log-prob for (example, chosen, rejected, "
+                            f"rank) = {key}; delete it to recompute")  # fmt: skip
+        out[slot] = table[key]
+    return out
