@@ -138,20 +138,35 @@ def _leaf_sums(tree: Any) -> list[jax.Array]:
     return [one(x) for x in jax.tree.leaves(tree)]
 
 
-def fingerprint(base: Any) -> str:
-    """A content fingerprint of base weights (their bf16 values), 16 hex digits: the same
-    for the same weights whatever the source format (orbax or HF), dtype or sharding."""
+def _real_vocab(base: Mapping[str, Any], vocab_size: int | None) -> Any:
+    """``base`` without the embedding's and LM head's padding rows (past ``vocab_size``):
+    they are zeros in a HF import but random in a random init, and no token uses them."""
+    if vocab_size is None:
+        return base
+    out = dict(base)
+    if "embedding" in out:
+        out["embedding"] = out["embedding"][:vocab_size]
+    if "lm_head" in out:
+        out["lm_head"] = out["lm_head"][:, :vocab_size]
+    return out
+
+
+def fingerprint(base: Any, vocab_size: int | None = None) -> str:
+    """A content fingerprint of base weights (their bf16 values; with ``vocab_size``, the
+    vocabulary's real rows only), 16 hex digits: the same for the same weights whatever
+    the source format (orbax or HF), dtype or sharding."""
     h = hashlib.sha256()
+    base = _real_vocab(base, vocab_size)
     leaves = jax.tree_util.tree_leaves_with_path(base)
     for (path, leaf), s in zip(leaves, jax.device_get(_leaf_sums(base)), strict=True):
         h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{int(s)};".encode())
     return h.hexdigest()[:16]
 
 
-def base_record(path: str, base: Any) -> dict[str, str]:
+def base_record(path: str, base: Any, vocab_size: int) -> dict[str, str]:
     """What a LoRA checkpoint records of its base: where it was loaded from (``""``: a
     random init from the run's seed) and its :func:`fingerprint`."""
-    return {"path": path, "fingerprint": fingerprint(base)}
+    return {"path": path, "fingerprint": fingerprint(base, vocab_size)}
 
 
 def check_base(meta: Mapping[str, Any], current: Mapping[str, str], where: str) -> None:

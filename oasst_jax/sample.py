@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from oasst_jax import cli, compare, decode, files, sharding
+from oasst_jax import checkpoint, cli, compare, decode, files, lora, sharding
 from oasst_jax.chatml import format_turn, prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
@@ -73,9 +73,15 @@ SYSTEM_PROMPT = (
 
 
 def load_params(
-    path: str, mesh: jax.sharding.Mesh, *, step: int | None = None, dtype: str | None = None
+    path: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    adapter: str | None = None,
 ) -> tuple[Any, LlamaConfig]:
-    """``(params on mesh, inference LlamaConfig)`` from an orbax root or a HF directory.
+    """``(params on mesh, inference LlamaConfig)`` from an orbax root or a HF directory,
+    with a LoRA run's adapters (``adapter``: its checkpoint root) merged in.
 
     Params are cast to the compute dtype (``dtype``, default the checkpoint's):
     fp32 master weights are a training concern and would double inference memory.
@@ -87,7 +93,20 @@ def load_params(
         nn.meta.unbox(boxed),
         sharding.param_shardings(mesh, boxed),
     )
-    return load_start_params(path, cfg, target, step=step), cfg
+    params = load_start_params(path, cfg, target, step=step)
+    if adapter is not None:
+        params = with_adapter(path, params, adapter, cfg.vocab_size)
+    return params, cfg
+
+
+def with_adapter(base_path: str, params: Any, adapter: str, vocab_size: int) -> Any:
+    """``params`` (the base at ``base_path``) with ``adapter``'s LoRA weights merged in:
+    refused in one line unless the adapter was trained on this very base (the
+    fingerprint it records, which is the same for the orbax base and its HF export)."""
+    meta = checkpoint.load_json_item(adapter, "meta") or {}
+    record = lora.base_record(base_path, params, vocab_size)
+    lora.check_base(meta, record, f"adapter {adapter}")
+    return lora.merged_params(params, adapter)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
@@ -248,6 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
     p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
     p.add_argument("--step", type=int, help="orbax step (default: the newest)")
+    p.add_argument("--adapter", help="a LoRA run's checkpoint root: its adapters merged in")
     p.add_argument(
         "--system", default=SYSTEM_PROMPT, help="system prompt ('' = none; default: the card's)"
     )
@@ -296,7 +316,9 @@ def run(args: argparse.Namespace) -> None:
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
     )
     mesh = sharding.make_mesh({sharding.TENSOR: args.tensor}, jax.devices()[: args.tensor])
-    params, cfg = load_params(args.ckpt, mesh, step=args.step, dtype=args.dtype)
+    params, cfg = load_params(
+        args.ckpt, mesh, step=args.step, dtype=args.dtype, adapter=args.adapter
+    )
     tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
     tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)
     for n, prompt in enumerate(prompts):

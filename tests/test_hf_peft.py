@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
             Llama(CFG), tx, optim.schedule(_optim_cfg(), 10), StepConfig(1, 4), zero, mesh
         )
         base = load_start_params(base_dir, base_cfg, t.abstract_base)
-        record = lora.base_record(base_dir, base)
+        record = lora.base_record(base_dir, base, CFG.vocab_size)
         state = t.init_from_params(base)
         batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch(1, 4).items()}
         for _ in range(4):
@@ -157,3 +157,43 @@ def test_export_refusals_are_one_line(trained, tmp_path):
     with pytest.raises(SystemExit, match="holds 'keep.txt'"):
         convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", str(tmp_path)])
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_sample_adapter_generates_what_peft_generates(trained, tmp_path):
+    """``sample --adapter``'s loading path (orbax base or its HF export, adapters merged)
+    decodes greedily the ids peft's ``generate`` gives; another base is refused."""
+    import peft
+    import torch
+    import transformers
+
+    from oasst_jax import decode
+    from oasst_jax.sample import load_params
+
+    peft_dir = str(trained["root"] / "peft3")
+    convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", peft_dir])
+    base = transformers.LlamaForCausalLM.from_pretrained(trained["hf_base"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+    prompt = [int(t) for t in _batch(1, 2, seed=9)["inputs"][0, 0, :12]]
+    new = 10
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    sp = decode.SamplingParams(new, 0.0, 0, 1.0, 1.0)
+    for source in (trained["base"], trained["hf_base"]):
+        params, cfg = load_params(source, mesh, dtype="float32", adapter=trained["ckpt"])
+        ours = decode.generate(params, cfg, [prompt], sp, stop_ids=(), mesh=mesh)
+        assert ours.ids[0] == theirs, source
+    other = str(tmp_path / "other")
+    base_cfg = lora.base_model_config(CFG)
+    params = Llama(base_cfg).init(jax.random.key(4), np.zeros((1, 8), np.int32))["params"]
+    checkpoint.save_weights(other, jax.device_get(nn.meta.unbox(params)), base_cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="trained on another base"):
+        load_params(other, mesh, dtype="float32", adapter=trained["ckpt"])
