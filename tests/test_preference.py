@@ -661,3 +661,84 @@ def test_preference_steps_sharded_equal_single_device(rm_data, sp_model_path, ki
     assert m1[0][key] == float((batch["group_example"] >= 0).sum())  # every group counted
     if kind == "rm":
         assert "score" in p1 and m1[2]["loss"] < m1[0]["loss"]
+
+
+def _hf_logps(params, model_cfg, out_dir, b):
+    """Per-slot summed reply log-probs of ``b`` under ``params`` exported to a HF
+    ``LlamaForCausalLM`` (each sequence run alone): ``{slot: logp}``."""
+    import torch
+    import transformers
+
+    from oasst_jax.hf.convert import write_hf_dir
+    from oasst_jax.hf.reward import TreeReader
+
+    write_hf_dir(TreeReader(params), model_cfg, None, str(out_dir), dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
+    out = {}
+    for slot in np.flatnonzero(b["sequence_valid"]):
+        row = b["sequence_row"][slot]
+        cols = b["sequence_ids"][row] == slot
+        ids, w = b["inputs"][row, cols], b["weights"][row, cols]
+        with torch.no_grad():
+            logits = hf(torch.tensor(ids[None], dtype=torch.long)).logits[0].double()
+        logp = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), ids[1:]].numpy()
+        out[int(slot)] = float((logp * w[:-1]).sum())
+    return out
+
+
+def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, tmp_path):
+    """A tiny DPO run (policy and on-the-fly reference from one random init, 12 steps on the
+    4 training pairs): reward accuracy on them goes from 0 (policy = reference) to 1;
+    our loss on a micro-batch equals TRL's sigmoid loss (its own ``_compute_loss``) on log-
+    probs that transformers computes from the exported policy and reference (1e-4)."""
+    import jax
+
+    from oasst_jax import sharding
+    from oasst_jax.data.preference import stack
+    from oasst_jax.train_step import finish_metrics
+
+    model_cfg = _tiny(sp_model_path)
+    micro = _micro_batches(rm_data, sp_model_path, "dpo", 2)
+    batch = stack(micro)
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        t = _trainer(model_cfg, "dpo", 2, mesh, lr=3e-3)
+        state = t.init_random(jax.random.key(1))
+
+        def evaluate(state):
+            terms = [t.eval(state["params"], _place_eval(t, b), state["reference"]) for b in micro]
+            num, sums = jax.tree.map(lambda *x: sum(np.float64(v) for v in x), *terms)
+            return {k: float(v) for k, v in finish_metrics(num, sums, t.step_cfg).items()}
+
+        before = evaluate(state)
+        for _ in range(12):
+            state, m = t.step(state, _place(t, batch))
+        after = evaluate(state)
+        num, sums = t.eval(state["params"], _place_eval(t, micro[0]), state["reference"])
+        ours = float(num) / float(sums["den"])
+    assert before["reward_accuracy"] == 0 and after["reward_accuracy"] == 1, (before, after)
+    assert after["num_pairs"] == 4 and after["loss"] < before["loss"] == pytest.approx(np.log(2))
+    params, reference = jax.device_get((state["params"], state["reference"]))
+    b = micro[0]
+    pol = _hf_logps(params, model_cfg, tmp_path / "policy", b)
+    ref = _hf_logps(reference, model_cfg, tmp_path / "reference", b)
+    pairs = sorted({int(g) for g in b["sequence_group"][b["sequence_valid"]]})
+
+    def by_rank(values):
+        slot = {(int(b["sequence_group"][s]), int(b["sequence_rank"][s])): s for s in values}
+        return np.array([[values[slot[(g, r)]] for g in pairs] for r in (0, 1)])
+
+    want, _ = _trl_dpo(by_rank(pol), by_rank(ref), 0.1)
+    print(
+        f"dpo: accuracy {before['reward_accuracy']} -> {after['reward_accuracy']}, loss "
+        f"{before['loss']:.4f} -> {after['loss']:.4f}; ours {ours:.6f} trl {want:.6f}"
+    )
+    assert abs(ours - want) < 1e-4, (ours, want)
+    assert abs(want - np.log(2)) > 1e-3  # the policy has moved
+
+
+def _place_eval(t, b):
+    from oasst_jax.train_step import batch_shardings
+
+    mesh = next(iter(t.batch_sharding.values())).mesh
+    return {k: jax_put(b[k], s) for k, s in batch_shardings(mesh, t.step_cfg).items()}
