@@ -5,6 +5,8 @@
         [--tokenizer tokenizer.model]
     python -m oasst_jax.convert lora-to-peft --ckpt RUN/checkpoints --out DIR
         [--merge --base BASE_CKPT [--dtype bfloat16] [--tokenizer tokenizer.model]]
+    python -m oasst_jax.convert rm-to-hf --ckpt RUN/checkpoints --out DIR
+        [--tokenizer tokenizer.model] [--pad-token-id 0] [--dtype bfloat16]
 
 Import reads ``config.json`` and ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; ``.bin``/``.pt`` files are refused because loading
@@ -29,6 +31,7 @@ from oasst_jax import cli
 from oasst_jax.hf.config import CONFIG_FILE, DTYPES
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
 from oasst_jax.hf.peft import lora_merged_to_hf, lora_to_peft
+from oasst_jax.hf.reward import reward_to_hf
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--max-shard-size", default="5GB", help="with --merge: largest file (5GB)")
     lp.add_argument("--dtype", choices=DTYPES, help="with --merge: default the base's dtype")
     lp.add_argument("--tokenizer", help="with --merge: SentencePiece model for tokenizer files")
+    rm = sub.add_parser(
+        "rm-to-hf", help="a reward-model run's checkpoint -> HF LlamaForSequenceClassification"
+    )
+    rm.add_argument("--ckpt", required=True, help="the rm run's checkpoints (latest step)")
+    rm.add_argument("--out", required=True, help="output directory")
+    rm.add_argument(
+        "--pad-token-id",
+        type=int,
+        default=0,
+        help="config.json pad_token_id: HF scores the last token that is not it (0, <unk>)",
+    )
+    rm.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB)")
+    rm.add_argument("--dtype", choices=DTYPES, help="default: the imported model's, else bf16")
+    rm.add_argument("--tokenizer", help="SentencePiece model: also write tokenizer files")
     return p
 
 
@@ -79,6 +96,16 @@ def _convert(args: argparse.Namespace) -> None:
         )
     elif args.command == "lora-to-peft":
         _lora_to_peft(args)
+    elif args.command == "rm-to-hf":
+        written = reward_to_hf(
+            args.ckpt,
+            args.out,
+            pad_token_id=args.pad_token_id,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+        )
+        print(f"wrote {args.out}: reward model, {CONFIG_FILE} + {len(written)} safetensors file(s)")
     else:
         written = orbax_to_hf(
             args.ckpt,

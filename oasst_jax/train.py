@@ -250,11 +250,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
                 table = reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh)
             train_it = PreferenceFeed(
-                cfg, _ranked(cfg, "train"), loss_mask, trainer, accum, train=True, table=table
-            )
+                cfg, _ranked(cfg, "train"), loss_mask, trainer, accum, train=True,
+                table=None if table is None else table["train"],
+            )  # fmt: skip
             if evaluates(cfg):
                 val = PreferenceValidation(cfg, _ranked(cfg, "val"), loss_mask, trainer, accum,
-                                           table, mesh)  # fmt: skip
+                                           None if table is None else table["val"],
+                                           mesh)  # fmt: skip
         if data_state is not None:
             train_it.set_state(data_state)
         if val is not None and val_state is not None:
@@ -352,7 +354,7 @@ def _reference_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
     """A full DPO run's reference: its starting weights (``load=``, else the seed's init)."""
     if cfg.load:
         return _start_weights(cfg, model_cfg, trainer)
-    return trainer.init_random(jax.random.key(cfg.seed))["reference"]
+    return trainer.init_random(jax.random.key(cfg.seed))["params"]  # = its reference
 
 
 def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
@@ -734,20 +736,21 @@ def reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh) -
     table = pref_data.load_reference(path, identity)
     if table is not None:
         return table
-    table = {}
+    table: dict[str, dict[tuple, float]] = {}
     logps_fn = jax.jit(functools.partial(_summed_logps, Llama(model_cfg), cfg.preference))
     shardings = batch_shardings(mesh, trainer.step_cfg)
     rows = cfg.global_batch_size // trainer.step_cfg.accumulation_steps
     for split in splits:
+        table[split] = {}
         pc = preference_config(cfg, rows, train=False)
         for b in pref_data.PreferenceBatches(_ranked(cfg, split), pc, loss_mask, repeat=False):
             b["reference_logps"] = np.zeros(b["sequence_valid"].shape, np.float32)
             got = np.asarray(jax.device_get(logps_fn(ref, preference_to_global(b, shardings))))
-            table.update({key: float(got[slot]) for slot, key in pref_data.pair_keys(b)})
+            table[split].update({k: float(got[slot]) for slot, k in pref_data.pair_keys(b)})
     if jax.process_index() == 0:
         os.makedirs(cfg.workdir, exist_ok=True)
         pref_data.save_reference(path, identity, table)
-    _log(f"reference log-probs of {len(table)} sequences written to {path}")
+    _log(f"reference log-probs of {sum(map(len, table.values()))} sequences written to {path}")
     return table
 
 

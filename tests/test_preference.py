@@ -742,3 +742,103 @@ def _place_eval(t, b):
 
     mesh = next(iter(t.batch_sharding.values())).mesh
     return {k: jax_put(b[k], s) for k, s in batch_shardings(mesh, t.step_cfg).items()}
+
+
+def _run_cfg(rm_data, sp_model_path, workdir, objective, **overrides):
+    import os
+
+    from oasst_jax.config import load_config
+    from oasst_jax.tokenizer import Tokenizer
+
+    cfg = load_config(os.path.join("configs", f"tiny_{objective}.py"))
+    cfg.data_path, cfg.tokenizer_path, cfg.workdir = str(rm_data[0]), str(sp_model_path), str(
+        workdir)  # fmt: skip
+    cfg.model.update(vocab_size=Tokenizer(sp_model_path).vocab_size, hidden_size=32,
+                     intermediate_size=64, num_hidden_layers=2,
+                     max_position_embeddings=SEQ)  # fmt: skip
+    cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size = SEQ, 16, 4
+    cfg.train_iters, cfg.save_interval, cfg.eval_interval, cfg.eval_iters = 4, 2, 2, 1
+    cfg.log_interval, cfg.eval_prompts, cfg.optim.lr_warmup_iters = 1, "", 1
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def _rows(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return {m["step"]: m for m in map(json.loads, f)}
+
+
+def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
+    rm_data, sp_model_path, tmp_path
+):
+    """configs/tiny_rm.py (smaller model) for 4 steps in one go, and stopped after 2 then
+    resumed: identical metrics (train and val) and weights.  ``convert rm-to-hf`` of the
+    result: transformers' LlamaForSequenceClassification scores equal ours (1e-4)."""
+    import jax
+    import torch
+    import transformers
+
+    from oasst_jax import checkpoint, convert, train
+    from oasst_jax.model import Llama
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.run(_run_cfg(rm_data, sp_model_path, one, "rm"))
+    train.run(_run_cfg(rm_data, sp_model_path, two, "rm", exit_interval=2))
+    assert max(_rows(two)) == 2
+    train.run(_run_cfg(rm_data, sp_model_path, two, "rm"))
+    a, b = _rows(one), _rows(two)
+    drop = ("step_time", "tokens_per_s", "mfu")
+    for step in (3, 4):
+        assert {k: v for k, v in a[step].items() if k not in drop and not k.startswith("time_")
+                } == {k: v for k, v in b[step].items() if k not in drop and not k.startswith(
+                    "time_")}  # fmt: skip
+    assert {"accuracy", "margin", "num_prompts", "val_accuracy", "val_margin"} <= set(a[4])
+    pa = checkpoint.load_weights(str(one / "checkpoints"))
+    pb = checkpoint.load_weights(str(two / "checkpoints"))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb),
+                                                      strict=True))  # fmt: skip
+
+    out = tmp_path / "rm_hf"
+    convert.main(["rm-to-hf", "--ckpt", str(one / "checkpoints"), "--out", str(out),
+                  "--dtype", "float32", "--tokenizer", str(sp_model_path)])  # fmt: skip
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    cfg = checkpoint.load_model_config(str(one / "checkpoints"))
+    b = _micro_batches(rm_data, sp_model_path, "rm", 1)[0]
+    seqs = [b["inputs"][b["sequence_row"][s], b["sequence_ids"][b["sequence_row"][s]] == s]
+            for s in np.flatnonzero(b["sequence_valid"])]  # fmt: skip
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int64)
+    for i, q in enumerate(seqs):
+        ids[i, : len(q)] = q
+    assert all(q[-1] != 0 for q in seqs)  # no sequence ends on the pad id
+    with torch.no_grad():
+        got = hf(torch.tensor(ids), attention_mask=torch.tensor(ids != 0)).logits.numpy()[:, 0]
+    model = Llama(cfg)
+    hidden = model.apply({"params": pa}, ids.astype(np.int32), method=Llama.hidden)
+    last = hidden[np.arange(len(seqs)), [len(q) - 1 for q in seqs]]
+    want = np.asarray(model.apply({"params": pa}, last, method=Llama.scores))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.ptp(want) > 1e-3  # trained scores differ between replies
+
+
+def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp_path):
+    """The reference pre-pass (reference_logps.json) trains exactly as the on-the-fly
+    reference (1e-5); a run whose data settings changed refuses the stored table."""
+    from oasst_jax import train
+    from oasst_jax.text import DataError
+
+    fly, pre = tmp_path / "fly", tmp_path / "pre"
+    train.run(_run_cfg(rm_data, sp_model_path, fly, "dpo", train_iters=3, save_interval=0))
+    cfg = _run_cfg(rm_data, sp_model_path, pre, "dpo", train_iters=3, save_interval=0)
+    cfg.dpo.reference = "precomputed"
+    train.run(cfg)
+    assert (pre / "reference_logps.json").is_file()
+    a, b = _rows(fly), _rows(pre)
+    assert a[1]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    for step in (1, 2, 3):
+        for k in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "val_loss"):
+            if k in a[step]:
+                assert a[step][k] == pytest.approx(b[step][k], abs=1e-5), (step, k)
+    cfg.dpo.max_pairs_per_prompt, cfg.train_iters = 1, 4
+    with pytest.raises(DataError, match="dpo.max_pairs_per_prompt=4"):
+        train.run(cfg)

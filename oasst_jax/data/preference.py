@@ -316,18 +316,22 @@ def pair_keys(batch: dict[str, np.ndarray]) -> list[tuple[int, tuple[int, int, i
     return out
 
 
-def save_reference(path: str, identity: dict[str, Any], logps: dict[tuple, float]) -> None:
-    """Write a precomputed reference (``{pair_keys key: summed log-prob}``) and the identity
-    of the data and weights it was computed from, atomically (JSON: nothing unpickled)."""
-    keys = sorted(logps)
-    obj = {"identity": identity, "keys": [list(k) for k in keys],
-           "logps": [float(logps[k]) for k in keys]}  # fmt: skip
-    files.write_json(path, obj)
+def save_reference(
+    path: str, identity: dict[str, Any], logps: dict[str, dict[tuple, float]]
+) -> None:
+    """Write a precomputed reference, ``{split: {pair_keys key: summed log-prob}}`` (example
+    indices are per split), and the identity of the data and weights it was computed from,
+    atomically (JSON: nothing unpickled)."""
+    splits = {
+        split: {"keys": [list(k) for k in sorted(t)], "logps": [float(t[k]) for k in sorted(t)]}
+        for split, t in logps.items()
+    }
+    files.write_json(path, {"identity": identity, "splits": splits})
 
 
-def load_reference(path: str, identity: dict[str, Any]) -> dict[tuple, float] | None:
-    """The table :func:`save_reference` wrote, None when there is none; one line naming
-    the first field that differs when it was made from other data or weights."""
+def load_reference(path: str, identity: dict[str, Any]) -> dict[str, dict[tuple, float]] | None:
+    """The tables :func:`save_reference` wrote, None when there are none; one line naming
+    the first field that differs when they were made from other data or weights."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -339,7 +343,10 @@ def load_reference(path: str, identity: dict[str, Any]) -> dict[tuple, float] | 
                 f"{path} was computed for {field}={stored.get(field)!r}, this run has "
                 f"{identity.get(field)!r}; delete it to recompute the reference log-probs"
             )
-    return {tuple(k): float(v) for k, v in zip(obj["keys"], obj["logps"], strict=True)}
+    return {
+        split: {tuple(k): float(v) for k, v in zip(t["keys"], t["logps"], strict=True)}
+        for split, t in obj["splits"].items()
+    }
 
 
 def reference_logps(batch: dict[str, np.ndarray], table: dict[tuple, float], where: str):

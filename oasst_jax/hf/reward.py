@@ -23,9 +23,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from oasst_jax import files
-from oasst_jax.hf.config import CONFIG_FILE, llama_to_hf_config, write_json
-from oasst_jax.hf.convert import check_replaceable, hf_tensors
+from oasst_jax import checkpoint, files
+from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, llama_to_hf_config, write_json
+from oasst_jax.hf.convert import check_replaceable, hf_tensors, open_orbax
 from oasst_jax.hf.layout import HEAD_TENSOR, get_path
 from oasst_jax.hf.safetensors_io import parse_size, write_safetensors
 from oasst_jax.hf.tokenizer import write_hf_tokenizer
@@ -75,8 +75,50 @@ def export_reward_model(
     """Write ``out`` (module doc); returns the weight files written.  ``params`` is the
     model's tree with ``score/kernel`` ``[hidden, 1]``; ``tokenizer`` (a SentencePiece
     model) adds the tokenizer files; ``base`` an imported config.json's extra keys."""
+    return write_reward_dir(TreeReader(params), cfg, out, pad_token_id=pad_token_id,
+                            dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                            base=base)  # fmt: skip
+
+
+def reward_to_hf(
+    ckpt: str,
+    out: str,
+    *,
+    pad_token_id: int = 0,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    max_shard_size: str = "5GB",
+) -> list[str]:
+    """A reward-model run's newest checkpoint (``objective="rm"``) as a HF
+    ``LlamaForSequenceClassification``, read one layer at a time (``convert rm-to-hf``)."""
+    cfg = checkpoint.load_model_config(ckpt)
+    if not cfg.score_head:
+        raise ValueError(
+            f"{ckpt} holds no score head (model.score_head=False): not a reward-model run's "
+            "checkpoint (objective='rm'); export a language model with orbax-to-hf"
+        )
+    reader, cfg, base = open_orbax(ckpt)
+    return write_reward_dir(reader, cfg, out, pad_token_id=pad_token_id,
+                            dtype=dtype or (hf_dtype(base) if base else "bfloat16"),
+                            tokenizer=tokenizer, max_shard_size=max_shard_size,
+                            base=base)  # fmt: skip
+
+
+def write_reward_dir(
+    reader: Any,
+    cfg: LlamaConfig,
+    out: str,
+    *,
+    pad_token_id: int,
+    dtype: str,
+    tokenizer: str | None,
+    max_shard_size: str,
+    base: Mapping[str, Any] | None,
+) -> list[str]:
+    """:func:`export_reward_model` from any ``reader`` with ``read(path, layer)`` (an
+    in-memory tree or a checkpoint's :class:`~oasst_jax.checkpoint.ParamReader`)."""
     try:
-        kernel = np.asarray(get_path(params, SCORE_PATH))
+        kernel = np.asarray(reader.read(SCORE_PATH))
     except (KeyError, TypeError):
         raise ValueError("params has no score head ('score' / 'kernel', [hidden, 1])") from None
     if kernel.shape != (cfg.hidden_size, 1):
@@ -84,7 +126,7 @@ def export_reward_model(
             f"score kernel has shape {kernel.shape}, expected ({cfg.hidden_size}, 1) "
             "(hidden_size, num_labels=1)"
         )
-    tensors = [t for t in hf_tensors(TreeReader(params), cfg, dtype) if t[0] != HEAD_TENSOR[1]]
+    tensors = [t for t in hf_tensors(reader, cfg, dtype) if t[0] != HEAD_TENSOR[1]]
     score = np.ascontiguousarray(kernel.T.astype(jnp.dtype(dtype)))
     tensors.append((SCORE_TENSOR, score.shape, lambda: score))
     tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
