@@ -229,6 +229,34 @@ def test_cpu_compile_tiny_last_line_json(capsys):
     assert rec["param_bytes_per_device"] == pytest.approx(rec["analytic"]["params"])
 
 
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "nf4"])
+def test_lora_compile_state_bytes_match_the_analytic_model(capsys, base_dtype):
+    """A LoRA step compiles (frozen base + adapters as the state) and its state's bytes per
+    device are what the analytic LoRA model says (qwix's scales: one per 64 inputs)."""
+    from oasst_jax import plan
+
+    cfg = tiny_cfg()
+    cfg.model.hidden_size, cfg.model.intermediate_size = 128, 256  # 64-input blocks
+    cfg.lora.rank, cfg.lora.base_dtype = 4, base_dtype
+    rec = plan.run(
+        cfg,
+        mesh(fsdp=2, sequence=2, tensor=2),
+        "",
+        "h100",
+        do_search=False,
+        efficiency=0.6,
+        compile_top=1,
+        json_only=True,
+        devices_hint=8,
+    )
+    capsys.readouterr()
+    assert not rec["compile_error"]
+    analytic = rec["analytic"]
+    assert rec["param_bytes_per_device"] == pytest.approx(analytic["params"], rel=0.02)
+    assert rec["optimizer_bytes_per_device"] == pytest.approx(analytic["optimizer"], rel=0.02)
+    assert "frozen base" in rec["notes"][0]
+
+
 def test_tpu_topology_compile_tiny():
     pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
     from oasst_jax.planner import aot

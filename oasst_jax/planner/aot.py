@@ -87,12 +87,22 @@ def ordered_devices(devices: list[jax.Device], sizes: tuple[int, ...]) -> list[j
         return list(devices)
 
 
+def _bits(dtype: Any) -> int:
+    """Storage bits of one element: 4 for int4/nf4-style sub-byte types (packed on TPU)."""
+    dt = jnp.dtype(dtype)
+    if jnp.issubdtype(dt, jnp.integer):
+        return jnp.iinfo(dt).bits
+    if jnp.issubdtype(dt, jnp.floating):
+        return jnp.finfo(dt).bits
+    return dt.itemsize * 8
+
+
 def shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct``s."""
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * _bits(leaf.dtype) // 8
     return total
 
 
@@ -167,7 +177,8 @@ def compile_step(
             backend=devices[0].platform,
             device_kind=devices[0].device_kind,
             mesh=sizes,
-            param_bytes=shard_bytes(state["params"]),
+            # a LoRA run's frozen base counts as parameters
+            param_bytes=shard_bytes(state["params"]) + shard_bytes(state.get("frozen", {})),
             optimizer_bytes=shard_bytes(state["opt_state"]),
             attention_impl=model_cfg.attention_impl,
         )

@@ -4,8 +4,8 @@ trainable adapters, so ``plan`` answers "does 70B QLoRA fit one 8-GPU host / a v
 Per device (same logical rules as full training, :mod:`oasst_jax.sharding`):
 
 * the frozen base: the LoRA target projections in ``base_dtype`` -- bf16 2 bytes,
-  int8 1 byte (per-channel scales are negligible), nf4 half a byte plus one fp32
-  scale per 64-value block (QLoRA's block size) -- and every other weight (embedding,
+  int8 1 byte and nf4 half a byte, each plus one fp32 scale per 64 inputs
+  (:func:`oasst_jax.lora.quantize_kernel`'s blocks) -- and every other weight (embedding,
   LM head, norms, untargeted projections) in bf16; no fp32 master, no gradient, no
   optimizer state for any of it;
 * adapters ``A [in, r]`` (rank replicated, input axes as the base kernel's input) and
@@ -42,7 +42,7 @@ from oasst_jax.planner.memory import (
 # PEFT's names for Llama's projections (the config's ``lora.targets``)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCK = 64
-BASE_BYTES = {"bfloat16": 2.0, "int8": 1.0, "nf4": 0.5 + 4.0 / NF4_BLOCK}
+BASE_BYTES = {"bfloat16": 2.0, "int8": 1.0 + 4.0 / NF4_BLOCK, "nf4": 0.5 + 4.0 / NF4_BLOCK}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,15 @@ class LoraSpec:
     def bytes_per_base_param(self, cfg: LlamaConfig, mesh, table: Sequence) -> float:
         """Mean stored bytes per frozen parameter on a device (targets in ``base_dtype``,
         the rest bf16): what FSDP all-gathers per parameter."""
-        everything = sharded_elements(table, mesh)
+        everything = sharded_elements(base_only(table), mesh)
         targets = sharded_elements(tables(cfg, self)[0], mesh)
         return (targets * BASE_BYTES[self.base_dtype] + (everything - targets) * 2) / everything
+
+
+def base_only(table: Sequence) -> list:
+    """A parameter table without adapter entries (a LoRA model's table has them, named
+    by the ``lora_rank`` logical axis)."""
+    return [(shape, names) for shape, names in table if "lora_rank" not in names]
 
 
 Names = tuple[str, ...]
@@ -134,7 +140,7 @@ def lora_memory(
     """Per-device bytes of a LoRA / QLoRA step on ``layout`` (module docstring)."""
     table = param_table(cfg) if table is None else table
     base_t, adapters_t = tables(cfg, spec)
-    everything = sharded_elements(table, layout.mesh)
+    everything = sharded_elements(base_only(table), layout.mesh)
     targets = sharded_elements(base_t, layout.mesh)
     adapters = sharded_elements(adapters_t, layout.mesh)
     frozen = everything * spec.bytes_per_base_param(cfg, layout.mesh, table)
