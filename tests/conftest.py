@@ -1,16 +1,50 @@
-"""Test session setup: 8 emulated CPU devices, set before jax is imported anywhere."""
+"""Test session setup: 8 emulated CPU devices and one XLA compilation cache per run, set
+before jax is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Many tests compile the very same programs (the tiny model's train/eval steps in every
+# short training run, decoding, the same kernels), in different tests, xdist workers and the
+# subprocesses they start (CLI runs, the notebook's kernel): a persistent compilation cache
+# shared by all of them compiles each program once per run.  The directory is new for every
+# run (made by the process that loads this file first: the xdist controller, or pytest
+# itself with -n 0; workers and subprocesses inherit it through the environment) and removed
+# after it, so nothing lands in the user's home and no earlier run's executables are read.
+# The size limit only turns on jax's file lock, so that one worker never reads an entry
+# another is still writing.
+_CACHE_ENV = "OASST_JAX_TEST_COMPILATION_CACHE"
+_OWN_CACHE = _CACHE_ENV not in os.environ
+if _OWN_CACHE:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="oasst-jax-test-xla-cache-")
+os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=os.environ[_CACHE_ENV],
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(64 << 30),
+)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
+
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# (the environment above already did this, unless a plugin imported jax before this file)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.config.update("jax_compilation_cache_max_size", 64 << 30)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -136,3 +170,35 @@ def max_diff(a, b) -> float:
     """Largest absolute difference between two pytrees of arrays (same structure)."""
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     return max(float(np.max(np.abs(x - y))) for x, y in pairs)
+
+
+# --------------------------------------------------------------------------- scheduling
+
+# The longest files first (measured on 2 cores), then the rest in their usual order, and
+# xdist told to keep this order (its default hands out the files with the most tests first):
+# with --dist=loadfile a long file started last is a tail only one worker works through.
+LONGEST_FIRST = (
+    "test_attention.py",
+    "test_lora.py",
+    "test_preference.py",
+    "test_train.py",
+    "test_readme.py",
+    "test_notebook.py",
+    "test_sample.py",
+    "test_evaluate.py",
+    "test_hf_peft.py",
+    "test_decode.py",
+    "test_device_suite.py",
+    "test_train_step.py",
+    "test_multihost.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.8
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: rest in order

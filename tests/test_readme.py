@@ -172,7 +172,13 @@ def base_only_env(tmp_path_factory) -> dict[str, str]:
         "sys.meta_path.insert(0, _Extras())\n"
     )
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path}
+    # conftest's per-run compilation cache, in a folder of its own: jax compresses entries
+    # with zstandard where it can import it, and locks the folder with filelock, neither
+    # of which a base install has (so: no size limit, the only thing that needs the lock)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("base_only_xla_cache"))
+    env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
+    return env
 
 
 def test_base_only_env_blocks_test_extras(base_only_env):
