@@ -28,7 +28,8 @@ Two programs are modelled, because the planner answers for both:
     iterations again holds an accumulated and a fresh gradient.
   * transients: the backward of one layer recomputes its forward (the
     ``none`` set for one layer), the XLA attention's fp32 ``[rows, heads/t, L, L]``
-    scores/probabilities/gradient (3 copies; the flash kernel needs none), and
+    scores/probabilities/gradient (3 copies; the flash kernels -- ``pallas``, which the
+    TPU-topology compile builds as Mosaic, and cuDNN -- need none), and
     the fp32 logits, their softmax and gradient (3 x ``rows*L*V/t*4``).
     Two more terms were found by comparing with the TPU compiler's figures:
     XLA hoists the per-layer fp32 -> bf16 weight casts out of the layer scan,
@@ -199,7 +200,8 @@ def activation_terms(
     res = residual_split(m)
     per_layer = activation_bytes_per_token(cfg, layout.remat, t * sp, res) * tokens
     heads = -(-cfg.num_attention_heads // t)
-    if layout.remat == "none":  # XLA attention keeps fp32 + bf16 probabilities per layer
+    xla_attention = cfg.attention_impl == "xla"  # the flash kernels keep no L x L tensor
+    if layout.remat == "none" and xla_attention:  # fp32 + bf16 probabilities per layer
         per_layer += ATTN_SAVED_BYTES * rows * heads * (seq / sp) * seq
     if p > 1:  # GPipe: stage inputs + last-stage outputs per iteration, one stage recomputed
         iterations = layout.accumulation(global_batch) + p - 1
@@ -209,7 +211,7 @@ def activation_terms(
         acts = per_layer * cfg.num_hidden_layers
     recompute = activation_bytes_per_token(cfg, "none", t * sp, res) * tokens
     attn = 0.0
-    if cfg.attention_impl in ("xla", "pallas"):  # the AOT compile uses XLA attention
+    if xla_attention:
         attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
     logits = LOGIT_COPIES * rows * (seq / sp) * cfg.padded_vocab_size / t * 4
     return acts, recompute + attn + logits
