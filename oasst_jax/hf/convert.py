@@ -204,15 +204,16 @@ def write_hf_dir(
     return written
 
 
-def check_replaceable(out: str) -> None:
-    """One-line error unless ``out`` is new, or a directory holding only export files."""
+def check_replaceable(out: str, written: re.Pattern = EXPORT_FILE, what: str = "an export") -> None:
+    """One-line error unless ``out`` is new, or a directory holding only files that ``what``
+    writes (names matching ``written``): an existing export is replaced whole."""
     if not os.path.lexists(out):
         return
     if not os.path.isdir(out):
         raise ValueError(f"{out} exists and is not a directory; choose a new --out")
-    foreign = sorted(n for n in os.listdir(out) if not EXPORT_FILE.fullmatch(n))
+    foreign = sorted(n for n in os.listdir(out) if not written.fullmatch(n))
     if foreign:
         raise ValueError(
-            f"{out} holds {foreign[0]!r}, which an export does not write; an existing "
+            f"{out} holds {foreign[0]!r}, which {what} does not write; an existing "
             "export is replaced whole, so choose a new --out or move it away"
         )

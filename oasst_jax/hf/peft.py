@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from oasst_jax import checkpoint, files, lora
 from oasst_jax.hf.config import is_hf_dir, write_json
-from oasst_jax.hf.convert import open_orbax, write_hf_dir
+from oasst_jax.hf.convert import check_replaceable, open_orbax, write_hf_dir
 from oasst_jax.hf.layout import LAYERS_PATH
 from oasst_jax.model import LlamaConfig
 
@@ -85,25 +85,11 @@ def _recorded_base(ckpt: str) -> str | None:
 def lora_to_peft(ckpt: str, out: str) -> list[str]:
     """Write the newest step's adapters of the LoRA run ``ckpt`` as a PEFT adapter dir."""
     adapters, cfg = lora.load_adapters(ckpt)
-    _check_replaceable(out)
+    check_replaceable(out, ADAPTER_EXPORT, "an adapter export")
     with files.atomic_dir(out) as tmp:
         save_file(peft_tensors(adapters, cfg), os.path.join(tmp, ADAPTER_FILE))
         write_json(os.path.join(tmp, ADAPTER_CONFIG), adapter_config(cfg, _recorded_base(ckpt)))
     return [ADAPTER_CONFIG, ADAPTER_FILE]
-
-
-def _check_replaceable(out: str) -> None:
-    """One-line error unless ``out`` is new or holds only a previous adapter export."""
-    if not os.path.lexists(out):
-        return
-    if not os.path.isdir(out):
-        raise ValueError(f"{out} exists and is not a directory; choose a new --out")
-    foreign = sorted(n for n in os.listdir(out) if not ADAPTER_EXPORT.fullmatch(n))
-    if foreign:
-        raise ValueError(
-            f"{out} holds {foreign[0]!r}, which an adapter export does not write; choose a "
-            "new --out"
-        )
 
 
 class MergedReader:
