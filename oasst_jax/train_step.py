@@ -512,11 +512,12 @@ def build_trainer(
         def init_random(key: jax.Array) -> dict:
             return from_base(random_base(key), key)
 
-        seed_key = jax.random.key(step_cfg.seed)
-        from_base_jit = jax.jit(from_base, out_shardings=s_shard)
+        def from_base_seeded(base: Any) -> dict:
+            # the key is made inside the trace: an eager one needs a concrete device,
+            # which an abstract (AOT, TPU-topology) mesh does not have
+            return from_base(base, jax.random.key(step_cfg.seed))
 
-        def init_from_params(base: Any) -> dict:
-            return from_base_jit(base, seed_key)
+        init_from_params = jax.jit(from_base_seeded, out_shardings=s_shard)
 
         def eval_params(state: dict) -> Any:
             return lora.merge(state["params"], state["frozen"])
