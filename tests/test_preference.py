@@ -842,3 +842,22 @@ def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp
     cfg.dpo.max_pairs_per_prompt, cfg.train_iters = 1, 4
     with pytest.raises(DataError, match="dpo.max_pairs_per_prompt=4"):
         train.run(cfg)
+
+
+def test_rm_starts_from_a_language_model_with_a_fresh_score_head(rm_data, sp_model_path, tmp_path):
+    """``load=`` a checkpoint without a score head (an SFT/DPO run's): the trunk is read,
+    the head drawn from the seed; step 1's update is 0 (warm-up), so the saved trunk is the
+    loaded one bit for bit."""
+    import jax
+
+    from oasst_jax import checkpoint, train
+
+    lm = tmp_path / "lm"
+    train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=1, eval_interval=0))
+    rm = tmp_path / "rm"
+    train.run(_run_cfg(rm_data, sp_model_path, rm, "rm", train_iters=1, eval_interval=0,
+                       load=str(lm / "checkpoints"), finetune=True))  # fmt: skip
+    base, got = (checkpoint.load_weights(str(d / "checkpoints")) for d in (lm, rm))
+    score = got.pop("score")["kernel"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, base, got))
+    assert score.shape == (32, 1) and 0 < np.std(score) < 0.1
