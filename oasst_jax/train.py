@@ -298,9 +298,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                         vm = val(trainer.eval_params(state), reference_params(state, step_cfg))
                     pending[3].update(vm)
                     _log(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in vm.items()))
-                if prompts and (
-                    (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.train_iters
-                ):
+                evaluating = cfg.eval_interval and (
+                    step % cfg.eval_interval == 0 or step == cfg.train_iters
+                )
+                if prompts and evaluating:
                     pending[3]["time_samples"] = log_samples(
                         cfg, logger, step, model_cfg,
                         model_params(state["params"], state.get("frozen")), mesh, tokenizer,
@@ -366,8 +367,9 @@ def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
 
 
 def sample_prompts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> list[str]:
-    """The eval-time generation prompts: none without a tokenizer (nothing to decode
-    with), for a reward model (it does not generate) or with ``eval_prompts`` empty."""
+    """The eval-time generation prompts (decoded at every ``eval_interval`` and at the
+    last step): none without a tokenizer (nothing to decode with), for a reward model (it
+    does not generate) or with ``eval_prompts`` empty."""
     if tokenizer is None or cfg.objective == "rm" or not cfg.eval_prompts:
         return []
     return decode.eval_prompts(None if cfg.eval_prompts == "default" else cfg.eval_prompts)
