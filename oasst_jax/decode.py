@@ -358,8 +358,9 @@ class Chat:
     The cache has ``capacity`` slots (default: the context window, so a conversation fits
     and the decode step compiles once for all of it, rather than once per size of a
     growing cache); each turn's new ids are left-padded to :data:`PAD_MULTIPLE` masked
-    slots, so prefill compiles for few lengths.  Only when those padding slots leave no room for the next
-    turn is the whole history prefilled into a fresh cache (``note`` says so).  Results
+    slots, so prefill compiles for few lengths.  Only when those padding slots leave no
+    room for the next turn is the whole history prefilled into a fresh cache (``note``
+    says so).  Results
     are those of re-prefilling the whole token history every turn (``keep_cache=False``),
     repetition penalty included: the penalty's seen ids are the whole history's.
 
