@@ -139,7 +139,10 @@ def forward(
     reads the whole table for every token).
     """
     c = module.cfg
-    x_BLD = jnp.take(module.embedding, tokens_BL, axis=0).astype(c.dtype)
+    # the table gathered whole first (what the lookup needs anyway): a gather from the
+    # fsdp x tensor-sharded table into batch-sharded rows is one XLA cannot partition
+    table_VD = sharding.constrain(module.embedding, (None, None))
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(c.dtype)
     x_BLD = sharding.constrain(x_BLD, ("batch", "length", "act_embed"))
     rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
     x_BLD = module.decoder(x_BLD, positions_BL, segment_ids_BL, rates, True)
