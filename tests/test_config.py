@@ -39,9 +39,11 @@ def test_model_section_is_checked_by_the_model_config():
 
 
 def test_shipped_configs_have_only_known_fields():
-    for name in ("tiny.py", "pre10.py", "sft10.py", "bench_tinyllama.py"):
+    names = sorted(n for n in os.listdir(os.path.join(REPO, "configs")) if n.endswith(".py"))
+    assert {"tiny.py", "pre10.py", "sft10.py", "sft10_qlora_70b.py", "dpo_oasst.py"} <= set(names)
+    for name in names:
         cfg = load_config(os.path.join(REPO, "configs", name))
-        assert unknown_fields(cfg, base_config()) == []
+        assert unknown_fields(cfg, base_config()) == [], name
 
 
 def _differences(cfg, ref, prefix: str = "") -> list[str]:
