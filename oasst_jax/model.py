@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,10 @@ from oasst_jax.sharding import constrain
 REMAT_POLICIES = ("none", "full", "selective")
 # Logical axes of the residual stream between the layers' matmul blocks.
 RESIDUAL = ("batch", "res_length", "act_embed")
-# Logical axes of the decoding KV cache: kv heads only (GQA), tensor-parallel like k/v.
-CACHE_KV_NAMES = ("batch", None, "act_kv_heads", None)
+# Logical axes of the decoding KV cache ``[layers, batch, kv_heads, slots, head_dim]``: kv
+# heads only (GQA), tensor-parallel like k/v; all layers on every pipeline stage, since
+# the layer scan indexes it by layer.
+CACHE_KV_NAMES = (None, "batch", "act_kv_heads", None, None)
 ATTENTION_BACKENDS = ("auto", "tpu", "gpu")
 # LoRA targets by their PEFT names (Llama's nn.Linear modules) -> (our module, kernel name,
 # how many leading kernel axes are its input).  Adapters live beside their kernel:
@@ -302,7 +304,9 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool, kv=None):
+        """The attention block's output ``[B, L, D]``; with a :class:`KVCache` ``kv``
+        (decoding) also the cache with this call's keys and values written."""
         c = self.cfg
         d, h, k, dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_size
 
@@ -324,9 +328,9 @@ class Attention(nn.Module):
         q_BLHD = rope(q_BLHD, positions_BL, c.rope_theta, c.rope_scaling_factor)
         k_BLKD = rope(k_BLKD, positions_BL, c.rope_theta, c.rope_scaling_factor)
         o_names = ("heads", "head_dim", "embed")
-        if self.is_mutable_collection("cache") and not self.is_initializing():
-            out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
-            return proj("o", out_BLHD, (h, dh, d), o_names, 2)
+        if kv is not None:
+            out_BLHD, kv = cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, kv)
+            return proj("o", out_BLHD, (h, dh, d), o_names, 2), kv
         use_dropout = c.attention_dropout > 0.0 and not deterministic
         out_BLHD = dot_product_attention(
             q_BLHD,
@@ -343,45 +347,41 @@ class Attention(nn.Module):
         out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
         return proj("o", out_BLHD, (h, dh, d), o_names, 2)
 
-    def _cached_attention(self, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL) -> jax.Array:
-        """Decoding: write this call's keys/values at the cache index, attend to the cache.
 
-        Active when ``apply`` (not ``init``) has a mutable ``cache`` collection.  The cache is
-        preallocated (its length is fixed by the call that creates it) and holds
-        kv heads only, plus each slot's segment id so left padding stays masked;
-        queries sit at slots ``index ..`` so causality is by slot.  Always the XLA
-        reference: a few new queries against a cache gain nothing from flash tiling.
-        """
-        b, length, kv, dh = k_BLKD.shape
-        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_KV_NAMES)
-        ck = self.variable("cache", "k", zeros, (b, length, kv, dh), k_BLKD.dtype)
-        cv = self.variable("cache", "v", zeros, (b, length, kv, dh), v_BLKD.dtype)
-        seg_zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", None))
-        cs = self.variable("cache", "segment_ids", seg_zeros, (b, length), jnp.int32)
-        ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones((b, length), jnp.int32)
-        idx = ci.value
-        ck.value = constrain(
-            jax.lax.dynamic_update_slice(ck.value, k_BLKD, (0, idx, 0, 0)), CACHE_KV_NAMES
-        )
-        cv.value = constrain(
-            jax.lax.dynamic_update_slice(cv.value, v_BLKD, (0, idx, 0, 0)), CACHE_KV_NAMES
-        )
-        cs.value = jax.lax.dynamic_update_slice(
-            cs.value, segment_ids_BL.astype(jnp.int32), (0, idx)
-        )
-        ci.value = idx + length
-        out_BLHD = xla.dot_product_attention(
-            q_BLHD,
-            ck.value,
-            cv.value,
-            segment_ids=segment_ids_BL,
-            kv_segment_ids=cs.value,
-            causal=True,
-            q_offset=idx,
-        )
-        return constrain(out_BLHD, ("batch", "length", "act_heads", None))
+class KVCache(NamedTuple):
+    """The decoding cache as the layer scan carries it: the scan's *carry*, not a
+    per-layer input/output, so a decode step writes only its new slots in place.  As a
+    per-layer ``nn.scan`` variable every step copied the whole ``[layers, ...]`` cache
+    several times over (per-layer slices in, a freshly stacked cache out)."""
+
+    k: jax.Array  # [layers, B, kv_heads, slots, Dh]
+    v: jax.Array
+    segment_ids: jax.Array  # [B, slots]: 0 = padding or empty, masked
+    index: jax.Array  # the first slot this call writes (its queries' slots start here)
+    layer: jax.Array  # the layer the scan is at
+
+
+def cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, kv: KVCache):
+    """Write this call's keys/values at the cache index of this layer, attend to the
+    layer's cache: ``(out [B, L, H, Dh], kv)``.  Always the XLA reference: a few new
+    queries against a cache gain nothing from flash tiling."""
+    start = (kv.layer, 0, 0, kv.index, 0)
+
+    def write(cache, new_BLKD):
+        new = jnp.swapaxes(new_BLKD, 1, 2)[None].astype(cache.dtype)
+        return constrain(jax.lax.dynamic_update_slice(cache, new, start), CACHE_KV_NAMES)
+
+    k, v = write(kv.k, k_BLKD), write(kv.v, v_BLKD)
+    out_BLHD = xla.cached_attention(
+        q_BLHD,
+        jax.lax.dynamic_index_in_dim(k, kv.layer, keepdims=False),
+        jax.lax.dynamic_index_in_dim(v, kv.layer, keepdims=False),
+        segment_ids=segment_ids_BL,
+        kv_segment_ids=kv.segment_ids,
+        q_offset=kv.index,
+    )
+    out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
+    return out_BLHD, kv._replace(k=k, v=v)
 
 
 class MLP(nn.Module):
@@ -417,11 +417,18 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, dropout_rate, deterministic: bool = True):
-        x_BLD, positions_BL, segment_ids_BL = carry
+        x_BLD, positions_BL, segment_ids_BL, *kv = carry  # kv: [KVCache] when decoding
         x_BLD = constrain(x_BLD, RESIDUAL)
         h = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BLD), positions_BL, segment_ids_BL, deterministic
+            RMSNorm(self.cfg, name="attn_norm")(x_BLD),
+            positions_BL,
+            segment_ids_BL,
+            deterministic,
+            *kv,
         )
+        if kv:
+            h, cache = h
+            kv = [cache._replace(layer=cache.layer + 1)]
         h = constrain(h, RESIDUAL)
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
@@ -431,7 +438,7 @@ class DecoderLayer(nn.Module):
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
         x_BLD = constrain(x_BLD + h, RESIDUAL)
-        return (x_BLD, positions_BL, segment_ids_BL), None
+        return (x_BLD, positions_BL, segment_ids_BL, *kv), None
 
 
 class DecoderStack(nn.Module):
@@ -451,16 +458,57 @@ class DecoderStack(nn.Module):
             )
         stack = nn.scan(
             layer,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=self.cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        (x_BLD, _, _), _ = stack(self.cfg, name="layers")(
-            (x_BLD, positions_BL, segment_ids_BL), dropout_rates, deterministic
+        decoding = self.is_mutable_collection("cache") and not self.is_initializing()
+        if decoding and segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
+        carry = (x_BLD, positions_BL, segment_ids_BL)
+        if decoding:
+            kv, commit = self._kv_cache(x_BLD, segment_ids_BL)
+            carry = (*carry, kv)
+        carry, _ = stack(self.cfg, name="layers")(carry, dropout_rates, deterministic)
+        if decoding:
+            commit(carry[3])
+        return carry[0]
+
+    def _kv_cache(self, x_BLD, segment_ids_BL):
+        """``(KVCache, commit)``: the ``cache`` collection's state with this call's segment
+        ids written, and the function that stores the scan's final cache back.
+
+        The first call with a mutable ``cache`` (``decode.init_cache``) creates it: as many
+        slots as that call's tokens, zero segment ids (masked).  Later calls write at its
+        index: queries sit at slots ``index ..``, so causality is by slot.
+        """
+        c = self.cfg
+        b, length = x_BLD.shape[:2]
+        shape = (c.num_hidden_layers, b, c.num_key_value_heads, length, c.head_size)
+        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_KV_NAMES)
+        ck = self.variable("cache", "k", zeros, shape, jnp.dtype(c.dtype))
+        cv = self.variable("cache", "v", zeros, shape, jnp.dtype(c.dtype))
+        seg_zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", None))
+        cs = self.variable("cache", "segment_ids", seg_zeros, (b, length), jnp.int32)
+        ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        index = ci.value
+        kv = KVCache(
+            k=ck.value,
+            v=cv.value,
+            segment_ids=jax.lax.dynamic_update_slice(
+                cs.value, segment_ids_BL.astype(jnp.int32), (0, index)
+            ),
+            index=index,
+            layer=jnp.zeros((), jnp.int32),
         )
-        return x_BLD
+
+        def commit(final: KVCache) -> None:
+            ck.value, cv.value, cs.value = final.k, final.v, final.segment_ids
+            ci.value = index + length
+
+        return kv, commit
 
 
 def hidden_dropout_rates(num_layers: int, hidden_dropout: float, lima: bool) -> np.ndarray:
