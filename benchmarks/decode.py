@@ -15,10 +15,11 @@ tokens), ``step_ms`` (``(generate - prefill) / (new_tokens - 1)``) and
 ``new_tokens_per_s``; ``speedup`` (transformers' time / ours, > 1: ours is faster);
 ``same_ids`` (both sides generated the same ids) and ``matching_prefix`` (the fewest
 leading new ids any row shares; float rounding may flip a near-tie argmax late in a long
-generation).  Times are medians of ``--repeats`` runs after a warm-up (ours: compilation
-excluded); ``load_avg_1m`` is the machine's load when the record was taken.  Both sides use
-every core (XLA's thread pool, ``torch.get_num_threads()``), or one thread each with
-``--threads 1`` (steadier on a shared machine).  ``--smoke``: toy sizes, batch 2.
+generation).  Times are medians of ``--repeats`` rounds after a warm-up round (ours:
+compilation excluded), each round timing both sides back to back; ``load_avg_1m`` is the
+machine's load when the record was taken.  Both sides use every core (XLA's thread pool,
+``torch.get_num_threads()``), or one thread each with ``--threads 1`` (steadier on a
+shared machine).  ``--smoke``: toy sizes, batch 2.
 """
 
 from __future__ import annotations
@@ -65,49 +66,52 @@ def hf_model(path: str, size: dict):
     return model
 
 
-def median_s(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def ours(params, cfg, prompts: list[list[int]], new_tokens: int, repeats: int):
-    """``(prefill s, generate s, ids)``: medians of ``Generation.seconds`` (the timed call
-    of an already compiled loop)."""
+def ours(params, cfg, prompts: list[list[int]]):
+    """``run(n) -> (seconds, ids)`` for ours: ``Generation.seconds`` of an already compiled
+    loop (compilation is excluded: the first call of each ``n`` is a warm-up)."""
     from oasst_jax import decode
 
-    def timed(n: int):
-        sp = decode.SamplingParams(max_new_tokens=n)
-        runs = [decode.generate(params, cfg, prompts, sp, stop_ids=()) for _ in range(repeats + 1)]
-        return statistics.median(g.seconds for g in runs[1:]), runs[-1].ids
+    def run(n: int):
+        g = decode.generate(params, cfg, prompts, decode.SamplingParams(max_new_tokens=n), ())
+        return g.seconds, g.ids
 
-    prefill, _ = timed(1)
-    generate, ids = timed(new_tokens)
-    return prefill, generate, ids
+    return run
 
 
-def theirs(model, prompts: list[list[int]], new_tokens: int, repeats: int):
-    """``(prefill s, generate s, ids)`` of transformers' greedy ``generate``."""
+def theirs(model, prompts: list[list[int]]):
+    """``run(n) -> (seconds, ids)`` for transformers' greedy ``generate``."""
     import torch
 
     tokens = torch.tensor(prompts)
     mask = torch.ones_like(tokens)
 
     def run(n: int):
+        start = time.perf_counter()
         with torch.no_grad():
-            return model.generate(
+            out = model.generate(
                 tokens, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n
             )
+        return time.perf_counter() - start, out[:, tokens.shape[1] :].tolist()
 
-    prefill = median_s(lambda: run(1), repeats)
-    generate = median_s(lambda: run(new_tokens), repeats)
-    ids = run(new_tokens)[:, tokens.shape[1] :].tolist()
-    return prefill, generate, ids
+    return run
+
+
+def interleaved(runs: dict, new_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """``({side: (prefill s, generate s)}, {side: ids})``: medians over ``repeats`` rounds
+    after a warm-up round.  Each round runs every side's prefill and whole generation
+    back to back, so a change in the machine's load hits both sides alike (on a shared
+    machine, timing one side after the other measured the load as much as the code)."""
+    samples = {name: ([], []) for name in runs}
+    ids = {}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            prefill, _ = run(1)
+            generate, ids[name] = run(new_tokens)
+            if round_:
+                samples[name][0].append(prefill)
+                samples[name][1].append(generate)
+    medians = {n: tuple(statistics.median(x) for x in pair) for n, pair in samples.items()}
+    return medians, ids
 
 
 def side(prefill: float, generate: float, batch: int, new_tokens: int) -> dict:
@@ -166,18 +170,21 @@ def main(argv: list[str] | None = None) -> None:
     for batch in batches:
         rng = np.random.default_rng(batch)
         prompts = rng.integers(3, size["vocab"], (batch, prompt_len)).tolist()
-        our_prefill, our_generate, our_ids = ours(params, cfg, prompts, new_tokens, repeats)
-        hf_prefill, hf_generate, hf_ids = theirs(model, prompts, new_tokens, repeats)
+        times, ids = interleaved(
+            {"ours": ours(params, cfg, prompts), "transformers": theirs(model, prompts)},
+            new_tokens,
+            repeats,
+        )
         record = {
             "batch": batch,
             "prompt": prompt_len,
             "new_tokens": new_tokens,
             "params_m": round(n_params / 1e6, 2),
             "dtype": "float32",
-            "ours": side(our_prefill, our_generate, batch, new_tokens),
-            "transformers": side(hf_prefill, hf_generate, batch, new_tokens),
-            "same_ids": our_ids == hf_ids,
-            "matching_prefix": matching_prefix(our_ids, hf_ids),
+            "ours": side(*times["ours"], batch, new_tokens),
+            "transformers": side(*times["transformers"], batch, new_tokens),
+            "same_ids": ids["ours"] == ids["transformers"],
+            "matching_prefix": matching_prefix(ids["ours"], ids["transformers"]),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

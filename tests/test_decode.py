@@ -4,6 +4,7 @@ from the sharded training parameters, the eval prompt sets, and the decode bench
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_eval_prompts(tmp_path):
 
 def test_benchmark_smoke():
     """``benchmarks/decode.py --smoke``: a JSON line for batch 2, ours and transformers'
-    greedy ids equal, every timing positive."""
+    greedy ids equal, every measured time positive.  (``step_ms`` is a difference of two
+    times: with 4 toy tokens, noise can make it negative on a loaded machine.)"""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "decode.py"), "--smoke"],
@@ -108,6 +110,6 @@ def test_benchmark_smoke():
     for r in records:
         assert r["same_ids"] is True
         for side in ("ours", "transformers"):
-            assert r[side]["prefill_ms"] > 0 and r[side]["step_ms"] > 0
-            assert r[side]["new_tokens_per_s"] > 0
+            assert r[side]["prefill_ms"] > 0 and r[side]["generate_ms"] > 0
+            assert math.isfinite(r[side]["step_ms"]) and r[side]["new_tokens_per_s"] > 0
         assert r["speedup"]["generate"] > 0
