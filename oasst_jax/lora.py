@@ -12,7 +12,8 @@ a replicated ``lora_rank`` axis), and qwix only quantizes the frozen base
 (:func:`oasst_jax.model.as_weight`).
 
 A LoRA run's state is ``{step, params, frozen, opt_state}``: ``params`` are only the
-adapters (fp32 masters, AdamW on the run's schedule), ``frozen`` the base in
+adapters, plus a reward model's score head (new, randomly initialised: :func:`split`),
+with fp32 masters and AdamW on the run's schedule; ``frozen`` the base in
 ``model.lora_base_dtype`` (bf16, or int8 / nf4 with fp32 block scales), never
 differentiated and never saved: checkpoints hold adapters + optimizer state, and the
 base is recorded by path and a content fingerprint (:func:`base_record`) so a resume
@@ -42,14 +43,19 @@ LAYERS_PATH = ("decoder", "layers")
 QUANT_BLOCK = 64
 # The items a LoRA checkpoint's ``meta`` records its base under.
 BASE_META = "lora_base"
+# A reward model's score head (``model.score_head``): trained with the adapters.
+SCORE_HEAD = ("score", "kernel")
 
 
 def _name(key: Any) -> str:
     return str(getattr(key, "key", key))
 
 
-def is_adapter(path: tuple[Any, ...]) -> bool:
-    return _name(path[-1]).endswith(ADAPTER_SUFFIXES)
+def is_trained(path: tuple[Any, ...]) -> bool:
+    """An adapter, or a reward model's score head: new and randomly initialised, it is
+    trained beside the adapters (frozen, the rewards would stay random)."""
+    names = tuple(_name(k) for k in path)
+    return names[-1].endswith(ADAPTER_SUFFIXES) or names == SCORE_HEAD
 
 
 def _filter(tree: Mapping[str, Any], keep, prefix: tuple[str, ...] = ()) -> dict:
@@ -66,8 +72,9 @@ def _filter(tree: Mapping[str, Any], keep, prefix: tuple[str, ...] = ()) -> dict
 
 
 def split(params: Mapping[str, Any]) -> tuple[dict, dict]:
-    """``(adapters, base)``: the same nested dicts, each holding only its own leaves."""
-    return _filter(params, is_adapter), _filter(params, lambda p: not is_adapter(p))
+    """``(trained, base)``: the same nested dicts, each holding only its own leaves
+    (trained: the adapters, and a reward model's score head)."""
+    return _filter(params, is_trained), _filter(params, lambda p: not is_trained(p))
 
 
 def merge(adapters: Mapping[str, Any], base: Mapping[str, Any]) -> dict:
@@ -217,7 +224,8 @@ def merge_weights(base: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Lla
 
 
 def adapter_shapes(cfg: LlamaConfig) -> dict:
-    """The adapters' tree of ``ShapeDtypeStruct`` (what an adapter checkpoint holds)."""
+    """The trained tree of ``ShapeDtypeStruct`` (what an adapter checkpoint holds: the
+    adapters, and a reward model's score head)."""
     return split(nn.meta.unbox(abstract_params(Llama(cfg))))[0]
 
 

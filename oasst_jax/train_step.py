@@ -7,11 +7,14 @@ host inside the step; metrics are device scalars the loop reads one step late.
 
 State is a plain dict ``{step, params, opt_state}``; a LoRA run's (``model.lora_rank >
 0``, ``oasst_jax/lora.py``) adds ``frozen``, the base weights, and its ``params`` are
-only the adapters: gradients, optimizer state and fp32 masters exist for them alone.
-The per-micro-batch loss is one seam, :func:`_microbatch_loss`: the full parameter tree
-and a micro-batch -> ``(numerator, sums)``, chosen by ``StepConfig.objective``: ``sft``
-(next-token cross-entropy), ``rm`` (the score head at each reply's last token, upstream's
-K-wise ranking loss) or ``dpo`` (summed reply log-probs against a reference's).  ``sums``
+only the adapters (and a reward model's score head): gradients, optimizer state and fp32
+masters exist for them alone.  The per-micro-batch loss is one seam, :func:`_objective_terms`:
+the full parameter tree, a micro-batch and its decoder outputs -> ``(numerator, sums)``,
+chosen by ``StepConfig.objective``: ``sft`` (next-token cross-entropy), ``rm`` (the score
+head at each reply's last token, upstream's K-wise ranking loss) or ``dpo`` (summed reply
+log-probs against a reference's).  The decoder outputs come from the scanned layers or,
+with pipeline stages, from the last stage of the GPipe schedule (a DPO reference's through
+the same schedule), so every objective runs on every mesh axis.  ``sums``
 are additive over micro-batches (``den`` the denominator: loss tokens, prompts or pairs),
 so accumulation divides once per step and weighs every token / prompt / pair of the
 global batch equally.  A DPO run's reference log-probs come with the batch
@@ -114,19 +117,66 @@ def _microbatch_loss(
 ):
     """``(numerator, sums)`` of one micro-batch under ``step_cfg.objective`` (module doc);
     ``reference``: an on-the-fly DPO reference's parameter tree (no gradient flows to it)."""
-    kwargs = dict(positions_BL=mb["positions"], segment_ids_BL=mb["segment_ids"])
-    run = dict(dropout_rates=dropout_rates, deterministic=deterministic, rngs={"dropout": rng})
+    x_BLD = _trunk(model, params, mb, rng, dropout_rates, deterministic)
+    ref_x_BLD = None
+    if step_cfg.on_the_fly_reference:
+        reference = jax.lax.stop_gradient(reference)
+        zero = jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
+        ref_x_BLD = _trunk(model, reference, mb, rng, zero, True)
+    return _objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
+
+
+def _trunk(
+    model: Llama,
+    params: Any,
+    mb: dict,
+    rng: jax.Array,
+    dropout_rates: jax.Array,
+    deterministic: bool,
+) -> jax.Array:
+    """The decoder stack's outputs ``[B, L, D]`` of one micro-batch (before the final norm)."""
+    return model.apply(
+        {"params": params},
+        mb["inputs"],
+        positions_BL=mb["positions"],
+        segment_ids_BL=mb["segment_ids"],
+        dropout_rates=dropout_rates,
+        deterministic=deterministic,
+        rngs={"dropout": rng},
+        method=Llama.decode,
+    )
+
+
+def _reply_scores(m: Llama, x_BLD: jax.Array, rows_S: jax.Array, last_S: jax.Array) -> jax.Array:
+    """A reward model's tail on decoder outputs: :meth:`Llama.hidden`'s final norm, each
+    reply's last token, :meth:`Llama.scores`; ``[S]`` fp32.  A function of the module (an
+    ``apply`` method) so the pipelined step can run it on the last stage's outputs."""
+    return m.scores(preference.last_token(m.final_norm(x_BLD), rows_S, last_S))
+
+
+def _objective_terms(
+    model: Llama,
+    params: Any,
+    x_BLD: jax.Array,
+    mb: dict,
+    step_cfg: StepConfig,
+    reference: Any = None,
+    ref_x_BLD: jax.Array | None = None,
+):
+    """``(numerator, sums)`` of one micro-batch from its decoder outputs: the objective's
+    own tail (sft: LM head and cross-entropy; rm: :func:`_reply_scores` and the ranking
+    loss; dpo: LM head, summed reply log-probs against the reference's), shared by the
+    scanned and the pipelined step.  ``ref_x_BLD``: an on-the-fly reference's decoder
+    outputs, through ``reference``'s own head."""
     if step_cfg.objective == "rm":
-        hidden = model.apply({"params": params}, mb["inputs"], **kwargs, **run,
-                             method=Llama.hidden)  # fmt: skip
-        last = preference.last_token(hidden, mb["sequence_row"], mb["sequence_last"])
-        return _rm_terms(model.apply({"params": params}, last, method=Llama.scores), mb, step_cfg)
-    logits = model.apply({"params": params}, mb["inputs"], **kwargs, **run)
+        scores_S = model.apply({"params": params}, x_BLD, mb["sequence_row"],
+                               mb["sequence_last"], method=_reply_scores)  # fmt: skip
+        return _rm_terms(scores_S, mb, step_cfg)
+    logits = model.apply({"params": params}, x_BLD, method=Llama.head)
     if step_cfg.objective == "sft":
         return _loss_terms(logits, mb, step_cfg)
     if step_cfg.on_the_fly_reference:
-        ref_logits = model.apply({"params": jax.lax.stop_gradient(reference)}, mb["inputs"],
-                                 **kwargs)  # fmt: skip
+        ref_logits = model.apply({"params": reference}, ref_x_BLD, method=Llama.head)
         ref_logps = _sequence_logps(ref_logits, mb, step_cfg)
     else:
         ref_logps = mb["reference_logps"]
@@ -203,35 +253,36 @@ def _pipelined_loss(
     deterministic: bool,
     step_cfg: StepConfig,
     layer_specs: Any,
+    reference: Any = None,
 ):
-    """Summed loss terms of all micro-batches, the decoder run as a pipeline.
+    """Summed loss terms of all micro-batches, the decoder run as a pipeline (an
+    on-the-fly DPO reference through the same schedule, without dropout or gradient).
 
-    The head and loss run per micro-batch in a checkpointed scan, so only one
-    micro-batch's logits exist at a time (as in the unpipelined accumulation).
+    The objective's tail (:func:`_objective_terms`) runs per micro-batch in a
+    checkpointed scan, so only one micro-batch's logits exist at a time (as in the
+    unpipelined accumulation).
     """
     cfg = model.cfg
-    hidden_MBLD = pipeline_parallel.pipeline_hidden(
-        cfg,
-        params,
-        batch,
-        rng,
-        dropout_rates,
-        stages=step_cfg.pipeline_stages,
-        layer_specs=layer_specs,
-        deterministic=deterministic,
-    )
+    run = partial(pipeline_parallel.pipeline_hidden, cfg, stages=step_cfg.pipeline_stages,
+                  layer_specs=layer_specs)  # fmt: skip
+    hidden_MBLD = run(params, batch, rng, dropout_rates, deterministic=deterministic)
+    ref_hidden_MBLD = None
+    if step_cfg.on_the_fly_reference:
+        reference = jax.lax.stop_gradient(reference)
+        zero = jnp.zeros((cfg.num_hidden_layers,), jnp.float32)
+        ref_hidden_MBLD = run(reference, batch, rng, zero, deterministic=True)
 
     @jax.checkpoint
-    def head(x_BLD, mb):
-        logits = model.apply({"params": params}, x_BLD, method=Llama.head)
-        return _loss_terms(logits, mb, step_cfg)
+    def tail(x_BLD, ref_x_BLD, mb):
+        return _objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
 
     def micro(totals, xs):
-        return jax.tree.map(jnp.add, totals, head(*xs)), None
+        return jax.tree.map(jnp.add, totals, tail(*xs)), None
 
-    zero = jnp.float32(0)
-    init = (zero, {"den": zero, "loss_tokens": zero})
-    totals, _ = jax.lax.scan(micro, init, (hidden_MBLD, batch))
+    xs = (hidden_MBLD, ref_hidden_MBLD, batch)
+    shapes = jax.eval_shape(tail, *jax.tree.map(lambda x: x[0], xs))
+    init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    totals, _ = jax.lax.scan(micro, init, xs)
     return totals
 
 
@@ -244,19 +295,17 @@ def _pipeline_accumulate(
 ) -> Callable:
     """``(params, frozen, batch, rng, reference) -> (grads, num, sums)`` with all
     micro-batches differentiated at once through the pipeline schedule (with respect to
-    ``params``; the sft loss only, config.validate refuses the others)."""
+    ``params``)."""
 
-    def loss(params, frozen, batch, rng):
+    def loss(params, frozen, batch, rng, reference):
         full = model_params(params, frozen)
-        return _pipelined_loss(
-            model, full, batch, rng, dropout_rates, deterministic, step_cfg, layer_specs
-        )
+        return _pipelined_loss(model, full, batch, rng, dropout_rates, deterministic,
+                               step_cfg, layer_specs, reference)  # fmt: skip
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def accumulate(params: Any, frozen: Any, batch: dict, rng: jax.Array, reference: Any):
-        del reference
-        (num, sums), grads = grad_fn(params, frozen, batch, rng)
+        (num, sums), grads = grad_fn(params, frozen, batch, rng, reference)
         return grads, num, sums
 
     return accumulate
@@ -374,6 +423,47 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
+def _eval_trunk(
+    model: Llama, step_cfg: StepConfig, layer_specs: Any, params: Any, batch: dict
+) -> jax.Array:
+    """Decoder outputs ``[B, L, D]`` of one micro-batch without dropout.  With pipeline
+    stages the batch goes through the schedule as one micro-batch: the plain scan over a
+    stage-sharded layer stack would make XLA all-gather every layer onto every device
+    (the whole model, for 70B)."""
+    key, zero = jax.random.key(0), jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
+    if step_cfg.pipeline_stages == 1:
+        return _trunk(model, params, batch, key, zero, True)
+    stacked = jax.tree.map(lambda x: x[None], batch)
+    return pipeline_parallel.pipeline_hidden(
+        model.cfg, params, stacked, key, zero, stages=step_cfg.pipeline_stages,
+        layer_specs=layer_specs, deterministic=True,
+    )[0]  # fmt: skip
+
+
+def _eval_terms(
+    model: Llama, step_cfg: StepConfig, layer_specs: Any, params: Any, batch: dict,
+    reference: Any = None,
+):  # fmt: skip
+    """``(numerator, sums)`` of one micro-batch without dropout (:func:`_eval_trunk`)."""
+    trunk = partial(_eval_trunk, model, step_cfg, layer_specs)
+    ref_x_BLD = trunk(reference, batch) if step_cfg.on_the_fly_reference else None
+    return _objective_terms(model, params, trunk(params, batch), batch, step_cfg, reference,
+                            ref_x_BLD)  # fmt: skip
+
+
+def make_sequence_logps(model: Llama, step_cfg: StepConfig, layer_specs: Any = None) -> Callable:
+    """``(params, batch) -> [S]``: each slot's summed reply log-probs of one rm/dpo
+    micro-batch without dropout (:func:`_eval_trunk`), what a DPO reference pre-pass
+    stores."""
+
+    def logps_fn(params: Any, batch: dict) -> jax.Array:
+        x_BLD = _eval_trunk(model, step_cfg, layer_specs, params, batch)
+        logits = model.apply({"params": params}, x_BLD, method=Llama.head)
+        return _sequence_logps(logits, batch, step_cfg)
+
+    return logps_fn
+
+
 def make_eval_step(
     model: Llama, step_cfg: StepConfig, layer_specs: Any = None
 ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array, jax.Array]]:
@@ -382,52 +472,22 @@ def make_eval_step(
     The loss terms of one micro-batch as the train step computes them (same
     ``loss_normalization`` and ``micro_batch_size``), so an evaluation that sums
     them over its micro-batches and divides normalises its loss as training does.
-    With pipeline stages the batch goes through the schedule as one micro-batch:
-    the plain scan over a stage-sharded layer stack would make XLA all-gather
-    every layer onto every device (the whole model, for 70B).
     """
-    cfg = model.cfg
-    pipeline_stages = step_cfg.pipeline_stages
-
-    def logits_fn(params: Any, batch: dict) -> jax.Array:
-        if pipeline_stages == 1:
-            return model.apply(
-                {"params": params},
-                batch["inputs"],
-                positions_BL=batch["positions"],
-                segment_ids_BL=batch["segment_ids"],
-            )
-        hidden_1BLD = pipeline_parallel.pipeline_hidden(
-            cfg,
-            params,
-            jax.tree.map(lambda x: x[None], batch),
-            jax.random.key(0),
-            jnp.zeros((cfg.num_hidden_layers,), jnp.float32),
-            stages=pipeline_stages,
-            layer_specs=layer_specs,
-            deterministic=True,
-        )
-        return model.apply({"params": params}, hidden_1BLD[0], method=Llama.head)
 
     def eval_fn(params: Any, batch: dict):
-        num, sums = _loss_terms(logits_fn(params, batch), batch, step_cfg)
+        num, sums = _eval_terms(model, step_cfg, layer_specs, params, batch)
         return num, sums["den"], sums["loss_tokens"]
 
     return eval_fn
 
 
-def make_preference_eval_step(model: Llama, step_cfg: StepConfig) -> Callable:
+def make_preference_eval_step(
+    model: Llama, step_cfg: StepConfig, layer_specs: Any = None
+) -> Callable:
     """``(params, batch, reference) -> (numerator, sums)`` of one rm/dpo micro-batch
     (no dropout): summed over an evaluation's micro-batches and passed to
     :func:`finish_metrics`, the val metrics weigh prompts / pairs as training does."""
-
-    def eval_fn(params: Any, batch: dict, reference: Any):
-        zero = jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
-        return _microbatch_loss(
-            model, params, batch, jax.random.key(0), zero, True, step_cfg, reference
-        )
-
-    return eval_fn
+    return partial(_eval_terms, model, step_cfg, layer_specs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,6 +512,8 @@ class CompiledTrainer:
     # the random base of a run without ``load`` (PRNG key -> base); else None
     abstract_base: Any = None
     random_base: Callable[[jax.Array], Any] | None = None
+    # dpo: make_sequence_logps's (params, batch) -> [S], the reference pre-pass; else None
+    sequence_logps: Callable[[Any, dict], jax.Array] | None = None
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
@@ -502,7 +564,7 @@ def build_trainer(
         eval_shard = lora.merge(p_shard, f_shard)
 
         def from_base(base: Any, key: jax.Array) -> dict:
-            # only the adapters of a full init are used: XLA drops the rest of it
+            # only the trained leaves of a full init are used: XLA drops the rest of it
             adapters = lora.split(init_params(key))[0]
             return init_state(adapters, tx, lora.freeze(base, cfg))
 
@@ -542,11 +604,6 @@ def build_trainer(
             return state["params"]
 
         random_base = None
-    if cfg.lora_rank and cfg.score_head:
-        raise ValueError(
-            "config: objective='rm' with lora.rank > 0: the score head would be frozen with "
-            "the base (oasst_jax/lora.py trains adapters only); train the reward model fully"
-        )
 
     b_shard = batch_shardings(mesh, step_cfg, leading=(None,))
     step = jax.jit(
@@ -561,7 +618,10 @@ def build_trainer(
             in_shardings=(eval_shard, sharding.batch_sharding(mesh)),
         )
     else:  # the reference (None, or a tree) comes sharded as the state holds it
-        eval_fn = jax.jit(make_preference_eval_step(model, step_cfg))
+        eval_fn = jax.jit(make_preference_eval_step(model, step_cfg, layer_specs))
+    logps_fn = None
+    if step_cfg.objective == "dpo":
+        logps_fn = jax.jit(make_sequence_logps(model, step_cfg, layer_specs))
     return CompiledTrainer(
         param_shardings=p_shard,
         state_shardings=s_shard,
@@ -575,4 +635,5 @@ def build_trainer(
         step_cfg=step_cfg,
         abstract_base=abstract_base,
         random_base=None if random_base is None else jax.jit(random_base, out_shardings=base_shard),
+        sequence_logps=logps_fn,
     )

@@ -602,7 +602,7 @@ def _micro_batches(rm_data, sp_model_path, kind, n, rows=4):
     return [next(it) for _ in range(n)]
 
 
-def _trainer(model_cfg, kind, accum, mesh, lr=1e-2, reference="on_the_fly"):
+def _trainer(model_cfg, kind, accum, mesh, lr=1e-2, reference="on_the_fly", stages=1):
     from oasst_jax import optim
     from oasst_jax.config import base_config
     from oasst_jax.model import Llama
@@ -611,8 +611,8 @@ def _trainer(model_cfg, kind, accum, mesh, lr=1e-2, reference="on_the_fly"):
     oc = base_config().optim
     oc.lr, oc.min_lr, oc.lr_warmup_iters, oc.weight_decay = lr, lr / 10, 1, 0.0
     beta = 0.1 if kind == "dpo" else 0.001
-    sc = StepConfig(accum, 4, objective=kind, num_sequences=8, num_groups=4, beta=beta,
-                    reference=reference)  # fmt: skip
+    sc = StepConfig(accum, 4, pipeline_stages=stages, objective=kind, num_sequences=8,
+                    num_groups=4, beta=beta, reference=reference)  # fmt: skip
     rates = np.zeros(model_cfg.num_hidden_layers, np.float32)
     return build_trainer(Llama(model_cfg), optim.make_optimizer(oc, 50), optim.schedule(oc, 50),
                          sc, rates, mesh)  # fmt: skip
@@ -628,38 +628,74 @@ def jax_put(x, s):
     return jax.device_put(np.asarray(x), s)
 
 
-@pytest.mark.parametrize("kind", ["rm", "dpo"])
+MESHES = ({}, {"fsdp": 2, "sequence": 2, "tensor": 2}, {"pipeline": 2, "fsdp": 2, "tensor": 2})
+
+
+def _trainer_on(model_cfg, kind, shape):
+    """``(trainer, mesh)`` of 2 micro-batches on ``shape`` (``{}``: one device)."""
+    import jax
+
+    from oasst_jax import sharding
+
+    mesh = sharding.make_mesh(shape, jax.devices()[:1] if not shape else None)
+    with jax.set_mesh(mesh):
+        return _trainer(model_cfg, kind, 2, mesh, stages=shape.get("pipeline", 1)), mesh
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo", "rm-lora"])
 def test_preference_steps_sharded_equal_single_device(rm_data, sp_model_path, kind):
-    """Three steps of 2 stacked micro-batches on one device and on fsdp 2 x sequence 2 x
-    tensor 2: same losses, metrics and parameters (1e-5)."""
+    """Three steps of 2 stacked micro-batches on one device, on fsdp 2 x sequence 2 x
+    tensor 2 and on pipeline 2 x fsdp 2 x tensor 2 (GPipe; DPO's on-the-fly reference
+    through the same schedule): same losses, metrics, parameters and val terms (1e-5).
+    ``rm-lora`` (one device and the pipeline): a LoRA reward model trains its adapters and
+    its new score head, and nothing else; the frozen base stays bit for bit."""
     import jax
     from conftest import max_diff
 
-    from oasst_jax import sharding
+    from oasst_jax import lora
     from oasst_jax.data.preference import stack
+    from oasst_jax.train_step import reference_params
 
-    model_cfg = _tiny(sp_model_path, score_head=kind == "rm")
-    batch = stack(_micro_batches(rm_data, sp_model_path, kind, 2))
+    objective = kind.removesuffix("-lora")
+    adapters = dict(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj,down_proj",
+                    lora_base_dtype="float32") if kind == "rm-lora" else {}  # fmt: skip
+    model_cfg = _tiny(sp_model_path, score_head=objective == "rm", **adapters)
+    micro = _micro_batches(rm_data, sp_model_path, objective, 2)
+    batch = stack(micro)
+    meshes = MESHES[::2] if adapters else MESHES
     out = []
-    for shape, devices in (({}, jax.devices()[:1]), ({"fsdp": 2, "sequence": 2, "tensor": 2},
-                                                     None)):  # fmt: skip
-        mesh = sharding.make_mesh(shape, devices)
+    for shape in meshes:
+        t, mesh = _trainer_on(model_cfg, objective, shape)
         with jax.set_mesh(mesh):
-            t = _trainer(model_cfg, kind, 2, mesh)
             state = t.init_random(jax.random.key(0))
+            fresh = jax.device_get(state)
             ms = []
             for _ in range(3):  # the first update is 0 (warm-up starts at lr 0)
                 state, m = t.step(state, _place(t, batch))
                 ms.append({k: float(v) for k, v in m.items()})
-            out.append((ms, jax.device_get(state["params"])))
-    (m1, p1), (m8, p8) = out
-    for a, b in zip(m1, m8, strict=True):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    assert max_diff(p1, p8) < 1e-5
-    key = "num_prompts" if kind == "rm" else "num_pairs"
+            ref = reference_params(state, t.step_cfg)
+            val = t.eval(t.eval_params(state), _place_eval(t, micro[1]), ref)
+            out.append((ms, jax.device_get(state["params"]), jax.device_get(val)))
+        if adapters:
+            paths = [tuple(k.key for k in p)
+                     for p, _ in jax.tree_util.tree_leaves_with_path(out[-1][1])]  # fmt: skip
+            others = [p for p in paths if p != lora.SCORE_HEAD]
+            assert len(others) < len(paths) and others
+            assert all(p[-1].endswith(lora.ADAPTER_SUFFIXES) for p in others), paths
+            assert max_diff(fresh["frozen"], jax.device_get(state["frozen"])) == 0.0
+            moved = out[-1][1]["score"]["kernel"] - fresh["params"]["score"]["kernel"]
+            assert np.abs(moved).max() > 1e-4
+    m1, p1, v1 = out[0]
+    for shape, (m8, p8, v8) in zip(meshes[1:], out[1:], strict=True):
+        for a, b in zip(m1, m8, strict=True):
+            for k in a:
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (shape, k, a[k], b[k])
+        assert max_diff(p1, p8) < 1e-5, shape
+        for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v8), strict=True):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (shape, a, b)  # log-probs ~ -250
+    key = "num_prompts" if objective == "rm" else "num_pairs"
     assert m1[0][key] == float((batch["group_example"] >= 0).sum())  # every group counted
-    if kind == "rm":
+    if objective == "rm":
         assert "score" in p1 and m1[2]["loss"] < m1[0]["loss"]
 
 
@@ -769,24 +805,45 @@ def _rows(workdir):
         return {m["step"]: m for m in map(json.loads, f)}
 
 
+@pytest.fixture(scope="module")
+def lm_ckpt(rm_data, sp_model_path, tmp_path_factory):
+    """A language model's checkpoints (one step of a DPO run: no score head), the base
+    that rm runs start from."""
+    from oasst_jax import train
+
+    lm = tmp_path_factory.mktemp("lm")
+    train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=1, eval_interval=0))
+    return lm / "checkpoints"
+
+
+@pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
 def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
-    rm_data, sp_model_path, tmp_path
+    rm_data, sp_model_path, lm_ckpt, tmp_path, rank
 ):
     """configs/tiny_rm.py (smaller model) for 4 steps in one go, and stopped after 2 then
     resumed: identical metrics (train and val) and weights.  ``convert rm-to-hf`` of the
-    result: transformers' LlamaForSequenceClassification scores equal ours (1e-4)."""
+    result: transformers' LlamaForSequenceClassification scores equal ours (1e-4).  With
+    ``lora.rank`` over a language model's checkpoint (``load=``): the checkpoints hold the
+    adapters and the score head only, the head moves, and the export merges the adapters
+    into that base (ours: the LoRA model on base + trained leaves)."""
     import jax
     import torch
     import transformers
 
-    from oasst_jax import checkpoint, convert, train
+    from oasst_jax import checkpoint, convert, lora, train
     from oasst_jax.model import Llama
 
+    def config(workdir, **overrides):
+        extra = {"load": str(lm_ckpt)} if rank else {}
+        cfg = _run_cfg(rm_data, sp_model_path, workdir, "rm", **extra, **overrides)
+        cfg.lora.update(LORA if rank else {})
+        return cfg
+
     one, two = tmp_path / "one", tmp_path / "two"
-    train.run(_run_cfg(rm_data, sp_model_path, one, "rm"))
-    train.run(_run_cfg(rm_data, sp_model_path, two, "rm", exit_interval=2))
+    train.run(config(one))
+    train.run(config(two, exit_interval=2))
     assert max(_rows(two)) == 2
-    train.run(_run_cfg(rm_data, sp_model_path, two, "rm"))
+    train.run(config(two))
     a, b = _rows(one), _rows(two)
     drop = ("step_time", "tokens_per_s", "mfu")
     for step in (3, 4):
@@ -798,6 +855,15 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     pb = checkpoint.load_weights(str(two / "checkpoints"))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb),
                                                       strict=True))  # fmt: skip
+    params = pa
+    if rank:
+        paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(pa)]
+        others = [p for p in paths if p != lora.SCORE_HEAD]
+        assert len(others) == len(paths) - 1
+        assert all(p[-1].endswith(lora.ADAPTER_SUFFIXES) for p in others), paths
+        at2 = checkpoint.load_weights(str(one / "checkpoints"), step=2)["score"]["kernel"]
+        assert np.abs(pa["score"]["kernel"] - at2).max() > 1e-4
+        params = lora.merge(pa, checkpoint.load_weights(str(lm_ckpt)))
 
     out = tmp_path / "rm_hf"
     convert.main(["rm-to-hf", "--ckpt", str(one / "checkpoints"), "--out", str(out),
@@ -814,22 +880,36 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     with torch.no_grad():
         got = hf(torch.tensor(ids), attention_mask=torch.tensor(ids != 0)).logits.numpy()[:, 0]
     model = Llama(cfg)
-    hidden = model.apply({"params": pa}, ids.astype(np.int32), method=Llama.hidden)
+    hidden = model.apply({"params": params}, ids.astype(np.int32), method=Llama.hidden)
     last = hidden[np.arange(len(seqs)), [len(q) - 1 for q in seqs]]
-    want = np.asarray(model.apply({"params": pa}, last, method=Llama.scores))
+    want = np.asarray(model.apply({"params": params}, last, method=Llama.scores))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.ptp(want) > 1e-3  # trained scores differ between replies
 
 
-def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp_path):
+LORA = {"rank": 4, "alpha": 8.0, "base_dtype": "float32"}
+
+
+@pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
+def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp_path, rank):
     """The reference pre-pass (reference_logps.json) trains exactly as the on-the-fly
-    reference (1e-5); a run whose data settings changed refuses the stored table."""
-    from oasst_jax import train
+    reference (1e-5); a run whose data settings changed refuses the stored table.  With
+    ``lora.rank`` (a random base): the reference is the base with the adapters zeroed, on
+    the fly and in the pre-pass; reward accuracy rises from 0 (policy = reference) and the
+    checkpoint holds only the adapters."""
+    import jax
+
+    from oasst_jax import checkpoint, lora, train
     from oasst_jax.text import DataError
 
+    def config(workdir):
+        cfg = _run_cfg(rm_data, sp_model_path, workdir, "dpo", train_iters=3, save_interval=0)
+        cfg.lora.update(LORA if rank else {})
+        return cfg
+
     fly, pre = tmp_path / "fly", tmp_path / "pre"
-    train.run(_run_cfg(rm_data, sp_model_path, fly, "dpo", train_iters=3, save_interval=0))
-    cfg = _run_cfg(rm_data, sp_model_path, pre, "dpo", train_iters=3, save_interval=0)
+    train.run(config(fly))
+    cfg = config(pre)
     cfg.dpo.reference = "precomputed"
     train.run(cfg)
     assert (pre / "reference_logps.json").is_file()
@@ -839,12 +919,21 @@ def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp
         for k in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "val_loss"):
             if k in a[step]:
                 assert a[step][k] == pytest.approx(b[step][k], abs=1e-5), (step, k)
+    if rank:
+        print("lora dpo reward accuracy:", [a[s]["reward_accuracy"] for s in (1, 2, 3)])
+        assert a[1]["reward_accuracy"] == 0 < a[3]["reward_accuracy"]
+        saved = checkpoint.load_weights(str(pre / "checkpoints"))
+        paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)]
+        assert paths and all(p[-1].endswith(lora.ADAPTER_SUFFIXES) for p in paths), paths
+        return
     cfg.dpo.max_pairs_per_prompt, cfg.train_iters = 1, 4
     with pytest.raises(DataError, match="dpo.max_pairs_per_prompt=4"):
         train.run(cfg)
 
 
-def test_rm_starts_from_a_language_model_with_a_fresh_score_head(rm_data, sp_model_path, tmp_path):
+def test_rm_starts_from_a_language_model_with_a_fresh_score_head(
+    rm_data, sp_model_path, lm_ckpt, tmp_path
+):
     """``load=`` a checkpoint without a score head (an SFT/DPO run's): the trunk is read,
     the head drawn from the seed; step 1's update is 0 (warm-up), so the saved trunk is the
     loaded one bit for bit."""
@@ -852,12 +941,10 @@ def test_rm_starts_from_a_language_model_with_a_fresh_score_head(rm_data, sp_mod
 
     from oasst_jax import checkpoint, train
 
-    lm = tmp_path / "lm"
-    train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=1, eval_interval=0))
     rm = tmp_path / "rm"
     train.run(_run_cfg(rm_data, sp_model_path, rm, "rm", train_iters=1, eval_interval=0,
-                       load=str(lm / "checkpoints"), finetune=True))  # fmt: skip
-    base, got = (checkpoint.load_weights(str(d / "checkpoints")) for d in (lm, rm))
+                       load=str(lm_ckpt), finetune=True))  # fmt: skip
+    base, got = (checkpoint.load_weights(str(d)) for d in (lm_ckpt, rm / "checkpoints"))
     score = got.pop("score")["kernel"]
     assert jax.tree.all(jax.tree.map(np.array_equal, base, got))
     assert score.shape == (32, 1) and 0 < np.std(score) < 0.1

@@ -23,10 +23,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from oasst_jax import checkpoint, files
-from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, llama_to_hf_config, write_json
+from oasst_jax import checkpoint, files, lora
+from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, is_hf_dir, llama_to_hf_config, write_json
 from oasst_jax.hf.convert import check_replaceable, hf_tensors, open_orbax
 from oasst_jax.hf.layout import HEAD_TENSOR, get_path
+from oasst_jax.hf.peft import MergedReader
 from oasst_jax.hf.safetensors_io import parse_size, write_safetensors
 from oasst_jax.hf.tokenizer import write_hf_tokenizer
 from oasst_jax.model import LlamaConfig
@@ -89,7 +90,8 @@ def reward_to_hf(
     tokenizer: str | None = None,
     max_shard_size: str = "5GB",
 ) -> list[str]:
-    """A reward-model run's newest checkpoint (``objective="rm"``) as a HF
+    """A reward-model run's newest checkpoint (``objective="rm"``; a LoRA run's merged
+    into its recorded base, :func:`_lora_reader`) as a HF
     ``LlamaForSequenceClassification``, read one layer at a time (``convert rm-to-hf``)."""
     cfg = checkpoint.load_model_config(ckpt)
     if not cfg.score_head:
@@ -97,11 +99,46 @@ def reward_to_hf(
             f"{ckpt} holds no score head (model.score_head=False): not a reward-model run's "
             "checkpoint (objective='rm'); export a language model with orbax-to-hf"
         )
-    reader, cfg, base = open_orbax(ckpt)
+    reader, cfg, base = _lora_reader(ckpt, cfg) if cfg.lora_rank else open_orbax(ckpt)
     return write_reward_dir(reader, cfg, out, pad_token_id=pad_token_id,
                             dtype=dtype or (hf_dtype(base) if base else "bfloat16"),
                             tokenizer=tokenizer, max_shard_size=max_shard_size,
                             base=base)  # fmt: skip
+
+
+class _ScoredReader:
+    """A reader of the trunk (``read(path, layer)``) that serves the score head from a
+    LoRA run's trained leaves."""
+
+    def __init__(self, trunk: Any, score: np.ndarray):
+        self.trunk, self.score = trunk, score
+
+    def read(self, path: tuple[str, ...], index: int | None = None) -> np.ndarray:
+        return self.score if path == SCORE_PATH else self.trunk.read(path, index)
+
+
+def _lora_reader(ckpt: str, cfg: LlamaConfig) -> tuple[Any, LlamaConfig, dict | None]:
+    """``(reader, plain config, base's hf config)`` of a LoRA reward model: the base its
+    run recorded (``load=``, an orbax checkpoint) with the adapters merged into each target
+    kernel as it is read (``W + (alpha / r) * A @ B``, one layer at a time), and the score
+    head it trained.  A run without a recorded orbax base has nothing to merge into."""
+    meta = checkpoint.load_json_item(ckpt, "meta") or {}
+    path = (meta.get(lora.BASE_META) or {}).get("path")
+    if not path:
+        raise ValueError(
+            f"{ckpt}: a LoRA reward model trained on a random base (no load=): there are no "
+            "base weights to merge its adapters into"
+        )
+    if is_hf_dir(path):
+        raise ValueError(
+            f"{ckpt} was trained on the Hugging Face directory {path}; import it "
+            "(python -m oasst_jax.convert hf-to-orbax) and merge into that checkpoint"
+        )
+    trained, cfg = lora.load_adapters(ckpt)
+    reader, base_cfg, hf = open_orbax(path)
+    checkpoint.check_same_shape(base_cfg, cfg, f"LoRA base {path}")
+    merged = MergedReader(reader, trained, cfg)
+    return _ScoredReader(merged, trained["score"]["kernel"]), lora.base_model_config(cfg), hf
 
 
 def write_reward_dir(
