@@ -1,8 +1,9 @@
 """``python -m oasst_jax.train --config=configs/sft10.py [--config.optim.lr=2e-5 ...]``.
 
-The loop around the jitted step: data, eval, logging, checkpoints, signals.
-Resumes automatically from ``{workdir}/checkpoints``; otherwise starts from
-``load`` (weights only when ``finetune``) or from a random init.
+The loop around the jitted step: data, eval, logging, checkpoints, signals (the rm/dpo
+feeds and the DPO reference pre-pass: ``oasst_jax/preference_feed.py``).  Resumes
+automatically from ``{workdir}/checkpoints``; otherwise starts from ``load`` (weights
+only when ``finetune``) or from a random init.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ from oasst_jax import chatml, checkpoint, decode, distributed, lora, optim, shar
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
-from oasst_jax.data import preference as pref_data
 from oasst_jax.data.pipeline import BATCH_FIELDS
 from oasst_jax.hf.config import is_hf_dir
 from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
-from oasst_jax.preference import sequence_logps
+from oasst_jax.preference_feed import (
+    PreferenceFeed,
+    PreferenceValidation,
+    open_ranked,
+    reference_table,
+)
 from oasst_jax.tokenizer import Tokenizer
 from oasst_jax.train_step import (
     StepConfig,
     all_finite,
-    batch_shardings,
     build_trainer,
-    finish_metrics,
     model_params,
     reference_params,
 )
@@ -248,14 +251,16 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         else:
             table = None
             if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
-                table = reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh)
+                ref = _pre_pass_weights(cfg, model_cfg, trainer, state, restored)
+                splits = ("train", "val") if evaluates(cfg) else ("train",)
+                table = reference_table(cfg, trainer, ref, splits, loss_mask, mesh)
             train_it = PreferenceFeed(
-                cfg, _ranked(cfg, "train"), loss_mask, trainer, accum, train=True,
+                cfg, open_ranked(cfg, "train"), loss_mask, trainer, accum, train=True,
                 table=None if table is None else table["train"],
             )  # fmt: skip
             if evaluates(cfg):
-                val = PreferenceValidation(cfg, _ranked(cfg, "val"), loss_mask, trainer, accum,
-                                           None if table is None else table["val"],
+                val = PreferenceValidation(cfg, open_ranked(cfg, "val"), loss_mask, trainer,
+                                           accum, None if table is None else table["val"],
                                            mesh)  # fmt: skip
         if data_state is not None:
             train_it.set_state(data_state)
@@ -356,6 +361,16 @@ def _reference_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
     if cfg.load:
         return _start_weights(cfg, model_cfg, trainer)
     return trainer.init_random(jax.random.key(cfg.seed))["params"]  # = its reference
+
+
+def _pre_pass_weights(cfg, model_cfg: LlamaConfig, trainer, state: dict, restored) -> Any:
+    """The weights a DPO reference pre-pass runs: a LoRA run's base (adapters off), a
+    fresh state's own params, or ``load=`` again on resume."""
+    if "frozen" in state:
+        return model_params(jax.tree.map(np.zeros_like, state["params"]), state["frozen"])
+    if restored is None:
+        return state["params"]
+    return _reference_weights(cfg, model_cfg, trainer)
 
 
 def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
@@ -591,7 +606,7 @@ def eval_metrics(terms: list) -> dict[str, float]:
     }
 
 
-# ----------------------------------------------------------------------------- data feeds
+# ------------------------------------------------------- the sft feed (rm/dpo: preference_feed)
 
 
 class SftFeed:
@@ -616,155 +631,6 @@ class SftFeed:
             "samples": pipeline.samples_in_batch(host),
         }
         return to_global(host, self.shard, self.shape), stats
-
-
-def _ranked(cfg, split: str) -> Any:
-    return pref_data.open_ranked(cfg.data_path, cfg.data_prefix, split)
-
-
-def preference_config(cfg, rows: int, *, train: bool) -> pref_data.PreferenceConfig:
-    """The rm/dpo batch shape of one micro-batch (``rows`` rows) from the run's config."""
-    p = cfg.preference
-    return pref_data.PreferenceConfig(
-        kind=cfg.objective, seq_length=cfg.seq_length, rows=rows,
-        max_sequences=p.max_sequences, max_groups=p.max_groups, packing=cfg.packing,
-        max_prefix_length=p.max_prefix_length or None, max_replies=cfg.rm.max_replies,
-        pairs=cfg.dpo.pairs, max_pairs_per_prompt=cfg.dpo.max_pairs_per_prompt,
-        seed=cfg.seed, shuffle=train,
-    )  # fmt: skip
-
-
-def preference_to_global(host: dict, shardings: dict) -> dict:
-    """A host rm/dpo batch (every field, each process the same) -> global arrays of the
-    fields the step reads, each process transferring only its devices' slices."""
-    return {
-        k: jax.make_array_from_callback(host[k].shape, s, np.asarray(host[k]).__getitem__)
-        for k, s in shardings.items()
-    }
-
-
-class PreferenceFeed:
-    """rm/dpo global batches: ``accum`` micro-batches of :class:`PreferenceBatches` stacked
-    on the accumulation axis (each micro-batch holds whole groups, so the step's per-prompt
-    or per-pair weighting is exact), plus a precomputed DPO reference's log-probs."""
-
-    def __init__(self, cfg, source, loss_mask, trainer, accum: int, *, train: bool,
-                 table: dict | None = None, repeat: bool = True):  # fmt: skip
-        rows = cfg.global_batch_size // accum
-        pc = preference_config(cfg, rows, train=train)
-        self.it = pref_data.PreferenceBatches(source, pc, loss_mask, repeat=repeat)
-        self.accum, self.table, self.shardings = accum, table, trainer.batch_sharding
-        self.where = os.path.join(cfg.workdir, pref_data.REFERENCE_FILE)
-
-    def get_state(self) -> dict:
-        return self.it.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.it.set_state(state)
-
-    def micro(self) -> dict[str, np.ndarray]:
-        b = next(self.it)
-        if self.table is not None:
-            b["reference_logps"] = pref_data.reference_logps(b, self.table, self.where)
-        return b
-
-    def next(self) -> tuple[dict, dict[str, float]]:
-        host = pref_data.stack([self.micro() for _ in range(self.accum)])
-        stats = {
-            "packing_efficiency": float(np.mean(host["segment_ids"] > 0)),
-            "samples": float(host["sequence_valid"].sum()),
-        }
-        return preference_to_global(host, self.shardings), stats
-
-
-class PreferenceValidation:
-    """rm/dpo evaluation: ``eval_iters`` global batches from a persistent unshuffled stream
-    (as :class:`Validation`), or with ``eval_full`` one pass over the split; metrics summed
-    per micro-batch and finished as the train step's, prefixed ``val_``."""
-
-    def __init__(self, cfg, source, loss_mask, trainer, accum: int, table, mesh):
-        self.cfg, self.source, self.loss_mask, self.trainer = cfg, source, loss_mask, trainer
-        self.accum, self.table, self.name = accum, table, _split_name(cfg, "val")
-        self.shardings = batch_shardings(mesh, trainer.step_cfg)
-        self.stream = None if cfg.eval_full else self._feed(repeat=True)
-
-    def _feed(self, repeat: bool) -> PreferenceFeed:
-        return PreferenceFeed(self.cfg, self.source, self.loss_mask, self.trainer, self.accum,
-                              train=False, table=self.table, repeat=repeat)  # fmt: skip
-
-    def get_state(self) -> dict | None:
-        return None if self.stream is None else self.stream.get_state()
-
-    def set_state(self, state: dict) -> None:
-        if self.stream is not None:
-            self.stream.set_state(state)
-
-    def _micro_batches(self):
-        if self.stream is not None:
-            for _ in range(self.cfg.eval_iters * self.accum):
-                yield self.stream.micro()
-            return
-        yield from iter(self._feed(repeat=False).micro, None)  # until the pass ends
-
-    def __call__(self, params: Any, reference: Any) -> dict[str, float]:
-        terms = [self.trainer.eval(params, preference_to_global(b, self.shardings), reference)
-                 for b in self._micro_batches()]  # fmt: skip
-        if not terms:
-            raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")
-        num, sums = jax.tree.map(lambda *x: sum(np.float64(v) for v in x), *terms)
-        m = finish_metrics(num, sums, self.trainer.step_cfg)
-        return {f"val_{k}": float(v) for k, v in m.items()}
-
-
-# ----------------------------------------------------------------------------- DPO reference
-
-
-def reference_table(cfg, model_cfg, trainer, state, restored, loss_mask, mesh) -> dict:
-    """The precomputed reference log-probs of every (pair, reply) sequence of the train and
-    val splits: read from ``{workdir}/reference_logps.json`` when it was made from the same
-    data and weights, else computed once from the reference weights (a fresh state's own
-    params, a LoRA run's base, or ``load=`` again on resume) and written atomically."""
-    if "frozen" in state:
-        ref = model_params(jax.tree.map(np.zeros_like, state["params"]), state["frozen"])
-    elif restored is None:
-        ref = state["params"]
-    else:
-        ref = _reference_weights(cfg, model_cfg, trainer)
-    splits = ("train", "val") if evaluates(cfg) else ("train",)
-    identity = {
-        "reference": lora.fingerprint(ref),
-        "load": cfg.load,
-        **{f"data_{s}": _ranked(cfg, s).pieces.metadata for s in splits},
-        **{k: cfg[k] for k in ("seq_length", "packing", "loss_on")},
-        **{f"dpo.{k}": cfg.dpo[k] for k in ("pairs", "max_pairs_per_prompt")},
-        "preference.max_prefix_length": cfg.preference.max_prefix_length,
-    }
-    path = os.path.join(cfg.workdir, pref_data.REFERENCE_FILE)
-    table = pref_data.load_reference(path, identity)
-    if table is not None:
-        return table
-    table: dict[str, dict[tuple, float]] = {}
-    logps_fn = jax.jit(functools.partial(_summed_logps, Llama(model_cfg), cfg.preference))
-    shardings = batch_shardings(mesh, trainer.step_cfg)
-    rows = cfg.global_batch_size // trainer.step_cfg.accumulation_steps
-    for split in splits:
-        table[split] = {}
-        pc = preference_config(cfg, rows, train=False)
-        for b in pref_data.PreferenceBatches(_ranked(cfg, split), pc, loss_mask, repeat=False):
-            b["reference_logps"] = np.zeros(b["sequence_valid"].shape, np.float32)
-            got = np.asarray(jax.device_get(logps_fn(ref, preference_to_global(b, shardings))))
-            table[split].update({k: float(got[slot]) for slot, k in pref_data.pair_keys(b)})
-    if jax.process_index() == 0:
-        os.makedirs(cfg.workdir, exist_ok=True)
-        pref_data.save_reference(path, identity, table)
-    _log(f"reference log-probs of {sum(map(len, table.values()))} sequences written to {path}")
-    return table
-
-
-def _summed_logps(model: Llama, pcfg, params: Any, b: dict) -> jax.Array:
-    logits = model.apply({"params": params}, b["inputs"], positions_BL=b["positions"],
-                         segment_ids_BL=b["segment_ids"])  # fmt: skip
-    return sequence_logps(logits, b["targets"], b["weights"], b["sequence_ids"], pcfg.max_sequences)
 
 
 if __name__ == "__main__":
