@@ -31,12 +31,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from jax.sharding import Mesh
 
 from oasst_jax import sharding
 from oasst_jax.chatml import prompt_ids
-from oasst_jax.model import Llama, LlamaConfig, abstract_params
+from oasst_jax.model import CACHE_KV_NAMES, DecoderLayer, KVCache, Llama, LlamaConfig
 from oasst_jax.tokenizer import Tokenizer
 
 PAD_ID = 0  # what fills left padding; masked, so any valid id works
@@ -63,7 +62,7 @@ class SamplingParams:
 
 
 class DecodeState(NamedTuple):
-    cache: Any
+    cache: Cache
     token_B: jax.Array  # last sampled token: the next step's input
     position_B: jax.Array  # its position
     seen_BV: jax.Array  # bool: ids in the prompt or sampled (repetition penalty)
@@ -102,20 +101,37 @@ def left_pad(
     return tokens, segments, positions
 
 
-def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) -> Any:
-    """A zero KV cache of ``length`` slots, sharded by its logical axes under ``mesh``."""
-    tokens = jnp.zeros((batch, length), jnp.int32)
+class Cache(NamedTuple):
+    """The KV cache: one :class:`model.KVCache`'s keys and values per layer (separate
+    arrays, so each layer's attention reads its own in place), and the slots' segment ids
+    and next free slot, which all layers share."""
 
-    def create(params):
-        _, v = model.apply({"params": params}, tokens, positions_BL=tokens, mutable=["cache"])
-        return v["cache"]
+    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, slots, Dh]
+    v: tuple[jax.Array, ...]
+    segment_ids: jax.Array  # [B, slots]: 0 = padding or empty, masked
+    index: jax.Array  # the next call writes from this slot on
 
-    params = nn.meta.unbox(abstract_params(model))
-    boxed = jax.eval_shape(create, params)
-    abstract = nn.meta.unbox(boxed)
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, mesh: Mesh | None = None) -> Cache:
+    """A zero KV cache of ``length`` slots, sharded by its logical axes under ``mesh``
+    (kv heads over ``tensor``, rows over the batch axes)."""
+    kv_shape = (batch, cfg.num_key_value_heads, length, cfg.head_size)
+    layers = cfg.num_hidden_layers
+    abstract = Cache(
+        k=(jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype)),) * layers,
+        v=(jax.ShapeDtypeStruct(kv_shape, jnp.dtype(cfg.dtype)),) * layers,
+        segment_ids=jax.ShapeDtypeStruct((batch, length), jnp.int32),
+        index=jax.ShapeDtypeStruct((), jnp.int32),
+    )
     shardings = None
     if mesh is not None:
-        shardings = sharding.tree_shardings(mesh, nn.get_partition_spec(boxed))
+        kv = sharding.logical_sharding(mesh, CACHE_KV_NAMES)
+        shardings = Cache(
+            k=(kv,) * layers,
+            v=(kv,) * layers,
+            segment_ids=sharding.logical_sharding(mesh, ("batch", None)),
+            index=sharding.logical_sharding(mesh, ()),
+        )
 
     def zeros():
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
@@ -123,42 +139,57 @@ def init_cache(model: Llama, batch: int, length: int, mesh: Mesh | None = None) 
     return jax.jit(zeros, out_shardings=shardings)()
 
 
+def split_layers(params: Any, num_layers: int) -> list[Any]:
+    """The decoder's stacked ``[layers, ...]`` weights as one tree per layer.
+
+    Decoding runs its layers unrolled on these rather than scanning the stacked weights:
+    a scan slices (copies) every layer's weights out of the stack at every step, which
+    took as long as the step's matmuls on CPU.  Splitting inside a jitted generation is
+    loop-invariant, so it happens once per call, at the cost of a second copy of the
+    decoder weights while the call runs.
+    """
+    stacked = params["decoder"]["layers"]
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+
+
 def forward(
-    module: Llama,
+    model: Llama,
+    params: Any,
+    layers: Sequence[Any],
+    cache: Cache,
     tokens_BL: jax.Array,
     positions_BL: jax.Array,
     segment_ids_BL: jax.Array,
-) -> jax.Array:
-    """The cached model's fp32 logits ``[B, V]`` of the last position only.
+) -> tuple[jax.Array, Cache]:
+    """``(fp32 logits [B, V] of the last position, the cache with this call written)``.
 
-    Applied as ``model.apply(..., method=forward)``: ``Llama.__call__`` with two
-    inference shortcuts that change no value.  The LM head runs on the last position
-    only (a prompt's other logits are never read; over the whole prompt the head cost
-    as much as all of a small model's layers), and the embedding is a row gather
-    rather than training's one-hot matmul (an exact lookup either way; the matmul
-    reads the whole table for every token).
+    ``Llama.__call__``'s values with three inference shortcuts.  The layers run unrolled
+    on :func:`split_layers`' weights, carrying each layer's :class:`model.KVCache`.  The
+    LM head runs on the last position only (a prompt's other logits are never read; over
+    the whole prompt the head cost as much as all of a small model's layers).  The
+    embedding is a row gather rather than training's one-hot matmul (an exact lookup
+    either way; the matmul reads the whole table for every token).
     """
-    c = module.cfg
+    c = model.cfg
     # the table gathered whole first (what the lookup needs anyway): a gather from the
     # fsdp x tensor-sharded table into batch-sharded rows is one XLA cannot partition
-    table_VD = sharding.constrain(module.embedding, (None, None))
+    table_VD = sharding.constrain(params["embedding"], (None, None))
     x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(c.dtype)
     x_BLD = sharding.constrain(x_BLD, ("batch", "length", "act_embed"))
-    rates = jnp.zeros((c.num_hidden_layers,), jnp.float32)
-    x_BLD = module.decoder(x_BLD, positions_BL, segment_ids_BL, rates, True)
-    return module.head(x_BLD[:, -1:])[:, 0]
-
-
-def _apply(model: Llama, params, cache, tokens_BL, positions_BL, segment_ids_BL):
-    """``(last logits [B, V], updated cache)``."""
-    return model.apply(
-        {"params": params, "cache": cache},
-        tokens_BL,
-        positions_BL,
-        segment_ids_BL,
-        method=forward,
-        mutable=["cache"],
+    segments = jax.lax.dynamic_update_slice(
+        cache.segment_ids, segment_ids_BL.astype(jnp.int32), (0, cache.index)
     )
+    layer = DecoderLayer(c)
+    ks, vs = [], []
+    for layer_params, k, v in zip(layers, cache.k, cache.v, strict=True):
+        kv = KVCache(k=k, v=v, segment_ids=segments, index=cache.index)
+        carry = (x_BLD, positions_BL, segment_ids_BL, kv)
+        (x_BLD, _, _, kv), _ = layer.apply({"params": layer_params}, carry, 0.0, True)
+        ks.append(kv.k)
+        vs.append(kv.v)
+    logits_BV = model.apply({"params": params}, x_BLD[:, -1:], method=Llama.head)[:, 0]
+    index = cache.index + tokens_BL.shape[1]
+    return logits_BV, Cache(tuple(ks), tuple(vs), segments, index)
 
 
 def seen_mask(tokens_BP: jax.Array, segments_BP: jax.Array, vocab: int) -> jax.Array:
@@ -219,7 +250,8 @@ def prefill(
     sp: SamplingParams,
     stop_ids: tuple[int, ...],
     params: Any,
-    cache: Any,
+    layers: Sequence[Any],
+    cache: Cache,
     tokens_BP: jax.Array,
     segments_BP: jax.Array,
     positions_BP: jax.Array,
@@ -227,11 +259,12 @@ def prefill(
     key: jax.Array,
 ) -> DecodeState:
     """Run the prompt through the model, filling the cache from its index on, and sample
-    the first token.  ``seen_BV``: the ids the repetition penalty counts as seen."""
-    logits_BV, v = _apply(model, params, cache, tokens_BP, positions_BP, segments_BP)
+    the first token.  ``layers``: :func:`split_layers` of ``params``; ``seen_BV``: the ids
+    the repetition penalty counts as seen."""
+    logits_BV, cache = forward(model, params, layers, cache, tokens_BP, positions_BP, segments_BP)
     batch = tokens_BP.shape[0]
     state = DecodeState(
-        cache=v["cache"],
+        cache=cache,
         token_B=tokens_BP[:, -1],
         position_B=positions_BP[:, -1],
         seen_BV=seen_BV,
@@ -244,27 +277,37 @@ def prefill(
 
 
 def decode_step(
-    model: Llama, sp: SamplingParams, stop_ids: tuple[int, ...], params, state: DecodeState, key
+    model: Llama,
+    sp: SamplingParams,
+    stop_ids: tuple[int, ...],
+    params: Any,
+    layers: Sequence[Any],
+    state: DecodeState,
+    key: jax.Array,
 ) -> DecodeState:
     """Feed the last token through the cached model and sample the next one."""
-    logits_BV, v = _apply(
+    logits_BV, cache = forward(
         model,
         params,
+        layers,
         state.cache,
         state.token_B[:, None],
         state.position_B[:, None],
         jnp.ones_like(state.token_B)[:, None],
     )
     token = choose(logits_BV, state.seen_BV, jax.random.fold_in(key, state.step), sp)
-    return _record(state._replace(cache=v["cache"]), token, stop_ids)
+    return _record(state._replace(cache=cache), token, stop_ids)
 
 
 def _generate(model, sp, stop_ids, params, cache, tokens, segments, positions, key):
     seen = seen_mask(tokens, segments, model.cfg.padded_vocab_size)
-    state = prefill(model, sp, stop_ids, params, cache, tokens, segments, positions, seen, key)
+    layers = split_layers(params, model.cfg.num_hidden_layers)
+    state = prefill(
+        model, sp, stop_ids, params, layers, cache, tokens, segments, positions, seen, key
+    )
     state = jax.lax.while_loop(
         lambda s: (s.step < sp.max_new_tokens) & ~jnp.all(s.done_B),
-        lambda s: decode_step(model, sp, stop_ids, params, s, key),
+        lambda s: decode_step(model, sp, stop_ids, params, layers, s, key),
         state,
     )
     return sharding.constrain(state.out_BN, (None, None))  # replicated: every host reads it
@@ -274,6 +317,7 @@ _STATIC = ("model", "sp", "stop_ids")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 _prefill_jit = jax.jit(prefill, static_argnames=_STATIC, donate_argnames=("cache",))
 _step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
+_split_jit = jax.jit(split_layers, static_argnums=1)
 
 
 def trim(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
@@ -299,7 +343,7 @@ def _setup(cfg, prompts, sp, mesh, seed):
             f"(max_position_embeddings={cfg.max_position_embeddings}), leaving no room to generate"
         )
     sp = dataclasses.replace(sp, max_new_tokens=min(sp.max_new_tokens, room))
-    cache = init_cache(model, len(prompts), tokens.shape[1] + sp.max_new_tokens, mesh)
+    cache = init_cache(model.cfg, len(prompts), tokens.shape[1] + sp.max_new_tokens, mesh)
     return model, sp, cache, (tokens, segments, positions, jax.random.key(seed))
 
 
@@ -368,7 +412,8 @@ class Chat:
     repetition penalty included: the penalty's seen ids are the whole history's.
 
     ``history`` is the conversation's ids (prompts, replies, closing tokens) in the order
-    the model reads them; ``prefilled`` the ids each turn prefilled.
+    the model reads them; ``prefilled`` the ids each turn prefilled.  The chat keeps its
+    own per-layer copy of the decoder weights (:func:`split_layers`), made once.
     """
 
     def __init__(
@@ -386,6 +431,8 @@ class Chat:
     ):
         self.params, self.cfg, self.sp, self.mesh = params, cfg, sp, mesh
         self.model = Llama(inference_config(cfg))
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            self.layers = _split_jit(params, cfg.num_hidden_layers)
         self.stop = tuple(sorted({int(s) for s in stop_ids}))
         self.key = jax.random.key(seed)
         self.capacity = capacity or _round_up(cfg.max_position_embeddings)
@@ -424,7 +471,7 @@ class Chat:
                     f"a {len(todo)}-token prompt and {limit} new tokens do not fit a "
                     f"{self.capacity}-slot KV cache"
                 )
-            cache = init_cache(self.model, 1, self.capacity, self.mesh)
+            cache = init_cache(self.model.cfg, 1, self.capacity, self.mesh)
         else:
             cache, self._state = self._state.cache, None  # donated to prefill
         tokens, segments, positions = left_pad([todo])
@@ -433,7 +480,9 @@ class Chat:
         args = (tokens, segments, positions + self._cached, seen, self.key)
         self.prefilled.append(len(todo))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            state = _prefill_jit(self.model, self.sp, self.stop, self.params, cache, *args)
+            state = _prefill_jit(
+                self.model, self.sp, self.stop, self.params, self.layers, cache, *args
+            )
             self._slots += tokens.shape[1]
             self._cached += len(todo)
             for n in range(1, limit + 1):
@@ -444,7 +493,9 @@ class Chat:
                 yield token
                 if n == limit:
                     break
-                state = _step_jit(self.model, self.sp, self.stop, self.params, state, self.key)
+                state = _step_jit(
+                    self.model, self.sp, self.stop, self.params, self.layers, state, self.key
+                )
                 self._slots += 1
                 self._cached += 1
         self._state = state
@@ -504,8 +555,9 @@ def greedy_replies(
     as they are, so the trainer can log generation samples without a checkpoint round trip.
 
     ``params`` are the train state's (fp32 master weights, sharded by the training rules
-    on ``mesh``): they are read in place, never gathered onto one host; each layer's
-    weights are cast to the compute dtype inside the scanned decoder, one layer at a time.
+    on ``mesh``): never gathered onto one host, but split per layer once per call
+    (:func:`split_layers`), so a second copy of the decoder weights, sharded alike, lives
+    while the replies decode (less than the gradients the train step frees meanwhile).
     The prompts decode as one left-padded batch, padded to a multiple of the mesh's batch
     shards with repeats of the first prompt (dropped from the result), and the generated
     ids come back replicated, so every process of a multi-host job gets all replies.

@@ -30,10 +30,9 @@ from oasst_jax.sharding import constrain
 REMAT_POLICIES = ("none", "full", "selective")
 # Logical axes of the residual stream between the layers' matmul blocks.
 RESIDUAL = ("batch", "res_length", "act_embed")
-# Logical axes of the decoding KV cache ``[layers, batch, kv_heads, slots, head_dim]``: kv
-# heads only (GQA), tensor-parallel like k/v; all layers on every pipeline stage, since
-# the layer scan indexes it by layer.
-CACHE_KV_NAMES = (None, "batch", "act_kv_heads", None, None)
+# Logical axes of a layer's decoding KV cache ``[batch, kv_heads, slots, head_dim]``: kv
+# heads only (GQA), tensor-parallel like k/v.
+CACHE_KV_NAMES = ("batch", "act_kv_heads", None, None)
 ATTENTION_BACKENDS = ("auto", "tpu", "gpu")
 # LoRA targets by their PEFT names (Llama's nn.Linear modules) -> (our module, kernel name,
 # how many leading kernel axes are its input).  Adapters live beside their kernel:
@@ -349,39 +348,36 @@ class Attention(nn.Module):
 
 
 class KVCache(NamedTuple):
-    """The decoding cache as the layer scan carries it: the scan's *carry*, not a
-    per-layer input/output, so a decode step writes only its new slots in place.  As a
-    per-layer ``nn.scan`` variable every step copied the whole ``[layers, ...]`` cache
-    several times over (per-layer slices in, a freshly stacked cache out)."""
+    """One layer's decoding cache, as its attention reads and writes it
+    (``oasst_jax.decode`` keeps one per layer)."""
 
-    k: jax.Array  # [layers, B, kv_heads, slots, Dh]
+    k: jax.Array  # [B, kv_heads, slots, Dh]: kv-head-major, see xla.cached_attention
     v: jax.Array
-    segment_ids: jax.Array  # [B, slots]: 0 = padding or empty, masked
-    index: jax.Array  # the first slot this call writes (its queries' slots start here)
-    layer: jax.Array  # the layer the scan is at
+    segment_ids: jax.Array  # [B, slots], this call's written: 0 = padding or empty, masked
+    index: jax.Array  # the first slot this call writes: its queries sit at slots index ..
 
 
 def cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, kv: KVCache):
-    """Write this call's keys/values at the cache index of this layer, attend to the
-    layer's cache: ``(out [B, L, H, Dh], kv)``.  Always the XLA reference: a few new
-    queries against a cache gain nothing from flash tiling."""
-    start = (kv.layer, 0, 0, kv.index, 0)
+    """Write this call's keys/values at the cache index, attend to the cache:
+    ``(out [B, L, H, Dh], kv)``.  Always the XLA reference: a few new queries against a
+    cache gain nothing from flash tiling."""
 
     def write(cache, new_BLKD):
-        new = jnp.swapaxes(new_BLKD, 1, 2)[None].astype(cache.dtype)
-        return constrain(jax.lax.dynamic_update_slice(cache, new, start), CACHE_KV_NAMES)
+        new = jnp.swapaxes(new_BLKD, 1, 2).astype(cache.dtype)
+        return constrain(
+            jax.lax.dynamic_update_slice(cache, new, (0, 0, kv.index, 0)), CACHE_KV_NAMES
+        )
 
-    k, v = write(kv.k, k_BLKD), write(kv.v, v_BLKD)
+    kv = kv._replace(k=write(kv.k, k_BLKD), v=write(kv.v, v_BLKD))
     out_BLHD = xla.cached_attention(
         q_BLHD,
-        jax.lax.dynamic_index_in_dim(k, kv.layer, keepdims=False),
-        jax.lax.dynamic_index_in_dim(v, kv.layer, keepdims=False),
+        kv.k,
+        kv.v,
         segment_ids=segment_ids_BL,
         kv_segment_ids=kv.segment_ids,
         q_offset=kv.index,
     )
-    out_BLHD = constrain(out_BLHD, ("batch", "length", "act_heads", None))
-    return out_BLHD, kv._replace(k=k, v=v)
+    return constrain(out_BLHD, ("batch", "length", "act_heads", None)), kv
 
 
 class MLP(nn.Module):
@@ -404,7 +400,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm block.  Signature fits ``nn.scan``: ``(carry, per-layer input) -> (carry, None)``.
 
     The per-layer input is this layer's hidden-dropout rate, so LIMA dropout
-    (a rate rising with depth) costs nothing extra inside the scan.
+    (a rate rising with depth) costs nothing extra inside the scan.  The carry is
+    ``(x, positions, segment_ids)``; decoding (``oasst_jax.decode``) appends the layer's
+    :class:`KVCache` and gets it back written.
 
     Megatron sequence parallelism: the residual stream, the norms, dropout and
     the residual adds work on ``res_length`` (the sequence split over the tensor
@@ -427,8 +425,7 @@ class DecoderLayer(nn.Module):
             *kv,
         )
         if kv:
-            h, cache = h
-            kv = [cache._replace(layer=cache.layer + 1)]
+            h, *kv = h
         h = constrain(h, RESIDUAL)
         if not deterministic:
             h = dropout(h, dropout_rate, self.make_rng("dropout"))
@@ -464,51 +461,10 @@ class DecoderStack(nn.Module):
             length=self.cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        decoding = self.is_mutable_collection("cache") and not self.is_initializing()
-        if decoding and segment_ids_BL is None:
-            segment_ids_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
-        carry = (x_BLD, positions_BL, segment_ids_BL)
-        if decoding:
-            kv, commit = self._kv_cache(x_BLD, segment_ids_BL)
-            carry = (*carry, kv)
-        carry, _ = stack(self.cfg, name="layers")(carry, dropout_rates, deterministic)
-        if decoding:
-            commit(carry[3])
-        return carry[0]
-
-    def _kv_cache(self, x_BLD, segment_ids_BL):
-        """``(KVCache, commit)``: the ``cache`` collection's state with this call's segment
-        ids written, and the function that stores the scan's final cache back.
-
-        The first call with a mutable ``cache`` (``decode.init_cache``) creates it: as many
-        slots as that call's tokens, zero segment ids (masked).  Later calls write at its
-        index: queries sit at slots ``index ..``, so causality is by slot.
-        """
-        c = self.cfg
-        b, length = x_BLD.shape[:2]
-        shape = (c.num_hidden_layers, b, c.num_key_value_heads, length, c.head_size)
-        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_KV_NAMES)
-        ck = self.variable("cache", "k", zeros, shape, jnp.dtype(c.dtype))
-        cv = self.variable("cache", "v", zeros, shape, jnp.dtype(c.dtype))
-        seg_zeros = nn.with_logical_partitioning(jnp.zeros, ("batch", None))
-        cs = self.variable("cache", "segment_ids", seg_zeros, (b, length), jnp.int32)
-        ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        index = ci.value
-        kv = KVCache(
-            k=ck.value,
-            v=cv.value,
-            segment_ids=jax.lax.dynamic_update_slice(
-                cs.value, segment_ids_BL.astype(jnp.int32), (0, index)
-            ),
-            index=index,
-            layer=jnp.zeros((), jnp.int32),
+        (x_BLD, _, _), _ = stack(self.cfg, name="layers")(
+            (x_BLD, positions_BL, segment_ids_BL), dropout_rates, deterministic
         )
-
-        def commit(final: KVCache) -> None:
-            ck.value, cv.value, cs.value = final.k, final.v, final.segment_ids
-            ci.value = index + length
-
-        return kv, commit
+        return x_BLD
 
 
 def hidden_dropout_rates(num_layers: int, hidden_dropout: float, lima: bool) -> np.ndarray:
@@ -570,8 +526,6 @@ class Llama(nn.Module):
 
         With ``segment_ids`` the row is a pack of samples: attention stays inside
         each segment and, unless given, positions restart at 0 per segment.
-        Applied with a mutable ``cache`` collection, attention appends to and reads
-        a preallocated KV cache (``oasst_jax.decode``); pass positions explicitly then.
         """
         x_BLD = self.decode(
             tokens_BL,

@@ -124,8 +124,8 @@ def test_sharded_decoding_equals_unsharded(tiny, greedy_batch):
     mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
     with jax.set_mesh(mesh):
         sharded = jax.device_put(params, tree_shardings(mesh, nn.get_partition_spec(boxed)))
-    cache = decode.init_cache(Llama(TINY), 2, 64, mesh)
-    assert cache["decoder"]["k"].sharding.spec[2] == "tensor"  # [layers, B, kv heads, ...]
+    cache = decode.init_cache(TINY, 2, 64, mesh)
+    assert cache.k[0].sharding.spec[1] == "tensor"  # a layer's [B, kv heads, slots, Dh]
     greedy = decode.generate(sharded, TINY, prompts, GREEDY, stop_ids=(), mesh=mesh).ids
     assert greedy == greedy_batch[:2]
     sampled = decode.generate(sharded, TINY, prompts, SAMPLED, stop_ids=(), seed=3, mesh=mesh).ids
