@@ -125,3 +125,11 @@ def test_config_errors_are_one_line():
         519,
         346,
     )
+
+
+@pytest.mark.parametrize("name", ["tiny_rm.py", "tiny_dpo.py"])
+def test_preference_objectives_take_pipeline_stages(name):
+    """rm and dpo run through the pipeline schedule too: a pipelined mesh validates."""
+    cfg = load_config(os.path.join(REPO, "configs", name))
+    cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.fsdp = 2, 1, -1
+    validate(cfg, 8)
