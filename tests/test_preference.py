@@ -864,6 +864,10 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
         at2 = checkpoint.load_weights(str(one / "checkpoints"), step=2)["score"]["kernel"]
         assert np.abs(pa["score"]["kernel"] - at2).max() > 1e-4
         params = lora.merge(pa, checkpoint.load_weights(str(lm_ckpt)))
+        with pytest.raises(SystemExit, match="is a LoRA reward model .* rm-to-hf"):
+            convert.main(["lora-to-peft", "--ckpt", str(one / "checkpoints"),
+                          "--out", str(tmp_path / "peft")])  # fmt: skip
+        assert not (tmp_path / "peft").exists()
 
     out = tmp_path / "rm_hf"
     convert.main(["rm-to-hf", "--ckpt", str(one / "checkpoints"), "--out", str(out),

@@ -82,9 +82,23 @@ def _recorded_base(ckpt: str) -> str | None:
     return (meta.get(lora.BASE_META) or {}).get("path") or None
 
 
+def _causal_lm_adapters(ckpt: str) -> tuple[dict, LlamaConfig]:
+    """:func:`lora.load_adapters` of a language model's LoRA run; a reward model's is
+    refused in one line: it trains a score head too, which neither a causal-LM PEFT
+    adapter nor a merged causal LM has a place for."""
+    adapters, cfg = lora.load_adapters(ckpt)
+    if cfg.score_head:
+        raise ValueError(
+            f"{ckpt} is a LoRA reward model (a score head trained beside the adapters); "
+            "export it with `python -m oasst_jax.convert rm-to-hf`, which merges the "
+            "adapters into its base"
+        )
+    return adapters, cfg
+
+
 def lora_to_peft(ckpt: str, out: str) -> list[str]:
     """Write the newest step's adapters of the LoRA run ``ckpt`` as a PEFT adapter dir."""
-    adapters, cfg = lora.load_adapters(ckpt)
+    adapters, cfg = _causal_lm_adapters(ckpt)
     check_replaceable(out, ADAPTER_EXPORT, "an adapter export")
     with files.atomic_dir(out) as tmp:
         save_file(peft_tensors(adapters, cfg), os.path.join(tmp, ADAPTER_FILE))
@@ -137,7 +151,7 @@ def lora_merged_to_hf(
             "(python -m oasst_jax.convert hf-to-orbax --hf-dir BASE --out CKPT), the kind "
             "load= trained on"
         )
-    adapters, cfg = lora.load_adapters(ckpt)
+    adapters, cfg = _causal_lm_adapters(ckpt)
     reader, base_cfg, hf = open_orbax(base)
     checkpoint.check_same_shape(base_cfg, cfg, f"--base {base}")
     merged = MergedReader(reader, adapters, cfg)
