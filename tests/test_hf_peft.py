@@ -82,6 +82,8 @@ def _torch_logits(model, tokens):
 
 
 def test_peft_loads_the_adapter_with_our_logits(trained, capsys):
+    """``convert lora-to-peft`` writes an adapter that peft's PeftModel, on the exported
+    base, runs to our logits (1e-4); without the adapter they are far off."""
     import peft
     import torch
     import transformers
@@ -102,6 +104,8 @@ def test_peft_loads_the_adapter_with_our_logits(trained, capsys):
 
 
 def test_merged_export_is_base_plus_scaled_ba(trained):
+    """``lora-to-peft --merge``: every tensor is the base's plus (alpha / r) B A of the
+    PEFT export (1e-6), and transformers runs it to our logits (1e-4)."""
     import torch
     import transformers
 
@@ -149,6 +153,8 @@ def test_merged_params_for_sampling(trained):
 
 
 def test_export_refusals_are_one_line(trained, tmp_path):
+    """A non-LoRA checkpoint, ``--merge`` without ``--base`` and a non-empty ``--out`` are
+    refused in one line; the existing file is left alone."""
     with pytest.raises(SystemExit, match="not a LoRA checkpoint"):
         convert_main(["lora-to-peft", "--ckpt", trained["base"], "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--merge needs --base"):

@@ -4,6 +4,7 @@ losses (NumPy, TRL), segment log-probs and the reward-model export."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -631,15 +632,23 @@ def jax_put(x, s):
 MESHES = ({}, {"fsdp": 2, "sequence": 2, "tensor": 2}, {"pipeline": 2, "fsdp": 2, "tensor": 2})
 
 
+_TRAINERS = {}
+
+
 def _trainer_on(model_cfg, kind, shape):
-    """``(trainer, mesh)`` of 2 micro-batches on ``shape`` (``{}``: one device)."""
+    """``(trainer, mesh)`` of 2 micro-batches on ``shape`` (``{}``: one device), built once
+    per session: tests that use the same one share its traced and compiled programs."""
     import jax
 
     from oasst_jax import sharding
 
-    mesh = sharding.make_mesh(shape, jax.devices()[:1] if not shape else None)
-    with jax.set_mesh(mesh):
-        return _trainer(model_cfg, kind, 2, mesh, stages=shape.get("pipeline", 1)), mesh
+    key = (model_cfg, kind, tuple(sorted(shape.items())))
+    if key not in _TRAINERS:
+        mesh = sharding.make_mesh(shape, jax.devices()[:1] if not shape else None)
+        with jax.set_mesh(mesh):
+            t = _trainer(model_cfg, kind, 2, mesh, stages=shape.get("pipeline", 1))
+        _TRAINERS[key] = t, mesh
+    return _TRAINERS[key]
 
 
 @pytest.mark.parametrize("kind", ["rm", "dpo", "rm-lora"])
@@ -726,19 +735,18 @@ def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, 
     """A tiny DPO run (policy and on-the-fly reference from one random init, 12 steps on the
     4 training pairs): reward accuracy on them goes from 0 (policy = reference) to 1;
     our loss on a micro-batch equals TRL's sigmoid loss (its own ``_compute_loss``) on log-
-    probs that transformers computes from the exported policy and reference (1e-4)."""
+    probs that transformers computes from the exported policy and reference (1e-4).  (The
+    one-device trainer of the sharded-step test: its step and eval are compiled once.)"""
     import jax
 
-    from oasst_jax import sharding
     from oasst_jax.data.preference import stack
     from oasst_jax.train_step import finish_metrics
 
     model_cfg = _tiny(sp_model_path)
     micro = _micro_batches(rm_data, sp_model_path, "dpo", 2)
     batch = stack(micro)
-    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    t, mesh = _trainer_on(model_cfg, "dpo", {})
     with jax.set_mesh(mesh):
-        t = _trainer(model_cfg, "dpo", 2, mesh, lr=3e-3)
         state = t.init_random(jax.random.key(1))
 
         def evaluate(state):
@@ -808,11 +816,13 @@ def _rows(workdir):
 @pytest.fixture(scope="module")
 def lm_ckpt(rm_data, sp_model_path, tmp_path_factory):
     """A language model's checkpoints (one step of a DPO run: no score head), the base
-    that rm runs start from."""
+    that rm runs start from.  (A 3-step run stopped after step 1: the step program of
+    test_dpo_precomputed_reference_equals_on_the_fly's on-the-fly run, compiled once.)"""
     from oasst_jax import train
 
     lm = tmp_path_factory.mktemp("lm")
-    train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=1, eval_interval=0))
+    train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=3, exit_interval=1,
+                       eval_interval=0))  # fmt: skip
     return lm / "checkpoints"
 
 
@@ -820,10 +830,11 @@ def lm_ckpt(rm_data, sp_model_path, tmp_path_factory):
 def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     rm_data, sp_model_path, lm_ckpt, tmp_path, rank
 ):
-    """configs/tiny_rm.py (smaller model) for 4 steps in one go, and stopped after 2 then
-    resumed: identical metrics (train and val) and weights.  ``convert rm-to-hf`` of the
+    """configs/tiny_rm.py (smaller model) from a language model's checkpoint for 4 steps in
+    one go, and resumed from that run's step-2 checkpoint (alone in a new workdir):
+    identical metrics (train and val) and weights.  ``convert rm-to-hf`` of the
     result: transformers' LlamaForSequenceClassification scores equal ours (1e-4).  With
-    ``lora.rank`` over a language model's checkpoint (``load=``): the checkpoints hold the
+    ``lora.rank`` over that checkpoint (the frozen base): the checkpoints hold the
     adapters and the score head only, the head moves, and the export merges the adapters
     into that base (ours: the LoRA model on base + trained leaves)."""
     import jax
@@ -834,16 +845,20 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     from oasst_jax.model import Llama
 
     def config(workdir, **overrides):
-        extra = {"load": str(lm_ckpt)} if rank else {}
+        # both from the language model: the full run's start is
+        # test_rm_starts_from_a_language_model_with_a_fresh_score_head's (one compile)
+        extra = {"load": str(lm_ckpt)} if rank else {"load": str(lm_ckpt), "finetune": True}
         cfg = _run_cfg(rm_data, sp_model_path, workdir, "rm", **extra, **overrides)
         cfg.lora.update(LORA if rank else {})
         return cfg
 
     one, two = tmp_path / "one", tmp_path / "two"
     train.run(config(one))
-    train.run(config(two, exit_interval=2))
-    assert max(_rows(two)) == 2
+    # (stopping after 2 steps saves what the uninterrupted run saves at step 2; that
+    # exit_interval stops there is tests/test_train.py's)
+    shutil.copytree(one / "checkpoints" / "2", two / "checkpoints" / "2")
     train.run(config(two))
+    assert sorted(_rows(two)) == [3, 4]  # it resumed at step 2
     a, b = _rows(one), _rows(two)
     drop = ("step_time", "tokens_per_s", "mfu")
     for step in (3, 4):
@@ -946,8 +961,9 @@ def test_rm_starts_from_a_language_model_with_a_fresh_score_head(
     from oasst_jax import checkpoint, train
 
     rm = tmp_path / "rm"
-    train.run(_run_cfg(rm_data, sp_model_path, rm, "rm", train_iters=1, eval_interval=0,
-                       load=str(lm_ckpt), finetune=True))  # fmt: skip
+    # (4 steps stopped after 1: the step program of the rm resume test, compiled once)
+    train.run(_run_cfg(rm_data, sp_model_path, rm, "rm", train_iters=4, exit_interval=1,
+                       eval_interval=0, load=str(lm_ckpt), finetune=True))  # fmt: skip
     base, got = (checkpoint.load_weights(str(d)) for d in (lm_ckpt, rm / "checkpoints"))
     score = got.pop("score")["kernel"]
     assert jax.tree.all(jax.tree.map(np.array_equal, base, got))
