@@ -37,6 +37,9 @@ def _tiny_cfg(sample_data, workdir, **overrides) -> ml_collections.ConfigDict:
     cfg.workdir = str(workdir)
     cfg.seq_length = 128
     cfg.log_interval = 1
+    # the eval-time samples run (their compile and decode) but stay short: their content
+    # is test_train_samples.py's, which decodes the same 4 tokens (one shared compile)
+    cfg.eval_max_new_tokens = 4
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
@@ -64,9 +67,19 @@ def _event_tags(workdir) -> set[str]:
     return tags
 
 
-def test_tiny_config_trains_and_logs(sample_data, tmp_path):
-    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=40, eval_interval=20, save_interval=20)
+@pytest.fixture(scope="module")
+def tiny_run(sample_data, tmp_path_factory):
+    """One 40-step run of the tiny config (eval and save at 20 and 40): its logs are
+    ``test_tiny_config_trains_and_logs``'s, its checkpoints the start of the finetune and
+    refusal tests below (which copy the workdir before writing to it)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    cfg = _tiny_cfg(sample_data, workdir, train_iters=40, eval_interval=20, save_interval=20)
     run(cfg)
+    return workdir, cfg
+
+
+def test_tiny_config_trains_and_logs(tiny_run):
+    tmp_path, _ = tiny_run
     rows = _metrics(tmp_path)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 40
@@ -273,23 +286,22 @@ def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
         run(cfg)
 
 
-def test_finetune_loads_weights_only(sample_data, tmp_path):
-    base = _tiny_cfg(sample_data, tmp_path / "base", train_iters=3, eval_interval=0)
-    run(base)
+def test_finetune_loads_weights_only(sample_data, tmp_path, tiny_run):
+    base_dir, base = tiny_run
     ft = _tiny_cfg(
         sample_data,
         tmp_path / "ft",
         train_iters=1,
         eval_interval=0,
         finetune=True,
-        load=str(tmp_path / "base" / "checkpoints"),
-        optim=base.optim,
+        load=str(base_dir / "checkpoints"),
+        optim=ml_collections.ConfigDict(base.optim.to_dict()),
     )
     ft.optim.lr_warmup_iters = 5  # the first update uses lr 0: weights stay as loaded
     run(ft)
     from oasst_jax import checkpoint
 
-    loaded = checkpoint.load_weights(str(tmp_path / "base" / "checkpoints"))
+    loaded = checkpoint.load_weights(str(base_dir / "checkpoints"))
     after = checkpoint.load_weights(str(tmp_path / "ft" / "checkpoints"))
     assert max_diff(loaded, after) == 0.0
     assert _metrics(tmp_path / "ft")[0]["step"] == 1 and _metrics(tmp_path / "ft")[0]["lr"] == 0.0
@@ -308,6 +320,7 @@ def test_sigterm_saves_and_exits_zero(sample_data, tmp_path):
         "--config.log_interval=1",
         "--config.eval_interval=0",
         "--config.seq_length=64",
+        "--config.eval_max_new_tokens=4",
     ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
@@ -340,27 +353,26 @@ def test_cli_rejects_unknown_override(tmp_path):
     assert "learning_rate" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_resume_into_other_shape_is_refused(sample_data, tmp_path):
-    cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
-    run(cfg)
+def test_resume_into_other_shape_is_refused(tiny_run, tmp_path):
+    base_dir, base = tiny_run
+    shutil.copytree(base_dir, tmp_path, dirs_exist_ok=True)
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.workdir = str(tmp_path)
     cfg.model.hidden_size = 64
-    cfg.train_iters = 2
+    cfg.train_iters = 41
     with pytest.raises(
         ValueError, match="checkpoint has model.hidden_size=128, the config asks for 64"
     ):
         run(cfg)
-    assert os.listdir(tmp_path / "checkpoints") == ["1"]  # nothing set aside
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]  # nothing set aside
 
 
-def test_finetune_from_hugging_face_directory(sample_data, tmp_path):
+def test_finetune_from_hugging_face_directory(sample_data, tmp_path, tiny_run):
     from oasst_jax import checkpoint
     from oasst_jax.hf import convert
 
-    base = _tiny_cfg(sample_data, tmp_path / "base", train_iters=1, eval_interval=0)
-    run(base)
-    convert.orbax_to_hf(
-        str(tmp_path / "base" / "checkpoints"), str(tmp_path / "hf"), dtype="float32"
-    )
+    base_dir, base = tiny_run
+    convert.orbax_to_hf(str(base_dir / "checkpoints"), str(tmp_path / "hf"), dtype="float32")
     ft = _tiny_cfg(
         sample_data,
         tmp_path / "ft",
@@ -371,7 +383,7 @@ def test_finetune_from_hugging_face_directory(sample_data, tmp_path):
     )
     ft.optim.lr_warmup_iters = 5  # first update uses lr 0: weights stay as loaded
     run(ft)
-    loaded = checkpoint.load_weights(str(tmp_path / "base" / "checkpoints"))
+    loaded = checkpoint.load_weights(str(base_dir / "checkpoints"))
     after = checkpoint.load_weights(str(tmp_path / "ft" / "checkpoints"))
     vocab = base.model.vocab_size  # HF has no vocab padding: compare the real rows
     for p in (loaded, after):
