@@ -51,8 +51,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Popen:
-    overrides = {
+def _overrides(workdir: str, data: str, dist: dict) -> dict:
+    return {
         "workdir": workdir,
         "data_path": data,
         "data_prefix": "syn",
@@ -67,6 +67,9 @@ def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Pop
         "mesh.pipeline": 2,
         **{f"distributed.{k}": v for k, v in dist.items()},
     }
+
+
+def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Popen:
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -78,13 +81,27 @@ def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Pop
             "-c",
             RUNNER,
             os.path.join(REPO, "configs", "tiny.py"),
-            json.dumps(overrides),
+            json.dumps(_overrides(workdir, data, dist)),
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _run_here(workdir: str, data: str) -> None:
+    """RUNNER's run in this process, which has 8 CPU devices (conftest) and jax imported
+    already: the one-process reference without a process start of its own."""
+    import jax
+
+    from oasst_jax.config import load_config
+    from oasst_jax.train import run
+
+    assert jax.device_count() == 8 and jax.process_count() == 1
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
+    cfg.update_from_flattened_dict(_overrides(workdir, data, {"mode": "off"}))
+    run(cfg)
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -101,16 +118,18 @@ def _losses(workdir: str) -> list[float]:
 def test_two_processes_match_one(tmp_path):
     data = str(tmp_path / "data")
     _write_shards(data)
-    one = str(tmp_path / "one")
-    _finish(_launch(one, data, 8, {"mode": "off"}))
-
     two = str(tmp_path / "two")
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         _launch(two, data, 4, {"coordinator_address": address, "num_processes": 2, "process_id": i})
         for i in range(2)
     ]
-    outputs = [_finish(p) for p in procs]
+    # the reference trains here while the two processes start up and train
+    one = str(tmp_path / "one")
+    try:
+        _run_here(one, data)
+    finally:
+        outputs = [_finish(p) for p in procs]
 
     want, got = _losses(one), _losses(two)  # only process 0 writes metrics.jsonl
     assert len(want) == len(got) == STEPS
