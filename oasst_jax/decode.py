@@ -569,5 +569,10 @@ def greedy_replies(
     batch = ids + [ids[0]] * (-len(ids) % rows)
     sp = SamplingParams(max_new_tokens=max_new_tokens)
     stop = (tokenizer.im_end_id, tokenizer.eos_id)
-    out = generate(params, model_cfg, batch, sp, stop, mesh=mesh).ids[: len(prompts)]
-    return [tokenizer.decode(o) for o in out]
+    model, sp, cache, args = _setup(model_cfg, batch, sp, mesh, seed=0)
+    with jax.set_mesh(mesh):
+        # a plain jitted call, not generate's ahead-of-time compiled one (which times the
+        # run alone): that one refuses a QLoRA base's sub-byte (nf4) kernels in the
+        # unpacked layout the CPU client reports for them, a jitted call takes them
+        out = np.asarray(_generate_jit(model, sp, stop, params, cache, *args))
+    return [tokenizer.decode(trim(o, stop)) for o in out[: len(prompts)]]

@@ -384,13 +384,8 @@ def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
 def sample_prompts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> list[str]:
     """The eval-time generation prompts (decoded at every ``eval_interval`` and at the
     last step): none without a tokenizer (nothing to decode with), for a reward model (it
-    does not generate), over a quantized LoRA base, or with ``eval_prompts`` empty."""
+    does not generate), or with ``eval_prompts`` empty."""
     if tokenizer is None or cfg.objective == "rm" or not cfg.eval_prompts:
-        return []
-    if cfg.lora.rank and cfg.lora.base_dtype in ("int8", "nf4"):
-        # decode.greedy_replies compiles for plain arrays; qwix's packed (sub-byte)
-        # kernels arrive in another layout, so a quantized base is not decoded in place
-        _log(f"eval samples off: the LoRA base is quantized ({cfg.lora.base_dtype})")
         return []
     return decode.eval_prompts(None if cfg.eval_prompts == "default" else cfg.eval_prompts)
 

@@ -11,14 +11,16 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import REPO, tiny_llama
 from flax import linen as nn
 
-from oasst_jax import decode, sharding
+from oasst_jax import decode, lora, sharding
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.model import Llama
 from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.train_step import model_params
 
 TINY = tiny_llama(max_position_embeddings=128)
 GREEDY = decode.SamplingParams(max_new_tokens=6)
@@ -79,6 +81,44 @@ def test_greedy_replies_from_sharded_training_params_equal_unsharded(tok):
     reference = decode.generate(params, cfg, ids, sp, stops).ids
     assert replies == [tok.decode(r) for r in reference]
     assert any(replies)
+
+
+@pytest.mark.parametrize("kind", ["nf4"])  # sub-byte: the layout case; int8 decodes alike
+def test_greedy_replies_over_a_quantized_lora_base(tok, kind):
+    """QLoRA's eval samples: the adapters merged into the qwix-quantized frozen base as the
+    train state holds them (``train_step.model_params``), on a 4-device mesh: the replies'
+    ids equal a step-by-step argmax of the full (uncached) forward over the same tree."""
+    cfg = tiny_llama(
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=128,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        lora_base_dtype=kind,
+    )
+    adapters, base = lora.split(nn.meta.unbox(_boxed(cfg)))
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(adapters))))
+    adapters = jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape), adapters)
+    params = model_params(adapters, jax.jit(lambda b: lora.freeze(b, cfg))(base))
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    placed = jax.device_put(params, sharding.logical_sharding(mesh, ()))
+    prompts = decode.eval_prompts()[:2]
+    replies = decode.greedy_replies(cfg, placed, mesh, tok, prompts, max_new_tokens=6)
+    model = Llama(decode.inference_config(cfg))
+    # causal: the logits at t see tokens <= t only, so one right-padded length compiles once
+    forward = jax.jit(lambda row: model.apply({"params": params}, row[None])[0])
+    stops = (tok.im_end_id, tok.eos_id)
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = prompt_ids(tok, [{"role": "user", "content": prompt}])
+        want = []
+        for _ in range(6):
+            row = np.zeros(128, np.int32)
+            row[: len(ids) + len(want)] = ids + want
+            token = int(jnp.argmax(forward(row)[len(ids) + len(want) - 1]))
+            if token in stops:
+                break
+            want.append(token)
+        assert reply == tok.decode(want)
 
 
 def test_eval_prompts(tmp_path):
