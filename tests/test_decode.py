@@ -64,13 +64,19 @@ def tok(sp_model_path):
     return Tokenizer(sp_model_path)
 
 
-def test_greedy_replies_from_sharded_training_params_equal_unsharded(tok):
-    """fsdp 2 x sequence 2 x tensor 2 (configs/tiny.py's mesh), fp32 master params sharded
-    by the training rules; 5 prompts pad to 6 rows (the batch shards are 2)."""
+@pytest.mark.parametrize(
+    "axes",
+    [{"fsdp": 2, "sequence": 2, "tensor": 2}, {"pipeline": 2, "fsdp": 2, "tensor": 2}],
+    ids=["tiny_mesh", "pipeline"],
+)
+def test_greedy_replies_from_sharded_training_params_equal_unsharded(tok, axes):
+    """configs/tiny.py's mesh, and one with pipeline stages (the card's stage-1 layout has
+    4; its layers are split over them), fp32 master params sharded by the training rules;
+    5 prompts pad to a multiple of the batch shards (2)."""
     cfg = tiny_llama(vocab_size=tok.vocab_size, max_position_embeddings=128)
     boxed = _boxed(cfg)
     params = nn.meta.unbox(boxed)
-    mesh = sharding.make_mesh({"fsdp": 2, "sequence": 2, "tensor": 2})
+    mesh = sharding.make_mesh(axes)
     sharded = jax.device_put(params, sharding.param_shardings(mesh, boxed))
     assert tuple(sharded["embedding"].sharding.spec) == ("tensor", "fsdp")
     prompts = decode.eval_prompts()[:5]
