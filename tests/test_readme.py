@@ -227,6 +227,7 @@ TRAIN_ON_CPU = (
     "--config.save_interval=2",
     "--config.model.dtype=float32",
     "--config.async_checkpointing=False",
+    "--config.eval_max_new_tokens=2",  # the eval-time samples still run, 2 tokens long
 )
 # The plan rows plan the card's 70B; a CPU compiles a 2-layer Llama of the same config.
 PLAN_ON_CPU = (
