@@ -139,7 +139,7 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, mesh: Mesh | None = No
     return jax.jit(zeros, out_shardings=shardings)()
 
 
-def split_layers(params: Any, num_layers: int) -> list[Any]:
+def split_layers(params: Any) -> list[Any]:
     """The decoder's stacked ``[layers, ...]`` weights as one tree per layer.
 
     Decoding runs its layers unrolled on these rather than scanning the stacked weights:
@@ -149,6 +149,7 @@ def split_layers(params: Any, num_layers: int) -> list[Any]:
     decoder weights while the call runs.
     """
     stacked = params["decoder"]["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
 
 
@@ -301,7 +302,7 @@ def decode_step(
 
 def _generate(model, sp, stop_ids, params, cache, tokens, segments, positions, key):
     seen = seen_mask(tokens, segments, model.cfg.padded_vocab_size)
-    layers = split_layers(params, model.cfg.num_hidden_layers)
+    layers = split_layers(params)
     state = prefill(
         model, sp, stop_ids, params, layers, cache, tokens, segments, positions, seen, key
     )
@@ -317,7 +318,12 @@ _STATIC = ("model", "sp", "stop_ids")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 _prefill_jit = jax.jit(prefill, static_argnames=_STATIC, donate_argnames=("cache",))
 _step_jit = jax.jit(decode_step, static_argnames=_STATIC, donate_argnames=("state",))
-_split_jit = jax.jit(split_layers, static_argnums=1)
+_split_jit = jax.jit(split_layers)
+
+
+def on_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """``jax.set_mesh(mesh)``, or nothing without a mesh (single-device decoding)."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def trim(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
@@ -368,7 +374,7 @@ def generate(
     """
     model, sp, cache, args = _setup(cfg, prompts, sp, mesh, seed)
     stop = tuple(sorted({int(s) for s in stop_ids}))
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with on_mesh(mesh):
         compiled = _generate_jit.lower(model, sp, stop, params, cache, *args).compile()
         start = time.perf_counter()
         out = np.asarray(compiled(params, cache, *args))
@@ -407,9 +413,9 @@ class Chat:
     growing cache); each turn's new ids are left-padded to :data:`PAD_MULTIPLE` masked
     slots, so prefill compiles for few lengths.  Only when those padding slots leave no
     room for the next turn is the whole history prefilled into a fresh cache (``note``
-    says so).  Results
-    are those of re-prefilling the whole token history every turn (``keep_cache=False``),
-    repetition penalty included: the penalty's seen ids are the whole history's.
+    says so).  Results are those of re-prefilling the whole token history every turn
+    (``keep_cache=False``), repetition penalty included: the penalty's seen ids are the
+    whole history's.
 
     ``history`` is the conversation's ids (prompts, replies, closing tokens) in the order
     the model reads them; ``prefilled`` the ids each turn prefilled.  The chat keeps its
@@ -431,8 +437,8 @@ class Chat:
     ):
         self.params, self.cfg, self.sp, self.mesh = params, cfg, sp, mesh
         self.model = Llama(inference_config(cfg))
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            self.layers = _split_jit(params, cfg.num_hidden_layers)
+        with on_mesh(mesh):
+            self.layers = _split_jit(params)
         self.stop = tuple(sorted({int(s) for s in stop_ids}))
         self.key = jax.random.key(seed)
         self.capacity = capacity or _round_up(cfg.max_position_embeddings)
@@ -479,7 +485,7 @@ class Chat:
         seen[0, self.history] = True
         args = (tokens, segments, positions + self._cached, seen, self.key)
         self.prefilled.append(len(todo))
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with on_mesh(self.mesh):
             state = _prefill_jit(
                 self.model, self.sp, self.stop, self.params, self.layers, cache, *args
             )
