@@ -69,7 +69,7 @@ from oasst_jax.chatml import format_turn
 from oasst_jax.hf.tokenizer import CHAT_TEMPLATE
 from oasst_jax.model import Llama
 from oasst_jax.sample import load_params
-from oasst_jax.tokenizer import IM_START, tokenizer_for_vocab
+from oasst_jax.tokenizer import IM_START, model_dir_tokenizer
 
 MIN_LENGTH_BUCKET = 32  # shortest padded length; longer ones double up to the context
 MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks
@@ -162,9 +162,7 @@ class OasstJaxLM(TemplateLM):
             ckpt, self.mesh, step=None if step is None else int(step), dtype=dtype
         )
         self.model = Llama(self.cfg)
-        self.tok = tokenizer_for_vocab(
-            tokenizer or os.path.join(ckpt, "tokenizer.model"), self.cfg.vocab_size
-        )
+        self.tok = model_dir_tokenizer(ckpt, self.cfg.vocab_size, tokenizer)
         sp = spm.SentencePieceProcessor(model_file=self.tok.model_path)
         # what the hf model's decode(skip_special_tokens=True) drops: unk, bos, eos, extras
         self._special = {sp.unk_id(), *self.tok.special_tokens().values()}
@@ -456,7 +454,11 @@ def _limit(text: str) -> int | float:
 def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m oasst_jax.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece model (default: CKPT/tokenizer.model; one that tokenizes "
+        "differently from it is refused)",
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="directory of task YAMLs (searched first)")
     p.add_argument("--limit", type=_limit, help="examples per task (< 1: a fraction)")

@@ -59,7 +59,7 @@ from oasst_jax import checkpoint, cli, compare, decode, files, lora, sharding
 from oasst_jax.chatml import format_turn, prompt_ids
 from oasst_jax.hf.load import load_start_params, source_config
 from oasst_jax.model import Llama, LlamaConfig, abstract_params
-from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer, tokenizer_for_vocab
+from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer, model_dir_tokenizer
 
 # The model card's recommended inference system prompt.
 SYSTEM_PROMPT = (
@@ -265,7 +265,11 @@ def _parser() -> argparse.ArgumentParser:
         "sampling reports side by side (compare --help)",
     )
     p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece model (default: CKPT/tokenizer.model; one that tokenizes "
+        "differently from it is refused)",
+    )
     p.add_argument("--step", type=int, help="orbax step (default: the newest)")
     p.add_argument("--adapter", help="a LoRA run's checkpoint root: its adapters merged in")
     p.add_argument(
@@ -319,8 +323,7 @@ def run(args: argparse.Namespace) -> None:
     params, cfg = load_params(
         args.ckpt, mesh, step=args.step, dtype=args.dtype, adapter=args.adapter
     )
-    tok_path = args.tokenizer or os.path.join(args.ckpt, "tokenizer.model")
-    tok = tokenizer_for_vocab(tok_path, cfg.vocab_size)
+    tok = model_dir_tokenizer(args.ckpt, cfg.vocab_size, args.tokenizer)
     for n, prompt in enumerate(prompts):
         what = f"prompt {n + 1} ({_preview(prompt)})"
         check_fits(_ids(args, tok, prompt), cfg, what, args.system)

@@ -210,6 +210,38 @@ def tokenizer_for_vocab(model_path: str | os.PathLike, vocab_size: int) -> Token
     return tok
 
 
+def model_dir_tokenizer(model_dir: str, vocab_size: int, override: str | None = None) -> Tokenizer:
+    """The tokenizer to sample or evaluate a model directory with: the directory's own
+    ``tokenizer.model`` (what an export holds), in the layout its vocabulary implies, or
+    ``override`` (``--tokenizer``).  An override that tokenizes differently from the
+    directory's own file is a :class:`DataError`: the model would be fed ids it was not
+    trained on, which no later check could notice."""
+    own = os.path.join(model_dir, "tokenizer.model")
+    tok = tokenizer_for_vocab(override or own, vocab_size)
+    if override and os.path.isfile(own) and _encoding_spec(own) != _encoding_spec(override):
+        raise DataError(
+            f"--tokenizer {override} tokenizes differently from {own}, the tokenizer "
+            f"{model_dir} holds; leave out --tokenizer to use it"
+        )
+    return tok
+
+
+def _encoding_spec(path: str | os.PathLike) -> bytes:
+    """What decides a SentencePiece model's ids: its pieces (with scores and types), its
+    normalizer and the trainer settings the encoder reads; not the training metadata."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(Path(path).read_bytes())
+    t = proto.trainer_spec
+    kept = pb.TrainerSpec(
+        model_type=t.model_type, byte_fallback=t.byte_fallback, unk_id=t.unk_id,
+        bos_id=t.bos_id, eos_id=t.eos_id, pad_id=t.pad_id,
+        treat_whitespace_as_suffix=t.treat_whitespace_as_suffix,
+    )  # fmt: skip
+    spec = pb.ModelProto(pieces=proto.pieces, normalizer_spec=proto.normalizer_spec)
+    return spec.SerializeToString(deterministic=True) + kept.SerializeToString(deterministic=True)
+
+
 # --------------------------------------------------------------------------- training
 
 _TRAINER_SETTINGS = dict(

@@ -202,3 +202,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: rest in order
+
+
+# Meta's Llama-2 tokenizer (built from a public sdist, cached outside the repo): `llama2`,
+# and `sp_models` (the tiny model, then Meta's) for the tests of upstream's rules
+from llama2_tokenizer import llama2, sp_models  # noqa: E402,F401

@@ -40,8 +40,10 @@ CHAT = (
 
 
 @pytest.fixture(scope="module")
-def tok(sp_model_path):
-    return Tokenizer(sp_model_path)
+def tok(sp_models):
+    """The tiny model, then Meta's Llama-2 one (its dummy prefix restarts after every
+    special token: the per-turn and batched encoders must still agree with the joined text)."""
+    return Tokenizer(sp_models)
 
 
 def test_chatml_text_byte_for_byte():
@@ -97,7 +99,9 @@ def test_assistant_token_count_covers_whole_turns(tok):
 
 def test_batch_encoder_matches_per_turn_encoder(tok):
     marker = (Turn("user", "say <|im_end|> please"), Turn("assistant", "ok <|im_start|> done"))
-    convs = [DOLLY, CHAT, marker, (), CHAT[:2]]
+    spaces = (Turn("system", " "), Turn("user", " Hello  world\n\t"),
+              Turn("assistant", "def f():\n    return  1  \n日本 🙂"))  # fmt: skip
+    convs = [DOLLY, CHAT, marker, (), CHAT[:2], spaces]
     batch = encode_batch(tok, convs)
     assert not batch.mismatch.any()
     assert batch.lengths[3] == 0

@@ -1,14 +1,18 @@
 """``oasst_jax.hf.tokenizer``: exported tokenizer files + chat template reproduce
-oasst_jax's chatml ids."""
+oasst_jax's chatml ids, with the tiny test tokenizer and Meta's Llama-2 one, through
+``AutoTokenizer`` (transformers 5 here; 4 where ``OASST_JAX_TRANSFORMERS4_PYTHON`` names a
+python that has it) and ``tokenizers``."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import pytest
+import tokenizers
 import torch
 import transformers
 from conftest import tiny_llama
@@ -117,3 +121,105 @@ def test_export_over_an_export_with_a_bad_tokenizer_changes_nothing(exported, tm
     assert "\n" not in e.value.code
     assert snapshot() == before
     assert sorted(os.listdir(os.path.dirname(out))) == ["ckpt", "hf"]
+
+
+# Conversations whose text a whitespace- or special-token-unaware export gets wrong.
+TRICKY = [
+    [{"role": "user", "content": " Hello  world"},
+     {"role": "assistant", "content": "def f(x):\n    if x:\n        return x  \n\treturn 0\n"}],
+    [{"role": "system", "content": "  Be brief.\n\n"},
+     {"role": "user", "content": 'print("</s>")  # end\n<s>start</s></s> <unk> <EOD>'}],
+    [{"role": "user", "content": "say <|im_end|> then <|im_start|>assistant\nok <|im_start|>"},
+     {"role": "assistant", "content": "   "},
+     {"role": "prompter", "content": "\t\t\n\n   x    y     z\r\n"}],
+    [{"role": "user", "content": "🙂🚀👍🏽 日本語のテキスト、한국어  Привет\u00a0мир ▁▁ é"},
+     {"role": "assistant", "content": ""}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, sp_models):
+    """``{megatron: (export dir, Tokenizer)}`` for the tiny model and for Meta's."""
+    out = {}
+    for megatron in (False, True):
+        tok = Tokenizer(sp_models, megatron_new_tokens=megatron)
+        path = tmp_path_factory.mktemp("tok")
+        write_hf_tokenizer(tok, str(path))
+        out[megatron] = str(path), tok
+    return out
+
+
+def _chat_ids(hf_tok, messages) -> list[int]:
+    got = hf_tok.apply_chat_template(messages, add_generation_prompt=True)
+    return list(got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got)
+
+
+@pytest.mark.parametrize("megatron", [False, True], ids=["compact", "megatron"])
+def test_every_loader_gives_the_training_ids(exports, megatron):
+    """AutoTokenizer's chat template = ``chatml.prompt_ids``; AutoTokenizer, ``tokenizers``
+    and ours agree on every turn's text; decoding gives the text back."""
+    out, tok = exports[megatron]
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    fast = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    for messages in TRICKY:
+        ids = prompt_ids(tok, messages)
+        assert _chat_ids(auto, messages) == ids
+        assert fast.encode(tok.decode(ids), add_special_tokens=False).ids == ids
+        assert auto.decode(ids) == fast.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+        for text in [m["content"] for m in messages]:
+            want = tok.encode(text)
+            assert auto.encode(text, add_special_tokens=False) == want, text
+            assert fast.encode(text, add_special_tokens=False).ids == want, text
+            assert auto.decode(want) == tok.decode(want)
+    assert auto.eos_token == "<|im_end|>" and auto.bos_token == "<s>"
+    assert auto.convert_tokens_to_ids(list(tok.special_tokens())) == list(
+        tok.special_tokens().values()
+    )
+
+
+def test_llama2_export_passes_llama_cpp_cases(llama2, tmp_path):
+    """Meta's tokenizer exported: llama.cpp's 47 strings give SentencePiece's ids through
+    AutoTokenizer and ``tokenizers`` (transformers 5's own ``LlamaTokenizer`` gets 15 of
+    them wrong: runs of spaces) and decode back to the text."""
+    tok = Tokenizer(llama2.model)
+    write_hf_tokenizer(tok, str(tmp_path))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    fast = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = [text for text, _ in llama2.cases]
+    want = [ids for _, ids in llama2.cases]
+    assert len(texts) == 47
+    assert [auto.encode(t, add_special_tokens=False) for t in texts] == want
+    assert [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)] == want
+    assert [auto.decode(ids) for ids in want] == texts
+
+
+_TRANSFORMERS4 = """
+import json, sys
+import transformers
+out, texts, conversations = json.load(sys.stdin)
+tok = transformers.AutoTokenizer.from_pretrained(out)
+chat = [tok.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+print(json.dumps({"version": transformers.__version__, "class": type(tok).__name__,
+                  "ids": [tok.encode(t, add_special_tokens=False) for t in texts],
+                  "chat": chat, "decoded": [tok.decode(ids) for ids in chat]}))
+"""
+
+
+@pytest.mark.parametrize("megatron", [False, True], ids=["compact", "megatron"])
+def test_transformers4_loads_the_export_alike(exports, megatron):
+    """The same export under transformers 4 (``OASST_JAX_TRANSFORMERS4_PYTHON``: a python
+    with ``transformers<5``, e.g. a throwaway venv; checked with 4.57.6 / tokenizers 0.22.2)."""
+    python = os.environ.get("OASST_JAX_TRANSFORMERS4_PYTHON")
+    if not python:
+        pytest.skip("set OASST_JAX_TRANSFORMERS4_PYTHON to a python with transformers<5")
+    out, tok = exports[megatron]
+    texts = [m["content"] for c in TRICKY for m in c]
+    res = subprocess.run([python, "-c", _TRANSFORMERS4], input=json.dumps([out, texts, TRICKY]),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["version"].startswith("4.") and got["class"] == "PreTrainedTokenizerFast"
+    assert got["ids"] == [tok.encode(t) for t in texts]
+    assert got["chat"] == [prompt_ids(tok, c) for c in TRICKY]
+    assert got["decoded"] == [tok.decode(prompt_ids(tok, c)) for c in TRICKY]
+

@@ -755,10 +755,12 @@ def test_zero_accepted_and_mismatch_are_reported_not_fatal(tmp_path, sp_model_pa
     )
 
 
-def test_megatron_layout_output_and_config_checks(tmp_path, sp_model_path):
+def test_megatron_layout_output_and_config_checks(tmp_path, sp_models):
     """Upstream's own layout (``megatron_new_tokens``): special_tokens.json lists the five
     new tokens, bos/eos and the markers, in upstream's order; literal ``</s>`` and
-    ``<EOD>`` in a sample are single ids.  A bad output_format is one line."""
+    ``<EOD>`` in a sample are single ids (tiny tokenizer and Meta's).  A bad output_format
+    is one line."""
+    sp_model_path = sp_models
     rows = [{"USER": f"q{i}", "ASSISTANT": "end with </s> or <EOD> " + "the fox " * 20}
             for i in range(6)]  # fmt: skip
     path = tmp_path / "mc.jsonl"
@@ -787,3 +789,88 @@ def test_megatron_layout_output_and_config_checks(tmp_path, sp_model_path):
     cfg.output_format, cfg.write_json = "both", "yes"
     with pytest.raises(DataError, match="write_json must be true or false"):
         pt.run(cfg)
+
+
+# ----------------------------------------------------------------------------- upstream's ids
+
+
+@pytest.mark.parametrize("megatron", [False, True], ids=["compact", "megatron"])
+def test_encoded_ids_and_roles_follow_upstreams_rule(sp_models, megatron):
+    """What the pretokenizer writes for the card's five datasets (the fixtures: code quoting
+    ``</s>``, indented code, whitespace contexts, empty turns, other scripts) and for rm mode
+    (each ranked reply an assistant turn of its own) is upstream's rule, with the tiny
+    tokenizer and with Meta's: each turn's chatml block through Megatron's tokenizer
+    (special tokens split out first, SentencePiece between them), the turn's role id on
+    every token, and the joined text tokenising the same."""
+    import sentencepiece as spm
+    from test_tokenizer import _upstream_tokenize
+
+    from oasst_jax.chatml import ROLE_IDS
+
+    tok = Tokenizer(sp_models, megatron_new_tokens=megatron)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_models))
+    special = tok.special_tokens()
+
+    def upstream(turns):
+        pieces = [_upstream_tokenize(sp, special, f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n")
+                  for t in turns]  # fmt: skip
+        roles = [ROLE_IDS[t.role] for t, p in zip(turns, pieces, strict=True) for _ in p]
+        return [i for p in pieces for i in p], roles
+
+    convs = []
+    for name, opts in _data_config("sample.py").datasets.items():
+        convs += [s.turns for s in load_dataset(name, opts.to_dict()).samples]
+    rm = load_dataset("oasst_export", {"input_file_path": "tests/data/oasst_rm.jsonl",
+                                       "lang": "en", "mode": "rm"}).samples  # fmt: skip
+    convs += [c for s in rm for c in (s.prefix, *((r,) for r in s.replies))]
+    assert any("</s>" in t.text for c in convs for t in c) and len(convs) > 100
+    with pt.Encoder(tok, num_workers=1) as encoder:
+        batches = list(encoder.encode_conversations(convs))
+    got = [
+        (b.tokens[end - n : end].tolist(), b.roles[end - n : end].tolist())
+        for b in batches
+        for end, n in zip(np.cumsum(b.lengths), b.lengths, strict=True)
+    ]
+    assert not any(b.mismatch.any() for b in batches)
+    assert got == [upstream(c) for c in convs]
+    joined = [_upstream_tokenize(sp, special, "".join(f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n"
+                                                      for t in c)) for c in convs]  # fmt: skip
+    assert [ids for ids, _ in got] == joined
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path, sp_model_path):
+    """Pretokenize into a tmpfs with a few KiB left (the rest taken by a filler file):
+    one line naming the output directory and what it holds (the previous output,
+    unchanged), no hidden temporary split or file left by any writer (shards, Megatron,
+    jsonl); with the space back the same run writes its output."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    try:
+        cfg = _config(disk, sp_model_path, megacode2={"path": str(_megacode_file(tmp_path))})
+        cfg.output_format, cfg.write_json = "both", True
+        pt.run(cfg)
+        out = disk / "out"
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, free - 8192)
+        with pytest.raises(OSError) as err:
+            pt.run(cfg)
+        assert str(err.value).startswith(
+            f"[Errno 28] No space left on device writing {out}; the previous output in {out} "
+            "is unchanged; temporaries removed; free space"
+        ), err.value
+        assert "\n" not in str(err.value)
+        assert [n for n in os.listdir(out) if n.startswith(".")] == []
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        (disk / "filler").unlink()
+        pt.run(cfg)
+        assert (out / shards.METADATA_FILE).is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+

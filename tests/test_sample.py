@@ -347,3 +347,30 @@ def test_failed_report_keeps_the_previous_report(tiny_ckpt, sp_model_path, tmp_p
         sample.main(argv)
     assert out.read_text() == '{"previous": "report"}\n'
     assert os.listdir(tmp_path) == ["report.json"]  # test_sampling_report: success replaces
+
+def test_hf_dir_samples_with_its_own_tokenizer_and_refuses_another(
+    tiny_ckpt, sp_model_path, tmp_path, capsys
+):
+    """An export's own tokenizer files serve by default; a ``--tokenizer`` that tokenizes
+    differently (one piece rescored) is one line before anything is generated."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from oasst_jax import convert
+
+    path, _, _, tok = tiny_ckpt
+    hf = tmp_path / "hf"
+    convert.main(["orbax-to-hf", "--ckpt", path, "--out", str(hf), "--dtype", "float32",
+                  "--tokenizer", str(sp_model_path)])  # fmt: skip
+    capsys.readouterr()
+    argv = ["--ckpt", str(hf), "--prompt", "hello world", "--json", "--system", ""]
+    sample.main(argv + ["--temperature", "0", "--max-new-tokens", "1"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt_ids"] == prompt_ids(tok, [{"role": "user", "content": "hello world"}])
+    proto = pb.ModelProto.FromString(open(sp_model_path, "rb").read())
+    proto.pieces[-1].score = 10.0
+    other = tmp_path / "other.model"
+    other.write_bytes(proto.SerializeToString())
+    assert _exit_line([*argv, "--tokenizer", str(other)]).startswith(
+        f"error: --tokenizer {other} tokenizes differently from {hf}/tokenizer.model, the "
+        f"tokenizer {hf} holds; leave out --tokenizer to use it"
+    )

@@ -2,6 +2,7 @@
 
 import collections
 import gzip
+import hashlib
 import io
 import pickle
 import subprocess
@@ -9,10 +10,16 @@ import sys
 import tarfile
 import tracemalloc
 
+import llama2_tokenizer
 import pytest
 
 from oasst_jax.text import DataError
-from oasst_jax.tokenizer import Tokenizer, iter_corpus_text, train_sentencepiece
+from oasst_jax.tokenizer import (
+    Tokenizer,
+    iter_corpus_text,
+    model_dir_tokenizer,
+    train_sentencepiece,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +67,13 @@ def _upstream_tokenize(sp, special: dict, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("megatron", [False, True])
-def test_literal_special_tokens_in_text_match_upstream(sp_model_path, megatron):
+def test_literal_special_tokens_in_text_match_upstream(sp_models, megatron):
     """A code sample quoting ``</s>`` or ``<s>`` gets the bos/eos ids, as upstream; under
-    the Megatron layout the five new tokens too; decoding gives the text back."""
+    the Megatron layout the five new tokens too; decoding gives the text back (with the
+    tiny model and with Meta's, whose dummy prefix restarts after every special token)."""
     import sentencepiece as spm
 
+    sp_model_path = sp_models
     tok = Tokenizer(sp_model_path, megatron_new_tokens=megatron)
     base = tok.base_vocab_size
     news = {t: base + i for i, t in enumerate(("<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>"))}
@@ -76,6 +85,7 @@ def test_literal_special_tokens_in_text_match_upstream(sp_model_path, megatron):
         'print("</s>")  # end\n<s>start</s></s>',
         "a <CLS> b <SEP><EOD> <MASK>x<PAD> </ s> <s > <|im_end|>\n",
         "<<s>></s><|im_start|>user\n</s<|im_end|>",
+        " <s>  x</s>\t\n <|im_start|> assistant\n    def f():\n        return 1 <unk>",
     ]
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     for text in texts:
@@ -85,6 +95,79 @@ def test_literal_special_tokens_in_text_match_upstream(sp_model_path, megatron):
     ids = tok.encode(texts[0])
     assert ids.count(tok.eos_id) == 3 and ids.count(tok.bos_id) == 1
     assert (base in tok.encode("<CLS>")) == megatron
+
+
+def test_meta_llama2_tokenizer_passes_llama_cpp_cases(llama2):
+    """Meta's tokenizer, rebuilt byte for byte (its pinned sha256), gives llama.cpp's
+    expected ids on all 47 of its test strings through :class:`Tokenizer`, and decodes
+    them back."""
+    assert hashlib.sha256(llama2.model.read_bytes()).hexdigest() == llama2_tokenizer.SHA256
+    tok = Tokenizer(llama2.model)
+    assert (tok.base_vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    assert len(llama2.cases) == 47
+    assert [tok.encode(text) for text, _ in llama2.cases] == [ids for _, ids in llama2.cases]
+    assert [tok.decode(ids) for _, ids in llama2.cases] == [text for text, _ in llama2.cases]
+    assert tok.encode("Hello  world") == [15043, 29871, 3186]  # the issue's example
+    megatron = Tokenizer(llama2.model, megatron_new_tokens=True)
+    assert (megatron.im_start_id, megatron.im_end_id, megatron.vocab_size) == (32005, 32006, 32007)
+
+
+def test_llama2_build_never_trusts_a_stale_cache_and_says_why_it_skips(tmp_path, monkeypatch):
+    """A cached file that is not Meta's is rebuilt; where the sdist cannot be fetched the
+    reason (the skip message of the tests using it) names the sdist."""
+    cache = tmp_path / "llama2"
+    cache.mkdir()
+    (cache / llama2_tokenizer.MODEL_FILE).write_bytes(b"not the model")
+    (cache / llama2_tokenizer.CASES_FILE).write_text("[]")
+    monkeypatch.setattr(llama2_tokenizer.sys, "executable", "false")  # `false -m pip ...`
+    with pytest.raises(llama2_tokenizer.Unavailable, match="could not fetch the sdist "
+                       "llama-cpp-python==0.3.36"):  # fmt: skip
+        llama2_tokenizer.build(cache)
+    monkeypatch.setenv("OASST_JAX_CACHE", str(tmp_path))
+    assert llama2_tokenizer.cache_dir() == cache
+
+
+def _edited_model(src, dst, edit) -> str:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(open(src, "rb").read())
+    edit(proto)
+    dst.write_bytes(proto.SerializeToString())
+    return str(dst)
+
+
+def test_model_dir_tokenizer_is_the_directorys_own_unless_the_same(tmp_path, sp_model_path):
+    """A model directory's own tokenizer.model by default (the layout from the vocabulary);
+    ``--tokenizer`` with other metadata but the same pieces is fine; one that tokenizes
+    differently (a score changed, a piece renamed) is one line naming both."""
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    own = _edited_model(sp_model_path, model_dir / "tokenizer.model", lambda p: None)
+    base = Tokenizer(own)
+    tok = model_dir_tokenizer(str(model_dir), base.vocab_size + 5)
+    assert tok.model_path == own and tok.megatron_new_tokens
+
+    def rename(p):
+        p.trainer_spec.model_prefix = "elsewhere"
+
+    renamed = _edited_model(sp_model_path, tmp_path / "renamed.model", rename)
+    assert model_dir_tokenizer(str(model_dir), base.vocab_size, renamed).model_path == renamed
+
+    def rescore(p):
+        p.pieces[-1].score = 10.0
+
+    def dummy_prefix(p):
+        p.normalizer_spec.add_dummy_prefix = True
+
+    for edit in (rescore, dummy_prefix):
+        bad = _edited_model(sp_model_path, tmp_path / f"{edit.__name__}.model", edit)
+        with pytest.raises(DataError, match=f"--tokenizer {bad} tokenizes differently from {own}"):
+            model_dir_tokenizer(str(model_dir), base.vocab_size, bad)
+    empty = tmp_path / "ckpt"
+    empty.mkdir()  # a directory without one (an orbax checkpoint): the given file
+    assert model_dir_tokenizer(str(empty), base.vocab_size, renamed).model_path == renamed
+    with pytest.raises(DataError, match="tokenizer model not found"):
+        model_dir_tokenizer(str(empty), base.vocab_size)
 
 
 def test_no_bos_or_eos_added(tok):

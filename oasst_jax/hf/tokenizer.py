@@ -1,28 +1,32 @@
 """Hugging Face tokenizer files for an exported model, chatml chat template included.
 
-``convert orbax-to-hf --tokenizer tokenizer.model`` calls :func:`write_hf_tokenizer`
-so ``AutoTokenizer.from_pretrained(out).apply_chat_template(messages,
-add_generation_prompt=True)`` gives exactly the ids of ``chatml.prompt_ids`` (the
-training format), and vLLM / TGI / ``generate`` stop at ``<|im_end|>``:
+``convert orbax-to-hf --tokenizer tokenizer.model`` calls :func:`write_hf_tokenizer` so
+that every loader gives the ids training saw: ``AutoTokenizer.from_pretrained(out)``
+(transformers 4 and 5), ``tokenizers.Tokenizer.from_file(out/tokenizer.json)`` (vLLM,
+TGI) and :class:`~oasst_jax.tokenizer.Tokenizer` agree id for id, ``apply_chat_template(
+messages, add_generation_prompt=True)`` equals ``chatml.prompt_ids``, and vLLM / TGI /
+``generate`` stop at ``<|im_end|>``:
 
-- ``tokenizer.model``: the SentencePiece model, copied;
-- ``tokenizer_config.json``: ``LlamaTokenizer`` with the extra ids (the two chatml
-  markers, plus Megatron's five when the model has them) as added special tokens,
-  no BOS/EOS added on encode (samples start with ``<|im_start|>``), ``eos_token``
-  = ``<|im_end|>`` and :data:`CHAT_TEMPLATE`;
+- ``tokenizer.json``: SentencePiece's BPE rebuilt in ``tokenizers`` (:func:`tokenizer_json`);
+- ``tokenizer_config.json``: ``PreTrainedTokenizerFast`` (the class that loads exactly
+  ``tokenizer.json``), no BOS/EOS added on encode (samples start with ``<|im_start|>``),
+  ``eos_token`` = ``<|im_end|>``, :data:`CHAT_TEMPLATE`;
+- ``tokenizer.model``: the SentencePiece model, copied (what ``sample``/``evaluate`` and
+  SentencePiece users load);
 - ``special_tokens_map.json`` and ``generation_config.json`` (``eos_token_id`` =
   ``[<|im_end|>, </s>]``, the sampler's stop ids).
 
-Why ``add_prefix_space`` and ``legacy``: :class:`~oasst_jax.tokenizer.Tokenizer`
-SentencePiece-encodes each piece between markers on its own, so a piece gets the
-model's dummy ``▁`` prefix exactly when the model has ``add_dummy_prefix`` (Llama-2:
-yes; the demo's tokenizer: no).  transformers' ``LlamaTokenizer`` does the same with
-``add_prefix_space`` = that flag and ``legacy=True`` (prefix after every special token).
+Why not transformers' ``LlamaTokenizer`` config: transformers 5 builds its own pipeline
+from ``tokenizer.model`` and splits runs of spaces differently from SentencePiece
+(``" Hello  world"``: SentencePiece ``▁Hello ▁ ▁world``, transformers 5 ``▁Hello ▁▁
+world``), which is 15 of llama.cpp's 47 test strings for Llama-2 and every line of code
+indented by four spaces; the ``tokenizer.json`` below is read as written by both majors.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Any
 
@@ -40,8 +44,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
 )
 _PROTO = sentencepiece_model_pb2.ModelProto
+# SentencePiece never makes these from text by merging (<unk>, <s>, </s>, <0x..>).
+_NO_MERGE_TYPES = (_PROTO.SentencePiece.UNKNOWN, _PROTO.SentencePiece.CONTROL,
+                   _PROTO.SentencePiece.BYTE)  # fmt: skip
+SPACE = "\u2581"  # SentencePiece's whitespace symbol
 # What write_hf_tokenizer writes.
 TOKENIZER_FILES = (
+    "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -49,11 +58,70 @@ TOKENIZER_FILES = (
 )
 
 
-def _sp_spec(model_path: str) -> sentencepiece_model_pb2.ModelProto:
+def _sp_spec(tok: Tokenizer) -> sentencepiece_model_pb2.ModelProto:
     proto = _PROTO()
-    with open(model_path, "rb") as f:
+    with open(tok.model_path, "rb") as f:
         proto.ParseFromString(f.read())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise ValueError(
+            f"{tok.model_path}: only BPE SentencePiece models (as Llama-2's) can be exported "
+            "as a Hugging Face tokenizer"
+        )
+    if proto.normalizer_spec.precompiled_charsmap or proto.normalizer_spec.remove_extra_whitespaces:
+        raise ValueError(
+            f"{tok.model_path}: a SentencePiece normalizer other than 'identity' without "
+            "whitespace folding (as Llama-2's) has no exact tokenizer.json"
+        )
     return proto
+
+
+def tokenizer_json(tok: Tokenizer) -> str:
+    """``tokenizer.json`` that tokenizes as ``tok`` (the JSON text).
+
+    SentencePiece BPE, rebuilt from the ``tokenizers`` library's parts:
+
+    - the special tokens (:meth:`Tokenizer.special_tokens`: the extra ids, ``<s>``,
+      ``</s>``) as added tokens, so text is split on them first and each piece between
+      them is tokenized on its own, as :meth:`Tokenizer.encode` does (``<unk>`` is not
+      one: SentencePiece reads that text as text);
+    - normalizer: spaces to ``▁``, and a ``▁`` prepended to every piece when the model has
+      ``add_dummy_prefix`` (Llama-2 does), nothing else (identity normalisation, runs of
+      spaces kept); no pre-tokenizer, as SentencePiece encodes a piece whole;
+    - model: BPE over the same vocabulary with byte fallback and the merges ranked by the
+      merged piece's score (transformers' ``generate_merges``), which is SentencePiece's
+      rule: the best-scoring adjacent pair merges first;
+    - decoder: bytes, then the dummy ``▁`` dropped at the start and after each special
+      token (SentencePiece decodes each piece between special tokens on its own), then
+      ``▁`` to spaces, so decoding gives the text back.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    spec = _sp_spec(tok)
+    vocab = {p.piece: i for i, p in enumerate(spec.pieces)}
+    scores = {p.piece: p.score for p in spec.pieces}
+    no_merge = [p.piece for p in spec.pieces if p.type in _NO_MERGE_TYPES]
+    merges = generate_merges(vocab, scores, skip_tokens=no_merge)
+    unk = spec.pieces[spec.trainer_spec.unk_id].piece
+    hf = HFTokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
+    spaces = [normalizers.Replace(" ", SPACE)]
+    if spec.normalizer_spec.add_dummy_prefix:
+        spaces.insert(0, normalizers.Prepend(SPACE))
+    hf.normalizer = normalizers.Sequence(spaces)
+    special = list(tok.special_tokens())
+    steps = [decoders.ByteFallback(), decoders.Fuse()]
+    if spec.normalizer_spec.add_dummy_prefix:
+        after = "|".join(re.escape(t) for t in special)
+        steps.append(decoders.Replace(Regex(f"(?<={after}){SPACE}"), ""))
+    steps.append(decoders.Replace(SPACE, " "))
+    if spec.normalizer_spec.add_dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(steps)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return hf.to_str()
 
 
 def _added(content: str) -> dict[str, Any]:
@@ -62,25 +130,17 @@ def _added(content: str) -> dict[str, Any]:
 
 
 def tokenizer_config(tok: Tokenizer, model_max_length: int = 4096) -> dict[str, Any]:
-    """``tokenizer_config.json`` for ``tok`` (its extra-id layout as added tokens)."""
-    spec = _sp_spec(tok.model_path)
-    if spec.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise ValueError(
-            f"{tok.model_path}: only BPE SentencePiece models (as Llama-2's) can be exported "
-            "as a transformers LlamaTokenizer"
-        )
-    kinds = (_PROTO.SentencePiece.UNKNOWN, _PROTO.SentencePiece.CONTROL)  # <unk> <s> </s>
-    added = {str(i): _added(p.piece) for i, p in enumerate(spec.pieces) if p.type in kinds}
-    added.update({str(i): _added(t) for t, i in tok.extra_ids.items()})
+    """``tokenizer_config.json`` for ``tok`` (its special tokens as added tokens).
+
+    No ``unk_token``: transformers would add it as a special token and split ``<unk>`` out
+    of text, which SentencePiece (and training) reads as text."""
+    added = {str(i): _added(t) for t, i in sorted(tok.special_tokens().items(), key=_by_id)}
     return {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
         "add_eos_token": False,
-        "add_prefix_space": spec.normalizer_spec.add_dummy_prefix,
-        "legacy": True,
-        "bos_token": spec.pieces[tok.bos_id].piece,
+        "bos_token": tok.decode([tok.bos_id]),
         "eos_token": IM_END,
-        "unk_token": spec.pieces[spec.trainer_spec.unk_id].piece,
         "pad_token": None,
         "added_tokens_decoder": added,
         "additional_special_tokens": list(tok.extra_ids),
@@ -88,6 +148,10 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int = 4096) -> dict[str, 
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
+
+
+def _by_id(item: tuple[str, int]) -> int:
+    return item[1]
 
 
 def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -> list[str]:
@@ -98,13 +162,17 @@ def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -
     """
     os.makedirs(out, exist_ok=True)
     config = tokenizer_config(tok, model_max_length)
+    text = tokenizer_json(tok)
+    with files.atomic_path(os.path.join(out, "tokenizer.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     with files.atomic_path(os.path.join(out, "tokenizer.model")) as tmp:
         shutil.copyfile(tok.model_path, tmp)
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
     jsons = {
         "tokenizer_config.json": config,
         "special_tokens_map.json": {
-            **special,
+            "bos_token": config["bos_token"],
+            "eos_token": config["eos_token"],
             "additional_special_tokens": config["additional_special_tokens"],
         },
         "generation_config.json": {
@@ -114,4 +182,4 @@ def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -
     }
     for name, obj in jsons.items():
         files.write_json(os.path.join(out, name), obj, indent=2, ensure_ascii=False)
-    return ["tokenizer.model", *jsons]
+    return ["tokenizer.json", "tokenizer.model", *jsons]
