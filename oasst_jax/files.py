@@ -16,12 +16,58 @@ truncated report or a half-overwritten export behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+# A full disk, an exhausted quota, a filesystem mounted read-only: nothing a retry fixes,
+# so a write that meets one stops with one line naming the path and what was kept.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def out_of_space(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT / EROFS ``OSError`` in ``error``'s cause chain, or one made from
+    its text (tensorstore reports the errno as text in a ``ValueError``, orbax wraps it),
+    or None."""
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in seen:
+        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+            return e
+        for code in OUT_OF_SPACE:
+            if os.strerror(code) in str(e):
+                return OSError(code, os.strerror(code))
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class SpaceError(OSError):
+    """A write that met a full disk, said in one line (:func:`space_error`); ``path`` and
+    ``kept`` say where and what is left, for an outer handler to add what it knows."""
+
+    path: str = ""
+    kept: str = ""
+
+
+def space_error(path: str | os.PathLike, error: OSError, kept: str) -> SpaceError:
+    """One line for a write that met a full disk: ``[Errno 28] No space left on device
+    writing PATH; KEPT; free space and run again``, errno kept (so callers can classify)."""
+    e = SpaceError(
+        error.errno,
+        f"{os.strerror(error.errno)} writing {os.fspath(path)}; {kept}; free space (or make "
+        "it writable) and run again",
+    )
+    e.path, e.kept = os.fspath(path), kept
+    return e
+
+
+def _kept(path: str) -> str:
+    return f"the previous {path} is unchanged" if os.path.lexists(path) else "nothing was written"
 
 
 def _hidden_sibling(path: str, kind: str) -> str:
@@ -38,6 +84,29 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: ``/proc/self/status``; setting
+    and restoring it would race with files other threads, orbax's writers, create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str) -> None:
+    """Give a regular file the mode ``open()`` gives a new one (``0o666 & ~umask``, 0644
+    usually): some writers create theirs private (safetensors' ``save_file``: 0600), and
+    every file a command writes should read alike."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, 0o666 & ~_umask())
+
+
 def check_writable_dir(path: str) -> None:
     """``FileNotFoundError``/``PermissionError`` now, naming ``path``'s directory, rather
     than after the work whose result was to be written there."""
@@ -52,19 +121,23 @@ def check_writable_dir(path: str) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
 
-    The temporary does not exist yet (the writer creates it, with the usual
-    permissions); the directory is checked up front.
+    The temporary does not exist yet (the writer creates it); it gets the usual mode
+    (:func:`usual_mode`) before the rename; the directory is checked up front.
     """
     path = os.fspath(path)
     check_writable_dir(path)
     tmp = _hidden_sibling(path, "tmp")
     try:
         yield tmp
+        usual_mode(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        full = out_of_space(e)
+        if full is not None and not isinstance(e, SpaceError):
+            raise space_error(path, full, _kept(path)) from e
         raise
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
@@ -80,9 +153,10 @@ def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield a new empty directory beside ``path``; on success it replaces ``path``.
 
-    Every file in it is fsynced, then an existing ``path`` is renamed aside, the
-    new directory renamed into place, and the old one removed.  On an exception
-    the new directory is removed and ``path`` is untouched.
+    Every file in it gets the usual mode (:func:`usual_mode`) and is fsynced, then an
+    existing ``path`` is renamed aside, the new directory renamed into place, and the
+    old one removed.  On an exception the new directory is removed and ``path`` is
+    untouched.
     """
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -92,11 +166,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         for root, _, names in os.walk(tmp):
             for name in names:
+                usual_mode(os.path.join(root, name))
                 fsync_path(os.path.join(root, name))
             fsync_path(root)
         _swap_in(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = out_of_space(e)
+        if full is not None and not isinstance(e, SpaceError):
+            raise space_error(path, full, _kept(path)) from e
         raise
 
 
