@@ -26,6 +26,11 @@ every other field being the default and the card's value at once:
 - `finetune=True`, `use_checkpoint_args=True`, `load="checkpoints/llama2-70b-chatml"`:
   the base weights only (fresh optimizer, step 0), model shape from that checkpoint.
 - `workdir=`, `data_path=`, `data_prefix=`: this run's output and data.
+- `megatron_new_tokens=True`, `model.vocab_size=32007`: the card's token ids, Megatron-LLM's
+  layout without `--no_new_tokens` (`<CLS> <SEP> <EOD> <MASK> <PAD>` = 32000-32004,
+  `<|im_start|>` = 32005, `<|im_end|>` = 32006), which the card's data configs write
+  and `convert hf-to-orbax --add-chatml-tokens --megatron-new-tokens` gives the base
+  model (the default is the compact 32002 layout of the demo).
 
 Evaluation is the default, which is Megatron's: every 50 steps, 10 global batches
 (640 samples) from a validation stream that continues from one evaluation to the
@@ -46,6 +51,8 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "selective"
     c.model.attention_impl = "pallas"
+    c.model.vocab_size = 32007  # the card's layout: 32000 + 5 Megatron tokens + 2 chatml
+    c.megatron_new_tokens = True  # (with tokenizer_path) the same layout for the tokenizer
     c.mesh.tensor = 8
     c.mesh.pipeline = 4
     c.mesh.data = -1
@@ -75,4 +82,5 @@ def get_config():
     c.finetune = True  # the base Llama-2 weights, fresh optimizer
     c.use_checkpoint_args = True
     c.load = "checkpoints/llama2-70b-chatml"  # `convert hf-to-orbax --add-chatml-tokens`
+    # `--megatron-new-tokens`: 7 new rows
     return c

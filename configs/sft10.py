@@ -14,7 +14,8 @@ Where this config differs from the library defaults (`oasst_jax.config.base_conf
 - as stage 1: `model=` Llama-2-70B with `model.attention_impl="pallas"`,
   `mesh.tensor=8`, `mesh.pipeline=4`, `loss_normalization="microbatch_mean"`
   (Megatron's mean of per-micro-batch means, for validation too), `packing=False`,
-  `log_interval=1`, `finetune=True`, `use_checkpoint_args=True`.
+  `log_interval=1`, `finetune=True`, `use_checkpoint_args=True`, the card's token layout
+  (`megatron_new_tokens=True`, `model.vocab_size=32007`: `<|im_start|>` = 32005).
 
 Evaluation as stage 1 (Megatron's continuing stream; `--config.eval_full=True`
 for the whole val split).

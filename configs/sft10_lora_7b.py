@@ -37,6 +37,7 @@ def get_config():
     c = load_config(os.path.join(HERE, "sft10.py"))
     c.model = load_config(os.path.join(HERE, "model", "llama2_7b.py"))
     c.model.attention_impl = "pallas"
+    c.model.vocab_size = 32007  # the card's token layout (configs/pre10.py)
     c.mesh.tensor = 1
     c.mesh.pipeline = 1
     c.workdir = "runs/oasst_sft10_lora_llama2_7b"

@@ -19,7 +19,7 @@ STAGE=${STAGE:-pre10}  # pre10 = stage 1 (oasst_pre10_min25), sft10 = stage 2 (o
 SHARED=${SHARED:-/mnt/shared}
 TOKENIZER=${TOKENIZER:-$SHARED/llama2/tokenizer.model}
 RAW=${RAW:-$SHARED/raw}  # the upstream dataset files (README: Pipeline)
-# `convert hf-to-orbax --add-chatml-tokens`
+# `convert hf-to-orbax --add-chatml-tokens --megatron-new-tokens` (the card's 32007-token layout)
 BASE_MODEL=${BASE_MODEL:-$SHARED/checkpoints/llama2-70b-chatml}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-""}  # more --config.* overrides, e.g. "--config.mesh.fsdp=2"
 JAX_VERSION=${JAX_VERSION:-0.10.2}

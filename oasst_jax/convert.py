@@ -1,6 +1,7 @@
 """Hugging Face ``LlamaForCausalLM`` <-> orbax weights, without torch and without pickle.
 
-    python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens]
+    python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens
+        [--megatron-new-tokens]]
     python -m oasst_jax.convert orbax-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
         [--tokenizer tokenizer.model]
     python -m oasst_jax.convert lora-to-peft --ckpt RUN/checkpoints --out DIR
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "--add-chatml-tokens",
         action="store_true",
         help="append <|im_start|>, <|im_end|> rows (mean-initialised) to embedding and LM head",
+    )
+    imp.add_argument(
+        "--megatron-new-tokens",
+        action="store_true",
+        help="with --add-chatml-tokens: first Megatron-LLM's <CLS> <SEP> <EOD> <MASK> <PAD> rows "
+        "(the card's 32007-token layout, <|im_start|> = 32005)",
     )
     exp = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> Hugging Face safetensors")
     exp.add_argument("--ckpt", required=True, help="orbax checkpoint directory (latest step)")
@@ -89,7 +96,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-orbax":
-        cfg = hf_to_orbax(args.hf_dir, args.out, add_chatml_tokens=args.add_chatml_tokens)
+        if args.megatron_new_tokens and not args.add_chatml_tokens:
+            raise ValueError("--megatron-new-tokens goes with --add-chatml-tokens")
+        cfg = hf_to_orbax(
+            args.hf_dir,
+            args.out,
+            add_chatml_tokens=args.add_chatml_tokens,
+            megatron_new_tokens=args.megatron_new_tokens,
+        )
         print(
             f"wrote {args.out}: {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size} "
             f"(padded {cfg.padded_vocab_size}), {cfg.num_params():,} params"

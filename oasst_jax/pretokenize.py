@@ -484,7 +484,23 @@ def run(config: Any) -> dict[str, list[Stats]]:
 
     A dataset that contributes no sample to a split it should feed is a warning on
     stderr naming it; a split left with no sample at all is an error, and then nothing
-    in ``output_dir`` is replaced."""
+    in ``output_dir`` is replaced.  A full disk (ENOSPC, EDQUOT, EROFS) is one line naming
+    ``output_dir`` and what it holds; every writer's temporaries are removed first."""
+    try:
+        return _run(config)
+    except OSError as e:
+        full = files.out_of_space(e)
+        if full is None or isinstance(e, files.SpaceError):  # not a full disk / said already
+            raise
+        out_dir = Path(config.output_dir)
+        if (out_dir / shards.METADATA_FILE).is_file():
+            kept = f"the previous output in {out_dir} is unchanged"
+        else:
+            kept = f"{out_dir} holds no finished output (no {shards.METADATA_FILE})"
+        raise files.space_error(out_dir, full, f"{kept}; temporaries removed") from e
+
+
+def _run(config: Any) -> dict[str, list[Stats]]:
     names = validate_config(config)
     tokenizer = Tokenizer(
         config.tokenizer_path, megatron_new_tokens=bool(_setting(config, "megatron_new_tokens"))
@@ -564,7 +580,7 @@ def run(config: Any) -> dict[str, list[Stats]]:
                     f"nothing in {out_dir} was replaced"
                 )
         _begin_commit(out_dir)
-        metas = {split: w.commit({"split": split, **common}) for split, w in writers.items()}
+        metas = {split: w.commit() for split, w in writers.items()}
     outputs.remove_stale(out_dir, prefix, SPLITS, output_format, write_json)
     report = format_report(str(out_dir), prefix, stats, load_skips)
     outputs.write_text(out_dir / "stats.md", report)
@@ -574,6 +590,8 @@ def run(config: Any) -> dict[str, list[Stats]]:
         for split, blocks in upstream_blocks.items():
             text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
             outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
+        for split, w in writers.items():  # all written before the first rename
+            w.prepare({"split": split, **common})
     meta = _output_metadata(common, metas, stats)
     files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
     if _setting(config, "compress"):

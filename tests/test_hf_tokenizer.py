@@ -11,6 +11,7 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tokenizers
 import torch
@@ -223,3 +224,42 @@ def test_transformers4_loads_the_export_alike(exports, megatron):
     assert got["chat"] == [prompt_ids(tok, c) for c in TRICKY]
     assert got["decoded"] == [tok.decode(prompt_ids(tok, c)) for c in TRICKY]
 
+
+def test_card_layout_import_and_export(tmp_path, sp_model_path):
+    """The card's pipeline in its layout: a base imported with ``--add-chatml-tokens
+    --megatron-new-tokens`` has the 7 new rows (mean-initialised), its export tokenizes in
+    Megatron's layout (``<|im_start|>`` = base + 5) and AutoTokenizer's chat template gives
+    those ids; the flag alone is one line."""
+    from conftest import tiny_hf_llama
+
+    from oasst_jax.hf.safetensors_io import SafetensorsReader
+
+    tok = Tokenizer(sp_model_path, megatron_new_tokens=True)
+    base = tiny_hf_llama(tmp_path / "base", vocab_size=tok.base_vocab_size)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    with pytest.raises(SystemExit, match="--megatron-new-tokens goes with --add-chatml-tokens"):
+        convert.main(["hf-to-orbax", "--hf-dir", base, "--out", ckpt, "--megatron-new-tokens"])
+    convert.main(["hf-to-orbax", "--hf-dir", base, "--out", ckpt, "--add-chatml-tokens",
+                  "--megatron-new-tokens"])  # fmt: skip
+    convert.main(["orbax-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", str(sp_model_path)])
+    head = SafetensorsReader(out).get("lm_head.weight")
+    assert head.shape[0] == tok.vocab_size == tok.base_vocab_size + 7
+    np.testing.assert_allclose(head[-1], head[: tok.base_vocab_size].mean(0), rtol=1e-5)
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert _chat_ids(auto, CONVERSATION) == prompt_ids(tok, CONVERSATION)
+    assert auto.convert_tokens_to_ids("<|im_start|>") == tok.base_vocab_size + 5
+
+
+def test_merges_are_transformers_order(sp_models):
+    """The hand-written merge order (``bpe_merges``) is transformers' ``generate_merges``
+    with SentencePiece's scores (control, unknown and byte pieces never merged)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    from oasst_jax.hf.tokenizer import bpe_merges
+
+    spec = pb.ModelProto.FromString(sp_models.read_bytes())
+    vocab = {p.piece: i for i, p in enumerate(spec.pieces)}
+    skip = [p.piece for p in spec.pieces if p.type in (2, 3, 6)]
+    scores = {p.piece: p.score for p in spec.pieces}
+    assert bpe_merges(spec) == generate_merges(vocab, scores, skip_tokens=skip)

@@ -223,7 +223,8 @@ def _data_config(name):
 
 def test_data_configs_build_on_the_base_config():
     """Every field has one default, in ``pt.base_config()``; a data config sets only what it
-    changes and the card's leave ``tokenizer_path`` to the command line."""
+    changes, the card's leave ``tokenizer_path`` to the command line and write the card's
+    32007-token layout (``megatron_new_tokens``), the demo's the compact one."""
     base = pt.base_config()
     assert pt.DEFAULTS == {k: base[k] for k in base if k not in pt.REQUIRED}
     assert set(base) == set(pt._FIELDS)
@@ -232,6 +233,8 @@ def test_data_configs_build_on_the_base_config():
         assert list(cfg) == list(base), name
         changed = {k for k in base if cfg[k] != base[k]}
         card = {"output_dir", "filename_prefix", "datasets", "num_workers", "output_format"}
+        if name != "sample.py":  # the card's 32007-token layout; the demo's is compact
+            card.add("megatron_new_tokens")
         assert card <= changed <= card | {"min_assistant_tokens", "tokenizer_path"}, name
         if name != "sample.py":
             with pytest.raises(DataError, match="config: 'tokenizer_path' is required"):
@@ -874,3 +877,26 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path, sp_model_pa
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
+
+def test_a_run_in_another_layout_than_its_data_or_base_is_one_line(tmp_path, sp_model_path):
+    """Data in the card's layout (``megatron_new_tokens``): a run set to the compact one is
+    refused per split, and a base checkpoint imported in the compact layout (its vocabulary
+    5 rows short) by the tokenizer the data records; each a one-line error."""
+    from oasst_jax.train import load_tokenizer
+
+    path = _megacode_file(tmp_path)
+    cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path), "val_split": 0.2})
+    cfg.megatron_new_tokens = True
+    pt.run(cfg)
+    compact, card = Tokenizer(sp_model_path), Tokenizer(sp_model_path, megatron_new_tokens=True)
+    base = types.SimpleNamespace(vocab_size=compact.vocab_size)
+    errors = []
+    with pytest.raises(DataError, match="p-train was pretokenized with another tokenizer") as e:
+        load_tokenizer(_train_cfg(tmp_path, "p", sp_model_path), base)  # compact run
+    errors.append(e)
+    want = f"has {card.vocab_size} ids but model.vocab_size={compact.vocab_size}"
+    with pytest.raises(ValueError, match=want) as e:
+        load_tokenizer(_train_cfg(tmp_path, "p"), base)  # the data's layout, a compact base
+    errors.append(e)
+    assert all("\n" not in str(e.value) for e in errors)
+    assert load_tokenizer(_train_cfg(tmp_path, "p"), card).sha256 == card.sha256

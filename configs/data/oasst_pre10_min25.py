@@ -25,6 +25,7 @@ def get_config() -> ConfigDict:
     c.filename_prefix = "oasst_pre10"
     c.min_assistant_tokens = 25
     c.num_workers = 2
+    c.megatron_new_tokens = True  # the card's 32007 ids (<|im_start|> = 32005), as upstream
     # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
     c.output_format = "both"
     c.datasets.megacode2 = ConfigDict(

@@ -22,6 +22,7 @@ def get_config() -> ConfigDict:
     c.output_dir = "output/oasst_rm_2023-07-23"
     c.filename_prefix = "oasst_rm"
     c.num_workers = 2
+    c.megatron_new_tokens = True  # the card's 32007 ids (<|im_start|> = 32005), as upstream
     # output_format: "oasst_jax" (the base's): Megatron's format holds no ranked replies
     c.datasets.oasst_export = ConfigDict(
         dict(

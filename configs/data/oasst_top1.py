@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
     c.filename_prefix = "oasst_top1"
     # min_assistant_tokens: None (the base's), the stage-2 YAML sets none
     c.num_workers = 2
+    c.megatron_new_tokens = True  # the card's 32007 ids (<|im_start|> = 32005), as upstream
     # upstream's files (-text/-role .bin/.idx, special_tokens.json, _stats.txt) and ours
     c.output_format = "both"
     c.datasets.oasst_export = ConfigDict(

@@ -73,7 +73,9 @@ def _memmap_allocator(directory: str) -> Callable[[tuple[int, ...]], np.ndarray]
     return allocate
 
 
-def hf_to_orbax(hf_dir: str, out: str, *, add_chatml_tokens: bool = False) -> LlamaConfig:
+def hf_to_orbax(
+    hf_dir: str, out: str, *, add_chatml_tokens: bool = False, megatron_new_tokens: bool = False
+) -> LlamaConfig:
     """Convert and write a weights-only checkpoint (step 0) with the hf config beside it.
 
     The fp32 tree is assembled in memmaps in a temporary folder beside
@@ -86,7 +88,10 @@ def hf_to_orbax(hf_dir: str, out: str, *, add_chatml_tokens: bool = False) -> Ll
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".hf-to-orbax-", dir=parent) as tmp:
         params, cfg, hf = load_hf(
-            hf_dir, add_chatml_tokens=add_chatml_tokens, allocate=_memmap_allocator(tmp)
+            hf_dir,
+            add_chatml_tokens=add_chatml_tokens,
+            megatron_new_tokens=megatron_new_tokens,
+            allocate=_memmap_allocator(tmp),
         )
         checkpoint.save_weights(
             out, params, cfg, extra_json={HF_ITEM: hf}, save_args=layer_chunked_save_args(params)

@@ -35,7 +35,7 @@ from oasst_jax.hf.layout import (
 )
 from oasst_jax.hf.safetensors_io import SafetensorsReader
 from oasst_jax.model import LlamaConfig
-from oasst_jax.tokenizer import CHATML_TOKENS
+from oasst_jax.tokenizer import extra_tokens
 
 
 def _zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -46,14 +46,16 @@ def load_hf(
     hf_dir: str,
     *,
     add_chatml_tokens: bool = False,
+    megatron_new_tokens: bool = False,
     allocate: Callable[[tuple[int, ...]], np.ndarray] = _zeros,
     **overrides: Any,
 ) -> tuple[Any, LlamaConfig, dict[str, Any]]:
     """``(fp32 params, LlamaConfig, hf config)`` from a Hugging Face directory.
 
     With ``add_chatml_tokens`` the vocabulary grows by the chatml rows
-    (``tokenizer.CHATML_TOKENS``) initialised to the mean row (embedding and LM
-    head); the returned hf config records the new size and the source tensors'
+    (``tokenizer.CHATML_TOKENS``; with ``megatron_new_tokens`` Megatron-LLM's five new
+    tokens before them, the card's 32007 layout) initialised to the mean row (embedding
+    and LM head); the returned hf config records the new size and the source tensors'
     dtype (what export writes back).  ``allocate`` makes each zero-filled fp32
     leaf; ``hf.convert.hf_to_orbax`` passes one that returns file-backed memmaps
     so the tree never sits in RAM.
@@ -62,7 +64,7 @@ def load_hf(
     src_cfg = hf_config_to_llama(hf, where=os.path.join(hf_dir, CONFIG_FILE), **overrides)
     reader = SafetensorsReader(hf_dir)
     check_tensor_names({name: reader.shape(name) for name in reader.names}, src_cfg, hf_dir)
-    extra = len(CHATML_TOKENS) if add_chatml_tokens else 0
+    extra = len(extra_tokens(megatron_new_tokens)) if add_chatml_tokens else 0
     cfg = dataclasses.replace(src_cfg, vocab_size=src_cfg.vocab_size + extra)
     params = jax.tree_util.tree_map(lambda a: allocate(tuple(a.shape)), param_shapes(cfg))
     dtype = None
@@ -108,11 +110,13 @@ def load_start_params(
     where = where or path
     if is_hf_dir(path):
         params, hf_cfg, _ = load_hf(path)
-        if hf_cfg.vocab_size + len(CHATML_TOKENS) == model_cfg.vocab_size:
-            raise ValueError(
-                f"{where} has the base vocabulary ({hf_cfg.vocab_size}); import it with "
-                "`python -m oasst_jax.convert hf-to-orbax --add-chatml-tokens` first"
-            )
+        for megatron in (False, True):
+            if hf_cfg.vocab_size + len(extra_tokens(megatron)) == model_cfg.vocab_size:
+                raise ValueError(
+                    f"{where} has the base vocabulary ({hf_cfg.vocab_size}); import it with "
+                    "`python -m oasst_jax.convert hf-to-orbax --add-chatml-tokens"
+                    + (" --megatron-new-tokens` first" if megatron else "` first")
+                )
         checkpoint.check_same_shape(hf_cfg, model_cfg, where)
         checkpoint.check_shapes(abstract, params, where)
         return jax.tree.map(

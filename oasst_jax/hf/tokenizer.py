@@ -75,6 +75,27 @@ def _sp_spec(tok: Tokenizer) -> sentencepiece_model_pb2.ModelProto:
     return proto
 
 
+def bpe_merges(spec: sentencepiece_model_pb2.ModelProto) -> list[tuple[str, str]]:
+    """SentencePiece BPE as ranked merges: every split of a piece into two pieces, the best
+    merged piece's score first (SentencePiece merges the adjacent pair whose union scores
+    highest), then longer left parts first, then by the piece's and the parts' ids; never
+    into or out of ``<unk>``, control or byte pieces, which SentencePiece does not merge.
+
+    Written here because the same rule in transformers (``convert_slow_tokenizer.
+    generate_merges``, the order tests check this against) would make transformers a
+    dependency of every export."""
+    ids = {p.piece: i for i, p in enumerate(spec.pieces) if p.type not in _NO_MERGE_TYPES}
+    ranked = [
+        (-p.score, -k, k - len(p.piece), ids[p.piece], ids[p.piece[:k]], ids[p.piece[k:]])
+        for p in spec.pieces
+        if p.piece in ids
+        for k in range(1, len(p.piece))
+        if p.piece[:k] in ids and p.piece[k:] in ids
+    ]
+    pieces = [p.piece for p in spec.pieces]
+    return [(pieces[left], pieces[right]) for *_, left, right in sorted(ranked)]
+
+
 def tokenizer_json(tok: Tokenizer) -> str:
     """``tokenizer.json`` that tokenizes as ``tok`` (the JSON text).
 
@@ -87,22 +108,18 @@ def tokenizer_json(tok: Tokenizer) -> str:
     - normalizer: spaces to ``▁``, and a ``▁`` prepended to every piece when the model has
       ``add_dummy_prefix`` (Llama-2 does), nothing else (identity normalisation, runs of
       spaces kept); no pre-tokenizer, as SentencePiece encodes a piece whole;
-    - model: BPE over the same vocabulary with byte fallback and the merges ranked by the
-      merged piece's score (transformers' ``generate_merges``), which is SentencePiece's
-      rule: the best-scoring adjacent pair merges first;
+    - model: BPE over the same vocabulary with byte fallback and the merges of
+      :func:`bpe_merges`;
     - decoder: bytes, then the dummy ``▁`` dropped at the start and after each special
       token (SentencePiece decodes each piece between special tokens on its own), then
       ``▁`` to spaces, so decoding gives the text back.
     """
     from tokenizers import AddedToken, Regex, decoders, models, normalizers
     from tokenizers import Tokenizer as HFTokenizer
-    from transformers.convert_slow_tokenizer import generate_merges
 
     spec = _sp_spec(tok)
     vocab = {p.piece: i for i, p in enumerate(spec.pieces)}
-    scores = {p.piece: p.score for p in spec.pieces}
-    no_merge = [p.piece for p in spec.pieces if p.type in _NO_MERGE_TYPES]
-    merges = generate_merges(vocab, scores, skip_tokens=no_merge)
+    merges = bpe_merges(spec)
     unk = spec.pieces[spec.trainer_spec.unk_id].piece
     hf = HFTokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
