@@ -164,15 +164,62 @@ def test_check_split_refuses_ids_beyond_the_model_vocab(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_max_token_id_of_old_shards_is_computed_from_the_tokens(tmp_path):
+def test_check_split_scans_the_tokens_not_the_metadata(tmp_path):
+    """An id >= the vocabulary written into tokens.bin after pretokenize (metadata
+    unchanged, or written before it recorded max_token_id) is found by the scan: one line
+    naming the file, the id and its first index; a bad role id likewise."""
     _write(tmp_path / "s", [(np.array([3, 250, 7]), np.array([1, 2, 2]))])
+    shards.check_split(tmp_path / "s", vocab_size=251)
+    tokens = tmp_path / "s" / shards.TOKENS_FILE
+    tokens.write_bytes(np.array([3, 250, 9000], "<u2").tobytes())
     meta_file = tmp_path / "s" / shards.METADATA_FILE
+    assert json.loads(meta_file.read_text())["max_token_id"] == 250  # the metadata says fine
+    with pytest.raises(DataError) as err:
+        shards.check_split(tmp_path / "s", vocab_size=251)
+    assert str(err.value) == (
+        f"{tokens} holds token id 9000 but the model has only 251 ids (model.vocab_size), "
+        "first at index 2; pretokenize with the model's tokenizer"
+    )
     meta = json.loads(meta_file.read_text())
     del meta["max_token_id"]  # written before the field existed
     meta_file.write_text(json.dumps(meta))
-    assert shards.max_token_id(tmp_path / "s") == 250
-    with pytest.raises(DataError, match="token id 250"):
+    with pytest.raises(DataError, match="token id 250 .*first at index 1"):
         shards.check_split(tmp_path / "s", vocab_size=200)
+    tokens.write_bytes(np.array([3, 250, 7], "<u2").tobytes())
+    (tmp_path / "s" / shards.ROLES_FILE).write_bytes(bytes([1, 2, 9]))
+    with pytest.raises(DataError, match=r"roles.bin holds role id 9 .*first at index 2; re-run"):
+        shards.check_split(tmp_path / "s", vocab_size=251)
+
+
+def test_scan_finds_the_first_bad_id_across_chunks(monkeypatch):
+    monkeypatch.setattr(shards, "SCAN_CHUNK", 4)
+    values = np.zeros(11, "<u2")
+    assert shards.first_out_of_range(values, 1) is None
+    values[[6, 9]] = [70, 80]
+    assert shards.first_out_of_range(values, 50) == (6, 70)
+    signed = np.zeros(11, "<i4")
+    signed[5] = -3
+    assert shards.first_out_of_range(signed, 50) == (5, -3)
+
+
+@pytest.mark.parametrize(
+    "offsets, problem",
+    [
+        ([0, 5, 10000, 12, 20], r"offset 2 is 10000, past the end of the data \(20 tokens"),
+        ([0, 12, 5, 20, 20], r"offset 2 is 5, below offset 1 \(12\): sample 1 would have"),
+        ([3, 5, 10, 12, 20], "offset 0 is 3, not 0"),
+        ([0, 5, 10, 12, 19], r"the last offset \(4\) is 19, but the data holds 20 tokens"),
+    ],
+)
+def test_offsets_out_of_order_or_past_the_end_are_refused_on_open(tmp_path, offsets, problem):
+    """offsets.bin of the right size whose offsets go back or past tokens.bin: one line
+    naming the file and the first bad index when the split is opened (not at a step)."""
+    _write(tmp_path / "s", [(np.arange(5), np.ones(5, np.uint8))] * 4)
+    index = tmp_path / "s" / shards.OFFSETS_FILE
+    index.write_bytes(np.array(offsets, "<i8").tobytes())
+    with pytest.raises(DataError, match=problem) as err:
+        shards.ShardDataSource(tmp_path / "s")
+    assert str(err.value).startswith(f"{index}: ") and "\n" not in str(err.value)
 
 
 def test_check_split_checks_the_tokenizer_of_the_split(tmp_path, sp_model_path):
@@ -273,6 +320,50 @@ def test_upstream_written_split_is_read(tmp_path):
     outputs.check_source(tmp_path, "up", "val", vocab_size=top + 1)
     with pytest.raises(DataError, match=f"token id {top} but the model has only {top} ids"):
         outputs.check_source(tmp_path, "up", "val", vocab_size=top)
+
+
+def _rewrite_index(idx, sizes=None, pointers=None):
+    """``idx`` with its sizes / pointers replaced (same length: only the values lie)."""
+    version, code, old_sizes, old_pointers, doc_idx = _idx_spec(idx)
+    with open(idx, "wb") as f:
+        head = struct.pack("<QBQQ", version, code, len(old_sizes), len(doc_idx))
+        f.write(b"MMIDIDX\x00\x00" + head)
+        f.write(np.asarray(old_sizes if sizes is None else sizes, "<i4").tobytes())
+        f.write(np.asarray(old_pointers if pointers is None else pointers, "<i8").tobytes())
+        f.write(doc_idx.tobytes())
+
+
+def test_megatron_index_and_ids_are_checked_against_the_data(tmp_path):
+    """The .idx of a Megatron split must describe its .bin: sequences back to back from
+    byte 0 (a pointer going back, a negative size, an end past the file: one line naming
+    the .idx or .bin and the first bad sequence), and every id of the .bin is scanned
+    whatever our metadata says."""
+    samples = [(np.arange(1, 6), np.full(5, 2)), (np.arange(3), np.ones(3))]
+    samples.append((np.arange(4), np.ones(4)))
+    _mega(tmp_path / "p-train", samples)
+    megatron.check_split(tmp_path / "p-train", vocab_size=6)
+    idx = tmp_path / "p-train-text.idx"
+    _rewrite_index(idx, pointers=[0, 10, 2])
+    problem = r"text.idx: pointer 2 is byte 2, not 16 where sequence 1 ends"
+    with pytest.raises(DataError, match=problem):
+        megatron.MegatronDataSource(tmp_path / "p-train")
+    _rewrite_index(idx, sizes=[5, -3, 4], pointers=[0, 10, 4])
+    problem = r"text.idx holds sequence length -3 \(negative\), first at index 1"
+    with pytest.raises(DataError, match=problem):
+        megatron.MegatronDataSource(tmp_path / "p-train")
+    _rewrite_index(idx, sizes=[5, 3, 400], pointers=[0, 10, 16])
+    problem = r"text.bin: .*: sequence 2 ends at byte 816, past the end of the file \(24 bytes\)"
+    with pytest.raises(DataError, match=problem):
+        megatron.MegatronDataSource(tmp_path / "p-train")
+    _rewrite_index(idx, sizes=[5, 3, 4], pointers=[0, 10, 16])
+    text = tmp_path / "p-train-text.bin"
+    values = np.frombuffer(text.read_bytes(), "<u2").copy()
+    values[7] = 40000
+    text.write_bytes(values.tobytes())
+    assert json.loads((tmp_path / "p-train-metadata.json").read_text())["max_token_id"] == 5
+    problem = r"text.bin holds token id 40000 but the model has only 6 ids .*first at index 7"
+    with pytest.raises(DataError, match=problem):
+        outputs.check_source(tmp_path, "p", "train", vocab_size=6)
 
 
 def test_open_source_prefers_shards_and_names_missing_splits(tmp_path):
@@ -378,6 +469,13 @@ def test_ranked_round_trip_pickle_and_layout_checks(tmp_path):
     with pytest.raises(ValueError, match="a prefix and at least two replies"):
         _ranked(tmp_path / "bad", [pieces[:2]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p-train", "r-train"]
-    (tmp_path / "r-train" / shards.EXAMPLES_FILE).write_bytes(np.array([0, 3], "<i8").tobytes())
+    examples_file = tmp_path / "r-train" / shards.EXAMPLES_FILE
+    examples_file.write_bytes(np.array([0, 5, 7], "<i8").tobytes())
+    with pytest.raises(DataError, match="examples.bin: example 1 has 2 samples, not a prefix"):
+        shards.RankedDataSource(tmp_path / "r-train")
+    examples_file.write_bytes(np.array([0, 9, 7], "<i8").tobytes())
+    with pytest.raises(DataError, match="examples.bin: offset 1 is 9, past the end of the data"):
+        shards.RankedDataSource(tmp_path / "r-train")
+    examples_file.write_bytes(np.array([0, 3], "<i8").tobytes())
     with pytest.raises(DataError, match="examples.bin has the wrong size"):
         shards.RankedDataSource(tmp_path / "r-train")[0]

@@ -22,7 +22,8 @@ trainer reads it, and :class:`MegatronDataSource` accepts both.
 
 Beside a split we write ``{prefix}-{split}-metadata.json`` (ours, the shard metadata: counts,
 largest token id, tokenizer identity); data made by upstream's tool has none, and is then
-checked against the directory's ``special_tokens.json`` and a pass over its tokens.
+checked against the directory's ``special_tokens.json``.  Every split read is checked
+(:func:`check_split`): index against data, every token and role id scanned.
 Files are written under hidden temporary names and renamed into place only by
 :meth:`MegatronSplitWriter.commit`.
 """
@@ -128,7 +129,7 @@ class IndexedDatasetWriter:
             os.replace(tmp, self.path.with_name(self.path.name + ext))
 
     def abort(self) -> None:
-        self._bin.close()
+        shards.close_quietly(self._bin)
         for tmp in self._tmp.values():
             tmp.unlink(missing_ok=True)
 
@@ -166,6 +167,8 @@ class MegatronSplitWriter(shards.StagedWriter):
         self._vocab_size = vocab_size
         self._text = IndexedDatasetWriter(_feature(self.split, "text"), text_dtype(vocab_size))
         self._role = IndexedDatasetWriter(_feature(self.split, "role"), ROLE_DTYPE)
+        meta = metadata_path(self.split)
+        self._meta_tmp = meta.with_name(f".{meta.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._num_samples = 0
         self._num_tokens = 0
         self._max_token_id = -1
@@ -184,11 +187,11 @@ class MegatronSplitWriter(shards.StagedWriter):
         self._num_samples += lengths.size
         self._num_tokens += tokens.size
 
-    def commit(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Write the indexes and metadata, then rename the split's files into place."""
+    def prepare(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Write the indexes and our metadata, still under hidden names."""
         self._text.finish()
         self._role.finish()
-        meta = {
+        self._meta = {
             "format": "megatron_mmap",
             "format_version": shards.FORMAT_VERSION,
             "num_samples": self._num_samples,
@@ -197,16 +200,24 @@ class MegatronSplitWriter(shards.StagedWriter):
             "max_token_id": self._max_token_id,
             **metadata,
         }
+        files.write_json(self._meta_tmp, self._meta, indent=2)
+        return self._meta
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`prepare` (unless done), then rename the split's files into place."""
+        meta = self._meta if self._meta is not None else self.prepare(metadata or {})
         metadata_path(self.split).unlink(missing_ok=True)  # the split reads as ours only once whole
         self._text.commit()
         self._role.commit()
-        files.write_json(metadata_path(self.split), meta, indent=2)
+        os.replace(self._meta_tmp, metadata_path(self.split))
         self._done = True
         return meta
 
     def abort(self) -> None:
+        """Remove both datasets' temporaries and our metadata's (closing quietly)."""
         self._text.abort()
         self._role.abort()
+        self._meta_tmp.unlink(missing_ok=True)
         self._done = True
 
 
@@ -248,19 +259,39 @@ class Index:
 
 
 def _open_feature(split: Path, feature: str) -> tuple[Index, np.ndarray]:
-    """The index and the memory-mapped data of ``{split}-{feature}``, checked to agree."""
+    """The index and the memory-mapped data of ``{split}-{feature}``, checked to agree:
+    no negative length, and the sequences back to back from byte 0 (the layout every
+    writer of the format produces, Megatron's ``_get_pointers``) inside the ``.bin``, so a
+    pointer that goes back or past the end is one line naming the first bad sequence."""
     index = Index(_feature(split, f"{feature}.idx"))
     data_path = _feature(split, f"{feature}.bin")
     n_bytes = data_path.stat().st_size if data_path.is_file() else -1
     itemsize = index.dtype.itemsize
-    ends = index.pointers.astype(np.int64) + index.sizes.astype(np.int64) * itemsize
-    bad = n_bytes < 0 or n_bytes % itemsize
-    if bad or (len(index) and (index.pointers.min() < 0 or ends.max() > n_bytes)):
+    if n_bytes < 0 or n_bytes % itemsize:
         raise DataError(f"{data_path}: missing or not the size its index says; re-run pretokenize")
+    shards.check_ids(index.path, index.sizes, 1 << 31, "sequence length", "(negative)")
+    starts = np.zeros(len(index) + 1, np.int64)
+    np.cumsum(index.sizes, dtype=np.int64, out=starts[1:])
+    bad = np.flatnonzero(index.pointers != starts[:-1] * itemsize)
+    if bad.size:
+        i = int(bad[0])
+        where = f"where sequence {i - 1} ends" if i else "(the start of the file)"
+        raise DataError(
+            f"{index.path}: pointer {i} is byte {int(index.pointers[i])}, not "
+            f"{int(starts[i]) * itemsize} {where} (out of order, overlapping or gapped); "
+            "re-run pretokenize"
+        )
+    if int(starts[-1]) * itemsize > n_bytes:
+        end = int(np.searchsorted(starts[1:] * itemsize, n_bytes, side="right"))
+        raise DataError(
+            f"{data_path}: missing or not the size its index says: sequence {end} ends at "
+            f"byte {int(starts[end + 1]) * itemsize}, past the end of the file ({n_bytes} "
+            "bytes); re-run pretokenize"
+        )
     data = (
         np.memmap(data_path, dtype=index.dtype, mode="r") if n_bytes else np.zeros(0, index.dtype)
     )
-    return index, data
+    return index, data[: int(starts[-1])]
 
 
 def read_metadata(split: Path) -> dict[str, Any] | None:
@@ -328,6 +359,10 @@ class MegatronDataSource:
         """Every token id of the split (memory-mapped, in file order)."""
         return self._open()[1]
 
+    def roles(self) -> np.ndarray:
+        """Every role id of the split (memory-mapped, in file order)."""
+        return self._open()[3]
+
     def _open(self) -> tuple:
         if self._arrays is None:
             text_idx, text = _open_feature(self.path, "text")
@@ -348,7 +383,8 @@ def _sequence(index: Index, data: np.ndarray, i: int) -> np.ndarray:
 
 def check_split(split: str | os.PathLike, vocab_size: int, tokenizer: Any = None) -> None:
     """Refuse a Megatron-format split a model of ``vocab_size`` ids cannot train on: missing,
-    damaged, empty, holding a token id >= ``vocab_size``, or (given ``tokenizer``) made with
+    damaged (index, role ids), empty, holding a token id >= ``vocab_size`` (a scan of the
+    ``-text.bin`` itself, whatever our metadata says), or (given ``tokenizer``) made with
     another tokenizer: by our metadata's fingerprint when present, else by the directory's
     ``special_tokens.json`` (upstream's), which names the id layout."""
     split = Path(split)
@@ -359,16 +395,10 @@ def check_split(split: str | os.PathLike, vocab_size: int, tokenizer: Any = None
             shards.check_tokenizer_metadata(split, meta, tokenizer)
         else:
             _check_special_tokens(split, tokenizer)
-    if meta is not None and "max_token_id" in meta:
-        top = int(meta["max_token_id"])
-    else:
-        tokens = source.tokens()
-        top = int(tokens.max()) if tokens.size else -1
-    if top >= vocab_size:
-        raise DataError(
-            f"{split} holds token id {top} but the model has only {vocab_size} ids "
-            "(model.vocab_size); pretokenize with the model's tokenizer"
-        )
+    shards.check_contents(
+        _feature(split, "text.bin"), source.tokens(), _feature(split, "role.bin"),
+        source.roles(), vocab_size,
+    )  # fmt: skip
 
 
 def _check_special_tokens(split: Path, tokenizer: Any) -> None:

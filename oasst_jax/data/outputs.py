@@ -25,6 +25,7 @@ trains as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,24 +106,36 @@ class SplitWriter(shards.StagedWriter):
         if self._text is not None:
             self._text.writelines(json.dumps({"text": t}) + "\n" for t in texts)
 
-    def commit(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Commit every format; returns the first writer's split metadata."""
-        metas = [writer.commit(metadata) for writer in self._writers]
+    def prepare(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Prepare every format (``StagedWriter``); returns the first's split metadata."""
+        self._meta = [writer.prepare(metadata) for writer in self._writers][0]
         if self._text is not None:
             self._text.flush()
             os.fsync(self._text.fileno())
             self._text.close()
+        return self._meta
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Commit every format; returns the first writer's split metadata."""
+        meta = self._meta if self._meta is not None else self.prepare(metadata or {})
+        for writer in self._writers:
+            writer.commit()
+        if self._text is not None:
             os.replace(self._jsonl_tmp, self._jsonl)
         self._done = True
-        return metas[0]
+        return meta
 
     def abort(self) -> None:
-        for writer in self._writers:
-            writer.abort()
-        if self._text is not None:
-            self._text.close()
-            self._jsonl_tmp.unlink(missing_ok=True)
-        self._done = True
+        """Every format's abort runs, even when one of them fails."""
+        try:
+            for writer in self._writers:
+                with contextlib.suppress(OSError):
+                    writer.abort()
+            if self._text is not None:
+                shards.close_quietly(self._text)
+                self._jsonl_tmp.unlink(missing_ok=True)
+        finally:
+            self._done = True
 
 
 def write_text(path: Path, text: str) -> None:
