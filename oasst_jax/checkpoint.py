@@ -13,12 +13,17 @@ that looks finished; nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
+import shutil
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +32,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from oasst_jax import files
 from oasst_jax.model import LlamaConfig
 
 # OCDBT buffers a data file's worth of encoded chunks per writer before it
@@ -91,19 +97,139 @@ def save_weights(
             **{name: ocp.JsonCheckpointHandler() for name in ("model", *extra)},
         },
     ) as mngr:
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.PyTreeSave(
-                    params,
-                    save_args=save_args,
-                    ocdbt_target_data_file_size=WEIGHTS_DATA_FILE_BYTES,
+        with _out_of_space(directory, step, mngr.wait_until_finished):
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.PyTreeSave(
+                        params,
+                        save_args=save_args,
+                        ocdbt_target_data_file_size=WEIGHTS_DATA_FILE_BYTES,
+                    ),
+                    model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
+                    **extra,
                 ),
-                model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
-                **extra,
-            ),
-        )
-        mngr.wait_until_finished()
+            )
+            mngr.wait_until_finished()
+
+
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's name for a step being written
+
+
+def remove_partial_steps(directory: str, settle_s: float = 0.0) -> list[str]:
+    """Remove the steps orbax left half-written under ``directory`` (``N.orbax-checkpoint-
+    tmp*``: a save that failed, e.g. on a full disk, which they would keep full); returns
+    their paths.  Process 0 removes; complete steps are never touched.
+
+    Why ``settle_s``: when a save fails, orbax abandons its other tensorstore writes
+    rather than waiting for them, and they finish (failing too) over the next moments,
+    re-creating the folder; so after a failure the folder is removed again until it has
+    stayed gone for ``settle_s``, at most 20 such rounds."""
+    if not os.path.isdir(directory):
+        return []
+
+    def partial() -> list[str]:
+        return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_MARKER in n)
+
+    found = partial()
+    if jax.process_index() != 0:
+        return found
+    for _ in range(20):
+        for path in partial():
+            shutil.rmtree(path, ignore_errors=True)
+        if not settle_s:
+            break
+        time.sleep(settle_s)
+        if not partial():
+            break
+    return found
+
+
+@contextlib.contextmanager
+def _out_of_space(
+    directory: str,
+    step: int,
+    settle: Callable[[], None],
+    newest: Callable[[], str] | None = None,
+) -> Iterator[None]:
+    """A save that meets a full disk (ENOSPC, EDQUOT, EROFS) as one line naming the step
+    and what is kept (``newest()``: what a restart resumes from).  First ``settle()``
+    waits for the save's background writers (their errors are this one), then its
+    half-written step is removed."""
+    try:
+        yield
+    except Exception as e:
+        full = files.out_of_space(e)
+        if full is None or isinstance(e, files.SpaceError):
+            raise
+        _QUIET.tripped = True
+        with contextlib.suppress(Exception):  # the writers fail alike: this error says it
+            settle()
+        removed = remove_partial_steps(directory, settle_s=0.5)
+        kept = f"removed the partial {', '.join(removed)}" if removed else "nothing half-written"
+        after = newest() if newest else "earlier steps are unchanged"
+        raise files.space_error(f"{directory}/{step}", full, f"{kept}; {after}") from e
+
+
+class _QuietAfterFullDisk(logging.Filter):
+    """What a full disk makes orbax's background threads print, dropped: its own error
+    (logged with a traceback by every failing writer thread, 12-44 of them), then, once one
+    was seen (``tripped``), the errors that follow from it (orbax's other threads and
+    abandoned asyncio tasks finding the save aborted), and tensorstore's callbacks into
+    the closed event loop of an aborted save (unraisable ``Event loop is closed``, never
+    anything to act on).  The main thread says it in one line
+    (:func:`oasst_jax.files.space_error`); anything else still prints."""
+
+    tripped = False
+    installed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() if record.levelno >= logging.ERROR else ""
+        if (error is not None and files.out_of_space(error) is not None) or any(
+            os.strerror(code) in text for code in files.OUT_OF_SPACE
+        ):
+            self.tripped = True
+            return False
+        after = self.tripped and record.levelno >= logging.ERROR
+        return not (after and (_ORBAX in record.pathname or _ORBAX in record.getMessage()))
+
+    def drops(self, error: BaseException | None) -> bool:
+        """Whether a thread's or an unraisable exception is full-disk noise."""
+        if error is not None and files.out_of_space(error) is not None:
+            self.tripped = True
+            return True
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+_QUIET = _QuietAfterFullDisk()
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def quiet_background_space_errors() -> None:
+    """Install :class:`_QuietAfterFullDisk` for this process (once; a training run does):
+    on the ``absl`` logger orbax logs through and the root handlers, on threads' uncaught
+    exceptions and on unraisable ones (which tensorstore's late callbacks raise).  It stays
+    installed: an aborted save's writers can report after the run has returned; a new
+    run's call only resets what the last one saw."""
+    _QUIET.tripped = False
+    if _QUIET.installed:
+        return
+    _QUIET.installed = True
+    logging.getLogger("absl").addFilter(_QUIET)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QUIET)
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def on_thread(args: threading.ExceptHookArgs) -> None:
+        if not _QUIET.drops(args.exc_value):
+            thread_hook(args)
+
+    def on_unraisable(args: Any) -> None:
+        if not _QUIET.drops(args.exc_value):
+            unraisable_hook(args)
+
+    threading.excepthook, sys.unraisablehook = on_thread, on_unraisable
 
 
 def _restore_json(mngr: ocp.CheckpointManager, step: int, name: str) -> dict:
@@ -395,9 +521,14 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        # cleanup_tmp_directories: a step a killed run left half-written goes at start-up
         self._mngr = _manager(
-            self.directory, max_to_keep=max_to_keep, enable_async_checkpointing=async_save
+            self.directory,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
         )
+        self._saving: int | None = None  # the step whose (async) save may still fail
 
     def save(
         self,
@@ -408,17 +539,35 @@ class TrainCheckpointer:
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         """``settings`` (flat, JSON-able: e.g. the optimizer config) are stored in ``meta``
-        so a resume that no longer fits can say which of them changed."""
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state["params"]),
-                opt_state=ocp.args.StandardSave(state["opt_state"]),
-                meta=ocp.args.JsonSave({"step": step, **meta, "settings": dict(settings or {})}),
-                model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
-            ),
-            force=True,
-        )
+        so a resume that no longer fits can say which of them changed.  A full disk, met
+        by this save or by the previous one still writing, is one line (:meth:`_space`)."""
+        with self._space(step if self._saving is None else self._saving):
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state["params"]),
+                    opt_state=ocp.args.StandardSave(state["opt_state"]),
+                    meta=ocp.args.JsonSave(
+                        {"step": step, **meta, "settings": dict(settings or {})}
+                    ),
+                    model=ocp.args.JsonSave(dataclasses.asdict(cfg)),
+                ),
+                force=True,
+            )
+        self._saving = step
+
+    def newest(self) -> str:
+        """What a restart resumes from, said for an error line: the newest complete step
+        (orbax renames a step's folder to its number only once it is whole)."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        steps = [int(n) for n in names if n.isdigit()]
+        if not steps:
+            return "no complete checkpoint (the next start begins afresh)"
+        return f"newest checkpoint: {self.directory}/{max(steps)} (the next start resumes there)"
+
+    def _space(self, step: int) -> contextlib.AbstractContextManager:
+        """:func:`_out_of_space` for a save of ``step``, naming what a restart resumes."""
+        return _out_of_space(self.directory, step, self._mngr.wait_until_finished, self.newest)
 
     def restore(
         self,
@@ -565,8 +714,13 @@ class TrainCheckpointer:
         self._mngr.reload()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Wait for the pending save (a full disk it meets: one line, :meth:`_space`)."""
+        try:
+            with self._space(self._saving or 0):
+                self._mngr.wait_until_finished()
+        finally:
+            with contextlib.suppress(Exception):  # its save's error is the one raised above
+                self._mngr.close()
 
 
 def _log(msg: str) -> None:

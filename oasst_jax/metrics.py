@@ -5,6 +5,13 @@ Only process 0 writes.  ``metrics.jsonl`` and ``samples.jsonl`` are opened in ap
 mode so a resumed run continues the same files; the W&B run id is kept in
 ``{workdir}/wandb_run_id`` so a resumed run continues the same W&B run too (steps it
 already logged before the restart are dropped by W&B with a warning).
+
+A run resumed from step ``N`` (``start_step``) holds each step once: the lines of steps
+after ``N`` (logged by the run before it stopped, past its last checkpoint) are removed
+from ``metrics.jsonl`` and ``samples.jsonl`` when they are opened, and tensorboard hides
+its events from step ``N + 1`` on (``purge_step``), so plots never double back
+(1, 2, 3, 4, 3, 4, 5 ...).  A full disk while writing is one line naming the file
+(:class:`oasst_jax.files.SpaceError`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ class MetricsLogger:
     ``wandb``: ``{"project", "entity", "name"}`` (empty or missing: off; ``entity``
     empty = the user's default, ``name`` empty = W&B's generated name).  ``run_config``
     (the run's whole config as a dict) becomes the W&B run's config.  ``WANDB_MODE=offline``
-    writes the run under ``{workdir}/wandb`` for a later ``wandb sync``.
+    writes the run under ``{workdir}/wandb`` for a later ``wandb sync``.  ``start_step``:
+    the step the run starts from (module doc); None keeps whatever the files hold.
     """
 
     def __init__(
@@ -41,6 +49,7 @@ class MetricsLogger:
         *,
         wandb: Mapping[str, str] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        start_step: int | None = None,
     ):
         self.enabled = jax.process_index() == 0
         self.workdir = workdir
@@ -54,8 +63,14 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self._writer = SummaryWriter(os.path.join(workdir, "tb"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            purge = None
+            if start_step is not None:
+                for name in (METRICS_FILE, SAMPLES_FILE):
+                    keep_through(os.path.join(workdir, name), start_step)
+                purge = start_step + 1
+            self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+            self._jsonl_path = os.path.join(workdir, METRICS_FILE)
+            self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
             if options["project"]:
                 self._wandb = _start_wandb(workdir, options, dict(run_config or {}))
 
@@ -72,8 +87,9 @@ class MetricsLogger:
             row[k] = v if math.isfinite(v) else None
             if not math.isfinite(v):
                 row[f"{k}_nonfinite"] = True
-        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self._jsonl.flush()
+        with _space_errors(self._jsonl_path, step):
+            self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
+            self._jsonl.flush()
         if self._wandb is not None:
             self._wandb.log(values, step=step)
 
@@ -85,13 +101,15 @@ class MetricsLogger:
         grown one; the newest shows the run's history)."""
         if not self.enabled or not samples:
             return
-        if self._samples is None:
-            self._samples = open(os.path.join(self.workdir, "samples.jsonl"), "a")  # noqa: SIM115
-        for prompt, reply in samples:
-            line = {"step": step, "prompt": prompt, "reply": reply}
-            self._samples.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self._sample_rows.append([step, prompt, reply])
-        self._samples.flush()
+        path = os.path.join(self.workdir, SAMPLES_FILE)
+        with _space_errors(path, step):
+            if self._samples is None:
+                self._samples = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            for prompt, reply in samples:
+                line = {"step": step, "prompt": prompt, "reply": reply}
+                self._samples.write(json.dumps(line, ensure_ascii=False) + "\n")
+                self._sample_rows.append([step, prompt, reply])
+            self._samples.flush()
         text = "\n\n---\n\n".join(f"**prompt**: {p}\n\n**reply**: {r}" for p, r in samples)
         self._writer.add_text("samples", text, step)
         if self._wandb is not None:
@@ -101,13 +119,64 @@ class MetricsLogger:
             self._wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:
-        if self.enabled:
-            self._writer.close()
-            self._jsonl.close()
-            if self._samples is not None:
-                self._samples.close()
-            if self._wandb is not None:
-                self._wandb.finish()
+        """Close every sink, each even when another fails (a full disk fails the flush of
+        every buffered file); the first failure is raised after, as one line."""
+        if not self.enabled:
+            return
+        sinks = [(os.path.join(self.workdir, "tb"), self._writer.close)]
+        sinks.append((self._jsonl_path, self._jsonl.close))
+        if self._samples is not None:
+            sinks.append((os.path.join(self.workdir, SAMPLES_FILE), self._samples.close))
+        if self._wandb is not None:
+            sinks.append((os.path.join(self.workdir, "wandb"), self._wandb.finish))
+        first = None
+        for path, close in sinks:
+            try:
+                with _space_errors(path, None):
+                    close()
+            except OSError as e:
+                first = first or e
+        if first is not None:
+            raise first
+
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def keep_through(path: str, step: int) -> None:
+    """Drop the lines of a JSON-lines log (``{"step": ...}`` each) logged after ``step``,
+    and a line torn by a crash, rewriting the file atomically (only when any is dropped)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _line_step(line) <= step]
+    if len(kept) != len(lines):
+        with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+
+def _line_step(line: str) -> float:
+    """The ``step`` of one log line; infinity (dropped) for a torn or foreign line."""
+    try:
+        step = json.loads(line).get("step") if line.endswith("\n") else None
+    except (ValueError, AttributeError):
+        step = None
+    return step if isinstance(step, int) else math.inf
+
+
+@contextlib.contextmanager
+def _space_errors(path: str, step: int | None):
+    """A full disk while writing ``path`` as one line naming it and what it holds."""
+    try:
+        yield
+    except OSError as e:
+        full = files.out_of_space(e)
+        if full is None or isinstance(e, files.SpaceError):
+            raise
+        held = "what was written before" if step is None else f"the steps before {step}"
+        raise files.space_error(path, full, f"it holds {held}") from None
 
 
 def _wandb_options(wandb: Mapping[str, str] | None) -> dict[str, str]:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import chatml, checkpoint, decode, distributed, lora, optim, sharding
+from oasst_jax import chatml, checkpoint, decode, distributed, files, lora, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
@@ -267,7 +267,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         if val is not None and val_state is not None:
             val.set_state(val_state)
 
-        logger = MetricsLogger(cfg.workdir, wandb=wandb_options(cfg), run_config=cfg.to_dict())
+        logger = MetricsLogger(cfg.workdir, wandb=wandb_options(cfg), run_config=cfg.to_dict(),
+                               start_step=int(state["step"]))  # fmt: skip
         prompts = sample_prompts(cfg, tokenizer)
         flops_tok = model_cfg.flops_per_token(cfg.seq_length)
         _log(
@@ -286,6 +287,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         pending = None
         last = {}
         window = _Window(step)
+        checkpoint.quiet_background_space_errors()
         try:
             while step < cfg.train_iters:
                 with timer("data_wait"):
@@ -333,10 +335,32 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                     break
             if pending is not None:
                 last = _report(cfg, logger, pending, window, flops_tok, timer, guard)
+        except OSError as e:
+            _raise_if_full_disk(e, cfg, ckpt)
+            raise
         finally:  # saves already started complete; metrics written so far stay
-            ckpt.close()
-            logger.close()
+            try:
+                try:
+                    ckpt.close()
+                finally:
+                    logger.close()
+            except OSError as e:
+                _raise_if_full_disk(e, cfg, ckpt)
+                raise
     return last
+
+
+def _raise_if_full_disk(error: OSError, cfg, ckpt: checkpoint.TrainCheckpointer) -> None:
+    """A full disk met by the loop (a save, metrics, samples, tensorboard) as one line
+    naming the path, what that file kept and the checkpoint a restart resumes from (a
+    save's own line says that already); any other error is left to the caller."""
+    full = files.out_of_space(error)
+    if full is None:
+        return
+    if not isinstance(error, files.SpaceError):
+        raise files.space_error(cfg.workdir, full, ckpt.newest()) from error
+    if not error.path.startswith(ckpt.directory):
+        raise files.space_error(error.path, full, f"{error.kept}; {ckpt.newest()}") from error
 
 
 def _start_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:

@@ -187,3 +187,94 @@ def test_damaged_weights_are_called_unreadable_not_mismatched(tmp_path):
     _damage(d, 0)
     with pytest.raises(CheckpointError, match=r"\(step 0\) cannot be read: ValueError: FAIL"):
         checkpoint.load_weights(d, _abstract({"p": params})["p"])
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _tmpfs(path, size: str, remount: bool = False) -> None:
+    """A small tmpfs at ``path`` (root only: skipped elsewhere), or resized."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"remount,size={size}" if remount else f"size={size}"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the test needs one")
+
+
+_SAVE_ON_A_FULL_DISK = """
+import sys
+from absl import logging
+from test_checkpoint import CFG, _state
+from oasst_jax import checkpoint
+logging.use_absl_handler()  # as the CLI has it (absl's app.run): orbax's logs reach stderr
+checkpoint.quiet_background_space_errors()
+ck = checkpoint.TrainCheckpointer(sys.argv[1])
+try:
+    ck.save(2, _state(), {}, CFG)
+    ck.close()
+except OSError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_removes_the_partial_step(tmp_path):
+    """An async save that meets a full disk: one line naming the step, the step's
+    ``*.orbax-checkpoint-tmp*`` folder removed (also what orbax's abandoned writes
+    re-create), nothing else on stderr (orbax logs a traceback per failing writer
+    thread); the complete step before it restores, and with space back the next save
+    works.  A weights-only save (``convert hf-to-orbax``) says the same."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "300k")  # less than one step
+    try:
+        d = str(disk / "checkpoints")
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-c", _SAVE_ON_A_FULL_DISK, d], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        assert proc.stdout.strip() == (
+            f"[Errno 28] No space left on device writing {d}/2; removed the partial {d}/2."
+            "orbax-checkpoint-tmp; no complete checkpoint (the next start begins afresh); "
+            "free space (or make it writable) and run again"
+        )
+        noise = [x for x in proc.stderr.splitlines() if "Traceback" in x or "orbax" in x]
+        assert noise == [], proc.stderr[-3000:]
+        assert os.listdir(d) == []
+        _tmpfs(disk, "64m", remount=True)
+        checkpoint.quiet_background_space_errors()
+        state = _state()
+        ck = TrainCheckpointer(d, async_save=True)
+        ck.save(2, state, {}, CFG)
+        ck.close()
+        fs = os.statvfs(disk)
+        used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+        _tmpfs(disk, str(used + 200_000), remount=True)  # room for a third of a step
+        ck = TrainCheckpointer(d, async_save=True)
+        with pytest.raises(OSError) as err:
+            ck.save(4, state, {}, CFG)
+            ck.close()
+        line = str(err.value)
+        assert line.startswith(
+            f"[Errno 28] No space left on device writing {d}/4; removed the partial {d}/4."
+            "orbax-checkpoint-tmp"
+        ), line
+        assert f"newest checkpoint: {d}/2 (the next start resumes there)" in line
+        assert sorted(os.listdir(d)) == ["2"]
+        with pytest.raises(OSError, match=f"writing {disk}/w/0; removed the partial {disk}/w/0"):
+            checkpoint.save_weights(str(disk / "w"), jax.device_get(state["params"]), CFG)
+        assert os.listdir(disk / "w") == []
+        _tmpfs(disk, "64m", remount=True)
+        restored, _ = _restore(d, state)
+        assert int(restored["step"]) == 2
+        ck = TrainCheckpointer(d, async_save=True)
+        ck.save(4, state, {}, CFG)
+        ck.close()
+        assert sorted(os.listdir(d)) == ["2", "4"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

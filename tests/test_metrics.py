@@ -3,8 +3,10 @@ run (offline, read back from its ``.wandb`` file) and the progress line's ETA.""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -132,3 +134,66 @@ def test_progress_line_shows_eta_until_the_last_step():
     assert line.endswith(" | eta 1h02m") and line.startswith("step 19/519 | loss 2.5000")
     assert "eta" not in metrics.progress_line(519, 519, {**M, "step_time": 7.44})
     assert "eta" not in metrics.progress_line(3, 519, M)  # no step time measured
+
+
+def _session_starts(workdir: Path) -> list[int]:
+    """Steps of the ``SessionLog.START`` events in the tensorboard files (purge steps)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted((workdir / "tb").iterdir()):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                out.append(ev.step)
+    return out
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run that logged steps 1-4 (and a line torn by its crash) resumed from its step-2
+    checkpoint: metrics.jsonl and samples.jsonl keep steps <= 2 and then continue, and
+    tensorboard is told to hide its events from step 3 on (purge_step)."""
+    first = metrics.MetricsLogger(str(tmp_path), start_step=0)
+    for step in range(1, 5):
+        first.write(step, M)
+        first.log_samples(step, [(f"p{step}", "r")])
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn by the crash
+    again = metrics.MetricsLogger(str(tmp_path), start_step=2)
+    for step in range(3, 6):
+        again.write(step, M)
+    again.log_samples(5, [("p5", "r")])
+    again.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in samples] == [1, 2, 5]
+    assert _session_starts(tmp_path)[-1] == 3
+
+
+class _FullFile:
+    """A log file on a full disk: every write fails as the kernel says it."""
+
+    def write(self, *_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = close = write
+
+
+def test_a_full_disk_while_logging_is_one_line_naming_the_file(tmp_path):
+    logger = metrics.MetricsLogger(str(tmp_path))
+    logger.write(1, M)
+    logger._jsonl = _FullFile()
+    with pytest.raises(OSError) as err:
+        logger.write(2, M)
+    assert str(err.value) == (
+        f"[Errno 28] No space left on device writing {tmp_path / 'metrics.jsonl'}; it holds "
+        "the steps before 2; free space (or make it writable) and run again"
+    )
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'metrics.jsonl'}; it holds what"):
+        logger.close()  # every sink closed all the same
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1

@@ -393,3 +393,77 @@ def test_finetune_from_hugging_face_directory(sample_data, tmp_path, tiny_run):
     ft.workdir = str(tmp_path / "ft2")
     with pytest.raises(ValueError, match="model.hidden_size=128, the config asks for 64"):
         run(ft)
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+def _mount_tmpfs(path, size: str, remount: bool = False) -> None:
+    """A small tmpfs at ``path`` (root only: skipped elsewhere), or resized."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"remount,size={size}" if remount else f"size={size}"
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the test needs one")
+
+
+def _tb_scalar_steps(workdir, tag: str) -> list[int]:
+    """The steps of ``tag`` tensorboard shows: event files in order, an event's
+    ``SessionLog.START`` at step s (tensorboardX's ``purge_step``) hiding the steps >= s
+    written before it, as TensorBoard's event accumulator does."""
+    from tensorboardX.proto import event_pb2
+
+    steps: list[int] = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                steps = [s for s in steps if s < ev.step]
+            steps += [ev.step for v in ev.summary.value if v.tag == tag]
+    return steps
+
+
+@pytest.mark.slow  # two resumed 20-step runs (~50 s on 2 loaded cores)
+def test_full_disk_at_a_save_is_one_line_and_the_restart_resumes(tiny_run, tmp_path, capfd):
+    """Resumed from the module run's step 20 on a tmpfs that holds it but not another
+    step: the save of step 40 fails as one line naming it, its partial folder is removed,
+    no background thread prints a traceback; once there is space the same run resumes
+    from 20 and finishes, and metrics.jsonl and tensorboard hold each step once."""
+    from oasst_jax import cli
+
+    base_dir, base = tiny_run
+    work = tmp_path / "disk"
+    _mount_tmpfs(work, "256m")
+    try:
+        shutil.copytree(base_dir, work, dirs_exist_ok=True)
+        shutil.rmtree(work / "checkpoints" / "40")  # resume at 20: steps 21-40 are logged again
+        step_bytes = sum(p.stat().st_size for p in (base_dir / "checkpoints/40").rglob("*"))
+        disk = os.statvfs(work)
+        used = (disk.f_blocks - disk.f_bfree) * disk.f_frsize
+        _mount_tmpfs(work, str(used + step_bytes // 2), remount=True)
+        cfg = ml_collections.ConfigDict(base.to_dict())
+        cfg.workdir = str(work)
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as err:
+            cli.run_main(run, cfg)
+        line, stderr = err.value.code, capfd.readouterr().err
+        ckpts = work / "checkpoints"
+        assert line.startswith(
+            f"error: [Errno 28] No space left on device writing {ckpts}/40; removed the "
+            f"partial {ckpts}/40.orbax-checkpoint-tmp"
+        ), line
+        assert f"newest checkpoint: {ckpts}/20 (the next start resumes there)" in line
+        assert "\n" not in line and "Traceback" not in stderr, stderr[-3000:]
+        assert sorted(os.listdir(ckpts)) == ["20"]
+        _mount_tmpfs(work, "256m", remount=True)  # space is back: the same run resumes
+        run(cfg)
+        assert sorted(os.listdir(ckpts)) == ["20", "40"]
+        assert [m["step"] for m in _metrics(work)] == list(range(1, 41))
+        assert _tb_scalar_steps(work, "loss") == list(range(1, 41))
+    finally:
+        subprocess.run(["umount", "-l", str(work)], capture_output=True)
