@@ -26,6 +26,7 @@ export leaves an existing ``--out`` as it was.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from oasst_jax import cli
@@ -128,8 +129,16 @@ def _convert(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             tokenizer=args.tokenizer,
         )
-        extra = " + tokenizer files" if args.tokenizer else " (no --tokenizer: no tokenizer files)"
+        extra = " + tokenizer files" if args.tokenizer else _kept_tokenizer(args.out)
         print(f"wrote {args.out}: {CONFIG_FILE} + {len(written)} safetensors file(s){extra}")
+
+
+def _kept_tokenizer(out: str) -> str:
+    """What an export without ``--tokenizer`` holds of a tokenizer: the files of the export
+    it replaced (``hf.convert.write_tokenizer_files``), or none."""
+    if os.path.isfile(os.path.join(out, "tokenizer.model")):
+        return " (no --tokenizer: kept the tokenizer files already there)"
+    return " (no --tokenizer: no tokenizer files)"
 
 
 def _lora_to_peft(args: argparse.Namespace) -> None:

@@ -127,22 +127,27 @@ def freeze(base: Mapping[str, Any], cfg: LlamaConfig) -> dict:
     return jax.tree_util.tree_map_with_path(one, dict(base))
 
 
+def _weighted_sum(x: jax.Array, offset: jax.Array) -> jax.Array:
+    """A position-weighted uint32 sum of ``x``'s bf16 bit patterns, positions counted from
+    ``offset`` (row-major): exact integer arithmetic (mod 2**32), so the same weights give
+    the same sum on any mesh, and a leaf's sum is the sum of its rows' at their offsets."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32) + offset
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
 @jax.jit
 def _leaf_sums(tree: Any) -> list[jax.Array]:
-    """A position-weighted uint32 sum of each leaf's bf16 bit patterns: exact integer
-    arithmetic (mod 2**32), so the same weights give the same sums on any mesh."""
+    """:func:`_weighted_sum` of each whole leaf."""
+    return [_weighted_sum(x, jnp.uint32(0)) for x in jax.tree.leaves(tree)]
 
-    def one(x: jax.Array) -> jax.Array:
-        bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
-        index = jnp.zeros(x.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(x.ndim)):
-            iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
-            index = index + iota * jnp.uint32(stride % 2**32)
-            stride *= x.shape[axis]
-        return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
 
-    return [one(x) for x in jax.tree.leaves(tree)]
+_row_sum = jax.jit(_weighted_sum)
 
 
 def _real_vocab(base: Mapping[str, Any], vocab_size: int | None) -> Any:
@@ -162,12 +167,39 @@ def fingerprint(base: Any, vocab_size: int | None = None) -> str:
     """A content fingerprint of base weights (their bf16 values; with ``vocab_size``, the
     vocabulary's real rows only), 16 hex digits: the same for the same weights whatever
     the source format (orbax or HF), dtype or sharding."""
-    h = hashlib.sha256()
     base = _real_vocab(base, vocab_size)
     leaves = jax.tree_util.tree_leaves_with_path(base)
-    for (path, leaf), s in zip(leaves, jax.device_get(_leaf_sums(base)), strict=True):
-        h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{int(s)};".encode())
+    sums = jax.device_get(_leaf_sums(base))
+    return _digest((path, leaf.shape, s) for (path, leaf), s in zip(leaves, sums, strict=True))
+
+
+def _digest(leaves: Any) -> str:
+    h = hashlib.sha256()
+    for path, shape, s in leaves:
+        h.update(f"{jax.tree_util.keystr(path)}:{tuple(shape)}:{int(s)};".encode())
     return h.hexdigest()[:16]
+
+
+def reader_fingerprint(reader: Any, cfg: LlamaConfig, vocab_size: int) -> str:
+    """:func:`fingerprint` of the base of the LoRA model ``cfg`` as ``reader`` serves it
+    (``ParamReader.read(path, layer)``: a checkpoint on disk), one layer of a stacked
+    leaf at a time, so a merge that streams the base checks it in the same bounded
+    memory; equal to the fingerprint of the same weights held whole."""
+    shapes = split(nn.meta.unbox(abstract_params(Llama(cfg))))[1]
+    sums = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        names = tuple(map(_name, path))
+        if names[: len(LAYERS_PATH)] == LAYERS_PATH:
+            row = int(np.prod(leaf.shape[1:]))
+            total = sum(
+                int(_row_sum(reader.read(names, i), np.uint32(i * row % 2**32)))
+                for i in range(leaf.shape[0])
+            )
+            sums.append((path, leaf.shape, total % 2**32))
+            continue
+        x = _real_vocab({names[0]: reader.read(names)}, vocab_size)[names[0]]
+        sums.append((path, x.shape, int(_row_sum(x, np.uint32(0)))))
+    return _digest(sums)
 
 
 def base_record(path: str, base: Any, vocab_size: int) -> dict[str, str]:
@@ -176,8 +208,14 @@ def base_record(path: str, base: Any, vocab_size: int) -> dict[str, str]:
     return {"path": path, "fingerprint": fingerprint(base, vocab_size)}
 
 
-def check_base(meta: Mapping[str, Any], current: Mapping[str, str], where: str) -> None:
-    """One-line refusal when a checkpoint's recorded base is not the one this run loads."""
+RESUME_HINT = "resume with that base as load=, or start a new workdir"
+
+
+def check_base(
+    meta: Mapping[str, Any], current: Mapping[str, str], where: str, hint: str = RESUME_HINT
+) -> None:
+    """One-line refusal when a checkpoint's recorded base is not the one this run loads
+    (``hint``: what to do instead, said after it)."""
     saved = meta.get(BASE_META)
     if saved is None:
         raise checkpoint.CheckpointError(
@@ -189,7 +227,7 @@ def check_base(meta: Mapping[str, Any], current: Mapping[str, str], where: str) 
             f"{where} was trained on another base: it records {was}"
             f" (fingerprint {saved.get('fingerprint')}), this run loads "
             f"{current['path'] or 'a random init'} (fingerprint {current['fingerprint']}); "
-            "resume with that base as load=, or start a new workdir"
+            f"{hint}"
         )
 
 

@@ -153,8 +153,9 @@ def test_export_replaces_only_a_previous_export_and_only_when_complete(
 
     monkeypatch.setattr(safetensors_io, "save_file", disk_full_on_third_shard)
     export = ["orbax-to-hf", "--ckpt", ckpt, "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device"):
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device") as e:
         convert.main([*export, "--max-shard-size", "20KB", "--dtype", "float32"])
+    assert f"writing {out}; the previous {out} is unchanged; free space" in e.value.code
     assert snapshot() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"]  # the staging dir is gone
     monkeypatch.setattr(safetensors_io, "save_file", save)
@@ -166,3 +167,30 @@ def test_export_replaces_only_a_previous_export_and_only_when_complete(
     with pytest.raises(SystemExit, match="holds 'README.md', which an export does not write"):
         convert.main(export)
     assert snapshot() == after
+
+
+def test_reexport_keeps_the_tokenizer_files_and_every_file_reads_0644(
+    hf_dirs, tmp_path, sp_model_path, capsys
+):
+    """orbax-to-hf again onto an export, without --tokenizer, keeps the tokenizer files
+    the first export wrote (it replaces the weights, not the tokenizer); every exported
+    file, safetensors included (safetensors creates them 0600), is 0644 under umask 022."""
+    from oasst_jax.hf.tokenizer import TOKENIZER_FILES
+
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    hf_to_orbax(hf_dirs["fp32"], ckpt, add_chatml_tokens=True)
+    old = os.umask(0o022)
+    try:
+        convert.main(["orbax-to-hf", "--ckpt", ckpt, "--out", str(out), "--tokenizer",
+                      str(sp_model_path)])  # fmt: skip
+        tokenizer = {n: (out / n).read_bytes() for n in TOKENIZER_FILES if (out / n).is_file()}
+        assert "tokenizer.model" in tokenizer
+        capsys.readouterr()
+        convert.main(["orbax-to-hf", "--ckpt", ckpt, "--out", str(out), "--dtype", "bfloat16"])
+    finally:
+        os.umask(old)
+    assert "no --tokenizer: kept the tokenizer files already there" in capsys.readouterr().out
+    assert {n: (out / n).read_bytes() for n in tokenizer} == tokenizer
+    assert read_hf_config(str(out))["torch_dtype"] == "bfloat16"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes

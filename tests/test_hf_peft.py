@@ -6,6 +6,7 @@ softmax orders differ; the logits are O(1)); merged tensors within 1e-6.
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -203,3 +204,56 @@ def test_sample_adapter_generates_what_peft_generates(trained, tmp_path):
     checkpoint.save_weights(other, jax.device_get(nn.meta.unbox(params)), base_cfg)
     with pytest.raises(checkpoint.CheckpointError, match="trained on another base"):
         load_params(other, mesh, dtype="float32", adapter=trained["ckpt"])
+
+
+def _random_base(path, seed: int):
+    base_cfg = lora.base_model_config(CFG)
+    params = Llama(base_cfg).init(jax.random.key(seed), np.zeros((1, 8), np.int32))["params"]
+    checkpoint.save_weights(str(path), jax.device_get(nn.meta.unbox(params)), base_cfg)
+
+
+def test_merge_refuses_a_base_the_adapters_were_not_trained_on(trained, tmp_path):
+    """``--merge --base`` checks the base as a resume and ``sample --adapter`` do (the
+    fingerprint the run recorded, here computed one layer at a time from the checkpoint):
+    another base of the same shape is one line, nothing written."""
+    reader = checkpoint.ParamReader(trained["base"])
+    record = checkpoint.load_json_item(trained["ckpt"], "meta")[lora.BASE_META]
+    assert lora.reader_fingerprint(reader, CFG, CFG.vocab_size) == record["fingerprint"]
+    other, out = tmp_path / "other", tmp_path / "merged"
+    _random_base(other, seed=4)
+    argv = ["lora-to-peft", "--ckpt", trained["ckpt"], "--merge", "--base", str(other)]
+    with pytest.raises(SystemExit) as err:
+        convert_main([*argv, "--out", str(out)])
+    line = err.value.code
+    assert line.startswith(f"error: adapter {trained['ckpt']} was trained on another base: ")
+    assert f"this run loads {other} (fingerprint " in line and "merge into that base" in line
+    assert "\n" not in line and not out.exists()
+
+
+def test_rm_to_hf_refuses_a_lora_reward_models_rewritten_base(tmp_path):
+    """``rm-to-hf`` merges a LoRA reward model into the base its run recorded: exported
+    while that base is the one trained on, refused in one line once it was rewritten."""
+    import dataclasses
+
+    from oasst_jax.hf.reward import reward_to_hf
+
+    cfg = dataclasses.replace(CFG, score_head=True)
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(5), np.zeros((1, 8), np.int32)))
+    trained_leaves, base = lora.split(jax.device_get(params["params"]))
+    base_dir = tmp_path / "base"
+    plain = dataclasses.replace(lora.base_model_config(cfg), score_head=False)
+    checkpoint.save_weights(str(base_dir), base, plain)
+    record = lora.base_record(str(base_dir), base, cfg.vocab_size)
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "run"), async_save=False)
+    state = {"params": trained_leaves, "opt_state": {"count": np.zeros((), np.int32)}}
+    ckpt.save(1, state, {lora.BASE_META: record}, cfg)
+    ckpt.close()
+    reward_to_hf(str(tmp_path / "run"), str(tmp_path / "rm"), dtype="float32")
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    _random_base(tmp_path / "other", seed=6)  # the recorded path now holds other weights
+    shutil.rmtree(base_dir)
+    shutil.copytree(tmp_path / "other", base_dir)
+    with pytest.raises(checkpoint.CheckpointError, match="trained on another base") as err:
+        reward_to_hf(str(tmp_path / "run"), str(tmp_path / "rm2"), dtype="float32")
+    assert "restore that base at its path" in str(err.value)
+    assert not (tmp_path / "rm2").exists()

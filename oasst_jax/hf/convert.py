@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -176,7 +177,8 @@ def orbax_to_hf(
     place when complete (``files.atomic_dir``), so a failure leaves ``out`` as
     it was.  An existing ``out`` is replaced whole, and only when it holds
     nothing but files an export writes (a previous export); re-exporting in
-    place needs disk for both copies until the swap.
+    place needs disk for both copies until the swap.  Without ``tokenizer`` the
+    tokenizer files of the export being replaced are kept (:func:`write_tokenizer_files`).
     """
     reader, cfg, base = open_orbax(ckpt)
     return write_hf_dir(
@@ -202,11 +204,24 @@ def write_hf_dir(
     tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
     check_replaceable(out)
     with files.atomic_dir(out) as tmp:
-        if tok is not None:
-            write_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
+        write_tokenizer_files(tok, out, tmp, cfg.max_position_embeddings)
         written = write_safetensors(tmp, hf_tensors(reader, cfg, dtype), dtype, max_bytes)
         write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
     return written
+
+
+def write_tokenizer_files(tok: Any, out: str, tmp: str, max_length: int) -> list[str]:
+    """The tokenizer files of an export being built in ``tmp``: written from ``tok``, or
+    without one (no ``--tokenizer``) copied from the export at ``out`` being replaced, so
+    re-exporting the weights does not delete the tokenizer a previous export wrote.
+    Returns the names kept that way."""
+    if tok is not None:
+        write_hf_tokenizer(tok, tmp, max_length)
+        return []
+    kept = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(out, n))]
+    for name in kept:
+        shutil.copyfile(os.path.join(out, name), os.path.join(tmp, name))
+    return kept
 
 
 def check_replaceable(out: str, written: re.Pattern = EXPORT_FILE, what: str = "an export") -> None:

@@ -106,6 +106,16 @@ def lora_to_peft(ckpt: str, out: str) -> list[str]:
     return [ADAPTER_CONFIG, ADAPTER_FILE]
 
 
+def check_merge_base(ckpt: str, base: str, reader: Any, cfg: LlamaConfig, hint: str) -> None:
+    """Refuse to merge the adapters of ``ckpt`` into ``base`` unless it is the base they were
+    trained on: :func:`lora.check_base`, the check a resume and ``sample --adapter`` make,
+    on the base's fingerprint computed one layer at a time from ``reader``
+    (:func:`lora.reader_fingerprint`), before anything is written."""
+    meta = checkpoint.load_json_item(ckpt, "meta") or {}
+    record = {"path": base, "fingerprint": lora.reader_fingerprint(reader, cfg, cfg.vocab_size)}
+    lora.check_base(meta, record, f"adapter {ckpt}", hint)
+
+
 class MergedReader:
     """``ParamReader``'s interface over a base checkpoint with the adapters added to each
     target kernel as it is read: ``W + (alpha / r) * A @ B``, in fp32, per layer."""
@@ -144,7 +154,8 @@ def lora_merged_to_hf(
     dtype: str | None = None,
     tokenizer: str | None = None,
 ) -> list[str]:
-    """Write base (an orbax checkpoint) + the run's adapters as a full HF model directory."""
+    """Write base (an orbax checkpoint) + the run's adapters as a full HF model directory;
+    a base other than the one the adapters were trained on is refused (its fingerprint)."""
     if is_hf_dir(base):
         raise ValueError(
             f"--base {base} is a Hugging Face directory; merge into an orbax checkpoint of it "
@@ -154,6 +165,7 @@ def lora_merged_to_hf(
     adapters, cfg = _causal_lm_adapters(ckpt)
     reader, base_cfg, hf = open_orbax(base)
     checkpoint.check_same_shape(base_cfg, cfg, f"--base {base}")
+    check_merge_base(ckpt, base, reader, cfg, "merge into that base (--base)")
     merged = MergedReader(reader, adapters, cfg)
     return write_hf_dir(
         merged,

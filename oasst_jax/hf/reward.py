@@ -25,11 +25,10 @@ import numpy as np
 
 from oasst_jax import checkpoint, files, lora
 from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, is_hf_dir, llama_to_hf_config, write_json
-from oasst_jax.hf.convert import check_replaceable, hf_tensors, open_orbax
+from oasst_jax.hf.convert import check_replaceable, hf_tensors, open_orbax, write_tokenizer_files
 from oasst_jax.hf.layout import HEAD_TENSOR, get_path
-from oasst_jax.hf.peft import MergedReader
+from oasst_jax.hf.peft import MergedReader, check_merge_base
 from oasst_jax.hf.safetensors_io import parse_size, write_safetensors
-from oasst_jax.hf.tokenizer import write_hf_tokenizer
 from oasst_jax.model import LlamaConfig
 from oasst_jax.tokenizer import tokenizer_for_vocab
 
@@ -121,7 +120,8 @@ def _lora_reader(ckpt: str, cfg: LlamaConfig) -> tuple[Any, LlamaConfig, dict | 
     """``(reader, plain config, base's hf config)`` of a LoRA reward model: the base its
     run recorded (``load=``, an orbax checkpoint) with the adapters merged into each target
     kernel as it is read (``W + (alpha / r) * A @ B``, one layer at a time), and the score
-    head it trained.  A run without a recorded orbax base has nothing to merge into."""
+    head it trained.  A run without a recorded orbax base has nothing to merge into, and
+    a base rewritten since the run (another fingerprint) is refused."""
     meta = checkpoint.load_json_item(ckpt, "meta") or {}
     path = (meta.get(lora.BASE_META) or {}).get("path")
     if not path:
@@ -137,6 +137,7 @@ def _lora_reader(ckpt: str, cfg: LlamaConfig) -> tuple[Any, LlamaConfig, dict | 
     trained, cfg = lora.load_adapters(ckpt)
     reader, base_cfg, hf = open_orbax(path)
     checkpoint.check_same_shape(base_cfg, cfg, f"LoRA base {path}")
+    check_merge_base(ckpt, path, reader, cfg, "restore that base at its path to export")
     merged = MergedReader(reader, trained, cfg)
     return _ScoredReader(merged, trained["score"]["kernel"]), lora.base_model_config(cfg), hf
 
@@ -169,8 +170,7 @@ def write_reward_dir(
     tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
     check_replaceable(out)
     with files.atomic_dir(out) as tmp:
-        if tok is not None:
-            write_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
+        write_tokenizer_files(tok, out, tmp, cfg.max_position_embeddings)
         written = write_safetensors(tmp, tensors, dtype, parse_size(max_shard_size))
         write_json(os.path.join(tmp, CONFIG_FILE), reward_config(cfg, dtype, pad_token_id, base))
     return written
