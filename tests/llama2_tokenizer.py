@@ -60,10 +60,14 @@ def build(cache: Path | None = None) -> Llama2:
     A cached model whose sha256 is not Meta's is rebuilt; a build that does not give
     Meta's bytes raises :class:`Unavailable` (then something upstream changed).
     """
+    from filelock import FileLock  # (huggingface_hub's dependency)
+
     cache = cache or cache_dir()
     model, cases = cache / MODEL_FILE, cache / CASES_FILE
-    if not (model.is_file() and cases.is_file() and _sha256(model) == SHA256):
-        _build_into(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".lock"):  # xdist workers: one builds, the others wait for it
+        if not (model.is_file() and cases.is_file() and _sha256(model) == SHA256):
+            _build_into(cache)
     pairs = [(text, ids) for text, ids in json.loads(cases.read_text(encoding="utf-8"))]
     return Llama2(model, pairs)
 
