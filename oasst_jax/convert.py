@@ -1,6 +1,6 @@
 """Hugging Face ``LlamaForCausalLM`` <-> orbax weights, without torch and without pickle.
 
-    python -m oasst_jax.convert hf-to-orbax --hf-dir DIR --out CKPT [--add-chatml-tokens
+    python -m oasst_jax.convert hf-to-orbax --hf-dir DIR|HUB_ID --out CKPT [--add-chatml-tokens
         [--megatron-new-tokens]]
     python -m oasst_jax.convert orbax-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
         [--tokenizer tokenizer.model]
@@ -29,18 +29,27 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from oasst_jax import cli
+from oasst_jax import cli, hub
 from oasst_jax.hf.config import CONFIG_FILE, DTYPES
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
 from oasst_jax.hf.peft import lora_merged_to_hf, lora_to_peft
 from oasst_jax.hf.reward import reward_to_hf
+
+# What hf-to-orbax reads of a hub model (never its .bin pickles): config.json, the weights,
+# and where they are sharded, their index.
+HF_MODEL_FILES = (CONFIG_FILE, "*.safetensors")
+HF_MODEL_OPTIONAL = ("*.safetensors.index.json",)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m oasst_jax.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-orbax", help="Hugging Face safetensors -> orbax checkpoint")
-    imp.add_argument("--hf-dir", required=True, help="directory with config.json + safetensors")
+    imp.add_argument(
+        "--hf-dir",
+        required=True,
+        help="directory with config.json + safetensors, or a hub id (meta-llama/Llama-2-70b-hf)",
+    )
     imp.add_argument("--out", required=True, help="new orbax checkpoint directory")
     imp.add_argument(
         "--add-chatml-tokens",
@@ -99,8 +108,11 @@ def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-orbax":
         if args.megatron_new_tokens and not args.add_chatml_tokens:
             raise ValueError("--megatron-new-tokens goes with --add-chatml-tokens")
+        hf_dir = hub.local_or_hub_dir(
+            args.hf_dir, HF_MODEL_FILES, optional=HF_MODEL_OPTIONAL, what="--hf-dir"
+        )
         cfg = hf_to_orbax(
-            args.hf_dir,
+            hf_dir,
             args.out,
             add_chatml_tokens=args.add_chatml_tokens,
             megatron_new_tokens=args.megatron_new_tokens,

@@ -72,7 +72,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oasst_jax import files
+from oasst_jax import files, hub
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
 from oasst_jax.data import megatron, oasst_export, outputs, shards
@@ -196,19 +196,24 @@ class Encoder:
             self._pool.join()
 
     def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
-        """Encoded chunks of ``CHUNK_SIZE`` samples, in order."""
-        return self.encode_conversations([s.turns for s in samples])
+        """Encoded chunks of ``CHUNK_SIZE`` samples, in order; a chunk's turns are read
+        when it is sent (a loader may keep them on disk: ``data.spill``)."""
+        starts = range(0, len(samples), CHUNK_SIZE)
+        return self._encode_chunks([s.turns for s in samples[i : i + CHUNK_SIZE]] for i in starts)
 
     def encode_conversations(self, convs: Sequence[Sequence[Turn]]) -> Iterator[EncodedBatch]:
         """Encoded chunks of ``CHUNK_SIZE`` conversations, in order."""
         starts = range(0, len(convs), CHUNK_SIZE)
+        return self._encode_chunks(convs[i : i + CHUNK_SIZE] for i in starts)
+
+    def _encode_chunks(self, chunks: Iterator[Sequence[Sequence[Turn]]]) -> Iterator[EncodedBatch]:
         if self._pool is None:
-            for i in starts:
-                yield encode_batch(self._tokenizer, convs[i : i + CHUNK_SIZE], check=self._check)
+            for chunk in chunks:
+                yield encode_batch(self._tokenizer, chunk, check=self._check)
             return
         pending: deque = deque()
-        for i in starts:
-            chunk = [tuple((t.role, t.text) for t in c) for c in convs[i : i + CHUNK_SIZE]]
+        for convs in chunks:
+            chunk = [tuple((t.role, t.text) for t in c) for c in convs]
             pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
             if len(pending) >= self._window:
                 yield pending.popleft().get()
@@ -503,10 +508,16 @@ def run(config: Any) -> dict[str, list[Stats]]:
 def _run(config: Any) -> dict[str, list[Stats]]:
     names = validate_config(config)
     tokenizer = Tokenizer(
-        config.tokenizer_path, megatron_new_tokens=bool(_setting(config, "megatron_new_tokens"))
+        hub.local_or_hub_file(config.tokenizer_path, "tokenizer.model", what="tokenizer_path"),
+        megatron_new_tokens=bool(_setting(config, "megatron_new_tokens")),
     )
     out_dir, prefix = Path(config.output_dir), config.filename_prefix
     check_output_dir(out_dir, tokenizer, overwrite=bool(_setting(config, "overwrite")))
+    # Every input is read (hub datasets fetched) before anything is written, so a missing
+    # or broken one fails the run with output_dir untouched; loaders keep the conversations
+    # on disk (data.spill), so this holds per-sample bookkeeping only.
+    limit = {"max_record_bytes": _setting(config, "max_record_bytes")}
+    loaded = {name: load_dataset(name, {**limit, **_options(config, name)}) for name in names}
     output_format, write_json = _setting(config, "output_format"), _setting(config, "write_json")
     seed = int(_setting(config, "seed"))
     min_tokens = config.get("min_assistant_tokens")
@@ -537,8 +548,7 @@ def _run(config: Any) -> dict[str, list[Stats]]:
         )
         for name in names:
             opts = _options(config, name)
-            limit = {"max_record_bytes": _setting(config, "max_record_bytes")}
-            result = load_dataset(name, {**limit, **opts})
+            result = loaded.pop(name)
             load_skips[name] = result.skipped
             fraction = float(opts.get("fraction", 1.0))
             val_split = float(opts.get("val_split", DEFAULT_VAL_SPLIT))
@@ -573,12 +583,15 @@ def _run(config: Any) -> dict[str, list[Stats]]:
                     expected[split] = True
                     if block.accepted == 0:
                         _warn(_empty_part(name, split, len(result.samples), block, result))
+            del result, parts, samples  # the dataset's spill file goes with its samples
         for split, writer in writers.items():
             if writer.num_samples == 0 and expected[split]:
                 raise DataError(
                     f"split {split!r} is empty: no dataset gave it a sample (warnings above); "
                     f"nothing in {out_dir} was replaced"
                 )
+        for split, w in writers.items():  # all written before the first rename
+            w.prepare({"split": split, **common})
         _begin_commit(out_dir)
         metas = {split: w.commit() for split, w in writers.items()}
     outputs.remove_stale(out_dir, prefix, SPLITS, output_format, write_json)
@@ -590,8 +603,6 @@ def _run(config: Any) -> dict[str, list[Stats]]:
         for split, blocks in upstream_blocks.items():
             text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
             outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
-        for split, w in writers.items():  # all written before the first rename
-            w.prepare({"split": split, **common})
     meta = _output_metadata(common, metas, stats)
     files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
     if _setting(config, "compress"):

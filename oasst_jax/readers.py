@@ -25,12 +25,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+import ijson
+
 from oasst_jax.text import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_RECORD_BYTES = 16 * 2**20
 _SKIP_CHUNK = 2**20  # bytes read at a time when reading past an oversize line
 CORRUPT_STREAM_ERRORS = (OSError, EOFError, zlib.error)  # truncated/corrupt gzip or file
+_ARRAY_BUFFER = 2**16  # bytes the JSON-array parser reads at a time
+_OPEN_EVENTS = frozenset({"start_map", "start_array"})
+_CLOSE_EVENTS = frozenset({"end_map", "end_array"})
+_SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
 
 
 def require_path(path: Any, what: str) -> Path:
@@ -110,28 +116,83 @@ def _open_binary(path: Path) -> IO[bytes]:
 def _read_json_file(path: Path, skipped: collections.Counter, max_bytes: int) -> Iterator[dict]:
     """A ``.json`` file is either one JSON array of records or JSON lines: the Hugging Face
     ``json`` builder accepts both, so we sniff the first non-blank byte.  An array is
-    parsed whole (as the ``json`` builder does), so ``max_bytes`` applies to JSON lines."""
+    streamed element by element (:func:`iter_json_array`), never read whole."""
     try:
         with _open_binary(path) as f:
             head = f.read(4096).lstrip()
     except CORRUPT_STREAM_ERRORS as e:
         raise DataError(f"{path}: corrupt or truncated file ({e})") from None
-    if not head.startswith(b"["):
-        with _open_binary(path) as f:
-            yield from parse_json_lines(f, skipped, path, max_bytes)
-        return
     with _open_binary(path) as f:
-        try:
-            records = json.load(f)
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        except CORRUPT_STREAM_ERRORS as e:
-            raise DataError(f"{path}: corrupt or truncated file ({e})") from None
-    for record in records:
-        if isinstance(record, dict):
-            yield record
+        if head.startswith(b"["):
+            yield from iter_json_array(f, skipped, path, max_bytes)
         else:
-            skipped["bad_json"] += 1
+            yield from parse_json_lines(f, skipped, path, max_bytes)
+
+
+class _CountingReader:
+    """A binary stream that counts the bytes the parser has read from it."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream = stream
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def iter_json_array(
+    stream: IO[bytes],
+    skipped: collections.Counter,
+    source: Path,
+    max_bytes: int = MAX_RECORD_BYTES,
+) -> Iterator[dict]:
+    """Yield the objects of a top-level JSON array, streamed with ``ijson`` (events from
+    its C parser, objects built by its ``ObjectBuilder``): memory holds one element, never
+    the file.  Elements that are not objects count as ``bad_json``; an element for which
+    the parser has to read more than ``max_bytes`` (+ one read buffer, ``_ARRAY_BUFFER``)
+    counts as ``oversize_record`` and is dropped as soon as that shows, so it is never held
+    whole (one string longer than the cap is, once, by the parser).  Invalid JSON, such as
+    a truncated element, cannot be resynchronised: a :class:`DataError` naming ``source``
+    and the element."""
+    reader = _CountingReader(stream)
+    events = ijson.basic_parse(reader, buf_size=_ARRAY_BUFFER, use_float=True)
+    index, depth, start, builder = 0, 0, 0, None
+    oversize = False
+    try:
+        for event, value in events:
+            if depth <= 1 and event in _SCALAR_EVENTS:  # a scalar element (or document)
+                skipped["bad_json"] += 1
+                index += 1
+                continue
+            if event in _OPEN_EVENTS:
+                depth += 1
+                if depth == 2:  # an element begins
+                    start, oversize = reader.read_bytes, False
+                    builder = ijson.ObjectBuilder()
+            elif event in _CLOSE_EVENTS:
+                depth -= 1
+            if depth == 1 and event in _OPEN_EVENTS:
+                continue  # the array itself
+            if builder is not None:
+                if reader.read_bytes - start > max_bytes + _ARRAY_BUFFER:
+                    builder, oversize = None, True
+                else:
+                    builder.event(event, value)
+            if depth == 1 and event in _CLOSE_EVENTS:  # the element is complete
+                if oversize:
+                    skipped["oversize_record"] += 1
+                elif isinstance(builder.value, dict):
+                    yield builder.value
+                else:
+                    skipped["bad_json"] += 1
+                builder, index = None, index + 1
+    except ijson.JSONError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source}: invalid or truncated JSON in array element {index} ({why})")
+    except CORRUPT_STREAM_ERRORS as e:
+        raise DataError(f"{source}: corrupt or truncated file ({e})") from None
 
 
 def iter_parquet_rows(source: Path | IO[bytes], name: Any) -> Iterator[dict]:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import chatml, checkpoint, decode, distributed, files, lora, optim, sharding
+from oasst_jax import chatml, checkpoint, decode, distributed, files, hub, lora, optim, sharding
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
@@ -87,8 +87,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> To
     output directory's, which only describes the last pretokenize run into it; a
     Megatron-format split made by upstream's tool, which records no fingerprint, is checked
     against the directory's ``special_tokens.json`` and a pass over its token ids)."""
-    if cfg.tokenizer_path:
-        tok, why = Tokenizer(cfg.tokenizer_path, megatron_new_tokens=cfg.megatron_new_tokens), ""
+    if cfg.tokenizer_path:  # a local file, or a hub id: that repository's tokenizer.model
+        path = hub.local_or_hub_file(cfg.tokenizer_path, "tokenizer.model", what="tokenizer_path")
+        tok, why = Tokenizer(path, megatron_new_tokens=cfg.megatron_new_tokens), ""
     else:
         tok, why = _recorded_tokenizer(cfg)
     if tok is not None and tok.vocab_size != model_cfg.vocab_size:

@@ -14,11 +14,14 @@ import tarfile
 import tracemalloc
 from pathlib import Path
 
+import hf_cache
 import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 
+from oasst_jax.config import load_config
 from oasst_jax.data.sources import (
     LOADERS,
     OPTIONS,
@@ -26,10 +29,11 @@ from oasst_jax.data.sources import (
     clean_context,
     load_dataset,
 )
-from oasst_jax.readers import iter_tar_jsonl
+from oasst_jax.readers import iter_tar_jsonl, read_records
 from oasst_jax.text import ROLES, DataError, Turn
 
 DATA = Path(__file__).parent / "data"
+CARD_CONFIG = Path(REPO) / "configs" / "data" / "oasst_pre10_min25.py"
 CARD_LANGS = "bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk"
 TAR = DATA / "oasst_ready.tar.gz"
 JSONL_GZ = DATA / "oasst_export.jsonl.gz"
@@ -687,3 +691,126 @@ def test_truncated_gzip_json_array_names_the_file(tmp_path):
 def test_every_loader_lists_its_options():
     assert list(OPTIONS) == list(LOADERS)
     assert all("max_record_bytes" in opts for opts in OPTIONS.values())
+
+
+# ---------------------------------------------------------------- hub sources
+
+
+def _hub_options(name: str) -> dict:
+    """The card config's source options of ``name`` (hub id and files, no path)."""
+    cfg = load_config(str(CARD_CONFIG))
+    return {k: v for k, v in cfg.datasets[name].to_dict().items() if k != "path"}
+
+
+LOCAL = {
+    "megacode2": DATA / "megacode2.json",
+    "orca-chat": DATA / "orca-chat-gpt4.json",
+    "dolly15k_multilingual": DATA / "dolly15k",
+    "oa_leet10k": DATA / "oa_leet10k.parquet",
+}
+
+
+def test_card_configs_name_upstream_hub_sources():
+    cfg = load_config(str(CARD_CONFIG))
+    expected = {
+        "megacode2": (hf_cache.MEGACODE_REPO, hf_cache.MEGACODE_FILE),
+        "orca-chat": (hf_cache.ORCA_REPO, "orca-chat-gpt4.json"),
+        "dolly15k_multilingual": (hf_cache.DOLLY_REPO, "data/*.parquet"),
+        "oa_leet10k": (hf_cache.LEET_REPO, hf_cache.LEET_FILES),
+    }
+    for name, (repo_id, data_files) in expected.items():
+        options = cfg.datasets[name]
+        assert (options.repo_id, options.data_files, options.path) == (repo_id, data_files, None)
+    for stage2 in ("oasst_top1.py", "oasst_rm.py"):  # the card's export is a local file
+        export = load_config(str(CARD_CONFIG.with_name(stage2))).datasets.oasst_export
+        assert export.input_file_path == "2023-07-23_oasst_ready.tar.gz" and "repo_id" not in export
+
+
+@pytest.mark.parametrize("name", list(LOCAL))
+def test_hub_source_reads_like_the_local_file(name, tmp_path, monkeypatch):
+    """Each card dataset by its hub id, from a cache laid out as huggingface_hub's (offline):
+    the same samples, groups and skips as from the local fixture (oa_leet10k's two hub
+    files read in order, indices running on)."""
+    hf_cache.card_cache(tmp_path / "cache")
+    hf_cache.use_cache(monkeypatch, tmp_path / "cache")
+    hub = load_dataset(name, _hub_options(name))
+    local = load_dataset(name, {"path": str(LOCAL[name])})
+    assert as_pairs(hub) == as_pairs(local) and len(local.samples) > 20
+    assert hub.skipped == local.skipped and hub.name == local.name
+    # a local path wins over the hub id; a local copy of the repository works as the hub's
+    bogus = {**_hub_options(name), "repo_id": "nobody/nothing"}
+    assert as_pairs(load_dataset(name, {**bogus, "path": str(LOCAL[name])})) == as_pairs(local)
+    repo_id = _hub_options(name)["repo_id"]
+    snapshot = tmp_path / "cache" / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
+    snapshot = snapshot / hf_cache.COMMIT
+    assert as_pairs(load_dataset(name, {**bogus, "path": str(snapshot)})) == as_pairs(local)
+
+
+def test_source_option_errors(tmp_path, monkeypatch):
+    hf_cache.use_cache(monkeypatch, tmp_path / "cache")
+    with pytest.raises(DataError, match="megacode2.data_files: which files of org/x"):
+        load_dataset("megacode2", {"repo_id": "org/x"})
+    with pytest.raises(DataError, match=r"oa_leet10k.data_files: which files under .*data"):
+        load_dataset("oa_leet10k", {"path": str(DATA)})
+    with pytest.raises(DataError, match=r"oa_leet10k.path: no file nope/\*.parquet under"):
+        load_dataset("oa_leet10k", {"path": str(DATA), "data_files": ["nope/*.parquet"]})
+    with pytest.raises(DataError, match="orca-chat.repo_id: org/x: HF_HUB_OFFLINE is set"):
+        load_dataset("orca-chat", {"repo_id": "org/x", "data_files": "orca-chat-gpt4.json"})
+
+
+# ---------------------------------------------------------------- streamed JSON arrays
+
+
+def test_json_array_streamed_as_json_load_reads_it(tmp_path):
+    rows = [
+        {"USER": "héllo → 中文 🙂", "ASSISTANT": 'quote " back \\ slash\n\ttab'},
+        {"USER": "escapes", "ASSISTANT": "ESCAPES", "n": [1, 2.5, -3e-7, None, True]},
+        7,
+        "a string",
+        [{"USER": "in a list"}],
+        {"USER": "nested", "ASSISTANT": "x", "meta": {"a": {"b": [{"c": 1}]}, "d": {}}},
+        {"USER": "dup", "USER2": 1, "ASSISTANT": "last wins"},
+    ]
+    text = json.dumps(rows, ensure_ascii=False, indent=1).replace('"USER2": 1', '"USER": "two"')
+    text = text.replace("ESCAPES", r"\u00e9\ud83d\ude00 \/ \b")  # JSON escapes, a pair
+    raw = text.encode()
+    for name, data in (("rows.json", raw), ("rows.json.gz", gzip.compress(raw))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        skipped = collections.Counter()
+        records = list(read_records(path, skipped))
+        assert records == [r for r in json.loads(text) if isinstance(r, dict)]
+        assert dict(skipped) == {"bad_json": 3}
+        assert isinstance(records[1]["n"][1], float)  # as json.load, not Decimal
+
+
+def test_array_element_over_the_cap_is_skipped_without_being_held(tmp_path):
+    """An array element larger than max_record_bytes (made of many small strings, so only the
+    cap bounds what would be built) is counted and dropped while it is read."""
+    path = tmp_path / "mc.json"
+    piece = '"' + "x" * 1000 + '"'
+    with open(path, "w") as f:
+        f.write('[{"USER": "q1", "ASSISTANT": "a1"}, {"USER": "huge", "ASSISTANT": [')
+        f.write(",".join([piece] * 8 * 2**10))  # ~8 MiB
+        f.write(']}, {"USER": "q2", "ASSISTANT": "a2"}]')
+    skipped = collections.Counter()
+    tracemalloc.start()
+    try:
+        records = list(read_records(path, skipped, max_bytes=2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["USER"] for r in records] == ["q1", "q2"]
+    assert dict(skipped) == {"oversize_record": 1}
+    assert peak < 4 * 2**20  # an 8 MiB element, a 1 MiB cap
+    result = megacode(path=str(path), max_record_bytes=2**20)
+    assert len(result.samples) == 2 and result.skipped["oversize_record"] == 1
+
+
+def test_truncated_array_element_is_one_error_naming_it(tmp_path):
+    path = tmp_path / "mc.json"
+    path.write_text('[{"USER": "q", "ASSISTANT": "a"},\n {"USER": "q2", "ASSISTANT": "cut sh')
+    with pytest.raises(DataError) as e:
+        megacode(path=str(path))
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{path}: invalid or truncated JSON in array element 1")

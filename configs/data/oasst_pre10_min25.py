@@ -1,19 +1,21 @@
 """Stage 1 data mix ``oasst_pre10_min25`` of the model card (SFT v10, instruction tuning).
 
 Mirrors the card's pretokenizer YAML (a key with a dash is overridden as
-``--config.datasets['orca-chat'].path=...``). Input paths are placeholders: point them at local
-copies of the Hugging Face datasets, and set ``tokenizer_path`` to Llama-2's tokenizer.model
-(fields not set here keep :func:`oasst_jax.pretokenize.base_config`'s defaults)::
+``--config.datasets['orca-chat'].path=...``). Each dataset is read where upstream's
+``custom_datasets`` read it: its Hugging Face hub id (``repo_id``) and files (``data_files``),
+fetched into the standard Hugging Face cache on first use (``HF_HOME``/``HF_HUB_CACHE``;
+``HF_HUB_OFFLINE=1``: from the cache only). A local ``path`` wins: the file itself, or a
+directory holding ``data_files`` (a copy of the repository). ``tokenizer_path``: Llama-2's
+tokenizer.model, or a hub id whose tokenizer.model to fetch (``meta-llama/Llama-2-7b-hf``
+is gated: set ``HF_TOKEN``). Fields not set here keep
+:func:`oasst_jax.pretokenize.base_config`'s defaults::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py \\
       --config.tokenizer_path=/models/llama2/tokenizer.model \\
-      --config.datasets.megacode2.path=/data/DeDuped_LosslessMegaCode..._Uncensored.json \\
-      --config.datasets['orca-chat'].path=/data/orca-chat-gpt4.json \\
-      --config.datasets.dolly15k_multilingual.path=/data/dolly-15k-curated-multilingual \\
-      --config.datasets.oa_leet10k.path=/data/oa_leet10k.parquet
+      [--config.datasets.megacode2.path=/data/DeDuped_LosslessMegaCode..._Uncensored.json]
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from oasst_jax import pretokenize
 from oasst_jax.data.sources import REFUSAL_PHRASES
@@ -30,7 +32,9 @@ def get_config() -> ConfigDict:
     c.output_format = "both"
     c.datasets.megacode2 = ConfigDict(
         dict(
-            path="/path/to/DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json",
+            repo_id="rombodawg/LosslessMegaCodeTrainingV2_1m_Evol_Uncensored",
+            data_files="DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json",
+            path=config_dict.placeholder(str),  # a local copy instead of the hub's
             fraction=0.5,
             val_split=0.01,
             max_val_set=1000,
@@ -39,7 +43,9 @@ def get_config() -> ConfigDict:
     )
     c.datasets["orca-chat"] = ConfigDict(
         dict(
-            path="/path/to/orca-chat-gpt4.json",
+            repo_id="shahules786/orca-chat",
+            data_files="orca-chat-gpt4.json",
+            path=config_dict.placeholder(str),
             val_split=0.01,
             max_val_set=1000,
             drop_blank_turns=False,  # upstream keeps empty turns
@@ -47,7 +53,10 @@ def get_config() -> ConfigDict:
     )
     c.datasets.dolly15k_multilingual = ConfigDict(
         dict(
-            path="/path/to/databricks-dolly-15k-curated-multilingual",
+            # upstream: load_dataset(repo_id), splits en, de, es, fr: data/{split}-*.parquet
+            repo_id="argilla/databricks-dolly-15k-curated-multilingual",
+            data_files="data/*.parquet",
+            path=config_dict.placeholder(str),  # a directory holding those files
             val_split=0.05,
             max_val_set=300,
             phrase_filter=REFUSAL_PHRASES,
@@ -56,7 +65,10 @@ def get_config() -> ConfigDict:
     )
     c.datasets.oa_leet10k = ConfigDict(
         dict(
-            path="/path/to/oa_leet10k.parquet",
+            # upstream: load_dataset(repo_id, split="train") reads both files, in this order
+            repo_id="ehartford/oa_leet10k",
+            data_files=("data/oa_leet10k.parquet", "data/oa_leet10k_contests_merged.parquet"),
+            path=config_dict.placeholder(str),
             val_split=0.05,
             max_val_set=250,
             phrase_filter=REFUSAL_PHRASES,

@@ -4,8 +4,9 @@ The card's stage-2 export and languages (``configs/data/oasst_top1.py``), but ev
 ending on a user turn with two or more ranked assistant replies becomes one example: the
 chatml prefix and its replies, best first (:mod:`oasst_jax.data.oasst_export`), written as
 ranked shards (:mod:`oasst_jax.data.shards`).  No ``top_k``: every rank is kept, as
-upstream's reward-model configs do.  ``input_file_path`` is a placeholder and
-``tokenizer_path`` is required::
+upstream's reward-model configs do.  ``input_file_path`` is a local file (the card's export
+is not on the Hugging Face hub under that name; by default it is read from the working
+directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_rm.py \\
       --config.tokenizer_path=/models/llama2/tokenizer.model \\
@@ -27,7 +28,9 @@ def get_config() -> ConfigDict:
     c.datasets.oasst_export = ConfigDict(
         dict(
             lang="bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk",
-            input_file_path="/path/to/2023-07-23_oasst_ready.tar.gz",
+            # a local file: this export is not on the Hugging Face hub under its name
+            # (OpenAssistant/oasst1 and oasst2 hold other dates' exports)
+            input_file_path="2023-07-23_oasst_ready.tar.gz",
             mode="rm",
             top_k=config_dict.placeholder(int),  # None: every rank
             val_split=0.05,

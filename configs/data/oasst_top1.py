@@ -1,8 +1,9 @@
 """Stage 2 data ``oasst_top1`` of the model card: the OA export, top-ranked replies only.
 
 Mirrors the card's pretokenizer YAML (fields not set here keep
-:func:`oasst_jax.pretokenize.base_config`'s defaults); ``input_file_path`` is a placeholder
-and ``tokenizer_path`` is required::
+:func:`oasst_jax.pretokenize.base_config`'s defaults); ``input_file_path`` is a local file
+(the card's export is not on the Hugging Face hub under that name; by default it is read
+from the working directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_top1.py \\
       --config.tokenizer_path=/models/llama2/tokenizer.model \\
@@ -26,7 +27,9 @@ def get_config() -> ConfigDict:
     c.datasets.oasst_export = ConfigDict(
         dict(
             lang="bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk",
-            input_file_path="/path/to/2023-07-23_oasst_ready.tar.gz",
+            # a local file: this export is not on the Hugging Face hub under its name
+            # (OpenAssistant/oasst1 and oasst2 hold other dates' exports)
+            input_file_path="2023-07-23_oasst_ready.tar.gz",
             top_k=1,
             val_split=0.05,
             max_val_set=config_dict.placeholder(int),  # None: no cap

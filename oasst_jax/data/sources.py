@@ -9,6 +9,14 @@ as ``fraction`` / ``val_split`` / ``max_val_set``, belong to the splitter and ar
 a :class:`LoadResult`.  Rows are kept or dropped as upstream does (refusal phrases, empty
 sides, empty turns: see each loader); records that upstream would crash on (missing or
 mistyped fields, bad JSON) are skipped and counted by reason.
+
+Where the input comes from (:func:`input_files`): a local ``path`` wins; without one, the
+dataset's Hugging Face hub id ``repo_id`` and its ``data_files`` (``revision`` optional) are
+fetched into the standard Hugging Face cache by :mod:`oasst_jax.hub`, as upstream's
+``load_dataset`` calls read them (the card configs name each dataset's upstream source).
+Accepted conversations are kept on disk (:mod:`oasst_jax.data.spill`) and JSON arrays are
+streamed (:mod:`oasst_jax.readers`), so loading the card's 1.75 GB megacode2 file takes memory
+for its per-row bookkeeping only.
 """
 
 from __future__ import annotations
@@ -16,14 +24,16 @@ from __future__ import annotations
 import collections
 import functools
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oasst_jax.data.conversation import LoadResult, Sample
+from oasst_jax import hub
+from oasst_jax.data.conversation import LoadResult
 from oasst_jax.data.oasst_export import load_oasst_export
+from oasst_jax.data.spill import SpillStore, StoredSample
 from oasst_jax.readers import read_records, record_limit, require_path
 from oasst_jax.text import DataError, Turn
 
@@ -119,11 +129,15 @@ def _phrases(options: Mapping[str, Any]) -> tuple[str, ...]:
         phrases = (phrases,)
     if not isinstance(phrases, (list, tuple)) or not all(isinstance(p, str) for p in phrases):
         raise DataError(f"phrase_filter must be a list of strings, got {phrases!r}")
-    return tuple(p.lower() for p in phrases if p)
+    lowered = tuple(dict.fromkeys(p.lower() for p in phrases if p))
+    # A phrase holding another listed phrase matches only where that one does: searching
+    # the shorter ones alone drops the same rows (upstream's 36 phrases: 21 searches).
+    return tuple(p for p in lowered if not any(q != p and q in p for q in lowered))
 
 
 def _refused(phrases: tuple[str, ...], *texts: str) -> bool:
-    return any(p in text.lower() for text in texts for p in phrases)
+    lowered = [text.lower() for text in texts]
+    return any(p in text for text in lowered for p in phrases)
 
 
 def _drop_blank(options: Mapping[str, Any], name: str) -> bool:
@@ -149,13 +163,41 @@ def _columns(name: str, options: Mapping[str, Any]) -> dict[str, str]:
     return columns
 
 
-def shuffled(records: Sequence[Any], seed: int) -> Iterator[tuple[int, Any]]:
-    """``(original_index, record)`` in a seeded permutation order.  Upstream's
-    ``InstructionDataset`` shuffles row order with a seeded RNG (seed 42, option
-    ``shuffle_seed``); ours is ``np.random.default_rng(seed)``, deterministic but not
-    upstream's exact order."""
-    for i in np.random.default_rng(seed).permutation(len(records)):
-        yield int(i), records[i]
+def input_files(name: str, options: Mapping[str, Any]) -> list[Path]:
+    """The dataset's local input, in reading order.  Its root (:func:`input_root`) when
+    that is a file; a directory (a hub snapshot, or a local copy of one) gives the files
+    ``data_files`` names (a path in it, a glob, or a list of them), in that order;
+    dolly15k_multilingual reads its splits from the directory itself."""
+    root, where = input_root(name, options)
+    if name == "dolly15k_multilingual" or not root.is_dir():
+        return [root]
+    data_files = options.get("data_files")
+    if not data_files:
+        raise DataError(f"{name}.data_files: which files under {root} to read is not set")
+    return hub.match_files(root, data_files, where=where)
+
+
+def input_root(name: str, options: Mapping[str, Any]) -> tuple[Path, str]:
+    """``(root, the option naming it)``: option ``path`` when set, else the snapshot of the
+    hub dataset ``repo_id`` (at ``revision``, default its main branch) holding
+    ``data_files``, fetched into the Hugging Face cache (:func:`oasst_jax.hub.fetch`)."""
+    if options.get("path"):
+        return require_path(options["path"], f"{name}.path"), f"{name}.path"
+    repo_id, data_files = options.get("repo_id"), options.get("data_files")
+    if not repo_id:
+        raise DataError(f"{name}.path: no input path configured (set path, or repo_id)")
+    if not data_files:
+        raise DataError(f"{name}.data_files: which files of {repo_id} to read is not set")
+    where = f"{name}.repo_id"
+    root, _ = hub.fetch(str(repo_id), data_files, what=where, revision=options.get("revision"))
+    return root, where
+
+
+def _records(files: list[Path], skipped: collections.Counter, max_bytes: int) -> Iterator[dict]:
+    """The records of ``files``, one file after the other (as ``load_dataset`` concatenates
+    a dataset's data files)."""
+    for file in files:
+        yield from read_records(file, skipped, max_bytes)
 
 
 Turns = tuple[tuple[Turn, ...] | None, str | None]  # the turns, or the reason to skip
@@ -167,15 +209,17 @@ def collect(
     to_turns: Callable[[Any], Turns],
     skipped: collections.Counter,
 ) -> LoadResult:
-    """Samples from ``(group key, record)`` pairs; a record ``to_turns`` rejects is
-    counted under its reason (``skipped`` may already hold the reader's counts)."""
+    """Samples from ``(group key, record)`` pairs, their turns spilled to disk
+    (:class:`StoredSample`); a record ``to_turns`` rejects is counted under its reason
+    (``skipped`` may already hold the reader's counts)."""
+    store = SpillStore()
     samples = []
     for key, record in keyed_records:
         turns, reason = to_turns(record)
         if reason is not None:
             skipped[reason] += 1
             continue
-        samples.append(Sample(turns, key))
+        samples.append(StoredSample(store, store.add(turns), key))
     return LoadResult(display, samples, skipped)
 
 
@@ -195,17 +239,31 @@ def instruction_turns(
 
 
 def instruction_loader(name: str, display: str) -> Callable[[Mapping[str, Any]], LoadResult]:
-    """Loader for a one-pair-per-row instruction dataset (megacode2, oa_leet10k)."""
+    """Loader for a one-pair-per-row instruction dataset (megacode2, oa_leet10k).
+
+    Upstream's ``InstructionDataset`` shuffles the row order with a seeded RNG (seed 42,
+    option ``shuffle_seed``); ours is ``np.random.default_rng(seed).permutation`` over the
+    rows read (deterministic, not upstream's exact order).  The rows are read once in file
+    order, accepted ones spilled to disk, then ordered by the permutation."""
 
     def load(options: Mapping[str, Any]) -> LoadResult:
-        path = require_path(options.get("path"), f"{name}.path")
+        files = input_files(name, options)
         columns = _columns(name, options)
         phrases = _phrases(options)
         seed = int(options.get("shuffle_seed", 42))
         skipped: collections.Counter = collections.Counter()
-        records = list(read_records(path, skipped, record_limit(options)))
-        keyed = ((f"{name}:{i}", r) for i, r in shuffled(records, seed))
-        return collect(display, keyed, lambda r: instruction_turns(r, columns, phrases), skipped)
+        store = SpillStore()
+        rows: list[StoredSample | None] = []  # per row read: its sample, None if dropped
+        for i, record in enumerate(_records(files, skipped, record_limit(options))):
+            turns, reason = instruction_turns(record, columns, phrases)
+            if reason is not None:
+                skipped[reason] += 1
+                rows.append(None)
+            else:
+                rows.append(StoredSample(store, store.add(turns), f"{name}:{i}"))
+        order = np.random.default_rng(seed).permutation(len(rows))
+        samples = [s for s in (rows[i] for i in order) if s is not None]
+        return LoadResult(display, samples, skipped)
 
     return load
 
@@ -255,12 +313,12 @@ def orca_turns(record: Mapping[str, Any], drop_blank: bool = False) -> Turns:
 
 
 def load_orca_chat(options: Mapping[str, Any]) -> LoadResult:
-    """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (options ``path``,
-    ``drop_blank_turns``)."""
-    path = require_path(options.get("path"), "orca-chat.path")
+    """``OrcaChat (orca-chat)`` from ``orca-chat-gpt4.json`` (options ``path`` or
+    ``repo_id``/``data_files``, ``drop_blank_turns``)."""
+    files = input_files("orca-chat", options)
     drop_blank = _drop_blank(options, "orca-chat")
     skipped: collections.Counter = collections.Counter()
-    records = read_records(path, skipped, record_limit(options))
+    records = _records(files, skipped, record_limit(options))
     keyed = ((f"orca-chat:{i}", r) for i, r in enumerate(records))
     to_turns = functools.partial(orca_turns, drop_blank=drop_blank)
     return collect("OrcaChat (orca-chat)", keyed, to_turns, skipped)
@@ -328,9 +386,12 @@ def _iter_dolly(
 
 
 def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
-    """``Dolly15kMultilingual``: splits en, de, es, fr of a directory (options ``path``,
-    ``phrase_filter``, ``drop_blank_turns``)."""
-    root = require_path(options.get("path"), "dolly15k_multilingual.path")
+    """``Dolly15kMultilingual``: splits en, de, es, fr of a directory (options ``path`` or
+    ``repo_id``/``data_files``, ``phrase_filter``, ``drop_blank_turns``)."""
+    roots = input_files("dolly15k_multilingual", options)
+    if len(roots) != 1:
+        raise DataError(f"dolly15k_multilingual.path: one directory, got {len(roots)} paths")
+    root = roots[0]
     if not root.is_dir():
         raise DataError(f"dolly15k_multilingual.path: not a directory: {root}")
     for split in DOLLY_SPLITS:  # fail at start, before reading anything
@@ -344,6 +405,8 @@ def load_dolly15k_multilingual(options: Mapping[str, Any]) -> LoadResult:
     return collect("Dolly15kMultilingual", keyed, to_turns, skipped)
 
 
+# The datasets that can come from the hub (the oasst export is a local file).
+HUB_DATASETS = ("megacode2", "orca-chat", "dolly15k_multilingual", "oa_leet10k")
 LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
     "megacode2": instruction_loader("megacode2", "InstructionDataset (megacode2)"),
     "orca-chat": load_orca_chat,
@@ -355,11 +418,12 @@ LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadResult]] = {
 # Each loader's own options (the splitter's are pretokenize.SPLIT_OPTIONS); a config
 # naming any other key is refused, so a misspelt option cannot be silently ignored.
 _RECORD_OPTIONS = ("max_record_bytes",)
+_SOURCE = ("path", "repo_id", "data_files", "revision")  # input_files
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "megacode2": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
-    "orca-chat": ("path", "drop_blank_turns", *_RECORD_OPTIONS),
-    "dolly15k_multilingual": ("path", "phrase_filter", "drop_blank_turns", *_RECORD_OPTIONS),
-    "oa_leet10k": ("path", "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
+    "megacode2": (*_SOURCE, "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
+    "orca-chat": (*_SOURCE, "drop_blank_turns", *_RECORD_OPTIONS),
+    "dolly15k_multilingual": (*_SOURCE, "phrase_filter", "drop_blank_turns", *_RECORD_OPTIONS),
+    "oa_leet10k": (*_SOURCE, "columns", "phrase_filter", "shuffle_seed", *_RECORD_OPTIONS),
     "oasst_export": ("input_file_path", "lang", "top_k", *_RECORD_OPTIONS),
 }
 
