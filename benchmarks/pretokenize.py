@@ -1,24 +1,40 @@
 """Pretokenizer throughput: tokens/s of encode + filter + shard write, 1 vs 2 workers.
 
     .venv/bin/python benchmarks/pretokenize.py [--mb 50] [--vocab-size 1000]
+    .venv/bin/python benchmarks/pretokenize.py --card-scale [--scale 1.0] [--tokenizer T]
 
 Generates a synthetic chat corpus (>= ``--mb`` MB of text, deterministic), trains a tiny
 BPE model on a slice of it, then times :func:`oasst_jax.pretokenize.write_samples` (the
 pool start-up included), best of ``--repeats`` interleaved runs since the machine may be
 shared, and prints one JSON line. Goal: >= 1M tokens/s with 2 workers.
 The 1-worker run encodes in-process; the 2-worker run uses the spawn pool.
+
+``--card-scale``: stage 1 as a user runs it.  Writes the card's four datasets at their real
+sizes (``benchmarks/card_data.py``, ~2.6 GB under the system temp directory, removed after;
+``--data DIR`` reuses a written set and keeps it), trains a ``--vocab-size`` tokenizer on a
+slice of them unless ``--tokenizer`` names one, then runs ``python -m oasst_jax.pretokenize
+--config=configs/data/oasst_pre10_min25.py`` pointed at them (``--checkout DIR``: another
+checkout's package and configs; ``--override KEY=VALUE``: more ``--config.`` overrides) and
+prints one JSON line: wall seconds, the pretokenize process's peak RSS (``ru_maxrss``),
+the peak RSS of it and its encoder workers together (sampled every 50 ms), the tokens
+written, the machine's load.  Goal: peak RSS <= 2 GiB, <= 3 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from oasst_jax import pretokenize as pt
 from oasst_jax.data import shards
@@ -65,12 +81,116 @@ def measure(samples: list[Sample], tok: Tokenizer, workers: int, out: Path) -> d
     return {"seconds": round(seconds, 3), "tokens": stats.tokens, "tok_s": stats.tokens / seconds}
 
 
+GIB = 2**30
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    """RSS of ``proc`` and its descendants, in bytes (0 once it is gone)."""
+    total = 0
+    for p in (proc, *proc.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def run_stage1(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """Run the pretokenize command; wall time, its ru_maxrss and the sampled tree peak."""
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
+    proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"pretokenize failed ({child.returncode}): {' '.join(cmd)}")
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),
+        "peak_tree_rss_gib": round(peak[0] / GIB, 3),
+        "stdout_tail": stdout.strip().splitlines()[-12:],
+    }
+
+
+def card_scale(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import card_data
+
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="card-scale-")))
+        data = Path(args.data) if args.data else work / "data"
+        start = time.perf_counter()
+        scale = None  # unknown: a data set written before
+        if args.data and (data / "megacode2").is_dir():
+            paths = card_data.dataset_paths(data)
+        else:
+            paths, scale = card_data.write_card_data(data, args.scale), args.scale
+        gen_seconds = round(time.perf_counter() - start, 1)
+        tok = args.tokenizer
+        if not tok:
+            sample = card_data.Text(1).texts(4000, 2000)
+            tok = str(train_sentencepiece(sample, work / "tok", args.vocab_size))
+        checkout = Path(args.checkout).resolve() if args.checkout else REPO
+        cmd = [
+            sys.executable, "-m", "oasst_jax.pretokenize",
+            "--config=configs/data/oasst_pre10_min25.py",
+            f"--config.tokenizer_path={tok}",
+            f"--config.output_dir={work / 'out'}",
+            *(f"--config.datasets{_key(n)}.path={p}" for n, p in paths.items()),
+            *(f"--config.{o}" for o in args.override),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(checkout), "TQDM_DISABLE": "1"}
+        result = run_stage1(cmd, checkout, env)
+        meta = json.loads((work / "out" / shards.METADATA_FILE).read_text())
+        input_bytes = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+    splits = meta["splits"]
+    print(
+        json.dumps(
+            {
+                "card_scale": scale,
+                "input_gb": round(input_bytes / 1e9, 3),
+                "generate_seconds": gen_seconds,
+                "samples": {s: v["num_samples"] for s, v in splits.items()},
+                "tokens": {s: v["num_tokens"] for s, v in splits.items()},
+                **{k: v for k, v in result.items() if k != "stdout_tail"},
+                "checkout": str(checkout),
+                "cpu_count": os.cpu_count(),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
+
+
+def _key(name: str) -> str:
+    return f"['{name}']" if "-" in name else f".{name}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=50.0)
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2, help="best of N, runs interleaved")
+    parser.add_argument("--card-scale", action="store_true", help="stage 1 on card-size data")
+    parser.add_argument("--scale", type=float, default=1.0, help="card-scale: row multiplier")
+    parser.add_argument("--data", help="card-scale: the datasets' directory (kept)")
+    parser.add_argument("--tokenizer", help="card-scale: a tokenizer.model (default: trained)")
+    parser.add_argument("--checkout", help="card-scale: run this checkout's pretokenize")
+    parser.add_argument("--override", action="append", default=[], help="card-scale: KEY=VALUE")
     args = parser.parse_args()
+    if args.card_scale:
+        card_scale(args)
+        return
     samples = synthetic_corpus(args.mb)
     corpus_bytes = sum(len(t.text) for s in samples for t in s.turns)
     with tempfile.TemporaryDirectory() as tmp:
