@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from oasst_jax import files
+from oasst_jax import distributed, files
 from oasst_jax.model import LlamaConfig
 
 # OCDBT buffers a data file's worth of encoded chunks per writer before it
@@ -369,8 +369,8 @@ class CheckpointError(ValueError):
 class _Damaged(Exception):
     """A step whose files fail to read or decode (not a mismatch, not a storage hiccup)."""
 
-    def __init__(self, step: int, what: str, error: BaseException):
-        super().__init__(f"step {step} {what}: {_brief(error)}")
+    def __init__(self, step: int, what: str, brief: str):
+        super().__init__(f"step {step} {what}: {brief}")
         self.step = step
 
 
@@ -609,27 +609,50 @@ class TrainCheckpointer:
         return restored
 
     def _read(self, step: int, what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``; storage errors retried, damage raised as :class:`_Damaged`, anything
-        else as a one-line :class:`CheckpointError`."""
+        """``fn()`` on every process, then one verdict for all of them: the worst outcome
+        any process had decides (another error, then damage, then a storage error), so
+        the processes retry together, fall back together or stop together; a process
+        deciding alone would retry or wait in the next collective while the others have
+        moved on, and the job would hang.  Storage errors are retried, damage raised as
+        :class:`_Damaged`, anything else as a one-line :class:`CheckpointError`."""
         where = f"{self.directory}/{step}"
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None), 1):
+            value = error = None
             try:
-                return fn()
-            except Exception as e:  # classified below; nothing is swallowed
-                kind = classify_read_error(e)
-                if kind == "transient" and delay is not None:
-                    _log(f"reading {what} of {where} failed ({_brief(e)}); retry in {delay:g}s")
-                    time.sleep(delay)
-                    continue
-                if kind == "transient":
-                    raise CheckpointError(
-                        f"{where}: storage error reading {what}, {attempt} attempts: "
-                        f"{_brief(e)}; nothing was moved"
-                    ) from e
-                if kind == "damaged":
-                    raise _Damaged(step, what, e) from e
-                raise CheckpointError(f"{where}: cannot read {what}: {_brief(e)}") from e
+                value = fn()
+            except Exception as e:  # classified and agreed on below; nothing is swallowed
+                error = e
+            kind, brief = _agree(error, f"step {step} {what}")
+            if kind == "ok":
+                return value
+            if kind == "transient" and delay is not None:
+                _log(f"reading {what} of {where} failed ({brief}); retry in {delay:g}s")
+                time.sleep(delay)
+                continue
+            if kind == "transient":
+                raise CheckpointError(
+                    f"{where}: storage error reading {what}, {attempt} attempts: "
+                    f"{brief}; nothing was moved"
+                ) from error
+            if kind == "damaged":
+                raise _Damaged(step, what, brief) from error
+            raise CheckpointError(f"{where}: cannot read {what}: {brief}") from error
         raise AssertionError("unreachable")
+
+    def _item(self, step: int, name: str, args: Any) -> Any:
+        """One item of a step, read by its own handler.
+
+        ``CheckpointManager.restore`` ends in a barrier across processes (a device
+        collective, no timeout): a process whose read fails never reaches it, and the
+        others would wait there for it forever.  Read without it, every process meets
+        the others in :meth:`_read`'s agreement instead, whatever its read did."""
+        path = epath.Path(self.directory) / str(step) / name
+        json_item = isinstance(args, ocp.args.JsonRestore)
+        handler = ocp.JsonCheckpointHandler() if json_item else ocp.StandardCheckpointHandler()
+        try:
+            return handler.restore(path, args=args)
+        finally:
+            handler.close()
 
     def _restore_step(
         self,
@@ -643,12 +666,13 @@ class TrainCheckpointer:
         stored = self._read(
             step,
             "model config",
-            lambda: LlamaConfig.from_mapping(_restore_json(self._mngr, step, "model")),
+            lambda: LlamaConfig.from_mapping(self._item(step, "model", ocp.args.JsonRestore())),
         )
         check_same_shape(stored, cfg, where)
         if check_meta is not None:
             check_meta(
-                self._read(step, "meta", lambda: _restore_json(self._mngr, step, "meta")), where
+                self._read(step, "meta", lambda: self._item(step, "meta", ocp.args.JsonRestore())),
+                where,
             )
         for item in ("params", "opt_state"):
             saved = self._read(step, f"{item} metadata", lambda item=item: self._tree(step, item))
@@ -669,14 +693,15 @@ class TrainCheckpointer:
         restored = self._read(
             step,
             "arrays",
-            lambda: self._mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state["params"]),
-                    opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
-                    meta=ocp.args.JsonRestore(),
+            lambda: {
+                "params": self._item(
+                    step, "params", ocp.args.StandardRestore(abstract_state["params"])
                 ),
-            ),
+                "opt_state": self._item(
+                    step, "opt_state", ocp.args.StandardRestore(abstract_state["opt_state"])
+                ),
+                "meta": self._item(step, "meta", ocp.args.JsonRestore()),
+            },
         )
         state = {
             "step": jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
@@ -694,7 +719,7 @@ class TrainCheckpointer:
         if not settings:
             return []
         try:
-            stored = _restore_json(self._mngr, step, "meta").get("settings") or {}
+            stored = self._item(step, "meta", ocp.args.JsonRestore()).get("settings") or {}
         except Exception:  # only a hint for the message being raised
             return []
         return _changed(stored, settings, "") if stored else []  # older runs stored none
@@ -726,3 +751,18 @@ class TrainCheckpointer:
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
+
+
+_SEVERITY = ("ok", "transient", "damaged", "other")
+
+
+def _agree(error: BaseException | None, what: str) -> tuple[str, str]:
+    """The worst outcome of one read over every process (:data:`_SEVERITY`) and that
+    error in brief (naming the process that had it in a multi-process run)."""
+    own = ["ok", ""] if error is None else [classify_read_error(error), _brief(error)]
+    outcomes = distributed.gather(f"read {what}", own)
+    worst = max(range(len(outcomes)), key=lambda i: (_SEVERITY.index(outcomes[i][0]), -i))
+    kind, brief = outcomes[worst]
+    if len(outcomes) > 1 and kind != "ok":
+        brief = f"process {worst}: {brief}"
+    return kind, brief

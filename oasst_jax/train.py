@@ -348,6 +348,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             except OSError as e:
                 _raise_if_full_disk(e, cfg, ckpt)
                 raise
+    distributed.finished()  # the other processes may still be finishing: not a lost peer
     return last
 
 

@@ -132,7 +132,7 @@ def test_only_step_damaged_stops_rather_than_starting_afresh(tmp_path):
 def test_transient_storage_errors_are_retried_never_set_aside(tmp_path, monkeypatch):
     d = _saved(tmp_path)
     monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0))
-    real = checkpoint.ocp.CheckpointManager.restore
+    real = TrainCheckpointer._item  # one item of a step, as a resume reads it
     calls = []
 
     def flaky(self, step, *args, **kwargs):
@@ -142,7 +142,7 @@ def test_transient_storage_errors_are_retried_never_set_aside(tmp_path, monkeypa
             raise Exception("Encountered error while reading array index") from cause
         return real(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", flaky)
+    monkeypatch.setattr(TrainCheckpointer, "_item", flaky)
     fail_times = 2  # fails twice, then reads
     state, _ = _restore(d, _state())
     assert int(state["step"]) == 6

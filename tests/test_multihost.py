@@ -1,36 +1,63 @@
 """Multi-host: two local processes (4 emulated CPU devices each, gloo collectives) train the
-tiny config to the same losses as one process with 8 devices, and save one checkpoint
+tiny config to the same losses as one process with 8 devices, and save checkpoints
 together.  The mesh (pipeline 2 x sequence 2 x tensor 2) puts pipeline stages, context and
-tensor parallelism across the process boundary.  Plus the decision table of
-``oasst_jax.distributed``."""
+tensor parallelism across the process boundary.  Faults: a process killed mid-step ends
+every other one within a minute, with one line naming it, and the restarted job resumes
+bit-exactly; a checkpoint read error on one process only makes every process retry, or
+every process stop, together.  Plus the decision table of ``oasst_jax.distributed``.
+
+Every process runs ``python -m oasst_jax.train`` (the CLI, so its one-line errors are
+what is checked), started through :data:`RUNNER`, which injects a test's faults first.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from oasst_jax.data.shards import ShardWriter, split_path
-from oasst_jax.distributed import initialize_kwargs
+from oasst_jax.distributed import initialize_kwargs, lost_peer_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 3
+STEPS = 4
+SAVE = 2  # the killed job's newest checkpoint; the restart resumes there
+HEARTBEAT_S = 10
 
-# Runs train.run(config + overrides) in a fresh process with its own device count.
-RUNNER = """
-import json, sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from oasst_jax.config import load_config
-from oasst_jax.train import run
-cfg = load_config(sys.argv[1])
-cfg.update_from_flattened_dict(json.loads(sys.argv[2]))
-run(cfg)
+# ``python -m oasst_jax.train ARGS`` after the faults the environment asks this process for:
+# OASST_TEST_STALL=FILE: after saving step SAVE, write FILE and sleep (the test kills it);
+# OASST_TEST_READ_FAULT=once|always: its checkpoint reads fail with EIO (the first only).
+RUNNER = f"""
+import errno, os, runpy, sys, time
+from oasst_jax import checkpoint
+checkpoint.RETRY_DELAYS_S = (0.2, 0.2, 0.2)
+stall, fault = os.environ.get("OASST_TEST_STALL"), os.environ.get("OASST_TEST_READ_FAULT")
+if stall:
+    save = checkpoint.TrainCheckpointer.save
+    def stalling(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == {SAVE}:
+            open(stall, "w").close()
+            time.sleep(600)
+    checkpoint.TrainCheckpointer.save = stalling
+if fault:
+    item, reads = checkpoint.TrainCheckpointer._item, []
+    def failing(self, *args, **kwargs):
+        reads.append(args)
+        if fault == "always" or len(reads) == 1:
+            raise OSError(errno.EIO, "Input/output error (injected)", self.directory)
+        return item(self, *args, **kwargs)
+    checkpoint.TrainCheckpointer._item = failing
+sys.argv = ["oasst_jax.train", *sys.argv[1:]]
+runpy.run_module("oasst_jax.train", run_name="__main__", alter_sys=True)
 """
 
 
@@ -51,7 +78,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _overrides(workdir: str, data: str, dist: dict) -> dict:
+def _overrides(workdir: str, data: str) -> dict:
     return {
         "workdir": workdir,
         "data_path": data,
@@ -61,37 +88,51 @@ def _overrides(workdir: str, data: str, dist: dict) -> dict:
         "train_iters": STEPS,
         "log_interval": 1,
         "eval_interval": 0,
-        "save_interval": STEPS,
+        "save_interval": SAVE,
         "data_threads": 1,
         "mesh.fsdp": 1,
         "mesh.pipeline": 2,
-        **{f"distributed.{k}": v for k, v in dist.items()},
+        "distributed.heartbeat_timeout_s": HEARTBEAT_S,
     }
 
 
-def _launch(workdir: str, data: str, devices: int, dist: dict) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RUNNER,
-            os.path.join(REPO, "configs", "tiny.py"),
-            json.dumps(_overrides(workdir, data, dist)),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _launch(workdir: str, data: str, count: int = 2, **faults: dict[str, str]) -> list:
+    """``count`` processes of one job (8 devices in all); ``faults[i]``: process i's."""
+    address = f"127.0.0.1:{_free_port()}"
+    args = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}"]
+    args += [f"--config.{k}={v}" for k, v in _overrides(workdir, data).items()]
+    procs = []
+    for i in range(count):
+        env = {
+            **os.environ,
+            **faults.get(f"p{i}", {}),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // count}",
+            "JAX_PLATFORMS": "cpu",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "JAX_COORDINATOR_ADDRESS": address,
+            "JAX_NUM_PROCESSES": str(count),
+            "JAX_PROCESS_ID": str(i),
+        }
+        cmd = [sys.executable, "-c", RUNNER, *args]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def _finish(procs: list, code: int = 0) -> list[str]:
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == code, out[-3000:]
+        outputs.append(out)
+    return outputs
 
 
 def _run_here(workdir: str, data: str) -> None:
-    """RUNNER's run in this process, which has 8 CPU devices (conftest) and jax imported
+    """The job's run in this process, which has 8 CPU devices (conftest) and jax imported
     already: the one-process reference without a process start of its own."""
     import jax
 
@@ -100,42 +141,99 @@ def _run_here(workdir: str, data: str) -> None:
 
     assert jax.device_count() == 8 and jax.process_count() == 1
     cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
-    cfg.update_from_flattened_dict(_overrides(workdir, data, {"mode": "off"}))
+    cfg.update_from_flattened_dict({**_overrides(workdir, data), "distributed.mode": "off"})
     run(cfg)
 
 
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _losses(workdir: str) -> list[float]:
+def _metrics(workdir: str) -> dict[int, dict]:
+    """Each step's newest ``metrics.jsonl`` line (only process 0 writes it), without
+    the wall-clock figures."""
+    clock = ("time_", "step_time", "tokens_per_s", "mfu")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(clock)} for r in rows}
 
 
-def test_two_processes_match_one(tmp_path):
-    data = str(tmp_path / "data")
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """One uninterrupted two-process job (and the one-process reference, trained here
+    meanwhile): the losses every other test's job must reproduce."""
+    root = tmp_path_factory.mktemp("multihost")
+    data, two, one = str(root / "data"), str(root / "two"), str(root / "one")
     _write_shards(data)
-    two = str(tmp_path / "two")
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [
-        _launch(two, data, 4, {"coordinator_address": address, "num_processes": 2, "process_id": i})
-        for i in range(2)
-    ]
-    # the reference trains here while the two processes start up and train
-    one = str(tmp_path / "one")
+    procs = _launch(two, data)
     try:
         _run_here(one, data)
     finally:
-        outputs = [_finish(p) for p in procs]
+        outputs = _finish(procs)
+    return {"data": data, "two": two, "one": one, "outputs": outputs, "root": root}
 
-    want, got = _losses(one), _losses(two)  # only process 0 writes metrics.jsonl
-    assert len(want) == len(got) == STEPS
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+def test_two_processes_match_one(job):
+    want, got = _metrics(job["one"]), _metrics(job["two"])
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(
+        [got[s]["loss"] for s in got], [want[s]["loss"] for s in got], rtol=1e-5
+    )
+    outputs = job["outputs"]
     assert "step" in outputs[0] and "step" not in outputs[1]  # progress lines: process 0 only
-    assert os.path.isdir(os.path.join(two, "checkpoints", str(STEPS)))  # saved collectively
+    for step in (SAVE, STEPS):  # saved collectively
+        assert os.path.isdir(os.path.join(job["two"], "checkpoints", str(step)))
+
+
+def _error_lines(out: str) -> list[str]:
+    """The ``error:`` lines, and any of JAX's C++ error or fatal log lines."""
+    return [x for x in out.splitlines() if x.startswith("error:") or re.match(r"[EF]\d{4} ", x)]
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_job_and_restart_resumes_bit_exact(job):
+    """Process 1 is killed (-9) while process 0 is inside step SAVE + 1's collectives:
+    process 0 exits 1 within a minute with one line naming process 1.  The restarted
+    job resumes from step SAVE (process 1's first checkpoint read fails once: both
+    retry) and its metrics equal the uninterrupted job's, bit for bit."""
+    work = str(job["root"] / "killed")
+    stalled = os.path.join(str(job["root"]), "stalled")
+    procs = _launch(work, job["data"], p1={"OASST_TEST_STALL": stalled})
+    deadline = time.monotonic() + 300
+    while not os.path.exists(stalled):
+        assert time.monotonic() < deadline and procs[0].poll() is None, "never reached the stall"
+        time.sleep(0.2)
+    time.sleep(1.0)  # process 0 is into the next step, waiting for process 1
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out, _ = procs[0].communicate(timeout=120)
+    took = time.monotonic() - killed
+    procs[1].wait()
+    print(f"process 0 exited {took:.1f}s after process 1 was killed")  # the README's figure
+    assert procs[0].returncode == 1, out[-3000:]
+    assert took < 60, out[-3000:]
+    errors = _error_lines(out)
+    assert len(errors) == 1 and errors[0].startswith("error: lost process 1 of 2"), out[-3000:]
+    assert "Traceback" not in out
+    assert os.path.isdir(os.path.join(work, "checkpoints", str(SAVE)))
+
+    procs = _launch(work, job["data"], p1={"OASST_TEST_READ_FAULT": "once"})
+    outputs = _finish(procs)
+    assert "failed (process 1: OSError: [Errno 5]" in outputs[0], outputs[0][-3000:]
+    assert f"resumed from {work}/checkpoints at step {SAVE}" in outputs[0]
+    assert _metrics(work) == _metrics(job["two"])
+
+
+def test_read_error_on_one_process_stops_every_process(job):
+    """Process 1's checkpoint reads always fail: after the retries every process stops
+    with the same one line naming process 1 (none waits for the others), and nothing
+    is moved."""
+    work = str(job["root"] / "unreadable")
+    os.makedirs(work)
+    subprocess.run(["cp", "-r", os.path.join(job["two"], "checkpoints"), work], check=True)
+    procs = _launch(work, job["data"], p1={"OASST_TEST_READ_FAULT": "always"})
+    outputs = _finish(procs, code=1)
+    for out in outputs:
+        errors = _error_lines(out)
+        assert len(errors) == 1, out[-3000:]
+        assert "storage error reading model config, 4 attempts: process 1: OSError" in errors[0]
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == [str(SAVE), str(STEPS)]
 
 
 ENV_CASES = [
@@ -155,12 +253,18 @@ ENV_CASES = [
         {"coordinator_address": "h:1", "num_processes": 8, "process_id": 0},
     ),
 ]
+DIST = {
+    "mode": "auto",
+    "coordinator_address": "",
+    "num_processes": 0,
+    "process_id": -1,
+    "heartbeat_timeout_s": 30,
+}
 
 
 @pytest.mark.parametrize("dist, env, want", ENV_CASES)
 def test_initialize_kwargs(dist, env, want):
-    cfg = {"mode": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}
-    got = initialize_kwargs({**cfg, **dist}, env)
+    got = initialize_kwargs({**DIST, **dist}, env)
     if want is None:
         assert got is None
     else:
@@ -168,7 +272,27 @@ def test_initialize_kwargs(dist, env, want):
         assert got == {**unset, **want}
 
 
-def test_unknown_mode_is_one_line_error():
-    dist = {"mode": "mpi", "coordinator_address": "", "num_processes": 0, "process_id": -1}
-    with pytest.raises(ValueError, match="distributed.mode='mpi'"):
-        initialize_kwargs(dist, {})
+@pytest.mark.parametrize(
+    "dist, match",
+    [
+        ({"mode": "mpi"}, "distributed.mode='mpi'"),
+        ({"heartbeat_timeout_s": 0}, "distributed.heartbeat_timeout_s=0 must be >= 1"),
+    ],
+)
+def test_bad_setting_is_one_line_error(dist, match):
+    with pytest.raises(ValueError, match=match):
+        initialize_kwargs({**DIST, **dist}, {})
+
+
+@pytest.mark.parametrize(
+    "lost, me, who",
+    [
+        ([3], 0, "error: lost process 3 of 4: no sign of life for 10s"),
+        ([0], 2, "error: lost process 0 (the coordinator) of 4: no sign of life for 10s"),
+        ([1, 3], 2, "error: lost process 1, process 3 of 4: no sign of life for 10s"),
+    ],
+)
+def test_lost_peer_is_one_line(lost, me, who):
+    line = lost_peer_line(lost, me, 4, 10)
+    assert line.startswith(who) and "\n" not in line
+    assert f"process {me} stops too" in line
