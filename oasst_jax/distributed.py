@@ -21,7 +21,7 @@ Where the coordinator comes from (``config.distributed``):
 A lost peer.  Every process of a joined job runs a watchdog (:class:`PeerWatch`): a
 thread that marks the process alive in the coordination service's key-value store every
 second and reads the others' marks.  A peer whose mark has not moved for
-``heartbeat_timeout_s`` (killed, crashed, hung, its host gone) ends every other process
+``heartbeat_timeout_s`` (killed, crashed, frozen, its host gone) ends every other process
 with one ``error:`` line naming it and exit status 1, wherever their main threads wait
 (a collective with the dead peer, a checkpoint barrier).  JAX's own heartbeat (given
 twice that time plus 10 s, so the watchdog speaks first) stays as the backstop; its
@@ -144,7 +144,7 @@ def lost_peer_line(lost: list[int], me: int, count: int, timeout_s: float) -> st
         who += " (the coordinator)"
     return (
         f"error: lost {who} of {count}: no sign of life for {timeout_s:g}s (killed, crashed, "
-        f"hung or unreachable); process {me} stops too (restart every process to resume "
+        f"frozen or unreachable); process {me} stops too (restart every process to resume "
         "from the newest checkpoint)"
     )
 
