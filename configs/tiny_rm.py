@@ -1,11 +1,12 @@
 """A tiny reward model on the bundled rm fixture: `configs/tiny.py`'s model and mesh, the
 rm objective (score head on each reply's last token, upstream's K-wise ranking loss).
 
-Data (ranked shards of tests/data/oasst_rm.jsonl)::
+Data (ranked shards of tests/data/oasst_rm.jsonl, in the demo's compact token layout)::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_rm.py \\
       --config.tokenizer_path=output/sample/tokenizer.model \\
       --config.output_dir=output/sample_rm --config.num_workers=1 \\
+      --config.megatron_new_tokens=False \\
       --config.datasets.oasst_export.input_file_path=tests/data/oasst_rm.jsonl \\
       --config.datasets.oasst_export.val_split=0.3
     python -m oasst_jax.train --config=configs/tiny_rm.py
