@@ -92,8 +92,7 @@ def cli_main(
         try:
             return flags.FLAGS(argv)
         except AttributeError as e:
-            name = str(e).strip("\"'")
-            fail(f"--config override names an unknown field '{name}'")
+            fail(f"--config override names an unknown field {_unknown_field(e, argv)}")
         except (flags.Error, KeyError, TypeError, ValueError) as e:
             fail(f"bad command line: {e} (see {_prog()} --help)")
 
@@ -109,6 +108,22 @@ def cli_main(
 def _error_line(message: str) -> str:
     """``error: <message>`` on one line (a multi-line message's lines joined)."""
     return "error: " + " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _unknown_field(error: AttributeError, argv: list[str]) -> str:
+    """``'a.b.name' (Did you mean ...?)`` from ml_collections' ``AttributeError(KeyError(
+    "'name'\\nDid you mean ...?"))`` (a nested field's: whose ``str`` is the repr, escaped
+    quotes and a literal ``\\n``), dotted as the command line gave it."""
+    inner = error.args[0] if error.args else error
+    text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
+    name, _, hint = text.partition("\n")
+    name = name.strip("\"'")
+    for arg in argv:
+        key = arg.lstrip("-").partition("=")[0]
+        if key.startswith("config.") and key.rsplit(".", 1)[-1] == name:
+            name = key.removeprefix("config.")
+            break
+    return f"'{name}'" + (f" ({' '.join(hint.split())})" if hint.strip() else "")
 
 
 def _prog() -> str:

@@ -9,6 +9,7 @@ validated once at start-up and reported as one line naming the field and value.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -251,6 +252,26 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"seq_length={cfg.seq_length} > model.max_position_embeddings="
         f"{cfg.model.max_position_embeddings}",
     )
-    sharding.resolve_mesh(cfg.mesh, num_devices, num_layers=cfg.model.num_hidden_layers)
+    need(
+        cfg.eval_prompts in ("", None, "default") or os.path.isfile(cfg.eval_prompts),
+        f"eval_prompts={cfg.eval_prompts!r}: no such file (a JSONL of prompts; 'default' for "
+        "the shipped ones, '' for none)",
+    )
+    try:
+        sharding.resolve_mesh(cfg.mesh, num_devices, num_layers=cfg.model.num_hidden_layers)
+    except ValueError as e:
+        raise ValueError(f"{e}{emulation_hint(cfg.mesh, num_devices)}") from None
     accumulation_steps(cfg, num_devices)
     model_config(cfg)
+
+
+def emulation_hint(mesh: ml_collections.ConfigDict, num_devices: int) -> str:
+    """How to get the devices a mesh asks for on a CPU, when it asks for more than exist:
+    XLA emulates N host devices (what ``demo.sh`` and the tests set)."""
+    needed = math.prod(int(v) for v in dict(mesh).values() if int(v) > 0)
+    if needed <= num_devices:
+        return ""
+    return (
+        f"; on a CPU, emulate {needed} devices: XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={needed} python -m oasst_jax.train ..."
+    )

@@ -105,7 +105,7 @@ def with_adapter(base_path: str, params: Any, adapter: str, vocab_size: int) -> 
     fingerprint it records, which is the same for the orbax base and its HF export)."""
     meta = checkpoint.load_json_item(adapter, "meta") or {}
     record = lora.base_record(base_path, params, vocab_size)
-    lora.check_base(meta, record, f"adapter {adapter}")
+    lora.check_base(meta, record, f"adapter {adapter}", "give that base as --ckpt")
     return lora.merged_params(params, adapter)
 
 
@@ -168,8 +168,38 @@ def run_json(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> None:
         ids = [_ids(args, tok, p) for p in batch]
         gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
         for prompt, pids, out in zip(batch, ids, gen.ids, strict=True):
+            _window_notes(cfg, sp, ids, [out], f"the reply to {_preview(prompt)}")
             line = {"prompt": prompt, "prompt_ids": pids, "output_ids": out}
             print(json.dumps({**line, "text": tok.decode(out)}, ensure_ascii=False), flush=True)
+
+
+def run_name(path: str) -> str:
+    """What a checkpoint is called in a report: its folder, or for a run's ``checkpoints``
+    root (or a step inside it) the run's folder, which every run's root shares."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if parts[-1].isdigit() and len(parts) > 1 and parts[-2] == "checkpoints":
+        parts = parts[:-1]
+    if parts[-1] == "checkpoints" and len(parts) > 1:
+        return parts[-2]
+    return parts[-1]
+
+
+def report_name(ckpt: str, adapter: str | None) -> str:
+    """A report's default ``model_name``: the run (``run_name``), with ``+ adapter run``
+    when sampled with ``--adapter``, so reports of one base with and without adapters (or
+    with two) get different columns in ``sample compare``."""
+    return run_name(ckpt) + (f" + {run_name(adapter)}" if adapter else "")
+
+
+def window_note(what: str, got: int, room: int, sp: decode.SamplingParams, window: int) -> None:
+    """One stderr note when a reply stopped at the context window rather than at a stop
+    token or ``--max-new-tokens``: ``got`` new tokens, ``room`` what the window left after
+    the prompt (in a batch, after its longest prompt: decoding stops there for all)."""
+    if room < sp.max_new_tokens and got >= room:
+        _note(
+            f"{what} stopped at the context window (max_position_embeddings {window}) after "
+            f"{got} new tokens; --max-new-tokens asked {sp.max_new_tokens}"
+        )
 
 
 def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> dict:
@@ -180,6 +210,8 @@ def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> di
         ids = [_ids(args, tok, p) for p in batch]
         seed = args.seed + len(results)
         gen = decode.generate(params, cfg, ids, sp, stop_ids(tok), seed=seed, mesh=mesh)
+        for p, out in zip(batch, gen.ids, strict=True):
+            _window_notes(cfg, sp, ids, [out], f"a reply to {_preview(p)}")
         results += [(out, gen.tokens_per_second) for out in gen.ids]
         tokens, seconds = tokens + sum(len(o) for o in gen.ids), seconds + gen.seconds
     params_json = dataclasses.asdict(sp)
@@ -196,7 +228,7 @@ def build_report(args, params, cfg, tok, mesh, sp, prompts: Sequence[str]) -> di
         entries.append({"prompt": prompt, "results": [result]})
     run_args = {k: v for k, v in vars(args).items() if k not in ("prompt", "out", "json", "chat")}
     return {
-        "model_name": args.model_name or os.path.basename(os.path.normpath(args.ckpt)),
+        "model_name": args.model_name or report_name(args.ckpt, args.adapter),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "args": run_args,
         "tokens_per_second": tokens / max(seconds, 1e-9),
@@ -219,7 +251,24 @@ def reply(args, params, cfg, tok, mesh, sp, prompt: str) -> str:
     ids = _ids(args, tok, prompt)
     check_fits(ids, cfg, "the prompt", args.system)
     stream = decode.stream(params, cfg, ids, sp, stop_ids(tok), seed=args.seed, mesh=mesh)
-    return _print_reply(tok, stream)
+    out: list[int] = []
+    text = _print_reply(tok, _kept(stream, out))
+    _window_notes(cfg, sp, [ids], [out], "the reply")
+    return text
+
+
+def _kept(ids: Iterable[int], into: list[int]) -> Iterator[int]:
+    """``ids`` passed on as they come, each also appended to ``into``."""
+    for i in ids:
+        into.append(i)
+        yield i
+
+
+def _window_notes(cfg, sp, prompts: Sequence[Sequence[int]], outs, what: str) -> None:
+    """:func:`window_note` for replies decoded together with ``prompts``."""
+    room = cfg.max_position_embeddings - max(len(p) for p in prompts)
+    for out in outs:
+        window_note(what, len(out), room, sp, cfg.max_position_embeddings)
 
 
 def next_turn_ids(tok: Tokenizer, text: str) -> list[int]:
@@ -253,8 +302,11 @@ def chat(args, params, cfg, tok, mesh, sp) -> None:
         else:
             ids, what = _ids(args, tok, text), "the prompt"
         check_fits(conversation.history + ids, cfg, what, args.system)
+        prompt = conversation.history + ids
         print("assistant> ", end="", flush=True)
-        _print_reply(tok, conversation.turn(ids))
+        out: list[int] = []
+        _print_reply(tok, _kept(conversation.turn(ids), out))
+        _window_notes(cfg, sp, [prompt], [out], "the reply")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,6 +27,11 @@ def _bad_inputs(tmp: str) -> list[tuple[list[str], str]]:
             f"tokenizer model not found: {missing}",
         ),
         (["pretokenize", f"--config={missing}.py"], f"config file not found: {missing}.py"),
+        (
+            ["pretokenize", "--config=configs/data/sample.py"]
+            + ["--config.datasets.oasst_export.valsplit=0.1"],
+            "unknown field 'datasets.oasst_export.valsplit' (Did you mean \"val_split\"",
+        ),
         (["plan", "--config=configs/tiny.py", "--mesh", "tensor=x"], "bad --mesh item"),
         (["plan", "--config=configs/tiny.py", "--bogus"], "Unknown command line flag 'bogus'"),
         (["sample", "--ckpt", missing, "--chat", "--json"], "--chat and --json are alternatives"),

@@ -133,3 +133,33 @@ def test_preference_objectives_take_pipeline_stages(name):
     cfg = load_config(os.path.join(REPO, "configs", name))
     cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.fsdp = 2, 1, -1
     validate(cfg, 8)
+
+
+def test_missing_eval_prompts_file_is_one_line(tmp_path):
+    cfg = _tiny()
+    cfg.eval_prompts = str(tmp_path / "prompts.jsonl")
+    with pytest.raises(ValueError) as err:
+        validate(cfg, 8)
+    assert str(err.value) == (
+        f"config: eval_prompts='{tmp_path / 'prompts.jsonl'}': no such file (a JSONL of "
+        "prompts; 'default' for the shipped ones, '' for none)"
+    )
+    for off in ("", None, "default"):
+        cfg.eval_prompts = off
+        validate(cfg, 8)
+
+
+def test_too_few_devices_says_how_to_emulate_them_on_a_cpu():
+    """A new user's first run on a laptop (1 CPU device, a config for 8): the line says
+    the XLA flag ``demo.sh`` sets; a mesh that fits no device count gets no such hint."""
+    with pytest.raises(ValueError) as err:
+        validate(_tiny(), 1)
+    line = str(err.value)
+    assert "multiply to 8, but there are 1 devices" in line and "\\n" not in line
+    assert line.endswith(
+        "; on a CPU, emulate 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+        "python -m oasst_jax.train ..."
+    )
+    with pytest.raises(ValueError) as err:
+        validate(_tiny(), 12)
+    assert "emulate" not in str(err.value)

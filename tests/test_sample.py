@@ -348,6 +348,7 @@ def test_failed_report_keeps_the_previous_report(tiny_ckpt, sp_model_path, tmp_p
     assert out.read_text() == '{"previous": "report"}\n'
     assert os.listdir(tmp_path) == ["report.json"]  # test_sampling_report: success replaces
 
+
 def test_hf_dir_samples_with_its_own_tokenizer_and_refuses_another(
     tiny_ckpt, sp_model_path, tmp_path, capsys
 ):
@@ -374,3 +375,43 @@ def test_hf_dir_samples_with_its_own_tokenizer_and_refuses_another(
         f"error: --tokenizer {other} tokenizes differently from {hf}/tokenizer.model, the "
         f"tokenizer {hf} holds; leave out --tokenizer to use it"
     )
+
+
+def test_report_is_named_after_its_run_and_adapter():
+    """A report's default model_name: the run, not its ``checkpoints`` folder, with the
+    adapter's run after a ``+``, so ``sample compare`` columns of a base with and without
+    adapters differ."""
+    assert sample.run_name("runs/pre10/checkpoints") == "pre10"
+    assert sample.run_name("runs/pre10/checkpoints/40/") == "pre10"
+    assert sample.run_name("exports/llama-hf") == "llama-hf"
+    assert sample.report_name("runs/pre10/checkpoints", None) == "pre10"
+    named = sample.report_name("runs/pre10/checkpoints", "runs/sft10_qlora/checkpoints")
+    assert named == "pre10 + sft10_qlora"
+
+
+def test_reply_cut_by_the_context_window_says_so(tiny_ckpt, sp_model_path, capsys):
+    """A reply that stops because the prompt leaves too little of the window (not at a
+    stop token, not at --max-new-tokens) is one note on stderr; one that does not, none."""
+    path, _, cfg, tok = tiny_ckpt
+
+    def length(words: int) -> int:
+        return len(prompt_ids(tok, [{"role": "user", "content": "hello world " * words}]))
+
+    words = 1
+    while length(words + 1) <= cfg.max_position_embeddings - 2:  # leaves room for 2 to 8
+        words += 1
+    text = "hello world " * words
+    room = cfg.max_position_embeddings - len(prompt_ids(tok, [{"role": "user", "content": text}]))
+    argv = ["--ckpt", path, "--tokenizer", str(sp_model_path), "--json", "--system", ""]
+    sample.main([*argv, "--temperature", "0", "--max-new-tokens", "40", "--prompt", text])
+    captured = capsys.readouterr()
+    (line,) = [json.loads(x) for x in captured.out.splitlines() if x.startswith("{")]
+    if len(line["output_ids"]) < room:
+        pytest.skip("the random model stopped on a stop token first")
+    (note,) = captured.err.strip().splitlines()
+    assert note.startswith("note: the reply to 'hello world") and note.endswith(
+        f"stopped at the context window (max_position_embeddings 1024) after {room} new "
+        "tokens; --max-new-tokens asked 40"
+    )
+    sample.main([*argv, "--temperature", "0", "--max-new-tokens", "2", "--prompt", text])
+    assert capsys.readouterr().err == ""

@@ -334,19 +334,36 @@ def load_reference(path: str, identity: dict[str, Any]) -> dict[str, dict[tuple,
     the first field that differs when they were made from other data or weights."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        obj = json.load(f)
-    stored = obj.get("identity", {})
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        stored = obj.get("identity", {})
+        splits = obj["splits"].items()
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise _damaged(path, e) from None
     for field in sorted(set(identity) | set(stored)):
         if stored.get(field) != identity.get(field):
             raise DataError(
                 f"{path} was computed for {field}={stored.get(field)!r}, this run has "
                 f"{identity.get(field)!r}; delete it to recompute the reference log-probs"
             )
-    return {
-        split: {tuple(k): float(v) for k, v in zip(t["keys"], t["logps"], strict=True)}
-        for split, t in obj["splits"].items()
-    }
+    try:
+        return {
+            split: {tuple(k): float(v) for k, v in zip(t["keys"], t["logps"], strict=True)}
+            for split, t in splits
+        }
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: str, error: BaseException) -> DataError:
+    """A reference file that does not read as :func:`save_reference` wrote it (truncated,
+    not JSON, a field missing or of another type), in one line that says what to do."""
+    what = " ".join(str(error).split()) or type(error).__name__
+    return DataError(
+        f"{path} is damaged ({type(error).__name__}: {what[:200]}); delete it to recompute "
+        "the reference log-probs"
+    )
 
 
 def reference_logps(batch: dict[str, np.ndarray], table: dict[tuple, float], where: str):
