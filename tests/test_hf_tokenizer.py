@@ -5,6 +5,7 @@ python that has it) and ``tokenizers``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -248,6 +249,12 @@ def test_card_layout_import_and_export(tmp_path, sp_model_path):
     auto = transformers.AutoTokenizer.from_pretrained(out)
     assert _chat_ids(auto, CONVERSATION) == prompt_ids(tok, CONVERSATION)
     assert auto.convert_tokens_to_ids("<|im_start|>") == tok.base_vocab_size + 5
+    # a card-layout run given the base HF directory itself says which import it needs
+    from oasst_jax.hf.load import load_start_params, source_config
+
+    card = dataclasses.replace(source_config(base), vocab_size=tok.vocab_size)
+    with pytest.raises(ValueError, match="--add-chatml-tokens --megatron-new-tokens` first$"):
+        load_start_params(base, card, None, where="load=X")
 
 
 def test_merges_are_transformers_order(sp_models):
