@@ -11,6 +11,7 @@ their real platforms to catch lowering errors that interpret mode cannot see.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import re
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_llama
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractDevice, AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from oasst_jax import sharding
 from oasst_jax.attention import BlockSizes, bounds, dot_product_attention, pallas_gpu, xla
@@ -37,6 +38,7 @@ GPU_MIXED = BlockSizes(
     block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32
 )
 TPU_BLOCKS = BlockSizes.uniform(128)  # 128 lanes is the smallest legal TPU key tile
+H100_KIND = "NVIDIA H100 80GB HBM3"
 
 
 def _segments(length: int, batch: int = 1) -> np.ndarray:
@@ -325,6 +327,16 @@ def test_default_tiles_keep_dkv_accumulators_in_registers():
     assert pallas_gpu._num_warps(pallas_gpu._live_fp32(2, 64, 128, 32, 64)) == 8
 
 
+def _lowering_target(platform: str):
+    """The context a kernel is lowered for ``platform`` in: for CUDA an abstract H100 (jax
+    >= 0.11 reads the Triton target from the device and has none on a CPU; 0.10 took it
+    as given), for TPU nothing (Mosaic lowers without a device)."""
+    if platform != "cuda":
+        return contextlib.nullcontext()
+    h100 = AbstractDevice(device_kind=H100_KIND, num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h100))
+
+
 def test_triton_ir_uses_wgmma_shapes_and_exp2():
     """Lower fwd+bwd for CUDA (70B shard layout, packed) and read each kernel's Triton IR:
     every dot of dk/dv has M >= 64 (Hopper wgmma; the FA2 ``k @ q^T`` orientation),
@@ -348,7 +360,7 @@ def test_triton_ir_uses_wgmma_shapes_and_exp2():
         )
         return out.astype(jnp.float32).sum()
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _lowering_target("cuda"):
         mp.setattr(lowering, "lower_jaxpr_to_triton_module", spy)
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
             lowering_platforms=("cuda",)
@@ -485,7 +497,8 @@ def test_lowers_for_real_hardware(backend, platform, marker, packed, dtype):
         return out.astype(jnp.float32).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    text = grad.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
+    with _lowering_target(platform):
+        text = grad.trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(marker) >= 3  # forward, dq, dk/dv kernels
 
 
@@ -508,8 +521,9 @@ def test_offset_kernel_lowers_for_real_hardware(backend, platform, marker):
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     offset = jax.ShapeDtypeStruct((), jnp.int32)
-    traced = grad.trace(q, kv, kv, q_seg, kv_seg, offset)
-    assert traced.lower(lowering_platforms=(platform,)).as_text().count(marker) >= 3
+    with _lowering_target(platform):
+        traced = grad.trace(q, kv, kv, q_seg, kv_seg, offset)
+        assert traced.lower(lowering_platforms=(platform,)).as_text().count(marker) >= 3
 
 
 @pytest.mark.skipif(

@@ -9,7 +9,7 @@ types and the in-block mask the kernels share live in :mod:`blocks`, which
 both sides import (the backends never import this module); which blocks each
 kernel program visits -- causality, packed segments, the query offset -- comes
 from one XLA pre-pass in :mod:`bounds` that both backends call.  A backend
-module provides ``default_blocks(head_dim)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
+module provides ``default_blocks(head_dim, dtype)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
 ``forward(q, k, v, mask, cfg) -> (o, lse)`` and
 ``backward(q, k, v, mask, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
 ``[batch, length, heads, head_dim]`` arrays, ``mask`` a :class:`MaskOperands`.
@@ -135,7 +135,8 @@ def flash_attention(
             f"lie past the last of {kv_len} keys"
         )
     mod = _backend_module(backend)
-    blocks = (block_sizes or mod.default_blocks(head_dim)).fit(max(q_len, kv_len), mod.MIN_BLOCK)
+    blocks = block_sizes or mod.default_blocks(head_dim, q.dtype)
+    blocks = blocks.fit(max(q_len, kv_len), mod.MIN_BLOCK)
     blocks.validate(mod.MIN_BLOCK)
     q_pad, kv_pad = (_round_up(n, blocks.largest) for n in (q_len, kv_len))
     cfg = KernelConfig(

@@ -56,11 +56,31 @@ LOG2E = math.log2(math.e)
 REGISTER_BUDGET = 128
 THREADS_PER_WARP = 32
 WARPS = (4, 8)
+MAX_HEAD_DIM = 128
+# fp32 dots are IEEE (``blocks.mm``: HIGHEST), which Triton runs on FMA units with both
+# operands of every dot held in registers, so the budget above does not apply: at head dim
+# 128 the bf16 tiles spill tens of KiB, and even 32-row tiles spill in dk/dv.  These are
+# the largest that ptxas (sm_90a) compiles without a spill at head dim 128, so at every
+# smaller one too (tests/test_pallas_gpu.py).
+FP32_BLOCKS = BlockSizes(
+    block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=32, block_k_dq=16
+)
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """Triton tiles must be powers of two; zero columns change no dot product."""
-    return max(16, pl.next_power_of_2(head_dim))
+    """Triton tiles must be powers of two; zero columns change no dot product.
+
+    Up to 128: at 256 the dk/dv kernel's two ``[64, 256]`` fp32 accumulators and its
+    key and value tiles exceed 255 registers even at its smallest wgmma tile (ptxas:
+    spills), and the forward's pipelined loads fill the whole 227 KiB of shared memory.
+    """
+    padded = max(16, pl.next_power_of_2(head_dim))
+    if padded > MAX_HEAD_DIM:
+        raise ValueError(
+            f"flash attention (GPU): head dim {head_dim} > {MAX_HEAD_DIM} does not fit the "
+            "kernel's registers; use attention_impl='xla' or 'cudnn'"
+        )
+    return padded
 
 
 def _live_fp32(accumulators: int, acc_rows: int, dim: int, bq: int, bk: int) -> int:
@@ -78,15 +98,18 @@ def _fits(live: int) -> bool:
     return live <= REGISTER_BUDGET * THREADS_PER_WARP * WARPS[-1]
 
 
-def default_blocks(head_dim: int) -> BlockSizes:
+def default_blocks(head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
     """Tiles for ``head_dim``: the largest row tile whose accumulators fit 8 warps.
 
     Forward and dq hold one ``[block_q, d]`` accumulator (128 rows up to d=128);
     dk/dv holds two ``[block_k, d]`` ones, so at d=128 its key tile drops to 64
     (128 would need 144 registers per thread at 8 warps and spill).  Never
-    below 64 rows: that is the M dimension wgmma needs.
+    below 64 rows: that is the M dimension wgmma needs.  fp32 inputs take
+    :data:`FP32_BLOCKS` (their dots run on FMA units, not tensor cores).
     """
     d = padded_head_dim(head_dim)
+    if jnp.dtype(dtype).itemsize > 2:
+        return FP32_BLOCKS
     rows = lambda live: next((r for r in (128, 64) if _fits(live(r))), 64)
     block_q = rows(lambda r: _live_fp32(1, r, d, r, 64))
     block_q_dq = rows(lambda r: _live_fp32(1, r, d, r, 32))

@@ -51,9 +51,10 @@ MIN_BLOCK = LANES  # key blocks are the lane axis of the logits tile
 PARALLEL, ARBITRARY = "parallel", "arbitrary"
 
 
-def default_blocks(head_dim: int) -> BlockSizes:
-    """The same tiles for every head dim up to 128 (VMEM, not registers, is the limit)."""
-    del head_dim
+def default_blocks(head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
+    """The same tiles for every head dim up to 128 and dtype (VMEM, not registers, is
+    the limit)."""
+    del head_dim, dtype
     return _BLOCKS
 
 

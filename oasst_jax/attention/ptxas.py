@@ -1,0 +1,220 @@
+"""Registers, spills and shared memory of compiled GPU kernels, as ``ptxas -v`` reports them.
+
+A kernel that needs more than 255 registers per thread, or that spills
+accumulators to local memory, still compiles and runs -- only slower, often
+several times slower -- so no correctness test notices.  This module makes those
+figures checkable: XLA's GPU compiler writes the PTX of every kernel of a
+program when asked to dump (``xla_dump_to``, passed as a compile option, so no
+environment variable and no restart), and ``ptxas -v`` -- the assembler XLA
+itself runs, from the CUDA toolkit or the ``nvidia-cuda-nvcc`` wheel -- prints
+each kernel's registers, spill bytes and static shared memory.  Triton kernels
+take their shared memory dynamically, which ptxas cannot see: that size is read
+from the launch sequence XLA dumps beside the PTX (``*.thunk_sequence.txt``).
+
+Used by the kernel-resource tests (``tests/test_pallas_gpu.py``, compiled for an
+H100 without a GPU through the CUDA plugin's compile-only devices) and by the
+device suite's ``kernels`` section (compiled on the real GPU).  Hand-written
+parsing, because nothing in jax or XLA returns these figures: ptxas' report is
+plain text meant for people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+ARCH = "sm_90a"  # Hopper with its arch-specific instructions (wgmma): what XLA targets on H100
+REGISTER_LIMIT = 255  # per thread, any NVIDIA GPU since Kepler
+MISSING = "needs jax's CUDA plugin and ptxas (no GPU): pip install -e '.[gpu-aot]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+    """One kernel's figures from ``ptxas -v`` (bytes, except ``registers``)."""
+
+    kernel: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int  # static (ptxas) + dynamic (XLA's launch)
+    threads: int  # per block, as XLA launches it (0: launch not found)
+    wgmma: bool  # the PTX issues Hopper's warpgroup MMA
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    def problems(self, register_limit: int = REGISTER_LIMIT) -> list[str]:
+        """What is wrong with this kernel's resources (empty when nothing is)."""
+        out = []
+        if self.registers > register_limit:
+            out.append(f"{self.registers} registers > {register_limit}")
+        if self.spills:
+            out.append(f"spills {self.spill_stores} B stored, {self.spill_loads} B loaded")
+        return out
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def find_ptxas() -> str | None:
+    """The ptxas XLA uses: jax's CUDA path (``CUDA_ROOT`` or the nvcc wheel), else ``PATH``."""
+    try:
+        from jax._src.lib import cuda_path  # private: where jax points XLA for ptxas
+    except ImportError:
+        cuda_path = None
+    if cuda_path and os.access(os.path.join(cuda_path, "bin", "ptxas"), os.X_OK):
+        return os.path.join(cuda_path, "bin", "ptxas")
+    return shutil.which("ptxas")
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether a CUDA PJRT plugin (compile-only devices, XLA's GPU compiler) is importable."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+
+
+def unavailable() -> str:
+    """Why kernel resources cannot be measured here ('' when they can)."""
+    if not cuda_plugin_installed() or find_ptxas() is None:
+        return MISSING
+    return ""
+
+
+_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)*\.entry\s+([\w$.]+)\s*\(", re.M)
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """``{kernel name: its PTX}`` for each ``.entry`` of a PTX module."""
+    starts = list(_ENTRY.finditer(ptx))
+    bounds = [m.start() for m in starts] + [len(ptx)]
+    return {m.group(1): ptx[m.start() : end] for m, end in zip(starts, bounds[1:], strict=True)}
+
+
+_COMPILING = re.compile(r"Compiling entry function '([^']+)'")
+_PROPERTIES = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(report: str) -> dict[str, dict[str, int]]:
+    """``{entry: {registers, spill_stores, spill_loads, stack_bytes, static_shared}}`` from
+    the text ``ptxas -v`` writes (non-entry functions' lines are folded into no entry)."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in report.splitlines():
+        if m := _COMPILING.search(line):
+            current = out.setdefault(m.group(1), {})
+        elif "Function properties for" in line:
+            name = line.rsplit("for", 1)[1].strip()
+            current = out.get(name)  # None for a callee: its figures are not an entry's
+        elif current is not None and (m := _PROPERTIES.search(line)):
+            stack, stores, loads = map(int, m.groups())
+            current.update(stack_bytes=stack, spill_stores=stores, spill_loads=loads)
+        elif current is not None and (m := _USED.search(line)):
+            smem = _SMEM.search(line)
+            current["registers"] = int(m.group(1))
+            current["static_shared"] = int(smem.group(1)) if smem else 0
+    return out
+
+
+def run_ptxas(ptx: str, arch: str = ARCH, ptxas: str | None = None) -> str:
+    """``ptxas -v`` on one PTX module; its report (ptxas writes it to stderr)."""
+    ptxas = ptxas or find_ptxas()
+    if ptxas is None:
+        raise RuntimeError(f"no ptxas: {MISSING}")
+    with tempfile.TemporaryDirectory(prefix="ptxas-") as tmp:
+        path = os.path.join(tmp, "module.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, f"-arch={arch}", "-O3", "-v", path, "-o", os.devnull]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout + proc.stderr
+
+
+def module_resources(
+    ptx: str, launch: dict[str, dict[str, int]] | None = None, arch: str = ARCH
+) -> list[KernelResources]:
+    """Every entry of one PTX module; ``launch``: :func:`launches` of its program."""
+    report = parse_ptxas(run_ptxas(ptx, arch))
+    launch = launch or {}
+    out = []
+    for name, text in ptx_entries(ptx).items():
+        r = report.get(name)
+        if r is None or "registers" not in r:
+            raise RuntimeError(f"ptxas reported nothing for kernel {name}")
+        out.append(
+            KernelResources(
+                kernel=name,
+                registers=r["registers"],
+                spill_stores=r.get("spill_stores", 0),
+                spill_loads=r.get("spill_loads", 0),
+                stack_bytes=r.get("stack_bytes", 0),
+                shared_bytes=r["static_shared"] + launch.get(name, {}).get("shared_bytes", 0),
+                threads=launch.get(name, {}).get("threads", 0),
+                wgmma="wgmma.mma_async" in text,
+            )
+        )
+    return out
+
+
+def dump_options(directory: str) -> dict:
+    """Compile options that make XLA write each kernel's PTX and its launch sequence to
+    ``directory`` (from jax 0.11 PTX is an "emitter" dump, written only when its name
+    matches ``xla_dump_emitter_re``; ``.*`` would also log every MLIR pass, 5x slower),
+    at the optimisation level a user's compile gets whatever ``JAX_DISABLE_MOST_OPTIMIZATIONS``
+    says (LLVM -O0 takes more registers: a test suite's fast setting must not change them)."""
+    return {
+        "xla_dump_to": directory,
+        "xla_dump_emitter_re": "ptx",
+        "xla_backend_optimization_level": 3,
+        "xla_llvm_disable_expensive_passes": False,
+    }
+
+
+_LAUNCH = re.compile(
+    r"\] (\S+) grid: \[[\d, ]+\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes"
+)
+
+
+def launches(thunk_sequence: str) -> dict[str, dict[str, int]]:
+    """``{kernel: {threads, shared_bytes}}`` from XLA's ``*.thunk_sequence.txt`` dump: the
+    launch's block size and dynamic shared memory (Triton kernels take all of theirs so)."""
+    out = {}
+    for m in _LAUNCH.finditer(thunk_sequence):
+        x, y, z, smem = map(int, m.groups()[1:])
+        out[m.group(1)] = {"threads": x * y * z, "shared_bytes": smem}
+    return out
+
+
+def compile_with_resources(lowered, prefixes: tuple[str, ...] = ("",), arch: str = ARCH):
+    """``(compiled, [KernelResources])``: ``lowered.compile()`` with XLA dumping its PTX,
+    then ptxas on each PTX module holding a kernel whose name starts with one of
+    ``prefixes`` (default: every kernel of the program)."""
+    with tempfile.TemporaryDirectory(prefix="xla-dump-") as tmp:
+        compiled = lowered.compile(compiler_options=dump_options(tmp))
+        ptx_files = sorted(glob.glob(os.path.join(tmp, "*.ptx")))
+        if not ptx_files:
+            raise RuntimeError("XLA wrote no PTX: not a GPU compile?")
+        launch = {}
+        for path in glob.glob(os.path.join(tmp, "*.thunk_sequence.txt")):
+            with open(path) as f:
+                launch |= launches(f.read())
+        kernels = []
+        for path in ptx_files:
+            with open(path) as f:
+                ptx = f.read()
+            if any(name.startswith(prefixes) for name in ptx_entries(ptx)):
+                kernels += module_resources(ptx, launch, arch)
+    return compiled, [k for k in kernels if k.kernel.startswith(prefixes)]
