@@ -5,8 +5,13 @@ which layout is best.  Flags:
 
 * ``--topology v5p:2x4x4`` compiles the real train step for abstract TPU devices
   (the real TPU compiler, via libtpu: ``pip install -e '.[plan]'``) and reports
-  its per-device HBM; without it the step is compiled for emulated CPU devices,
-  which proves it compiles and shards but whose memory figures are not predictive.
+  its per-device HBM; ``--topology h100:8`` (``h100:1``, ``h100:32`` = 4 hosts x 8,
+  ``h200:N``, ``a100:N``) does the same with XLA's GPU compiler for abstract
+  GPUs (jax's CUDA plugin in compile-only mode, no GPU needed:
+  ``pip install -e '.[gpu-aot]'``), with ``attention_impl='pallas'`` built as the
+  project's Triton kernels; without a topology the step is compiled for emulated
+  CPU devices, which proves it compiles and shards but whose memory figures are
+  not predictive.
 * ``--search`` enumerates layouts for the device count, prunes and ranks them
   with the analytic models and compiles the best ``--compile_top`` for the topology.
 * ``--chip h100`` picks the accelerator for the analytic verdicts (default: the
@@ -28,7 +33,7 @@ import os
 import ml_collections
 
 from oasst_jax import sharding
-from oasst_jax.config import model_config
+from oasst_jax.config import micro_steps, model_config
 from oasst_jax.model import LlamaConfig
 from oasst_jax.planner import chips, lora, memory, search, timing
 
@@ -47,6 +52,19 @@ def parse_mesh(text: str) -> dict[str, int]:
         return sharding.mesh_shape(sizes)
     except ValueError as e:
         raise ValueError(f"plan: bad --mesh {text!r}: {e}") from None
+
+
+def check_batch(cfg: ml_collections.ConfigDict, sizes: dict[str, int], n: int) -> None:
+    """The global batch must be whole micro-batches on the mesh's data replicas (else no
+    step exists: zero micro-steps); one line names what to change."""
+    dp = sharding.axis_size(sizes, "batch")
+    try:
+        micro_steps(cfg.global_batch_size, cfg.micro_batch_size, dp)
+    except ValueError as e:
+        raise ValueError(
+            f"plan: {e} on {n} devices (mesh {sizes}); pick the devices with --mesh, "
+            "--devices or --topology, or change the batch sizes"
+        ) from None
 
 
 def config_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> memory.Layout:
@@ -135,24 +153,36 @@ def megatron_record(model_cfg: LlamaConfig, cfg, layout, chip: chips.Chip, eff: 
     }
 
 
-def compile_record(cfg, layout: memory.Layout, devices) -> dict:
-    """Compile ``layout`` for ``devices``; per-device figures from the compiler."""
+def compile_record(cfg, layout: memory.Layout, target: Target) -> dict:
+    """Compile ``layout`` for the target's devices; per-device figures from the compiler
+    (a refusal other than out-of-memory: one line, and the analytic figures stand)."""
     from oasst_jax.planner import aot
 
-    r = aot.compile_step(cfg, layout, devices)
+    if target.refused:
+        return {"compile_refused": target.refused}
+    devices = target.devices or aot.cpu_devices(target.num_devices)
+    try:
+        r = aot.compile_step(cfg, layout, devices)
+    except chips.CompileRefused as e:
+        if not target.devices:  # CPU emulation refusing is a bug, not a verdict
+            raise
+        return {"compile_refused": str(e)}
     return {
         "backend": r.backend,
         "device_kind": r.device_kind,
-        "memory_predictive": r.backend == "tpu",
+        "memory_predictive": r.backend in ("tpu", "gpu"),
+        "argument_bytes_per_device": r.argument_bytes,
+        "output_bytes_per_device": r.output_bytes,
+        "alias_bytes_per_device": r.alias_bytes,
         "param_bytes_per_device": r.param_bytes,
         "optimizer_bytes_per_device": r.optimizer_bytes,
         "temp_bytes_per_device": r.temp_bytes,  # gradients, activations, workspaces
         "peak_bytes_per_device": r.peak_bytes,
-        "compiler_capacity_bytes": r.capacity_bytes,
+        "compiler_capacity_bytes": r.capacity_bytes or target.capacity_bytes,
         "compile_error": r.error,
         "compile_s": r.compile_s,
         "attention_impl_compiled": r.attention_impl,
-        "mosaic_calls": r.mosaic_calls,
+        "kernel_calls": r.kernel_calls,
     }
 
 
@@ -164,12 +194,12 @@ def finish(rec: dict) -> dict:
     rec.setdefault("temp_bytes_per_device", a["grads"] + a["activations"] + a["transient"])
     rec.setdefault("peak_bytes_per_device", a["total"])
     rec.setdefault("memory_predictive", True)
-    if rec.get("backend") == "tpu":
+    if rec.get("backend") in ("tpu", "gpu"):
         capacity = rec.get("compiler_capacity_bytes") or rec["hbm_bytes"]
         rec["fits"] = rec["peak_bytes_per_device"] <= capacity
-        rec["fits_by"] = "TPU compiler"
+        rec["fits_by"] = f"{rec['backend'].upper()} compiler"
         rec["analytic_error"] = a["total"] / rec["peak_bytes_per_device"] - 1
-    else:  # CPU emulation says nothing about HBM
+    else:  # CPU emulation says nothing about HBM; a refused compile leaves the model
         rec["fits"] = rec["analytic_fits"]
         rec["fits_by"] = "analytic model"
     return rec
@@ -179,11 +209,17 @@ def gib(x: float | None) -> str:
     return "-" if x is None else f"{x / GIB:7.2f} GiB"
 
 
+KERNEL_KINDS = {"tpu": "Mosaic", "gpu": "Triton"}
+
+
 def attention_label(rec: dict) -> str:
     """Which attention the compiled program holds: a config's ``pallas`` is the Mosaic
-    kernel on TPU but XLA attention under CPU emulation."""
-    impl = rec["attention_impl_compiled"]
-    return f"{impl} (Mosaic, {rec['mosaic_calls']} kernel calls)" if rec["mosaic_calls"] else impl
+    kernel on TPU, the Triton kernels on GPU, but XLA attention under CPU emulation."""
+    impl, calls = rec["attention_impl_compiled"], rec["kernel_calls"]
+    if not calls:
+        return impl
+    found = ", ".join(f"{name} x{n}" for name, n in sorted(calls.items()))
+    return f"{impl} ({KERNEL_KINDS.get(rec['backend'], '')} kernel calls: {found})"
 
 
 def describe(rec: dict) -> list[str]:
@@ -198,6 +234,8 @@ def describe(rec: dict) -> list[str]:
         )
         if rec["compile_error"]:
             lines.append(f"  compiler: {rec['compile_error']}")
+    if "compile_refused" in rec:
+        lines.append(f"  not compiled: {rec['compile_refused']}; figures are ANALYTIC")
     rows = [
         ("params", rec["param_bytes_per_device"], a["params"]),
         ("optimizer state", rec["optimizer_bytes_per_device"], a["optimizer"]),
@@ -212,9 +250,12 @@ def describe(rec: dict) -> list[str]:
         lines.append(f"  {name:24s} {gib(got):>11s} {gib(est):>11s}")
     lines += [f"  {note}" for note in rec.get("notes", ())]
     verdict = "fits" if rec["fits"] else "DOES NOT FIT"
-    lines.append(f"  {rec['chip']} HBM {gib(rec['hbm_bytes'])}: {verdict} ({rec['fits_by']})")
+    hbm = rec.get("compiler_capacity_bytes") or rec["hbm_bytes"]
+    lines.append(f"  {rec['chip']} HBM {gib(hbm)}: {verdict} ({rec['fits_by']})")
+    if rec.get("backend") == "gpu":
+        lines.append(f"  {GPU_MEMORY_NOTE}")
     if "analytic_error" in rec:
-        lines.append(f"  analytic vs TPU compiler: {rec['analytic_error']:+.1%}")
+        lines.append(f"  analytic vs {rec['fits_by']}: {rec['analytic_error']:+.1%}")
     lines.append(
         f"  {rec['flops_per_step']:.3e} model FLOPs/step; at {rec['efficiency']:.0%} of peak: "
         f"step {rec['step_time_s']:.2f} s, MFU {rec['mfu']:.1%} ({rec['dominant']})"
@@ -236,14 +277,43 @@ def describe_megatron(rec: dict, layout: memory.Layout) -> list[str]:
     ]
 
 
+GPU_MEMORY_NOTE = (
+    "(jax takes 75 % of a GPU's memory at start unless XLA_PYTHON_CLIENT_MEM_FRACTION "
+    "is raised, e.g. to 0.95)"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What is planned for: the chip, its device count, and abstract TPU devices if any."""
+    """What is planned for: the chip, its device count, and abstract devices if any."""
 
     chip: chips.Chip
     num_devices: int
-    devices: list | None  # abstract TPU devices; None = analytic / CPU emulation
+    devices: list | None  # abstract TPU/GPU devices; None = analytic / CPU emulation
     efficiency: float
+    refused: str = ""  # why the compile-only client gave no devices (figures stay analytic)
+    capacity_bytes: int | None = None  # memory the GPU target describes
+
+
+def make_target(topology: str, chip_name: str, mesh, devices_hint: int, efficiency) -> Target:
+    """The chip and devices a plan is for: a TPU slice (libtpu), GPU hosts (the CUDA
+    plugin), or, without a topology, a device count for CPU emulation or search."""
+    from oasst_jax.planner import aot
+
+    chip = chips.chip(chip_name or topology or "h100")
+    if not topology:
+        n = math.prod(mesh.values()) if mesh else devices_hint
+        return Target(chip, n, None, efficiency)
+    if chips.chip(topology).platform == "tpu":
+        devices = aot.tpu_devices(topology)
+        return Target(chip, len(devices), devices, efficiency)
+    gpu, hosts, per_host = chips.gpu_topology(topology)
+    capacity = chips.target_memory_bytes(chips.target_config(gpu))
+    try:
+        devices = chips.gpu_devices(topology)
+    except chips.CompileRefused as e:
+        return Target(chip, hosts * per_host, None, efficiency, str(e), capacity)
+    return Target(chip, len(devices), devices, efficiency, "", capacity)
 
 
 def ranking_key(rec: dict) -> tuple:
@@ -295,8 +365,8 @@ def run_search(cfg, target: Target, compile_top: int, say) -> list[dict]:
     records = []
     for c in ranked[: max(compile_top, 1)]:
         rec = analytic_record(model_cfg, cfg, c.layout, target.chip, target.efficiency)
-        if target.devices is not None:
-            rec.update(compile_record(cfg, c.layout, target.devices))
+        if target.devices is not None or target.refused:
+            rec.update(compile_record(cfg, c.layout, target))
         records.append(finish(rec))
     return sorted(records, key=ranking_key)
 
@@ -304,13 +374,10 @@ def run_search(cfg, target: Target, compile_top: int, say) -> list[dict]:
 def run_single(cfg, mesh: dict[str, int], target: Target, say) -> dict:
     """Compile the config's layout (CPU emulation or TPU topology) beside the analytic
     estimate; with a GPU chip and a TP x PP x DP mesh, the Megatron (model card) figures too."""
-    from oasst_jax.planner import aot
-
     model_cfg = model_config(cfg)
     layout = config_layout(cfg, mesh)
     rec = analytic_record(model_cfg, cfg, layout, target.chip, target.efficiency)
-    devices = target.devices or aot.cpu_devices(target.num_devices)
-    rec.update(compile_record(cfg, layout, devices))
+    rec.update(compile_record(cfg, layout, target))
     rec = finish(rec)
     card_layout = mesh[sharding.FSDP] == mesh[sharding.SEQUENCE] == 1
     if target.chip.platform == "gpu" and card_layout and not lora.LoraSpec.from_config(cfg):
@@ -333,21 +400,20 @@ def run(
     devices_hint: int,
 ) -> dict:
     """Plan (or search) and print; the returned record is the last stdout line."""
-    from oasst_jax.planner import aot
-
-    chip = chips.chip(chip_name or topology or "h100")
-    devices = aot.tpu_devices(topology) if topology else None
-    n = len(devices) if devices else (math.prod(mesh.values()) if mesh else devices_hint)
-    target = Target(chip, n, devices, efficiency)
+    target = make_target(topology, chip_name, mesh, devices_hint, efficiency)
+    chip, n = target.chip, target.num_devices
     say = (lambda *_: None) if json_only else print
     say(
         f"plan: {model_config(cfg).num_params() / 1e9:.2f}B params, {n} x {chip.name}, seq "
         f"{cfg.seq_length}, global batch {cfg.global_batch_size}, timing at {efficiency:.0%} of "
         f"peak ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16)"
     )
+    if target.refused:
+        say(f"not compiled: {target.refused}; the figures below are ANALYTIC")
     if not do_search:
         layers = model_config(cfg).num_hidden_layers
         sizes = sharding.resolve_mesh(mesh or cfg.mesh, n, num_layers=layers)
+        check_batch(cfg, sizes, n)
         rec = run_single(cfg, sizes, target, say)
         print(json.dumps(rec))
         return rec
@@ -390,7 +456,9 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("mesh", "", "mesh override, e.g. tensor=8,pipeline=4 (others 1)")
-    flags.DEFINE_string("topology", "", "TPU topology to compile for, e.g. v5p:2x4x4")
+    flags.DEFINE_string(
+        "topology", "", "TPU or GPU topology to compile for, e.g. v5p:2x4x4, h100:8, h100:4x8"
+    )
     flags.DEFINE_string("chip", "", f"chip for the analytic verdicts: {sorted(chips.CHIPS)}")
     flags.DEFINE_integer("devices", 32, "device count when the mesh has a -1 axis")
     flags.DEFINE_bool("search", False, "search layouts for the device count")

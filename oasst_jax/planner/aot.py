@@ -11,15 +11,22 @@ carry their ``NamedSharding``s, the step is the trainer's own jitted step
   (``RESOURCE_EXHAUSTED``, turned into a result carrying the bytes it asked
   for), so a program whose arguments + temporaries exceed HBM can still
   compile: the fit verdict compares the whole peak with the chip's HBM.
+* abstract NVIDIA GPUs (:func:`gpu_devices`, the ``gpu-aot`` extra): XLA's GPU
+  compiler through the CUDA PJRT plugin's compile-only client, given the
+  chip's target description (``planner/gpu_targets/``), the same route as
+  jax's ``tests/deviceless_aot_test.py``.  Its buffer assignment is the device
+  program's; the compile does no autotuning (no device to time on), so
+  temporaries may differ a little from a compile on a real GPU.
 * emulated CPU devices: proves the step compiles and shards as intended, but
   the CPU backend schedules and frees buffers differently (about 3x the TPU's
   temporaries for 70B), so its memory figures are *not predictive*.
 
 With ``attention_impl='pallas'`` a TPU compile builds the project's Mosaic flash
-kernel (``LlamaConfig.attention_backend='tpu'``: the dispatch would otherwise
-pick the kernel from the running CPU platform); a CPU compile uses the XLA
-attention instead, since the interpreted kernel says nothing about any device,
-and the report says which attention was compiled.
+kernel and a GPU compile its Triton kernels (``LlamaConfig.attention_backend``:
+the dispatch would otherwise pick the kernel from the running CPU platform); a
+CPU compile uses the XLA attention instead, since the interpreted kernel says
+nothing about any device.  The report counts the kernel calls found in the
+compiled program and says which attention was compiled.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from oasst_jax import optim, sharding
 from oasst_jax.config import micro_steps, model_config
 from oasst_jax.data import pipeline
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
+from oasst_jax.planner.chips import CompileRefused
 from oasst_jax.planner.memory import Layout
 from oasst_jax.train_step import StepConfig, build_trainer
 
@@ -49,7 +57,7 @@ _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 class CompileReport:
     """Per-device bytes of one compiled step (``temp``/``peak`` from the compiler)."""
 
-    backend: str  # 'tpu' | 'cpu'
+    backend: str  # 'tpu' | 'gpu' | 'cpu'
     device_kind: str
     mesh: dict[str, int]
     param_bytes: int  # from the state's shardings
@@ -59,11 +67,11 @@ class CompileReport:
     alias_bytes: int
     temp_bytes: int  # compiler temporaries: grads/accumulators, activations, workspace
     peak_bytes: int  # arguments + outputs - aliased + temporaries (or the OOM request)
-    capacity_bytes: int | None  # what the compiler said it has (TPU OOM message)
+    capacity_bytes: int | None  # what the compiler has: TPU OOM message, GPU target's memory
     fits: bool | None  # False: the compiler refused; None: compare ``peak_bytes`` with the HBM
     compile_s: float
     attention_impl: str
-    mosaic_calls: int  # Mosaic kernel launches in the program (Pallas attention on TPU)
+    kernel_calls: dict[str, int]  # Pallas kernels in the program by name (Mosaic or Triton)
     error: str = ""
 
 
@@ -73,7 +81,15 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 
     # several planners (or tests) may hold libtpu at once; none of them drives hardware
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except RuntimeError as e:  # libtpu missing, or a topology it does not know
+        first = str(e).strip().splitlines()[0][:300]
+        raise ValueError(
+            f"plan: no TPU topology {topology!r} ({first}); TPU compiles need libtpu: "
+            "pip install -e '.[plan]'"
+        ) from None
+    return list(desc.devices)
 
 
 def ordered_devices(devices: list[jax.Device], sizes: tuple[int, ...]) -> list[jax.Device]:
@@ -125,10 +141,22 @@ def parse_oom(message: str) -> tuple[int, int, bool] | None:
     return int(used), int(cap), temps_only
 
 
-def mosaic_calls(program_text: str) -> int:
-    """Mosaic custom calls in an HLO/StableHLO text: proof that the Pallas kernel, not a
-    fallback, is what the TPU compiler built (the refused program counts from its lowering)."""
-    return program_text.count("tpu_custom_call")
+KERNEL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+
+
+def kernel_calls(program_text: str, backend: str) -> dict[str, int]:
+    """Pallas kernel calls in an HLO/StableHLO text by kernel name (Mosaic custom calls on
+    TPU, Triton custom calls on GPU): proof that the kernel, not a fallback, is what the
+    compiler built (a refused program counts from its lowering)."""
+    target = KERNEL_TARGETS.get(backend)
+    calls: dict[str, int] = {}
+    for line in program_text.splitlines() if target else ():
+        if target not in line:
+            continue
+        names = re.findall(r'\b(?:kernel_)?name\s*=\s*"([\w.$-]+)"', line)
+        name = names[-1] if names else target
+        calls[name] = calls.get(name, 0) + line.count(target)
+    return calls
 
 
 def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -> dict:
@@ -141,13 +169,13 @@ def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -
 
 
 def target_model_config(model_cfg: LlamaConfig, platform: str) -> LlamaConfig:
-    """The model as compiled for ``platform``: the Pallas kernel is built for a TPU target
-    (Mosaic, not interpreted) rather than for the CPU host this runs on; on CPU the XLA
-    attention stands in, as interpreting the kernel would only slow the compile."""
+    """The model as compiled for ``platform``: the Pallas kernel is built for a TPU (Mosaic)
+    or GPU (Triton) target, not interpreted, rather than for the CPU host this runs on; on
+    CPU the XLA attention stands in, as interpreting the kernel would only slow the compile."""
     if model_cfg.attention_impl != "pallas":
         return model_cfg
-    if platform == "tpu":
-        return dataclasses.replace(model_cfg, attention_backend="tpu")
+    if platform in ("tpu", "gpu"):
+        return dataclasses.replace(model_cfg, attention_backend=platform)
     return dataclasses.replace(model_cfg, attention_impl="xla")
 
 
@@ -184,12 +212,17 @@ def compile_step(
         )
         try:
             compiled = lowered.compile()
-        except Exception as e:  # noqa: BLE001 -- an OOM is a result; anything else re-raised
+        except Exception as e:  # noqa: BLE001 -- an OOM is a result, a refusal one line
             oom = parse_oom(str(e))
             if oom is None:
-                raise
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise CompileRefused(
+                    f"XLA's {base['backend'].upper()} compiler refused "
+                    f"{layout.label()} on {len(devices)} x {base['device_kind']}: "
+                    f"{first or type(e).__name__}"
+                ) from e
             requested, capacity, temps_only = oom
-            base["mosaic_calls"] = mosaic_calls(lowered.as_text())
+            base["kernel_calls"] = kernel_calls(lowered.as_text(), base["backend"])
             state_bytes = base["param_bytes"] + base["optimizer_bytes"]
             return CompileReport(
                 **base,
@@ -203,7 +236,7 @@ def compile_step(
                 compile_s=time.perf_counter() - t0,
                 error=str(e).strip().splitlines()[0][:300],
             )
-    base["mosaic_calls"] = mosaic_calls(compiled.as_text())
+    base["kernel_calls"] = kernel_calls(compiled.as_text(), base["backend"])
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes

@@ -2,44 +2,60 @@
 
 Two programs are modelled, because the planner answers for both:
 
-``framework="jax"`` -- *this* trainer's jitted step (the TPU cross-check).
+``framework="jax"`` -- *this* trainer's jitted step, for the TPU and the GPU compiler.
   * params / optimizer / gradients: every parameter's shard from the logical
     rules (:mod:`oasst_jax.sharding`) -- fp32 master weights, AdamW ``mu`` and
-    ``nu`` in fp32, and two fp32 gradient trees alive at once inside the
-    accumulation scan (the carry and the micro-batch's fresh gradient).
-  * activations per layer and micro-batch, bf16, for the remat policies of
+    ``nu`` in fp32, and two fp32 gradient-sized trees alive at once (inside the
+    accumulation scan the carry and the micro-batch's fresh gradient; XLA:GPU's
+    buffer assignment shows two even for a single micro-batch).
+  * activations per layer and micro-batch, for the remat policies of
     :func:`oasst_jax.model.remat_policy`, with ``T`` tokens per device
     (rows / (data*fsdp), length / sequence), ``t`` the tensor size, ``h``
-    hidden, ``k`` = kv_heads*head_dim, ``f`` mlp:
+    hidden, ``k`` = kv_heads*head_dim, ``f`` mlp -- the residuals jax's
+    autodiff keeps, read off XLA's GPU buffer assignment (bf16 unless fp32):
       - ``full``: the scanned layer input only, ``2Th/r``, where ``r`` is how
         many ways the rules split the residual stream (``res_length``: Megatron
         sequence parallelism over sequence x tensor);
-      - ``selective`` (dots without batch dims saved): input, attention output
-        projection and MLP output (``3 x 2Th/r``, residual-stream sharded) plus
-        q, k, v, gate, up (``2T(h + 2k + 2f)/t``);
-      - ``none``: selective plus norms, RoPE'd q/k and SwiGLU product, and the
-        XLA attention's probabilities (fp32 and bf16, ``6 x heads/t x L`` per token).
+      - ``selective`` (dots without batch dims saved, when the backward needs
+        them): the layer input and the attention output projection (``2 x 2Th/r``)
+        plus q, k, v, gate, up (``2T(h + 2k + 2f)/t``); the MLP's down projection
+        output is needed by nothing and not kept;
+      - ``none``: every residual: ``20Th/r`` (bf16 and fp32 copies of the norms'
+        inputs and outputs, the residual sums) plus ``T(4h + 6k + 12f)/t`` (q and
+        RoPE'd q, k and v with their RoPE'd copies, six ``f``-wide SwiGLU
+        tensors), and the XLA attention's probabilities (fp32 and bf16,
+        ``6 x heads/t x L`` per token).
     Without pipelining every layer's residuals are alive at the start of the
-    backward pass and the gradient accumulator and the micro-batch's fresh
-    gradient coexist.  With ``pipeline = p`` (GPipe, :mod:`oasst_jax.pipeline_parallel`)
+    backward pass.  With ``pipeline = p`` (GPipe, :mod:`oasst_jax.pipeline_parallel`)
     each of the ``m + p - 1`` checkpointed iterations keeps its stage input and
     the last stage's output (``2 x 2Th/r`` each) and the backward recomputes one
-    iteration's ``L/p`` layers with the layer policy; the backward scan over
-    iterations again holds an accumulated and a fresh gradient.
+    iteration's ``L/p`` layers with the layer policy.
   * transients: the backward of one layer recomputes its forward (the
     ``none`` set for one layer), the XLA attention's fp32 ``[rows, heads/t, L, L]``
     scores/probabilities/gradient (3 copies; the flash kernels -- ``pallas``, which the
-    TPU-topology compile builds as Mosaic, and cuDNN -- need none), and
-    the fp32 logits, their softmax and gradient (3 x ``rows*L*V/t*4``).
-    Two more terms were found by comparing with the TPU compiler's figures:
-    XLA hoists the per-layer fp32 -> bf16 weight casts out of the layer scan,
-    so a bf16 copy of the device's weights (2 bytes/param) lives through the
-    step, and the AdamW update tree (4 bytes/param) is materialised before it
-    is applied (``apply_if_finite`` selects between old and new state).
-    Cross-check (Llama-2-70B, v5p-32, layouts that compile): within -10%..+5%.
-    When a layout does not fit, the TPU compiler's "required" figure is larger
-    than a fitted program's peak (it gives up before its memory-pressure
-    passes), so expect the model to read ~20% below an out-of-memory report.
+    TPU-topology compile builds as Mosaic and the GPU one as Triton, and cuDNN --
+    need none), and the fp32 logits, their softmax and gradient (3 x ``rows*L*V/t*4``).
+    The compilers differ here (``platform``):
+      - TPU: the terms add up, and two more were found by comparing with the TPU
+        compiler's figures: XLA hoists the per-layer fp32 -> bf16 weight casts out
+        of the layer scan, so a bf16 copy of the device's weights (2 bytes/param)
+        lives through the step, and the AdamW update tree (4 bytes/param) is
+        materialised before it is applied (``apply_if_finite`` selects between old
+        and new state).  Cross-check (Llama-2-70B, v5p-32, layouts that compile):
+        within -10%..+5%.  When a layout does not fit, the TPU compiler's
+        "required" figure is larger than a fitted program's peak (it gives up
+        before its memory-pressure passes), so expect the model to read ~20%
+        below an out-of-memory report.
+      - GPU: one fp32 buffer serves the logits, their softmax and gradient in
+        turn, beside a one-byte ``[rows, L, V]`` mask (1.25 fp32 copies); they are
+        freed before the layers' backward begins, so the transient is the larger
+        of the logits and one layer's recompute; the weights are cast to bf16 a
+        layer at a time inside the scan (no hoisted copy) and the update tree is
+        the second gradient-sized tree.  Cross-check
+        against XLA's GPU compiler for abstract H100s (``benchmarks/plan.py
+        --gpu-table``, README): TinyLlama-1.1B with each remat policy, Llama-2-7B
+        FSDP 8 and LoRA, Llama-2-70B QLoRA FSDP 8 and TP 8 x PP 4 on 4 x 8 GPUs:
+        within 6%.
 
 ``framework="megatron"`` -- the model card's run (Megatron-LLM, GPUs), after
   Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
@@ -76,6 +92,7 @@ from oasst_jax.model import Llama, LlamaConfig, abstract_params
 GIB = 2**30
 ATTN_COPIES = 3  # XLA attention: fp32 scores, probabilities, and their gradient
 LOGIT_COPIES = 3  # fp32 logits, softmax, gradient of the logits
+GPU_LOGIT_COPIES = 1.25  # XLA:GPU: one fp32 buffer reused, plus a bool [rows, L, V] mask
 ATTN_SAVED_BYTES = 6  # remat none: fp32 softmax output + its bf16 cast, per score
 
 
@@ -171,7 +188,7 @@ def residual_split(mesh: Mapping[str, int]) -> int:
 
 
 def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int, res: int) -> float:
-    """This trainer's saved bytes per token per layer (bf16), per the docstring.
+    """This trainer's saved bytes per token per layer, per the docstring.
 
     Per token of the *unsharded* micro-batch on this device's rows: residual
     stream terms divide by ``res`` (see :func:`residual_split`), head and MLP
@@ -181,24 +198,31 @@ def activation_bytes_per_token(cfg: LlamaConfig, remat: str, t: int, res: int) -
     k = cfg.num_key_value_heads * cfg.head_size
     if remat == "full":
         return 2 * h / res
-    selective = 2 * (3 * h / res + (h + 2 * k + 2 * f) / t)
     if remat == "selective":
-        return selective
-    return selective + 2 * (2 * h / res + (h + k + f) / t)
+        return 2 * (2 * h / res + (h + 2 * k + 2 * f) / t)
+    return 20 * h / res + (4 * h + 6 * k + 12 * f) / t
 
 
 def activation_terms(
-    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int
+    cfg: LlamaConfig,
+    layout: Layout,
+    seq: int,
+    global_batch: int,
+    platform: str = "tpu",
+    extra_per_token: float = 0.0,
 ) -> tuple[float, float]:
     """``(saved activations, transients)`` bytes per device of one step: what does not
     depend on which parameters are trained (so LoRA, :mod:`oasst_jax.planner.lora`,
-    shares it).  Transients here: one layer's recompute, XLA attention, logits."""
+    shares it, adding its adapters' saved outputs as ``extra_per_token`` per layer).
+    Transients here: one layer's recompute, XLA attention, logits (``platform``: how the
+    compiler overlaps them, module docstring)."""
     m = layout.mesh
     t, sp, p = m[sharding.TENSOR], m[sharding.SEQUENCE], m[sharding.PIPELINE]
     rows = layout.micro_batch_size  # rows per data replica = rows per device
     tokens = rows * seq
     res = residual_split(m)
-    per_layer = activation_bytes_per_token(cfg, layout.remat, t * sp, res) * tokens
+    per_token = activation_bytes_per_token(cfg, layout.remat, t * sp, res)
+    per_layer = (per_token + (extra_per_token if layout.remat != "full" else 0.0)) * tokens
     heads = -(-cfg.num_attention_heads // t)
     xla_attention = cfg.attention_impl == "xla"  # the flash kernels keep no L x L tensor
     if layout.remat == "none" and xla_attention:  # fp32 + bf16 probabilities per layer
@@ -213,25 +237,34 @@ def activation_terms(
     attn = 0.0
     if xla_attention:
         attn = ATTN_COPIES * rows * heads * (seq / sp) * seq * 4
-    logits = LOGIT_COPIES * rows * (seq / sp) * cfg.padded_vocab_size / t * 4
-    return acts, recompute + attn + logits
+    logits = rows * (seq / sp) * cfg.padded_vocab_size / t * 4
+    if platform == "gpu":
+        return acts, max(recompute, GPU_LOGIT_COPIES * logits) + attn
+    return acts, recompute + attn + LOGIT_COPIES * logits
 
 
 def jax_memory(
-    cfg: LlamaConfig, layout: Layout, seq: int, global_batch: int, table=None
+    cfg: LlamaConfig,
+    layout: Layout,
+    seq: int,
+    global_batch: int,
+    table=None,
+    platform: str = "tpu",
 ) -> MemoryEstimate:
-    """This trainer's step on ``layout`` (see the module docstring)."""
+    """This trainer's step on ``layout`` compiled for ``platform`` (module docstring)."""
     table = param_table(cfg) if table is None else table
     n = sharded_elements(table, layout.mesh)
     pbytes = 4 if cfg.param_dtype == "float32" else 2
-    acts, transient = activation_terms(cfg, layout, seq, global_batch)
-    cast = n * 2 if cfg.dtype == "bfloat16" and pbytes == 4 else 0.0
+    acts, transient = activation_terms(cfg, layout, seq, global_batch, platform)
+    if platform != "gpu":  # the TPU compiler's weight-cast copy and update tree
+        cast = n * 2 if cfg.dtype == "bfloat16" and pbytes == 4 else 0.0
+        transient += cast + n * 4
     return MemoryEstimate(
         params=n * pbytes,
         optimizer=2 * n * pbytes,
         grads=2 * n * 4,
         activations=acts,
-        transient=transient + cast + n * 4,
+        transient=transient,
     )
 
 

@@ -102,14 +102,14 @@ def model_layout(
     table: list,
     lora: LoraSpec | None = None,
 ) -> tuple[MemoryEstimate, TimeEstimate]:
-    """This trainer's analytic memory and step time for ``layout``: full training, or a
-    frozen base with LoRA adapters when ``lora`` is given."""
+    """This trainer's analytic memory (as ``chip``'s compiler lays it out) and step time
+    for ``layout``: full training, or a frozen base with LoRA adapters when ``lora`` is given."""
     per_device = sharded_elements(table, layout.mesh)
     if lora is None:
-        memory = jax_memory(cfg, layout, seq, global_batch, table)
+        memory = jax_memory(cfg, layout, seq, global_batch, table, chip.platform)
         base_bytes = None
     else:
-        memory = lora_memory(cfg, layout, seq, global_batch, lora, table)
+        memory = lora_memory(cfg, layout, seq, global_batch, lora, table, chip.platform)
         base_bytes = lora.bytes_per_base_param(cfg, layout.mesh, table)
     time = estimate_time(
         cfg,
