@@ -397,6 +397,35 @@ def test_plan_bad_input_is_one_error(monkeypatch):
         plan_run(cfg, devices_hint=32)
 
 
+def test_refused_topology_is_one_line_and_analytic_figures(monkeypatch, capsys):
+    """Where the compile-only client refuses a topology, one line says what it refused and
+    the figures that follow are the analytic model's, labelled so."""
+    from oasst_jax import plan
+
+    def refuse(topology):
+        raise chips.CompileRefused(f"the CUDA compile-only client refused {topology}: test")
+
+    monkeypatch.setattr(chips, "gpu_devices", refuse)
+    cfg = tiny_cfg()
+    rec = plan.run(
+        cfg,
+        mesh(fsdp=2, sequence=2, tensor=2),
+        "h100:8",
+        "",
+        do_search=False,
+        efficiency=0.6,
+        compile_top=1,
+        json_only=False,
+        devices_hint=8,
+    )
+    out = capsys.readouterr().out
+    assert "backend" not in rec and rec["fits_by"] == "analytic model"
+    assert rec["compile_refused"] == "the CUDA compile-only client refused h100:8: test"
+    lines = out.splitlines()[:-1]  # the last is the JSON record
+    assert sum("refused h100:8" in line for line in lines) == 2  # plan's head, layout block
+    assert "figures are ANALYTIC" in out
+
+
 def gpu_cfg():
     """A small model as a GPU trains it: bf16 compute, the Pallas (Triton) attention at
     head dim 64 with GQA, seq 2048, Llama's 32000-word vocabulary (the logits, the largest
