@@ -26,6 +26,7 @@ import suite_report
 from flax import linen as nn
 
 from oasst_jax import decode, sharding
+from oasst_jax.attention import ptxas
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.planner import chips, memory, timing
 from oasst_jax.train_step import StepConfig, build_trainer
@@ -36,6 +37,7 @@ GIB = 2**30
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 GRAD_NAMES = ("out", "dq", "dk", "dv")
+FLASH_KERNELS = ("flash_fwd", "flash_dq", "flash_dkv")  # the Pallas calls' names in the PTX
 # Train: fill the device's memory to this fraction by the compiler's figure; a compiled
 # program above HARD_FILL is stepped down before it runs.
 FILL = 0.85
@@ -80,21 +82,52 @@ def environment() -> dict:
 # ---------------------------------------------------------------- kernels
 
 
-def _grads(impl: str, q, k, v, seg, causal: bool, precision: str | None = None):
-    """``(out, dq, dk, dv)`` of ``sum(out * w)`` for a fixed non-uniform ``w``."""
+def _loss_and_grads(impl: str, seg, causal: bool):
+    """Jitted ``(sum(out * w), out), (dq, dk, dv)`` for a fixed non-uniform ``w``."""
 
     def loss(q, k, v):
         out = benchlib.attention_fn(impl, causal, seg)(q, k, v)
         w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
         return (out.astype(jnp.float32) * w).sum(), out
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _grads(impl: str, q, k, v, seg, causal: bool, precision: str | None = None):
+    """``(out, dq, dk, dv)`` of ``sum(out * w)`` for a fixed non-uniform ``w``."""
+    fn = _loss_and_grads(impl, seg, causal)
     if precision:  # the reference: no TF32 on the GPU
         with jax.default_matmul_precision(precision):
             (_, out), grads = fn(q, k, v)
     else:
         (_, out), grads = fn(q, k, v)
     return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+
+def resources_unavailable() -> str:
+    """Why the kernels' registers/spills cannot be read here ('' when they can)."""
+    if jax.default_backend() != "gpu":
+        return f"the kernels run in interpret mode on {jax.default_backend()}: no PTX"
+    return ptxas.unavailable()
+
+
+def _pallas_grads(q, k, v, seg, causal: bool) -> tuple[list[np.ndarray], dict]:
+    """The Pallas ``(out, dq, dk, dv)`` and its kernels' ptxas figures: the program is
+    compiled once, with XLA dumping its PTX, and that executable runs."""
+    why = resources_unavailable()
+    if not why:
+        try:
+            compiled, kernels = ptxas.compile_with_resources(
+                _loss_and_grads("pallas", seg, causal).lower(q, k, v), FLASH_KERNELS
+            )
+        except RuntimeError as e:  # ptxas refused or is too old: the correctness check runs
+            why = f"ptxas: {benchlib.error_line(e)}"
+    if why:
+        return _grads("pallas", q, k, v, seg, causal), {"kernel_resources_reason": why}
+    (_, out), grads = compiled(q, k, v)
+    kernels.sort(key=lambda r: FLASH_KERNELS.index(r.kernel))
+    resources = [r.summary() for r in kernels]
+    return [np.asarray(x, np.float32) for x in (out, *grads)], {"kernel_resources": resources}
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -114,7 +147,7 @@ def kernel_case(size: dict, case: dict, seed: int) -> dict:
         row = np.array([1] * a + [2] * b + [3] * (size["seq"] - a - b), np.int32)
         seg = jnp.asarray(np.tile(row, (size["batch"], 1)))
     causal = case["causal"]
-    got = _grads("pallas", q, k, v, seg, causal)
+    got, resources = _pallas_grads(q, k, v, seg, causal)
     if dtype == jnp.float32:
         want = _grads("xla", q, k, v, seg, causal, precision="highest")
         tols = dict.fromkeys(GRAD_NAMES, FP32_TOL)
@@ -141,6 +174,7 @@ def kernel_case(size: dict, case: dict, seed: int) -> dict:
         "tolerances": tols,
         "xla_bf16_errors": xla_err,
         "finite": finite,
+        **resources,
         "ok": finite and not bad,
     }
     if not rec["ok"]:

@@ -14,7 +14,10 @@ on the CPU at toy sizes (tests/test_device_suite.py), so the script cannot rot.
 Sections (sizes in :data:`DEVICE`):
   kernels    Pallas forward and dq/dk/dv vs the XLA reference (fp32 at 'highest' precision),
              bf16 and fp32, causal and full, GQA 32:8 and a group of 6, packed segments,
-             length 1000 (not a whole number of blocks); tolerances as tests/test_attention.py.
+             length 1000 (not a whole number of blocks); tolerances as tests/test_attention.py;
+             on a GPU each kernel's registers, spill bytes, shared memory and wgmma use
+             (``kernel_resources``: ptxas -v on the PTX XLA compiled, the same tiles as
+             the attention section's pallas rows).
   attention  forward and fwd+bwd ms and TFLOP/s of pallas, cudnn, xla and tokamax's Mosaic
              GPU kernel (when it imports) at seq 4096/2048/8192/1024, 32k tokens per batch,
              32 q / 8 kv heads, d 128, bf16, causal; rows packed with 4, 1 and 8 samples

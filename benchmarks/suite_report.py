@@ -57,6 +57,19 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
 
+def _per_kernel(rec: dict, field: str, fmt: str, scale: float = 1) -> str:
+    """``a/b/c`` over a kernel record's fwd, dq, dk/dv ptxas figures (``-`` without them);
+    ``spills``: stored + loaded bytes; ``wgmma``: y/n."""
+    kernels = rec.get("kernel_resources")
+    if not kernels:
+        return "-"
+    values = []
+    for k in kernels:
+        v = k["spill_stores"] + k["spill_loads"] if field == "spills" else k[field]
+        values.append(("y" if v else "n") if field == "wgmma" else fmt.format(v * scale))
+    return "/".join(values)
+
+
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "kernels": [
         ("case", lambda r: r["unit"]),
@@ -67,6 +80,10 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
             for name in ("out", "dq", "dk", "dv")
         ],
         ("tolerance", lambda r: _num(max((r.get("tolerances") or {"": None}).values()), ".0e")),
+        ("registers fwd/dq/dkv", lambda r: _per_kernel(r, "registers", "{}")),
+        ("spills B", lambda r: _per_kernel(r, "spills", "{}")),
+        ("smem KiB", lambda r: _per_kernel(r, "shared_bytes", "{:.0f}", 1 / 1024)),
+        ("wgmma", lambda r: _per_kernel(r, "wgmma", "{}")),
     ],
     "attention": [
         ("impl@seq", lambda r: r["unit"]),
@@ -112,7 +129,11 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     ],
 }
 TITLES = {
-    "kernels": "Kernel correctness: Pallas forward and dq/dk/dv vs the XLA reference",
+    "kernels": (
+        "Kernel correctness: Pallas forward and dq/dk/dv vs the XLA reference; registers, "
+        "spills and shared memory per kernel from ptxas -v on the PTX XLA compiled (the "
+        "attention section's pallas rows run the same tiles: bf16, head dim 128)"
+    ),
     "attention": (
         "Attention speed: causal, bf16, head dim 128 (vs: pallas's speed ratio; packedN: N "
         "samples a row, TFLOP/s count the dense causal row, useful TFLOP/s only the work "

@@ -1,14 +1,30 @@
 """Test session setup: 8 emulated CPU devices and one XLA compilation cache per run, set
 before jax is imported anywhere."""
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The suite's time is XLA:CPU compiling its many small distinct programs, not running them.
+# Its older (LLVM IR) fusion emitters without the backend's optimisation passes (LLVM -O0,
+# no expensive passes; the HLO passes stay, and the arithmetic: no fast-math either way)
+# compile them in under a third of the CPU time (test_train_step.py: 15 s against 53 s),
+# and toy shapes run as fast.  (Either alone saves little: the new MLIR emitters' time is
+# mostly their own pipeline, and at -O2 the old emitters' IR costs more to optimise.)
+# Both go in the environment, so CLI runs and notebook kernels the tests start inherit
+# them (a test that sets XLA_FLAGS itself keeps COMPILE_FLAGS);
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 and XLA_FLAGS=--xla_cpu_use_fusion_emitters=true undo them.
+# XLA 0.11 has no old emitters, and aborts on a flag it does not know.
+_JAXLIB = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
+COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else ""
+_flags = os.environ.get("XLA_FLAGS", "").split()
+for _flag in (*COMPILE_FLAGS.split(), "--xla_force_host_platform_device_count=8"):
+    if _flag.split("=")[0] not in " ".join(_flags):  # xdist workers inherit the controller's
+        _flags.append(_flag)
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # Many tests compile the very same programs (the tiny model's train/eval steps in every
 # short training run, decoding, the same kernels), in different tests, xdist workers and the
@@ -45,6 +61,9 @@ jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_compilation_cache_max_size", 64 << 30)
+jax.config.update(
+    "jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+)
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -78,7 +78,9 @@ def one_device():
 
 
 def test_b_zero_gives_the_base_models_logits(one_device):
-    """A fresh adapter (B = 0) leaves the model exactly the frozen base's."""
+    """A fresh adapter (B = 0) leaves the model the frozen base's: every B is exactly 0, and
+    the logits equal the plain model's up to float rounding (two programs, which XLA may
+    tile and fuse differently: an exact match there would test the compiler)."""
     cfg, t, mesh, fresh, _, _ = one_device
     tokens = _batch(1, 4)["inputs"][0]
     with jax.set_mesh(mesh):
@@ -91,7 +93,7 @@ def test_b_zero_gives_the_base_models_logits(one_device):
         if "lora_b" in jax.tree_util.keystr(k)
     ]
     assert b_leaves and all(not np.any(b) for b in b_leaves)
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))  # exact: B = 0
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(base), rtol=1e-6, atol=1e-6)
 
 
 def test_training_changes_only_adapters_and_no_base_gradient(one_device):
@@ -123,6 +125,7 @@ def test_training_changes_only_adapters_and_no_base_gradient(one_device):
     assert kernels <= {tuple(sorted(s)) for s in full_dots}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_shape,base_dtype,stages",
     [
@@ -173,6 +176,7 @@ def test_quantized_base_error_bound(kind, bound):
     assert rel_rms < {"int8": 0.01, "nf4": 0.12}[kind], rel_rms
 
 
+@pytest.mark.slow
 def test_qlora_loss_curve_follows_lora():
     """20 steps on one fixed batch: the nf4 base's losses stay within 0.15 (nats) of the
     float32 base's at every step, and both fall."""
@@ -241,6 +245,7 @@ def tiny_base(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_and_refuses_another_base(sample_data, tiny_base, tmp_path):
     """An nf4-base LoRA run of 4 steps, and the same run resumed from its step-2 checkpoint
     (alone in a new workdir; what a run stopped after step 2 saves): identical losses.  The

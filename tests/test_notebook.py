@@ -13,6 +13,7 @@ nbformat = pytest.importorskip("nbformat")
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     # the kernel inherits this environment: a temp workdir and a short run
     monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "work"))

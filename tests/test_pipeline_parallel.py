@@ -97,6 +97,7 @@ def _reference_grads(layers: int):
     return _REFERENCE[layers]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_shape, stages, layers, remat",
     [
@@ -121,6 +122,7 @@ def test_pipeline_matches_unpipelined_loss_and_grads(mesh_shape, stages, layers,
         assert not re.search(r" all-gather(-start)?\(", hlo)
 
 
+@pytest.mark.slow
 def test_full_train_step_pipeline2_equals_pipeline1():
     """Two AdamW steps (card optimizer settings) on the same 8 devices."""
     oc = base_config().optim

@@ -653,6 +653,7 @@ def _trainer_on(model_cfg, kind, shape):
     return _TRAINERS[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rm", "dpo", "rm-lora"])
 def test_preference_steps_sharded_equal_single_device(rm_data, sp_model_path, kind):
     """Three steps of 2 stacked micro-batches on one device, on fsdp 2 x sequence 2 x
@@ -834,6 +835,7 @@ def lm_ckpt(rm_data, sp_model_path, tmp_path_factory):
     return lm / "checkpoints"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
 def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     rm_data, sp_model_path, lm_ckpt, tmp_path, rank
@@ -917,6 +919,7 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
 LORA = {"rank": 4, "alpha": 8.0, "base_dtype": "float32"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
 def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp_path, rank):
     """The reference pre-pass (reference_logps.json) trains exactly as the on-the-fly
@@ -963,6 +966,7 @@ def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp
         train.run(cfg)
 
 
+@pytest.mark.slow
 def test_rm_starts_from_a_language_model_with_a_fresh_score_head(
     rm_data, sp_model_path, lm_ckpt, tmp_path
 ):

@@ -242,6 +242,7 @@ PLAN_ON_CPU = (
 )
 
 
+@pytest.mark.slow
 def test_pipeline_rows_run_as_written(tmp_path, base_only_env):
     """Every row of the README's Pipeline table, in order, in one scratch directory."""
     rows = pipeline_rows()

@@ -78,6 +78,7 @@ def tiny_run(sample_data, tmp_path_factory):
     return workdir, cfg
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_and_logs(tiny_run):
     tmp_path, _ = tiny_run
     rows = _metrics(tmp_path)
@@ -105,6 +106,7 @@ def test_tiny_config_trains_and_logs(tiny_run):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(sample_data, tmp_path):
     """Training losses and the validation stream (evaluated every step, continuing from
     the checkpoint's ``val_iterator``) of 0->3 + resume->6 equal those of 0->6."""
@@ -286,6 +288,7 @@ def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
         run(cfg)
 
 
+@pytest.mark.slow
 def test_finetune_loads_weights_only(sample_data, tmp_path, tiny_run):
     base_dir, base = tiny_run
     ft = _tiny_cfg(
@@ -307,6 +310,7 @@ def test_finetune_loads_weights_only(sample_data, tmp_path, tiny_run):
     assert _metrics(tmp_path / "ft")[0]["step"] == 1 and _metrics(tmp_path / "ft")[0]["lr"] == 0.0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(sample_data, tmp_path):
     args = [
         sys.executable,
@@ -353,6 +357,7 @@ def test_cli_rejects_unknown_override(tmp_path):
     assert "learning_rate" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_resume_into_other_shape_is_refused(tiny_run, tmp_path):
     base_dir, base = tiny_run
     shutil.copytree(base_dir, tmp_path, dirs_exist_ok=True)
@@ -367,6 +372,7 @@ def test_resume_into_other_shape_is_refused(tiny_run, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]  # nothing set aside
 
 
+@pytest.mark.slow
 def test_finetune_from_hugging_face_directory(sample_data, tmp_path, tiny_run):
     from oasst_jax import checkpoint
     from oasst_jax.hf import convert

@@ -57,6 +57,7 @@ def _train(mesh_shape, batch, steps=2, micro=2, devices=None, hidden_dropout=0.0
         return jax.device_get(state["params"]), losses, state
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
     batch = _batch(accum=1, rows=4)
     single, l1, _ = _train({}, batch, micro=4, devices=jax.devices()[:1], hidden_dropout=0.1)
@@ -69,6 +70,7 @@ def test_sharded_step_equals_single_device():
     assert q.sharding.spec == sharding.logical_spec(("layers", "embed", "heads", "head_dim"))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
     big = _batch(accum=1, rows=8, seed=3)
     split = {k: v.reshape(4, 2, *v.shape[2:]) for k, v in big.items()}
