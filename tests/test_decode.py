@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_llama
+from conftest import COMPILE_FLAGS, REPO, tiny_llama
 from flax import linen as nn
 
 from oasst_jax import decode, lora, sharding
@@ -142,7 +142,7 @@ def test_benchmark_smoke():
     """``benchmarks/decode.py --smoke``: a JSON line for batch 2, ours and transformers'
     greedy ids equal, every measured time positive.  (``step_ms`` is a difference of two
     times: with 4 toy tokens, noise can make it negative on a loaded machine.)"""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": COMPILE_FLAGS}  # one device
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "decode.py"), "--smoke"],
         capture_output=True,

@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import pytest
+from conftest import COMPILE_FLAGS
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -18,7 +19,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     # the kernel inherits this environment: a temp workdir and a short run
     monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("QUICKSTART_STEPS", "2")  # logs, evaluates and saves at its last step
-    monkeypatch.setenv("XLA_FLAGS", "")  # the notebook adds the 8-device flag itself
+    monkeypatch.setenv("XLA_FLAGS", COMPILE_FLAGS)  # the notebook adds the 8-device flag itself
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb,

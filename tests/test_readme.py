@@ -34,9 +34,11 @@ import shlex
 import stat
 import subprocess
 import sys
+import tempfile
+import typing
 
 import pytest
-from conftest import REPO, tiny_hf_llama
+from conftest import COMPILE_FLAGS, REPO, tiny_hf_llama
 
 README = os.path.join(REPO, "README.md")
 VOCAB = 512  # the tokenizer row's N (the fixtures hold ~450 characters); the tiny HF model matches
@@ -95,21 +97,65 @@ def substitute(command: str, values: dict[str, str]) -> str:
     return command
 
 
-def run(command: str, cwd, extra: tuple[str, ...] = (), stdin: str | None = None, env=None) -> str:
-    """Run a README ``python -m ...`` command (``python`` = this interpreter), checked."""
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_command_outlives_its_test():
+    """A test that failed half-way leaves no row it started running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start(
+    command: str, cwd, extra: tuple[str, ...] = (), stdin: str | None = None, env=None
+) -> tuple[str, subprocess.Popen, typing.IO, typing.IO]:
+    """Start a README ``python -m ...`` command (``python`` = this interpreter), its output
+    into temporary files (a pipe nobody reads yet would stall it): rows that do not read
+    each other's outputs run side by side, and :func:`finish` checks each."""
     argv = shlex.split(command) + list(extra)
     assert argv[0] == "python", command
-    proc = subprocess.run(
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
         [sys.executable, *argv[1:]],
         cwd=cwd,
         env=env,
-        input=stdin,
-        capture_output=True,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, f"{command} {' '.join(extra)}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    _STARTED.append(proc)
+    if stdin is not None:  # a short line: fits the pipe's buffer, read when the CLI asks
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    return f"{command} {' '.join(extra)}", proc, out, err
+
+
+def finish(started: tuple[str, subprocess.Popen, typing.IO, typing.IO]) -> str:
+    """Wait for a started command; its stdout, checked (exit 0 within 10 min)."""
+    what, proc, out, err = started
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    assert proc.returncode == 0, f"{what}\n{texts[0]}\n{texts[1]}"
+    return texts[0]
+
+
+def run(command: str, cwd, extra: tuple[str, ...] = (), stdin: str | None = None, env=None) -> str:
+    """Run a README ``python -m ...`` command, checked."""
+    return finish(start(command, cwd, extra, stdin, env))
 
 
 ALLOWED_EXTRAS = {"libtpu"}  # the plan extra: `plan --topology` is documented to need it
@@ -256,14 +302,19 @@ def test_pipeline_rows_run_as_written(tmp_path, base_only_env):
         done.add(step)
         return rows[step]
 
+    # Rows run side by side where neither reads the other's output: the plan rows (configs
+    # only) beside the whole chain, the import beside the tokenizer, the two data rows,
+    # and the three rows that read the stage-2 checkpoint.
+    # the planner sizes its emulated CPU devices itself: no device count from conftest
+    plan_env = {**base_only_env, "XLA_FLAGS": COMPILE_FLAGS}
+    planning = [start(v, work, PLAN_ON_CPU, env=plan_env) for v in expand_optional(row("plan"))]
+
     # tokenizer: DIR = the bundled fixtures, written where the later rows read it
     cmd = substitute(
         row("tokenizer"),
         {"DIR": fixture_path(), "tok.model": "tokenizer.model", "N": str(VOCAB)},
     )
-    run(cmd, work, env=base_only_env)
-    assert (work / "tokenizer.model").is_file()
-
+    tokenizing = start(cmd, work, env=base_only_env)
     # import: the README's Llama-2-70b-hf is a tiny random HF Llama (8 heads: --tensor 8 below)
     tiny_hf_llama(
         work / "Llama-2-70b-hf",
@@ -272,23 +323,21 @@ def test_pipeline_rows_run_as_written(tmp_path, base_only_env):
         num_key_value_heads=8,
         max_position_embeddings=1024,  # room for sample's default system prompt
     )
-    run(row("import"), work, env=base_only_env)
-    assert (work / "checkpoints" / "llama2-70b-chatml").is_dir()
+    importing = start(row("import"), work, env=base_only_env)
+    finish(tokenizing)
+    assert (work / "tokenizer.model").is_file()
 
-    run(row("stage-1 data"), work, STAGE1_DATA, env=base_only_env)
-    run(row("stage-2 data"), work, STAGE2_DATA, env=base_only_env)
+    data = [
+        start(row("stage-1 data"), work, STAGE1_DATA, env=base_only_env),
+        start(row("stage-2 data"), work, STAGE2_DATA, env=base_only_env),
+    ]
+    finish(importing)
+    assert (work / "checkpoints" / "llama2-70b-chatml").is_dir()
+    for started in data:
+        finish(started)
     for split in ("train", "val"):
         assert (work / "output" / "oasst_pre10_min25" / f"oasst_pre10-{split}").is_dir()
         assert (work / "output" / "oasst_top1_2023-07-23" / f"oasst_top1-{split}").is_dir()
-
-    # the planner sizes its emulated CPU devices itself: no device count from conftest
-    plan_env = {k: v for k, v in base_only_env.items() if k != "XLA_FLAGS"}
-    plans = [
-        json.loads(run(variant, work, PLAN_ON_CPU, env=plan_env).strip().splitlines()[-1])
-        for variant in expand_optional(row("plan"))
-    ]  # scripts rely on the last stdout line being one JSON object
-    assert all(p["peak_bytes_per_device"] > 0 for p in plans), plans
-    assert plans[0]["mesh"]["tensor"] == 8 and plans[0]["mesh"]["pipeline"] == 4, plans[0]
 
     run(row("stage 1"), work, TRAIN_ON_CPU, env=base_only_env)
     assert (work / "runs" / "oasst_pre10_llama2_70b" / "checkpoints" / "2").is_dir()
@@ -296,20 +345,25 @@ def test_pipeline_rows_run_as_written(tmp_path, base_only_env):
     sft = work / "runs" / "oasst_sft10_llama2_70b"
     assert (sft / "checkpoints" / "2").is_dir()
 
-    run(row("export"), work, env=base_only_env)
-    exported = work / "llama2-70b-oasst-sft10-hf"
-    assert (exported / "config.json").is_file() and (exported / "tokenizer.model").is_file()
-
-    reply = run(
-        row("chat"), work, ("--max-new-tokens", "4"), stdin="Hello there\n", env=base_only_env
-    )
-    assert "assistant>" in reply
-
     (work / "prompts.jsonl").write_text('{"prompt": "Explain what a list is."}\n"Hi"\n')
     report_cmd = substitute(row("sampling report"), {"CKPT": str(sft / "checkpoints")})
-    run(report_cmd, work, ("--max-new-tokens", "4"), env=base_only_env)
+    reading = [
+        start(row("export"), work, env=base_only_env),
+        start(row("chat"), work, ("--max-new-tokens", "4"), "Hello there\n", base_only_env),
+        start(report_cmd, work, ("--max-new-tokens", "4"), env=base_only_env),
+    ]
+    finish(reading[0])
+    exported = work / "llama2-70b-oasst-sft10-hf"
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.model").is_file()
+    assert "assistant>" in finish(reading[1])
+    finish(reading[2])
     report = json.loads((work / "report.json").read_text())
     assert len(report["prompts"]) == 2, report
+
+    plans = [json.loads(finish(p).strip().splitlines()[-1]) for p in planning]
+    # (scripts rely on the last stdout line being one JSON object)
+    assert all(p["peak_bytes_per_device"] > 0 for p in plans), plans
+    assert plans[0]["mesh"]["tensor"] == 8 and plans[0]["mesh"]["pipeline"] == 4, plans[0]
 
     assert done == set(rows), f"Pipeline rows this test does not run: {set(rows) - done}"
 
