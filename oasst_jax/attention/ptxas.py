@@ -78,7 +78,13 @@ def cuda_plugin_installed() -> bool:
     """Whether a CUDA PJRT plugin (compile-only devices, XLA's GPU compiler) is importable."""
     import importlib.util
 
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+    def found(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # no jax_plugins package at all
+            return False
+
+    return found("jax_plugins.xla_cuda12") or found("jax_plugins.xla_cuda13")
 
 
 def unavailable() -> str:
