@@ -164,7 +164,7 @@ class PeerWatch(threading.Thread):
 
     def __init__(self, timeout_s: float):
         super().__init__(name="oasst_jax-peer-watch", daemon=True)
-        from jax._src import distributed as jax_distributed
+        from jax._src import distributed as jax_distributed  # the client, as orbax takes it
 
         self.client = jax_distributed.global_state.client
         self.timeout_s = timeout_s
@@ -177,7 +177,7 @@ class PeerWatch(threading.Thread):
             self.client.key_value_set(f"{self.PREFIX}{self.me}", "done", allow_overwrite=True)
 
     def run(self) -> None:
-        seen: dict[str, tuple[str, float]] = {}
+        seen: dict[int, tuple[str, float]] = {}  # process -> (its mark, when it last moved)
         start = time.monotonic()
         for beat in itertools.count():
             now = time.monotonic()
