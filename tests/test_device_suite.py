@@ -156,3 +156,29 @@ def test_pallas_records_get_speed_ratios(suite_module):
     suite_module.add_ratios(recs)
     assert recs[0]["vs_cudnn"] == 0.8 and recs[0]["vs_cudnn_fwd"] == 0.75
     assert "vs_xla" not in recs[0]  # the packed xla row is another shape; dense xla failed
+
+
+def test_kernel_table_shows_each_kernels_registers_spills_and_shared_memory(suite_module):
+    import suite_report
+
+    def kernel(name, registers, spilled, shared, wgmma):
+        return {
+            "kernel": name, "registers": registers, "spill_stores": spilled,
+            "spill_loads": spilled, "stack_bytes": 0, "shared_bytes": shared, "threads": 128,
+            "wgmma": wgmma,
+        }  # fmt: skip
+
+    rec = {
+        "unit": "bf16-causal-packed",
+        "ok": True,
+        "kernel_resources": [
+            kernel("flash_fwd", 236, 0, 66560, True),
+            kernel("flash_dq", 194, 0, 57600, True),
+            kernel("flash_dkv", 255, 4, 58112, False),
+        ],
+    }
+    header, _, row = suite_report.table("kernels", [rec])
+    assert "| registers fwd/dq/dkv | spills B | smem KiB | wgmma |" in header
+    assert "| 236/194/255 | 0/0/8 | 65/56/57 | y/y/n |" in row
+    no_ptx = {"unit": "fp32-causal", "ok": True, "kernel_resources_reason": "interpret mode"}
+    assert "| - | - | - | - |" in suite_report.table("kernels", [no_ptx])[2]
