@@ -190,7 +190,9 @@ def iter_json_array(
                 builder, index = None, index + 1
     except ijson.JSONError as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{source}: invalid or truncated JSON in array element {index} ({why})")
+        raise DataError(
+            f"{source}: invalid or truncated JSON in array element {index} ({why})"
+        ) from None
     except CORRUPT_STREAM_ERRORS as e:
         raise DataError(f"{source}: corrupt or truncated file ({e})") from None
 

@@ -48,6 +48,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section(tmp_path):
     proc = _run("--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -296,7 +296,6 @@ def _rm_config(out_dir, tokenizer_path, **options):
     cfg = load_config("configs/data/oasst_rm.py")
     cfg.output_dir, cfg.tokenizer_path, cfg.num_workers = str(out_dir), str(tokenizer_path), 1
     cfg.megatron_new_tokens = False  # the tiny models' compact layout (the card's: 32007)
-    cfg.megatron_new_tokens = False  # the tiny models' compact layout (the card's: 32007)
     cfg.datasets.oasst_export.update({"input_file_path": str(RM_FIXTURE), "lang": "en",
                                       "val_split": 0.3, **options})  # fmt: skip
     return cfg

@@ -37,6 +37,9 @@ def _tiny_cfg(sample_data, workdir, **overrides) -> ml_collections.ConfigDict:
     cfg.workdir = str(workdir)
     cfg.seq_length = 128
     cfg.log_interval = 1
+    # one learning-rate schedule whatever the run's length (it is a constant in the step's
+    # program): runs of 1 to 40 steps share one compiled step (the persistent cache)
+    cfg.optim.lr_decay_iters = 40
     # the eval-time samples run (their compile and decode) but stay short: their content
     # is test_train_samples.py's, which decodes the same 4 tokens (one shared compile)
     cfg.eval_max_new_tokens = 4
