@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = hf_model(tmp, size)
         params, cfg, _ = load_hf(tmp, dtype="float32")
-    params = jax.device_put(params)  # on the device once, as sample.load_params does
+    params = jax.device_put(params)  # on the device once, as weights.load_for_inference does
     n_params = sum(p.numel() for p in model.parameters())
     for batch in batches:
         rng = np.random.default_rng(batch)

@@ -29,16 +29,11 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from oasst_jax import cli, hub
+from oasst_jax import cli, weights
 from oasst_jax.hf.config import CONFIG_FILE, DTYPES
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
 from oasst_jax.hf.peft import lora_merged_to_hf, lora_to_peft
 from oasst_jax.hf.reward import reward_to_hf
-
-# What hf-to-orbax reads of a hub model (never its .bin pickles): config.json, the weights,
-# and where they are sharded, their index.
-HF_MODEL_FILES = (CONFIG_FILE, "*.safetensors")
-HF_MODEL_OPTIONAL = ("*.safetensors.index.json",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,9 +103,7 @@ def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-orbax":
         if args.megatron_new_tokens and not args.add_chatml_tokens:
             raise ValueError("--megatron-new-tokens goes with --add-chatml-tokens")
-        hf_dir = hub.local_or_hub_dir(
-            args.hf_dir, HF_MODEL_FILES, optional=HF_MODEL_OPTIONAL, what="--hf-dir"
-        )
+        hf_dir = weights.resolve(args.hf_dir, "--hf-dir")
         cfg = hf_to_orbax(
             hf_dir,
             args.out,

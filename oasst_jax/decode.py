@@ -368,7 +368,7 @@ def generate(
     At most ``sp.max_new_tokens`` per prompt, fewer where the longest prompt plus
     that would pass ``max_position_embeddings``.
 
-    ``params`` must already sit on ``mesh`` (see ``sample.load_params``); with a
+    ``params`` must already sit on ``mesh`` (see ``weights.load_for_inference``); with a
     mesh the cache is sharded by its logical axes (kv heads over ``tensor``).
     Compiled ahead of the timed run, so ``seconds`` excludes compilation.
     """

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
-from oasst_jax import cli, decode, files, sharding
+from oasst_jax import cli, decode, files, sharding, weights
 
 try:
     from lm_eval import utils as lm_utils
@@ -68,7 +68,6 @@ except ImportError:  # the model class cannot even be defined without it
 from oasst_jax.chatml import format_turn
 from oasst_jax.hf.tokenizer import CHAT_TEMPLATE
 from oasst_jax.model import Llama
-from oasst_jax.sample import load_params
 from oasst_jax.tokenizer import IM_START, model_dir_tokenizer
 
 MIN_LENGTH_BUCKET = 32  # shortest padded length; longer ones double up to the context
@@ -158,7 +157,7 @@ class OasstJaxLM(TemplateLM):
                 f"batch_size {self.batch_rows} is not a multiple of the {rows} data-parallel "
                 f"devices ({dict(self.mesh.shape)})"
             )
-        self.params, self.cfg = load_params(
+        self.params, self.cfg = weights.load_for_inference(
             ckpt, self.mesh, step=None if step is None else int(step), dtype=dtype
         )
         self.model = Llama(self.cfg)

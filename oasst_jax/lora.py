@@ -287,7 +287,7 @@ def load_adapters(ckpt_dir: str, step: int | None = None) -> tuple[dict, LlamaCo
 
 def merged_params(base_params: Mapping[str, Any], adapter_ckpt_dir: str) -> dict:
     """Sampling-ready weights: ``base_params`` (a plain model's tree, e.g. from
-    ``hf.load.load_start_params``) with the adapters of ``adapter_ckpt_dir`` merged in.
+    ``weights.load``) with the adapters of ``adapter_ckpt_dir`` merged in.
     The sampler builds its model from :func:`base_model_config` of the same dir."""
     adapters, cfg = load_adapters(adapter_ckpt_dir)
     expected = nn.meta.unbox(abstract_params(Llama(base_model_config(cfg))))

@@ -53,12 +53,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import linen as nn
 
-from oasst_jax import checkpoint, cli, compare, decode, files, lora, sharding
+from oasst_jax import cli, compare, decode, files, sharding, weights
 from oasst_jax.chatml import format_turn, prompt_ids
-from oasst_jax.hf.load import load_start_params, source_config
-from oasst_jax.model import Llama, LlamaConfig, abstract_params
+from oasst_jax.model import LlamaConfig
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer, model_dir_tokenizer
 
 # The model card's recommended inference system prompt.
@@ -70,43 +68,6 @@ SYSTEM_PROMPT = (
     "is not factually coherent, explain why instead of answering something not correct. If "
     "you don't know the answer to a question, please don't share false information."
 )
-
-
-def load_params(
-    path: str,
-    mesh: jax.sharding.Mesh,
-    *,
-    step: int | None = None,
-    dtype: str | None = None,
-    adapter: str | None = None,
-) -> tuple[Any, LlamaConfig]:
-    """``(params on mesh, inference LlamaConfig)`` from an orbax root or a HF directory,
-    with a LoRA run's adapters (``adapter``: its checkpoint root) merged in.
-
-    Params are cast to the compute dtype (``dtype``, default the checkpoint's):
-    fp32 master weights are a training concern and would double inference memory.
-    """
-    cfg = decode.inference_config(source_config(path, step, dtype))
-    boxed = abstract_params(Llama(cfg))
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(boxed),
-        sharding.param_shardings(mesh, boxed),
-    )
-    params = load_start_params(path, cfg, target, step=step)
-    if adapter is not None:
-        params = with_adapter(path, params, adapter, cfg.vocab_size)
-    return params, cfg
-
-
-def with_adapter(base_path: str, params: Any, adapter: str, vocab_size: int) -> Any:
-    """``params`` (the base at ``base_path``) with ``adapter``'s LoRA weights merged in:
-    refused in one line unless the adapter was trained on this very base (the
-    fingerprint it records, which is the same for the orbax base and its HF export)."""
-    meta = checkpoint.load_json_item(adapter, "meta") or {}
-    record = lora.base_record(base_path, params, vocab_size)
-    lora.check_base(meta, record, f"adapter {adapter}", "give that base as --ckpt")
-    return lora.merged_params(params, adapter)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
@@ -372,8 +333,8 @@ def run(args: argparse.Namespace) -> None:
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
     )
     mesh = sharding.make_mesh({sharding.TENSOR: args.tensor}, jax.devices()[: args.tensor])
-    params, cfg = load_params(
-        args.ckpt, mesh, step=args.step, dtype=args.dtype, adapter=args.adapter
+    params, cfg = weights.load_for_inference(
+        args.ckpt, mesh, step=args.step, dtype=args.dtype, adapter=args.adapter, where="--ckpt"
     )
     tok = model_dir_tokenizer(args.ckpt, cfg.vocab_size, args.tokenizer)
     for n, prompt in enumerate(prompts):

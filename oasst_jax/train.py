@@ -19,13 +19,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from oasst_jax import chatml, checkpoint, decode, distributed, files, hub, lora, optim, sharding
+from oasst_jax import (
+    chatml,
+    checkpoint,
+    decode,
+    distributed,
+    files,
+    hub,
+    lora,
+    optim,
+    sharding,
+    weights,
+)
 from oasst_jax.cli import cli_main
 from oasst_jax.config import accumulation_steps, model_config, validate
 from oasst_jax.data import outputs, pipeline
 from oasst_jax.data.pipeline import BATCH_FIELDS
 from oasst_jax.hf.config import is_hf_dir
-from oasst_jax.hf.load import load_start_params
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
@@ -372,7 +382,7 @@ def _start_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
     score = abstract.pop("score", None)
     if score is not None:
         model_cfg = dataclasses.replace(model_cfg, score_head=False)
-    params = load_start_params(cfg.load, model_cfg, abstract, where=f"load={cfg.load}")
+    params = weights.load(cfg.load, model_cfg, abstract, where=f"load={cfg.load}")
     if score is not None:
         kernel = score["kernel"]
         draw = jax.random.normal(jax.random.key(cfg.seed), kernel.shape, kernel.dtype)
@@ -435,7 +445,7 @@ def _lora_base(cfg, model_cfg: LlamaConfig, trainer) -> tuple[Any, dict]:
     checkpoint keeps of them (path + content fingerprint), computed before any restore so
     a checkpoint trained on another base is refused."""
     if cfg.load:
-        base = load_start_params(
+        base = weights.load(
             cfg.load,
             lora.base_model_config(model_cfg),
             trainer.abstract_base,

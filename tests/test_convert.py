@@ -16,11 +16,10 @@ import pytest
 import torch
 from conftest import tiny_hf_llama
 
-from oasst_jax import convert, sample
+from oasst_jax import convert, sample, weights
 from oasst_jax.hf import safetensors_io
 from oasst_jax.hf.config import CONFIG_FILE, read_hf_config
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf
-from oasst_jax.hf.load import load_start_params
 from oasst_jax.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader
 
 VOCAB = 300
@@ -102,7 +101,7 @@ def test_damaged_hf_dir_is_one_line_in_every_reader(hf_dirs, tmp_path, damage, m
     assert "\n" not in e.value.code
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     with pytest.raises(ValueError, match=expected):
-        load_start_params(broken, None, None)
+        weights.load(broken, None, None)
     with pytest.raises(SystemExit, match="^error: " + expected):
         sample.main(["--ckpt", broken, "--prompt", "hi"])
 

@@ -16,10 +16,9 @@ from flax import linen as nn
 from safetensors.numpy import load_file
 from test_train_step import _batch, _optim_cfg
 
-from oasst_jax import checkpoint, lora, optim, sharding
+from oasst_jax import checkpoint, lora, optim, sharding, weights
 from oasst_jax.convert import main as convert_main
 from oasst_jax.hf.convert import orbax_to_hf
-from oasst_jax.hf.load import load_start_params
 from oasst_jax.model import Llama
 from oasst_jax.train_step import StepConfig, build_trainer
 
@@ -49,7 +48,7 @@ def trained(tmp_path_factory):
         t = build_trainer(
             Llama(CFG), tx, optim.schedule(_optim_cfg(), 10), StepConfig(1, 4), zero, mesh
         )
-        base = load_start_params(base_dir, base_cfg, t.abstract_base)
+        base = weights.load(base_dir, base_cfg, t.abstract_base)
         record = lora.base_record(base_dir, base, CFG.vocab_size)
         state = t.init_from_params(base)
         batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch(1, 4).items()}
@@ -173,8 +172,7 @@ def test_sample_adapter_generates_what_peft_generates(trained, tmp_path):
     import torch
     import transformers
 
-    from oasst_jax import decode
-    from oasst_jax.sample import load_params
+    from oasst_jax import decode, weights
 
     peft_dir = str(trained["root"] / "peft3")
     convert_main(["lora-to-peft", "--ckpt", trained["ckpt"], "--out", peft_dir])
@@ -195,7 +193,9 @@ def test_sample_adapter_generates_what_peft_generates(trained, tmp_path):
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     sp = decode.SamplingParams(new, 0.0, 0, 1.0, 1.0)
     for source in (trained["base"], trained["hf_base"]):
-        params, cfg = load_params(source, mesh, dtype="float32", adapter=trained["ckpt"])
+        params, cfg = weights.load_for_inference(
+            source, mesh, dtype="float32", adapter=trained["ckpt"]
+        )
         ours = decode.generate(params, cfg, [prompt], sp, stop_ids=(), mesh=mesh)
         assert ours.ids[0] == theirs, source
     other = str(tmp_path / "other")
@@ -203,7 +203,7 @@ def test_sample_adapter_generates_what_peft_generates(trained, tmp_path):
     params = Llama(base_cfg).init(jax.random.key(4), np.zeros((1, 8), np.int32))["params"]
     checkpoint.save_weights(other, jax.device_get(nn.meta.unbox(params)), base_cfg)
     with pytest.raises(checkpoint.CheckpointError, match="trained on another base"):
-        load_params(other, mesh, dtype="float32", adapter=trained["ckpt"])
+        weights.load_for_inference(other, mesh, dtype="float32", adapter=trained["ckpt"])
 
 
 def _random_base(path, seed: int):

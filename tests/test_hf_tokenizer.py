@@ -20,7 +20,7 @@ import transformers
 from conftest import tiny_llama
 from flax import linen as nn
 
-from oasst_jax import checkpoint, convert, decode, sample
+from oasst_jax import checkpoint, convert, decode, sample, weights
 from oasst_jax.chatml import prompt_ids
 from oasst_jax.hf.tokenizer import TOKENIZER_FILES, write_hf_tokenizer
 from oasst_jax.model import Llama
@@ -90,7 +90,7 @@ def test_exported_model_generates_what_we_generate(exported):
     assert decode.trim(hf_new, (tok.im_end_id, tok.eos_id)) == ours
     # and the sampler's --ckpt reads the exported directory back (convert's loader)
     mesh = make_mesh({"tensor": 1}, jax.devices()[:1])
-    hf_params, hf_cfg = sample.load_params(out, mesh, dtype="float32")
+    hf_params, hf_cfg = weights.load_for_inference(out, mesh, dtype="float32")
     again = decode.generate(hf_params, hf_cfg, [ids], sp, stop_ids=sample.stop_ids(tok)).ids[0]
     assert again == ours
 
@@ -250,11 +250,10 @@ def test_card_layout_import_and_export(tmp_path, sp_model_path):
     assert _chat_ids(auto, CONVERSATION) == prompt_ids(tok, CONVERSATION)
     assert auto.convert_tokens_to_ids("<|im_start|>") == tok.base_vocab_size + 5
     # a card-layout run given the base HF directory itself says which import it needs
-    from oasst_jax.hf.load import load_start_params, source_config
 
-    card = dataclasses.replace(source_config(base), vocab_size=tok.vocab_size)
+    card = dataclasses.replace(weights.source_config(base), vocab_size=tok.vocab_size)
     with pytest.raises(ValueError, match="--add-chatml-tokens --megatron-new-tokens` first$"):
-        load_start_params(base, card, None, where="load=X")
+        weights.load(base, card, None, where="load=X")
 
 
 def test_merges_are_transformers_order(sp_models):

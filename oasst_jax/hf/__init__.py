@@ -6,7 +6,7 @@
 - ``safetensors_io``: reading (no pickle, index confined to the directory, damaged
   files as one line) and sharded writing;
 - ``tokenizer``: tokenizer files + the chatml ``chat_template`` for an export;
-- ``load``: a HF directory as our param tree, and ``load_start_params``, the one
-  "start weights from an orbax checkpoint or a HF directory" of train and sample;
+- ``load``: a HF directory as our param tree (``oasst_jax.weights`` is the one loader of
+  train, sample and evaluate, orbax or HF);
 - ``convert``: HF directory <-> orbax checkpoint, what ``python -m oasst_jax.convert`` runs.
 """

@@ -1,10 +1,8 @@
-"""Start weights from a Hugging Face directory or an orbax checkpoint.
+"""A Hugging Face directory as our fp32 param tree.
 
-:func:`load_hf` reads a HF directory into our fp32 param tree (optionally growing the
-vocabulary by the chatml rows); :func:`load_start_params` is the one loader the
-trainer's ``load=`` and the sampler's ``--ckpt`` share: either kind of source, checked
-against the model it is loaded for and placed on the devices; :func:`source_config` is
-the model config a source was saved with.
+:func:`load_hf` reads a HF directory's tensors into our layout (optionally growing the
+vocabulary by the chatml rows), for the import (``hf.convert``) and for
+:mod:`oasst_jax.weights`, the one loader of train, sample and evaluate.
 """
 
 from __future__ import annotations
@@ -17,14 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from oasst_jax import checkpoint
-from oasst_jax.hf.config import (
-    CONFIG_FILE,
-    hf_config_to_llama,
-    hf_dtype,
-    is_hf_dir,
-    read_hf_config,
-)
+from oasst_jax.hf.config import CONFIG_FILE, hf_config_to_llama, read_hf_config
 from oasst_jax.hf.layout import (
     append_mean_rows,
     check_tensor_names,
@@ -77,52 +68,3 @@ def load_hf(
         target[... if layer is None else layer] = to_jax_layout(w, kind, cfg)
     hf = {**hf, "vocab_size": cfg.vocab_size, "torch_dtype": dtype, "dtype": dtype}
     return params, cfg, hf
-
-
-def source_config(path: str, step: int | None = None, dtype: str | None = None) -> LlamaConfig:
-    """The model config the weights at ``path`` were saved with: a HF directory's
-    config.json (compute dtype: its weights' dtype) or an orbax checkpoint's (newest
-    step, or ``step``).  ``dtype`` replaces the compute dtype."""
-    if is_hf_dir(path):
-        hf = read_hf_config(path)
-        where = os.path.join(path, CONFIG_FILE)
-        return hf_config_to_llama(hf, where=where, dtype=dtype or hf_dtype(hf, where))
-    cfg = checkpoint.load_model_config(path, step)
-    return dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
-
-
-def load_start_params(
-    path: str,
-    model_cfg: LlamaConfig,
-    abstract: Any,
-    *,
-    step: int | None = None,
-    where: str | None = None,
-) -> Any:
-    """``model_cfg``'s weights from ``path``: an orbax checkpoint root (newest step, or
-    ``step``) or a Hugging Face directory.
-
-    ``abstract`` (``jax.ShapeDtypeStruct`` leaves with shardings) says where each leaf
-    goes and in which dtype.  A source of another model shape is a one-line
-    ``ValueError`` naming ``where`` (default ``path``); a HF directory with the base
-    vocabulary where the model has the chatml rows says how to import it.
-    """
-    where = where or path
-    if is_hf_dir(path):
-        params, hf_cfg, _ = load_hf(path)
-        for megatron in (False, True):
-            if hf_cfg.vocab_size + len(extra_tokens(megatron)) == model_cfg.vocab_size:
-                raise ValueError(
-                    f"{where} has the base vocabulary ({hf_cfg.vocab_size}); import it with "
-                    "`python -m oasst_jax.convert hf-to-orbax --add-chatml-tokens"
-                    + (" --megatron-new-tokens` first" if megatron else "` first")
-                )
-        checkpoint.check_same_shape(hf_cfg, model_cfg, where)
-        checkpoint.check_shapes(abstract, params, where)
-        return jax.tree.map(
-            lambda x, a: jax.device_put(x.astype(a.dtype, copy=False), a.sharding),
-            params,
-            abstract,
-        )
-    checkpoint.check_same_shape(checkpoint.load_model_config(path, step), model_cfg, where)
-    return checkpoint.load_weights(path, abstract, step)
