@@ -58,7 +58,8 @@ def override(cfg, dotted: dict) -> None:
 
 def gpu_row(name: str, config: str, dotted: dict, topology: str) -> dict:
     """Compile one row for its GPU topology; the compiled and analytic per-GPU peaks."""
-    from oasst_jax import plan, sharding
+    from oasst_jax import sharding
+    from oasst_jax.cli import plan
     from oasst_jax.config import load_config, model_config
 
     cfg = load_config(config)
@@ -108,7 +109,7 @@ def gpu_table(rows: list[str]) -> None:
 
 
 def analytic(config: str, devices: int) -> None:
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
     from oasst_jax.config import load_config, model_config
     from oasst_jax.planner import chips, memory, search
 

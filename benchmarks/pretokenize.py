@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pretokenize.py --card-scale [--scale 1.0] [--tokenizer T]
 
 Generates a synthetic chat corpus (>= ``--mb`` MB of text, deterministic), trains a tiny
-BPE model on a slice of it, then times :func:`oasst_jax.pretokenize.write_samples` (the
+BPE model on a slice of it, then times :func:`oasst_jax.cli.pretokenize.write_samples` (the
 pool start-up included), best of ``--repeats`` interleaved runs since the machine may be
 shared, and prints one JSON line. Goal: >= 1M tokens/s with 2 workers.
 The 1-worker run encodes in-process; the 2-worker run uses the spawn pool.
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from oasst_jax import pretokenize as pt
+from oasst_jax.cli import pretokenize as pt
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import Sample
 from oasst_jax.text import Turn

@@ -19,13 +19,13 @@ every special id back into its string, so such text round-trips.
 No BOS/EOS is ever added by :meth:`Tokenizer.encode` (the recipe's samples start with
 ``<|im_start|>``).
 
-CLI: ``python -m oasst_jax.tokenizer train --input tests/data --out output/sample/tokenizer.model
---vocab-size 1000`` trains a small BPE model from text, json(l)(.gz), tar.gz and parquet files.
+CLI (:mod:`oasst_jax.cli.tokenizer`): ``python -m oasst_jax.tokenizer train --input tests/data
+--out output/sample/tokenizer.model --vocab-size 1000`` trains a small BPE model from text,
+json(l)(.gz), tar.gz and parquet files (:func:`train_sentencepiece`).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import hashlib
@@ -34,7 +34,6 @@ import io
 import json
 import os
 import re
-import sys
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -410,39 +409,7 @@ def _json_strings(obj: object) -> Iterator[str]:
             yield from _json_strings(v)
 
 
-_SKIP_TEXT = {
-    "oversize_record": f"line(s) longer than {MAX_RECORD_BYTES} bytes",
-    "parquet_without_pyarrow": "parquet file(s): pyarrow is not installed",
-}
+if __name__ == "__main__":  # python -m oasst_jax.tokenizer train: the command's own module
+    from oasst_jax.cli.tokenizer import main
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``train``: bad input ends with one ``error:`` line (:func:`oasst_jax.cli.run_main`)."""
-    from oasst_jax import cli  # a leaf; imported here so the library need not load it
-
-    parser = cli.ArgumentParser(
-        prog="python -m oasst_jax.tokenizer", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a small BPE SentencePiece model")
-    train.add_argument("--input", nargs="+", required=True, help="files or directories")
-    train.add_argument("--out", required=True, help="output path, e.g. tokenizer.model")
-    train.add_argument("--vocab-size", type=int, default=1000)
-    cli.run_main(_train, parser.parse_args(argv))
-
-
-def _train(args: argparse.Namespace) -> None:
-    out = args.out[: -len(".model")] if args.out.endswith(".model") else args.out
-    skipped: collections.Counter = collections.Counter()
-    try:
-        path = train_sentencepiece(list(args.input), out, args.vocab_size, skipped)
-    except RuntimeError as e:  # SentencePiece refusing its input (e.g. too few pieces)
-        raise ValueError(str(e)) from e
-    for reason, count in sorted(skipped.items()):
-        print(f"warning: skipped {count} {_SKIP_TEXT.get(reason, reason)}", file=sys.stderr)
-    tok = Tokenizer(path)
-    print(f"wrote {path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
-
-
-if __name__ == "__main__":
     main()

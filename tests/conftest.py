@@ -105,7 +105,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def sample_data(tmp_path_factory):
     """The README demo's data: a 1000-piece tokenizer trained on ``tests/data`` and the
     five bundled datasets pretokenized with ``configs/data/sample.py`` (paths made absolute)."""
-    from oasst_jax import pretokenize
+    from oasst_jax.cli import pretokenize
     from oasst_jax.config import load_config
     from oasst_jax.tokenizer import train_sentencepiece
 
@@ -200,11 +200,11 @@ LONGEST_FIRST = (
     "test_attention.py",
     "test_lora.py",
     "test_preference.py",
-    "test_train.py",
+    "test_cli_train.py",
     "test_readme.py",
     "test_notebook.py",
-    "test_sample.py",
-    "test_evaluate.py",
+    "test_cli_sample.py",
+    "test_cli_evaluate.py",
     "test_hf_peft.py",
     "test_decode.py",
     "test_device_suite.py",

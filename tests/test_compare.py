@@ -11,7 +11,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from oasst_jax import compare, sample
+from oasst_jax import compare
+from oasst_jax.cli import sample
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 NASTY = "a <script>alert(\"x\")</script> & 'quotes'\n  second line"

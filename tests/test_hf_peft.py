@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from test_train_step import _batch, _optim_cfg
 
 from oasst_jax import checkpoint, lora, optim, sharding, weights
-from oasst_jax.convert import main as convert_main
+from oasst_jax.cli.convert import main as convert_main
 from oasst_jax.hf.convert import orbax_to_hf
 from oasst_jax.model import Llama
 from oasst_jax.train_step import StepConfig, build_trainer

@@ -20,8 +20,9 @@ import transformers
 from conftest import tiny_llama
 from flax import linen as nn
 
-from oasst_jax import checkpoint, convert, decode, sample, weights
+from oasst_jax import checkpoint, decode, weights
 from oasst_jax.chatml import prompt_ids
+from oasst_jax.cli import convert, sample
 from oasst_jax.hf.tokenizer import TOKENIZER_FILES, write_hf_tokenizer
 from oasst_jax.model import Llama
 from oasst_jax.sharding import make_mesh

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 from hf_cache import cache_repo, fake_hub, use_cache
 
-from oasst_jax import hub, pretokenize
+from oasst_jax import hub
+from oasst_jax.cli import pretokenize
 from oasst_jax.config import load_config
 from oasst_jax.text import DataError
 
@@ -277,7 +278,7 @@ def _tiny_llama_files(hidden: int = 64, inter: int = 128, layers: int = 2, vocab
 def test_convert_hf_dir_by_hub_id(tmp_path, monkeypatch, capsys):
     """A tiny HF Llama, cached as `org/tiny-llama` with a pickle beside its safetensors,
     imports by its id (the pickle is neither fetched nor read)."""
-    from oasst_jax import convert
+    from oasst_jax.cli import convert
 
     files = {**_tiny_llama_files(), "pytorch_model.bin": b"pickle"}
     cache_repo(tmp_path / "cache", "org/tiny-llama", files, repo_type="model")
@@ -292,7 +293,7 @@ def test_convert_hf_dir_by_hub_id(tmp_path, monkeypatch, capsys):
 
 
 def test_convert_gated_base_model_without_token(tmp_path, monkeypatch):
-    from oasst_jax import convert
+    from oasst_jax.cli import convert
 
     out = tmp_path / "ckpt"
     with fake_hub(monkeypatch, tmp_path / "cache"), pytest.raises(SystemExit) as e:

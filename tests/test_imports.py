@@ -1,5 +1,10 @@
 """Arrows go one way: the package's import graph (read from the source, imports inside
-functions included) has no cycle, and the layers import only what lies below them."""
+functions included) has no cycle, and the layers import only what lies below them.
+
+The commands live apart from the library, in ``oasst_jax/cli/``: a command imports the
+library and never another command, and the library imports no command.  The imports of an
+``if __name__ == "__main__":`` block are the script's entry, not the module's dependencies:
+``oasst_jax/train.py`` (``python -m oasst_jax.train``) is such a block and nothing else."""
 
 import ast
 import subprocess
@@ -10,6 +15,7 @@ from conftest import REPO
 
 PACKAGE = Path(REPO) / "oasst_jax"
 TEXT_LAYER = ("oasst_jax.text", "oasst_jax.readers", "oasst_jax.tokenizer", "oasst_jax.chatml")
+VERBS = ("train", "sample", "convert", "pretokenize", "plan", "evaluate", "plot", "tokenizer")
 
 
 def _name(path: Path) -> str:
@@ -27,12 +33,35 @@ def _module(name: str) -> str:
     return name
 
 
-def _imports(path: Path) -> set[str]:
-    """The package's modules that ``path`` imports, anywhere in the file."""
+def _is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``"""
+    test = getattr(node, "test", None)
+    return (
+        isinstance(node, ast.If)
+        and isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def _nodes(tree: ast.AST, *, main_blocks: bool):
+    """Every node of ``tree``, with or without what ``if __name__ == "__main__":`` holds."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if main_blocks or not _is_main_block(node):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _imports(path: Path, *, main_blocks: bool = False) -> set[str]:
+    """The package's modules that ``path`` imports, anywhere in the file (with
+    ``main_blocks``: its script entry's too)."""
     me = _name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(ast.parse(path.read_text()), main_blocks=main_blocks):
         if isinstance(node, ast.Import):
             out |= {_module(a.name) for a in node.names if a.name.startswith("oasst_jax")}
         elif isinstance(node, ast.ImportFrom):
@@ -49,6 +78,8 @@ def _imports(path: Path) -> set[str]:
 
 
 GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+COMMANDS = sorted(m for m in GRAPH if m.startswith("oasst_jax.cli."))
+LIBRARY = sorted(m for m in GRAPH if m != "oasst_jax.cli" and m not in COMMANDS)
 
 
 def _cycle() -> list[str]:
@@ -88,14 +119,38 @@ def test_text_is_a_leaf():
 
 
 def test_text_layer_does_not_depend_on_data():
-    """tokenizer/chatml (and the leaves under them) know nothing of the dataset loaders;
-    the tokenizer's command line uses the CLI entry, a leaf (``test_cli_is_a_leaf``)."""
-    bad = {m: sorted(GRAPH[m] - set(TEXT_LAYER) - {"oasst_jax.cli"}) for m in TEXT_LAYER}
+    """tokenizer/chatml (and the leaves under them) know nothing of the dataset loaders."""
+    bad = {m: sorted(GRAPH[m] - set(TEXT_LAYER)) for m in TEXT_LAYER}
     assert {m: deps for m, deps in bad.items() if deps} == {}
 
 
 def test_cli_is_a_leaf():
     assert GRAPH["oasst_jax.cli"] == set()
+
+
+def test_every_verb_is_a_command_with_a_short_entry():
+    """``python -m oasst_jax.VERB`` runs ``oasst_jax.cli.VERB``'s ``main``: the entry module
+    imports nothing outside its ``__main__`` block, and that block imports the command."""
+    assert COMMANDS == sorted(f"oasst_jax.cli.{v}" for v in VERBS)
+    for verb in VERBS:
+        entry = MODULES[f"oasst_jax.{verb}"]
+        script = _imports(entry, main_blocks=True) - GRAPH[f"oasst_jax.{verb}"]
+        assert script == {f"oasst_jax.cli.{verb}"}, verb
+        if verb != "tokenizer":  # the tokenizer library's module is the entry too
+            assert GRAPH[f"oasst_jax.{verb}"] == set(), verb
+
+
+def test_no_command_imports_another_command():
+    bad = {m: sorted(set(COMMANDS) & GRAPH[m]) for m in COMMANDS}
+    assert {m: deps for m, deps in bad.items() if deps} == {}
+
+
+def test_the_library_imports_no_command():
+    """Loading weights, building batches, planning: all of it is the library's, so each
+    command (and a user's script) gets it without going through another command; the
+    shared entry ``oasst_jax.cli`` is no command and only commands use it."""
+    bad = {m: sorted(d for d in GRAPH[m] if d.startswith("oasst_jax.cli")) for m in LIBRARY}
+    assert {m: deps for m, deps in bad.items() if deps} == {}
 
 
 def test_data_knows_nothing_of_the_model():

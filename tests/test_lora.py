@@ -218,7 +218,7 @@ def test_merge_weights_is_base_plus_scaled_ba(one_device):
 
 
 def _loop_cfg(sample_data, workdir, load, **kw):
-    from test_train import _tiny_cfg
+    from test_cli_train import _tiny_cfg
 
     cfg = _tiny_cfg(sample_data, workdir, **{"eval_interval": 0, "save_interval": 0, **kw})
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 4, 8.0, 0.1
@@ -253,9 +253,9 @@ def test_resume_is_bit_exact_and_refuses_another_base(sample_data, tiny_base, tm
     the base; resuming over another base is refused in one line, nothing deleted."""
     import shutil
 
-    from test_train import _metrics
+    from test_cli_train import _metrics
 
-    from oasst_jax.train import run
+    from oasst_jax.cli.train import run
 
     run(_loop_cfg(sample_data, tmp_path / "a", tiny_base[0], train_iters=4, save_interval=2))
     ckpt = tmp_path / "b" / "checkpoints"

@@ -136,8 +136,8 @@ def _run_here(workdir: str, data: str) -> None:
     already: the one-process reference without a process start of its own."""
     import jax
 
+    from oasst_jax.cli.train import run
     from oasst_jax.config import load_config
-    from oasst_jax.train import run
 
     assert jax.device_count() == 8 and jax.process_count() == 1
     cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))

@@ -304,15 +304,15 @@ def _rm_config(out_dir, tokenizer_path, **options):
 @pytest.fixture(scope="module")
 def rm_data(tmp_path_factory, sp_model_path):
     """The fixture pretokenized with configs/data/oasst_rm.py: ``(out_dir, stats)``."""
-    from oasst_jax import pretokenize as pt
+    from oasst_jax.cli import pretokenize as pt
 
     out = tmp_path_factory.mktemp("rm") / "out"
     return out, pt.run(_rm_config(out, sp_model_path))
 
 
 def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
-    from oasst_jax import pretokenize as pt
     from oasst_jax.chatml import encode_turns
+    from oasst_jax.cli import pretokenize as pt
     from oasst_jax.data import shards
     from oasst_jax.tokenizer import Tokenizer
 
@@ -366,7 +366,7 @@ def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
 
 
 def test_rm_config_errors(tmp_path, sp_model_path):
-    from oasst_jax import pretokenize as pt
+    from oasst_jax.cli import pretokenize as pt
 
     cfg = _rm_config(tmp_path / "o", sp_model_path)
     cfg.output_format = "both"
@@ -826,7 +826,7 @@ def lm_ckpt(rm_data, sp_model_path, tmp_path_factory):
     """A language model's checkpoints (one step of a DPO run: no score head), the base
     that rm runs start from.  (A 3-step run stopped after step 1: the step program of
     test_dpo_precomputed_reference_equals_on_the_fly's on-the-fly run, compiled once.)"""
-    from oasst_jax import train
+    from oasst_jax.cli import train
 
     lm = tmp_path_factory.mktemp("lm")
     train.run(_run_cfg(rm_data, sp_model_path, lm, "dpo", train_iters=3, exit_interval=1,
@@ -850,7 +850,8 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     import torch
     import transformers
 
-    from oasst_jax import checkpoint, convert, lora, train
+    from oasst_jax import checkpoint, lora
+    from oasst_jax.cli import convert, train
     from oasst_jax.model import Llama
 
     def config(workdir, **overrides):
@@ -864,7 +865,7 @@ def test_rm_run_resumes_bit_exactly_and_its_hf_export_scores_the_same(
     one, two = tmp_path / "one", tmp_path / "two"
     train.run(config(one))
     # (stopping after 2 steps saves what the uninterrupted run saves at step 2; that
-    # exit_interval stops there is tests/test_train.py's)
+    # exit_interval stops there is tests/test_cli_train.py's)
     shutil.copytree(one / "checkpoints" / "2", two / "checkpoints" / "2")
     train.run(config(two))
     assert sorted(_rows(two)) == [3, 4]  # it resumed at step 2
@@ -928,7 +929,8 @@ def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp
     checkpoint holds only the adapters."""
     import jax
 
-    from oasst_jax import checkpoint, lora, train
+    from oasst_jax import checkpoint, lora
+    from oasst_jax.cli import train
     from oasst_jax.text import DataError
 
     def config(workdir):
@@ -974,7 +976,8 @@ def test_rm_starts_from_a_language_model_with_a_fresh_score_head(
     loaded one bit for bit."""
     import jax
 
-    from oasst_jax import checkpoint, train
+    from oasst_jax import checkpoint
+    from oasst_jax.cli import train
 
     rm = tmp_path / "rm"
     # (4 steps stopped after 1: the step program of the rm resume test, compiled once)

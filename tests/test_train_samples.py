@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_samples_at_each_evaluation_and_wandb_offline(sample_data, tmp_path, monkeypatch):
-    from oasst_jax import train
+    from oasst_jax.cli import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

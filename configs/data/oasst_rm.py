@@ -15,7 +15,7 @@ directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
 from ml_collections import ConfigDict, config_dict
 
-from oasst_jax import pretokenize
+from oasst_jax.cli import pretokenize
 
 
 def get_config() -> ConfigDict:

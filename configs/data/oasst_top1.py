@@ -1,7 +1,7 @@
 """Stage 2 data ``oasst_top1`` of the model card: the OA export, top-ranked replies only.
 
 Mirrors the card's pretokenizer YAML (fields not set here keep
-:func:`oasst_jax.pretokenize.base_config`'s defaults); ``input_file_path`` is a local file
+:func:`oasst_jax.cli.pretokenize.base_config`'s defaults); ``input_file_path`` is a local file
 (the card's export is not on the Hugging Face hub under that name; by default it is read
 from the working directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
@@ -12,7 +12,7 @@ from the working directory) and ``tokenizer_path`` is required (a file, or a hub
 
 from ml_collections import ConfigDict, config_dict
 
-from oasst_jax import pretokenize
+from oasst_jax.cli import pretokenize
 
 
 def get_config() -> ConfigDict:

@@ -12,7 +12,7 @@ Split options follow the card (stage 1 sets, then the stage 2 oasst export with 
 
 from ml_collections import ConfigDict
 
-from oasst_jax import pretokenize
+from oasst_jax.cli import pretokenize
 from oasst_jax.data.sources import REFUSAL_PHRASES
 
 

@@ -18,7 +18,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from oasst_jax import checkpoint, convert, evaluate
+from oasst_jax import checkpoint
+from oasst_jax.cli import convert, evaluate
 from oasst_jax.model import Llama
 from oasst_jax.tokenizer import Tokenizer
 

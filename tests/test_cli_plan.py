@@ -209,7 +209,7 @@ def test_search_ranks_fitting_layouts_first():
 
 
 def test_parse_oom_and_mesh():
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
     from oasst_jax.planner import aot
 
     msg = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 107.02G of 95.74G hbm."
@@ -229,7 +229,7 @@ def test_parse_oom_and_mesh():
 
 
 def test_cpu_compile_tiny_last_line_json(capsys):
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
 
     plan.run(
         tiny_cfg(),
@@ -262,7 +262,7 @@ def test_cpu_compile_tiny_last_line_json(capsys):
 def test_lora_compile_state_bytes_match_the_analytic_model(capsys, base_dtype):
     """A LoRA step compiles (frozen base + adapters as the state) and its state's bytes per
     device are what the analytic LoRA model says (qwix's scales: one per 64 inputs)."""
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
 
     cfg = tiny_cfg()
     cfg.model.hidden_size, cfg.model.intermediate_size = 128, 256  # 64-input blocks
@@ -363,7 +363,7 @@ def test_cuda_plugin_check_names_the_extra():
 
 
 def plan_run(cfg, topology="", mesh_sizes=None, devices_hint=8, search=False):
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
 
     return plan.run(
         cfg,
@@ -400,7 +400,7 @@ def test_plan_bad_input_is_one_error(monkeypatch):
 def test_refused_topology_is_one_line_and_analytic_figures(monkeypatch, capsys):
     """Where the compile-only client refuses a topology, one line says what it refused and
     the figures that follow are the analytic model's, labelled so."""
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
 
     def refuse(topology):
         raise chips.CompileRefused(f"the CUDA compile-only client refused {topology}: test")
@@ -492,7 +492,7 @@ def test_plan_topology_h100_8_compiled_verdict(capsys):
     """``plan --topology h100:8`` (FSDP 8): the compiler's per-GPU figures decide the
     verdict, the report names the Triton kernels, and the analytic model is within 15 % of
     the peak (-12.5 % here: the gathered weights are not modelled)."""
-    from oasst_jax import plan
+    from oasst_jax.cli import plan
 
     cfg = gpu_cfg()
     cfg.global_batch_size = 32  # 2 rows x fsdp 8 x 2 micro-batches

@@ -1,4 +1,8 @@
-"""The one entry of every ``python -m oasst_jax.X`` tool, and its one error format.
+"""The command-line tools, apart from the library, and their one entry and error format.
+
+Each ``python -m oasst_jax.X`` runs the module ``oasst_jax.cli.X`` (``oasst_jax/X.py`` is a
+two-line shim, so the command users type stays short); a command imports the library and
+never another command (``tests/test_imports.py``).  This module is the entry they share.
 
 Config-driven tools (train, pretokenize, plan) parse ``--config=FILE [--config.a.b=value
 ...]`` with absl + ml_collections (:func:`cli_main`); the others parse with
@@ -86,7 +90,7 @@ def cli_main(
 
     def parse(argv: list[str]) -> list[str]:
         if any(arg in ("-h", "--help", "-help", "--helpshort", "-?") for arg in argv[1:]):
-            _print_help(["config", *own], description)
+            _print_help(["config", *own], description, sys.modules[fn.__module__].__doc__)
             sys.exit(0)
         _exit_if_missing(_config_path(argv))
         try:
@@ -132,12 +136,13 @@ def _prog() -> str:
     return f"python -m {spec.name}" if spec else f"python {sys.argv[0]}"
 
 
-def _print_help(names: list[str], description: str | None) -> None:
-    """argparse's help layout for absl flags, as the argparse tools print theirs."""
+def _print_help(names: list[str], description: str | None, doc: str | None) -> None:
+    """argparse's help layout for absl flags, as the argparse tools print theirs (the
+    description: the first prose paragraph of ``doc``, the tool's module docstring)."""
     from absl import flags
 
     if description is None:
-        paragraphs = (sys.modules["__main__"].__doc__ or "").split("\n\n")
+        paragraphs = (doc or "").split("\n\n")
         commands = ("``python", "python ")
         prose = [p for p in paragraphs if p.strip() and not p.strip().startswith(commands)]
         description = " ".join(prose[0].split()) if prose else None

@@ -18,8 +18,8 @@ import pytest
 from conftest import sp_corpus
 from ml_collections import ConfigDict
 
-from oasst_jax import pretokenize as pt
 from oasst_jax.chatml import assistant_token_count, encode_turns
+from oasst_jax.cli import pretokenize as pt
 from oasst_jax.data import megatron, shards
 from oasst_jax.data.conversation import Sample
 from oasst_jax.data.sources import load_dataset
@@ -352,7 +352,7 @@ def test_trainer_checks_the_tokenizer_of_the_splits_it_reads(
 ):
     """Two runs with different tokenizers into one directory: the output directory's
     metadata.json is the last run's, so the trainer must check each split's own."""
-    from oasst_jax.train import load_tokenizer
+    from oasst_jax.cli.train import load_tokenizer
 
     path = _megacode_file(tmp_path)
     right, wrong = Tokenizer(sp_model_path), Tokenizer(other_sp_model_path)
@@ -382,7 +382,7 @@ def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(
     tmp_path, sp_model_path, capsys
 ):
     """The tokenizer the split records is gone: the run goes on without one (a warning)."""
-    from oasst_jax.train import load_tokenizer, open_split
+    from oasst_jax.cli.train import load_tokenizer, open_split
 
     gone = tmp_path / "gone.model"
     shutil.copy(sp_model_path, gone)
@@ -416,7 +416,7 @@ def test_trainer_takes_the_tokenizer_the_train_split_records(
     layout, in either output format), used while that file has the recorded sha256; set:
     an override, checked against the split.  No usable tokenizer fails ``assistant_answer``
     only."""
-    from oasst_jax.train import load_tokenizer
+    from oasst_jax.cli.train import load_tokenizer
 
     model_file = tmp_path / "tok.model"
     shutil.copy(sp_model_path, model_file)
@@ -542,7 +542,7 @@ def test_upstream_stats_files_equal_the_golden(tmp_path, monkeypatch):
     the val split's own blocks.  The fixtures hold a row for each upstream rule (refusal
     phrases in question or answer, every citation form, a whitespace context, empty turns,
     ``</s>`` in code, oasst trees without a thread).  Regenerate after a deliberate change:
-    ``OASST_UPDATE_GOLDEN=1 pytest tests/test_pretokenize.py -k golden``."""
+    ``OASST_UPDATE_GOLDEN=1 pytest tests/test_cli_pretokenize.py -k golden``."""
     tokenizer = (GOLDEN / "tokenizer.model").resolve()
     cfg = _card_sample_config("output/sample/data", tokenizer, min_assistant_tokens=90)
     monkeypatch.chdir(tmp_path)
@@ -612,9 +612,9 @@ def test_megatron_only_output_trains_like_the_shards(tmp_path, sp_model_path):
     from conftest import tiny_llama
 
     from oasst_jax import chatml, sharding
+    from oasst_jax.cli.train import load_tokenizer, make_iterator, open_split
     from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
     from oasst_jax.model import Llama
-    from oasst_jax.train import load_tokenizer, make_iterator, open_split
 
     pt.run(_card_sample_config(tmp_path / "both", sp_model_path, output_format="both"))
     pt.run(_card_sample_config(tmp_path / "mega", sp_model_path, output_format="megatron"))
@@ -882,7 +882,7 @@ def test_a_run_in_another_layout_than_its_data_or_base_is_one_line(tmp_path, sp_
     """Data in the card's layout (``megatron_new_tokens``): a run set to the compact one is
     refused per split, and a base checkpoint imported in the compact layout (its vocabulary
     5 rows short) by the tokenizer the data records; each a one-line error."""
-    from oasst_jax.train import load_tokenizer
+    from oasst_jax.cli.train import load_tokenizer
 
     path = _megacode_file(tmp_path)
     cfg = _config(tmp_path, sp_model_path, megacode2={"path": str(path), "val_split": 0.2})

@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import tiny_hf_llama
 
-from oasst_jax import convert, sample, weights
+from oasst_jax import weights
+from oasst_jax.cli import convert, sample
 from oasst_jax.hf import safetensors_io
 from oasst_jax.hf.config import CONFIG_FILE, read_hf_config
 from oasst_jax.hf.convert import hf_to_orbax, orbax_to_hf

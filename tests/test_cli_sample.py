@@ -17,8 +17,9 @@ import transformers
 from conftest import tiny_hf_llama, tiny_llama
 from flax import linen as nn
 
-from oasst_jax import checkpoint, decode, sample
+from oasst_jax import checkpoint, decode
 from oasst_jax.chatml import prompt_ids
+from oasst_jax.cli import sample
 from oasst_jax.hf.load import load_hf
 from oasst_jax.model import Llama, LlamaConfig
 from oasst_jax.sharding import make_mesh, tree_shardings
@@ -356,7 +357,7 @@ def test_hf_dir_samples_with_its_own_tokenizer_and_refuses_another(
     differently (one piece rescored) is one line before anything is generated."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from oasst_jax import convert
+    from oasst_jax.cli import convert
 
     path, _, _, tok = tiny_ckpt
     hf = tmp_path / "hf"

@@ -18,9 +18,9 @@ import pytest
 from conftest import max_diff
 
 from oasst_jax import optim, sharding
+from oasst_jax.cli.train import open_split, run
 from oasst_jax.config import load_config
 from oasst_jax.model import Llama
-from oasst_jax.train import open_split, run
 from oasst_jax.train_step import StepConfig, build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,10 +134,10 @@ def test_eval_continues_and_eval_full_reads_each_sample_once(sample_data, tmp_pa
     global batches at each evaluation, cycles past the end of the split, and its state
     continues it exactly; ``eval_full`` reads every sample once, the same every time."""
     from oasst_jax import chatml
+    from oasst_jax.cli.train import Validation
     from oasst_jax.config import accumulation_steps, model_config
     from oasst_jax.data import pipeline
     from oasst_jax.tokenizer import Tokenizer
-    from oasst_jax.train import Validation
 
     cfg = _tiny_cfg(sample_data, tmp_path, eval_iters=1, loss_normalization="microbatch_mean")
     tok = Tokenizer(cfg.tokenizer_path)
@@ -220,7 +220,7 @@ def test_nonfinite_params_unsaved_and_changed_optimizer_refused(sample_data, tmp
     are never saved; and the reported case, clipping turned off on resume, which used to
     set every step aside and restart from random weights with exit 0, stops with one line
     and keeps every checkpoint."""
-    from oasst_jax import train
+    from oasst_jax.cli import train
 
     real, calls = train.all_finite, []
 
@@ -283,7 +283,7 @@ def test_diverged_run_halts_without_saving_nonfinite_steps(sample_data, tmp_path
 
 
 def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
-    from oasst_jax import train
+    from oasst_jax.cli import train
 
     monkeypatch.setattr(train, "make_iterator", lambda *a, **k: iter(()))
     cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from oasst_jax import plot
+from oasst_jax.cli import plot
 
 pytest.importorskip("matplotlib")
 

@@ -1,0 +1,650 @@
+"""Pretokenizer: the card's data mixes -> chatml token + role shards, splits, stats report.
+
+``python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py
+[--config.datasets.megacode2.path=...] [--config.tokenizer_path=/path/llama2/tokenizer.model]``
+
+Per dataset, in the config's order (upstream ``custom_datasets/__init__.py``):
+
+1. load with the dataset's loader (``sources.load_dataset``), malformed records counted;
+2. ``val_split`` (default 0.2): a seeded shuffle of the *groups*, the first ``n_val`` go to
+   val.  As upstream: oasst splits every message tree that passed the tree filter (those
+   yielding no thread included; threads of a tree never straddle splits) and
+   ``n_val = floor(val_split * n_trees)`` (torch ``random_split``); the other datasets split
+   their records with ``n_val = ceil(val_split * n)`` (sklearn ``train_test_split``);
+3. ``max_val_set`` (unset or 0: no cap, as upstream): a seeded subset of val of that many
+   samples, drawn without replacement;
+4. ``fraction``: a seeded subset of ``int(len(train) * fraction)`` train samples;
+5. chatml encoding (:mod:`oasst_jax.chatml`) in a process pool; samples whose assistant turns
+   have fewer than ``min_assistant_tokens`` tokens (header, text, ``<|im_end|>``, newline) are
+   skipped, and so are samples failing upstream's joined-text tokenisation check.
+
+Each dataset has its own RNG seeded by ``(seed, crc32(name))``, so editing one dataset does
+not reshuffle the others. Samples keep their (loader) order inside a split and datasets are
+concatenated in config order; the trainer's sampler shuffles (upstream permuted the file).
+The output is byte-identical for any ``num_workers``.
+
+Outputs (:mod:`oasst_jax.data.outputs`), by ``output_format``: ``oasst_jax`` our shard
+directories ``{prefix}-train``, ``{prefix}-val``; ``megatron`` upstream's files
+(``{prefix}-{split}-text/-role`` ``.bin/.idx`` indexed datasets, ``special_tokens.json``,
+``{prefix}-{split}_stats.txt`` byte for byte as upstream's); ``both``.  ``write_json`` adds
+``{prefix}-{split}.jsonl``, ``compress`` ``{output_dir}.tar.gz``.  Always: ``stats.md`` (the
+card's report per split plus skip counts by reason) and ``metadata.json``, written last: an
+output directory without it is incomplete.
+
+Better than upstream, on purpose: a sample failing the joined-text tokenisation check is
+skipped and counted (``tokenization_mismatch``; upstream's assert stops the run), and a
+dataset or split with 0 accepted samples reports 0 instead of dividing by zero.
+
+``--config.datasets.oasst_export.mode=rm`` (``configs/data/oasst_rm.py``) pretokenizes the
+export's ranked prefixes instead (upstream's rm mode, :mod:`oasst_jax.data.oasst_export`):
+each example is its chatml prefix and two or more replies, each encoded as an assistant
+turn, best first, written as a *ranked* shard split (:mod:`oasst_jax.data.shards`); the
+stats blocks count prompts and add a ``Replies per prompt`` line.  Such a run holds only rm
+datasets and writes only our shards (no Megatron files, no jsonl: upstream's tool has no
+format for them); ``min_assistant_tokens`` does not apply.  A prompt whose prefix or a
+reply fails the tokenisation check is skipped (``tokenization_mismatch``).  Prefix and
+reply are encoded separately: the prefix ends with ``<|im_end|>\n`` and the reply starts
+with ``<|im_start|>``, so their concatenation is the joined text's tokenisation (the
+argument of :func:`oasst_jax.chatml.encode_batch`).
+
+Nothing is replaced when the run fails: an unknown config key or dataset option, an
+``output_dir`` that is a file, shards of another tokenizer already in ``output_dir``
+(unless ``overwrite=True``), or a split left without a single sample (a dataset that gives
+a split nothing is only a ``warning:`` line on stderr naming it).  JSON lines longer than
+``max_record_bytes`` are skipped and reported as ``oversize_record``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import sys
+import zlib
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from oasst_jax import files, hub
+from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
+from oasst_jax.cli import cli_main
+from oasst_jax.data import megatron, oasst_export, outputs, shards
+from oasst_jax.data.conversation import LoadResult, Sample
+from oasst_jax.data.oasst_export import RankedSample
+from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
+from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
+from oasst_jax.data.stats import reasons_text as _reasons
+from oasst_jax.readers import MAX_RECORD_BYTES
+from oasst_jax.text import DataError, Turn
+from oasst_jax.tokenizer import Tokenizer
+
+__all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]
+
+SPLITS = ("train", "val")
+SPLIT_OPTIONS = ("fraction", "val_split", "max_val_set")
+PATH_OPTIONS = ("path", "input_file_path")
+# Loader options sources.OPTIONS does not list (yet): the oasst export's mode.
+MODE_OPTIONS: dict[str, tuple[str, ...]] = {"oasst_export": ("mode",)}
+DEFAULT_VAL_SPLIT = 0.2
+CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def dataset_rng(seed: int, name: str) -> np.random.Generator:
+    """The RNG of one dataset, independent of the other datasets of the mix."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+@dataclass
+class Split:
+    """One dataset's train and val parts, and whether ``fraction`` / ``max_val_set`` drew
+    from them (upstream then wraps them in another ``Subset``: stats titles)."""
+
+    train: list[Sample]
+    val: list[Sample]
+    train_subsampled: bool = False
+    val_capped: bool = False
+
+
+def split_parts(
+    samples: Sequence[Sample],
+    *,
+    val_split: float,
+    max_val_set: int | None,
+    fraction: float,
+    rng: np.random.Generator,
+    groups: Sequence[str] | None = None,
+    rounding: str = "ceil",
+) -> Split:
+    """Split by group, then the val cap, then the train fraction (module doc).  ``groups``:
+    every split unit in order, also those without a sample (default: the samples')."""
+    units = list(dict.fromkeys(s.group for s in samples) if groups is None else groups)
+    units = list(dict.fromkeys(units))
+    share = val_split * len(units)
+    n_val = min(len(units), math.floor(share) if rounding == "floor" else math.ceil(share))
+    val_groups = {units[i] for i in rng.permutation(len(units))[:n_val]}
+    out = Split(
+        train=[s for s in samples if s.group not in val_groups],
+        val=[s for s in samples if s.group in val_groups],
+    )
+    if max_val_set and len(out.val) > max_val_set:
+        out.val, out.val_capped = _subset(out.val, max_val_set, rng), True
+    if fraction < 1.0 and int(len(out.train) * fraction) < len(out.train):
+        out.train = _subset(out.train, int(len(out.train) * fraction), rng)
+        out.train_subsampled = True
+    return out
+
+
+def split_dataset(samples: Sequence[Sample], **kwargs: Any) -> tuple[list[Sample], list[Sample]]:
+    """``(train, val)`` of :func:`split_parts`."""
+    parts = split_parts(samples, **kwargs)
+    return parts.train, parts.val
+
+
+def _subset(samples: list[Sample], size: int, rng: np.random.Generator) -> list[Sample]:
+    """A seeded random subset without replacement, in the original order."""
+    return [samples[i] for i in np.sort(rng.choice(len(samples), size, replace=False))]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+_WORKER: dict[str, Any] = {}  # per worker process: set once by the pool initializer
+
+
+def _init_worker(tokenizer: Tokenizer, check: bool) -> None:
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["check"] = check
+
+
+def _encode_chunk(conversations: list[tuple[tuple[str, str], ...]]) -> EncodedBatch:
+    """Worker task; turns travel as ``(role, text)`` tuples (pickling dataclasses is slower)."""
+    turns = [tuple(Turn(role, text) for role, text in c) for c in conversations]
+    return encode_batch(_WORKER["tokenizer"], turns, check=_WORKER["check"])
+
+
+class Encoder:
+    """Encodes samples in fixed-size chunks, in a process pool when ``num_workers > 1``.
+
+    Results come back in submission order with a bounded number of chunks in flight, so
+    output is identical for any worker count and memory stays flat.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, num_workers: int, check: bool = True):
+        self._tokenizer = tokenizer
+        self._check = check
+        self._window = 2 * num_workers
+        self._pool = None
+        if num_workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+            self._pool = ctx.Pool(num_workers, _init_worker, (tokenizer, check))
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
+        """Encoded chunks of ``CHUNK_SIZE`` samples, in order; a chunk's turns are read
+        when it is sent (a loader may keep them on disk: ``data.spill``)."""
+        starts = range(0, len(samples), CHUNK_SIZE)
+        return self._encode_chunks([s.turns for s in samples[i : i + CHUNK_SIZE]] for i in starts)
+
+    def encode_conversations(self, convs: Sequence[Sequence[Turn]]) -> Iterator[EncodedBatch]:
+        """Encoded chunks of ``CHUNK_SIZE`` conversations, in order."""
+        starts = range(0, len(convs), CHUNK_SIZE)
+        return self._encode_chunks(convs[i : i + CHUNK_SIZE] for i in starts)
+
+    def _encode_chunks(self, chunks: Iterator[Sequence[Sequence[Turn]]]) -> Iterator[EncodedBatch]:
+        if self._pool is None:
+            for chunk in chunks:
+                yield encode_batch(self._tokenizer, chunk, check=self._check)
+            return
+        pending: deque = deque()
+        for convs in chunks:
+            chunk = [tuple((t.role, t.text) for t in c) for c in convs]
+            pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= self._window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_samples(
+    samples: Sequence[Sample],
+    encoder: Encoder,
+    writer: Any,
+    stats: Stats,
+    *,
+    min_assistant_tokens: int | None,
+    desc: str = "",
+) -> None:
+    """Encode, filter and append ``samples`` to ``writer`` (a :class:`shards.ShardWriter`
+    or :class:`outputs.SplitWriter`; the latter also takes the accepted samples' chatml
+    text when it writes a jsonl), updating ``stats``."""
+    start = 0
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None) as bar:
+        for batch in encoder.encode(samples):
+            too_short = np.zeros(batch.lengths.size, dtype=bool)
+            if min_assistant_tokens:
+                too_short = ~batch.mismatch & (batch.assistant_tokens() < min_assistant_tokens)
+            keep = ~(batch.mismatch | too_short)
+            token_keep = np.repeat(keep, batch.lengths)
+            writer.add_batch(batch.tokens[token_keep], batch.roles[token_keep], batch.lengths[keep])
+            if getattr(writer, "write_text", False):
+                chunk = samples[start : start + batch.lengths.size]
+                writer.add_texts([format_chatml(chunk[i].turns) for i in np.flatnonzero(keep)])
+            start += batch.lengths.size
+            reasons = {
+                "min_assistant_tokens": int(too_short.sum()),
+                "tokenization_mismatch": int(batch.mismatch.sum()),
+            }
+            stats.add(batch.lengths[keep], reasons)
+            bar.update(batch.lengths.size)
+
+
+def _conversations(batches: Iterator[EncodedBatch]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(tokens, roles)`` per conversation of encoded chunks; a failed check: ``None``s."""
+    for batch in batches:
+        ends = np.cumsum(batch.lengths)
+        for end, n, bad in zip(ends, batch.lengths, batch.mismatch, strict=True):
+            if bad:
+                yield None, None
+            else:
+                yield batch.tokens[end - n : end], batch.roles[end - n : end]
+
+
+def write_ranked(
+    samples: Sequence[RankedSample],
+    encoder: Encoder,
+    writer: shards.RankedShardWriter,
+    stats: Stats,
+    *,
+    desc: str = "",
+) -> None:
+    """Encode rm examples (prefix, then each reply as an assistant turn) and append them to
+    ``writer``; a prompt with a piece failing the tokenisation check is skipped."""
+    convs = [c for s in samples for c in (s.prefix, *((r,) for r in s.replies))]
+    pieces = _conversations(encoder.encode_conversations(convs))
+    for sample in tqdm(samples, desc=desc, unit="prompt", disable=None):
+        parts = [next(pieces) for _ in range(1 + len(sample.replies))]
+        if any(tokens is None for tokens, _ in parts):
+            stats.add(np.zeros(0, np.int64), {"tokenization_mismatch": 1})
+            continue
+        writer.add_example(parts)
+        stats.add(np.array([sum(len(t) for t, _ in parts)]), {})
+        stats.add_replies(np.array([len(sample.replies)]))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the pretokenizer reads, at its default: ``configs/data/*.py`` start here
+    (as the train configs start from :func:`oasst_jax.config.base_config`) and set the
+    output, the datasets and what the card changes."""
+    c = ml_collections.ConfigDict(sort_keys=False)  # fields in this order
+    c.output_dir = ""  # required
+    c.filename_prefix = ""  # required: the splits are {output_dir}/{prefix}-{train,val}
+    c.tokenizer_path = ""  # required: a SentencePiece model (Llama-2's tokenizer.model)
+    c.min_assistant_tokens = ml_collections.config_dict.placeholder(int)  # None: no minimum
+    c.megatron_new_tokens = False  # True: the 32007-token layout the released model used
+    c.check_tokenization = True  # skip samples whose joined text tokenises differently
+    c.seed = 42
+    c.num_workers = 1  # encoder processes; the output is the same for any number
+    c.overwrite = False  # True: write even where shards of another tokenizer lie
+    c.max_record_bytes = MAX_RECORD_BYTES  # a longer JSON line is skipped (oversize_record)
+    c.output_format = "oasst_jax"  # | "megatron" (upstream's files) | "both"
+    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
+    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
+    # required: name -> loader and split options; sort_keys=False keeps the config's order
+    # (the order of the datasets in the output files)
+    c.datasets = ml_collections.ConfigDict(sort_keys=False)
+    return c
+
+
+REQUIRED = ("output_dir", "filename_prefix", "tokenizer_path", "datasets")
+# Every other field of base_config() and its default; any key outside these two is refused.
+DEFAULTS: dict[str, Any] = {k: v for k, v in base_config().items() if k not in REQUIRED}
+
+
+def _setting(config: Any, key: str) -> Any:
+    value = config.get(key)
+    return DEFAULTS[key] if value is None else value
+
+
+def _options(config: Any, name: str) -> dict[str, Any]:
+    options = config.datasets[name]
+    return dict(options.to_dict() if hasattr(options, "to_dict") else options)
+
+
+def _need_positive_int(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"config: {field} must be a positive int, got {value!r}")
+
+
+def validate_config(config: Any) -> list[str]:
+    """Check the config before any work; returns the dataset names in config order.
+
+    A key the pretokenizer does not read, at the top level or in a dataset's section,
+    is an error: a misspelt option (``valsplit``) must not be silently ignored."""
+    for key in REQUIRED:
+        if not config.get(key):
+            raise DataError(f"config: '{key}' is required")
+    unknown = [k for k in config.keys() if k not in REQUIRED and k not in DEFAULTS]
+    if unknown:
+        raise DataError(f"config: unknown field {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
+    _check_output_path(Path(config.output_dir))
+    if _setting(config, "output_format") not in outputs.OUTPUT_FORMATS:
+        raise DataError(
+            f"config: output_format must be one of {', '.join(outputs.OUTPUT_FORMATS)}, "
+            f"got {_setting(config, 'output_format')!r}"
+        )
+    for key in ("write_json", "compress", "overwrite"):
+        if not isinstance(_setting(config, key), bool):
+            raise DataError(f"config: {key} must be true or false, got {_setting(config, key)!r}")
+    _need_positive_int(_setting(config, "num_workers"), "num_workers")
+    _need_positive_int(_setting(config, "max_record_bytes"), "max_record_bytes")
+    names = list(config.datasets.keys())
+    for name in names:
+        if name not in LOADERS:
+            raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
+        opts = _options(config, name)
+        valid = (*OPTIONS[name], *MODE_OPTIONS.get(name, ()), *SPLIT_OPTIONS)
+        for key in opts:
+            if key not in valid:
+                raise DataError(
+                    f"datasets.{name}: unknown option {key!r}; valid: {', '.join(valid)}"
+                )
+        val_split = opts.get("val_split", DEFAULT_VAL_SPLIT)
+        if not 0.0 <= float(val_split) < 1.0:
+            raise DataError(f"datasets.{name}.val_split must be in [0, 1), got {val_split}")
+        fraction = opts.get("fraction", 1.0)
+        if not 0.0 < float(fraction) <= 1.0:
+            raise DataError(f"datasets.{name}.fraction must be in (0, 1], got {fraction}")
+        max_val = opts.get("max_val_set")
+        if max_val is not None and int(max_val) < 0:
+            raise DataError(f"datasets.{name}.max_val_set must be >= 0, got {max_val}")
+        if opts.get("max_record_bytes") is not None:
+            _need_positive_int(opts["max_record_bytes"], f"datasets.{name}.max_record_bytes")
+        for key in PATH_OPTIONS:
+            if opts.get(key) and not Path(opts[key]).exists():
+                raise DataError(f"datasets.{name}.{key}: input not found: {opts[key]}")
+    _check_ranked(config, names)
+    return names
+
+
+def is_ranked(config: Any) -> bool:
+    """Whether the run pretokenizes rm examples (a dataset in ``mode = "rm"``)."""
+    return any(_options(config, n).get("mode") == "rm" for n in config.datasets.keys())
+
+
+def _check_ranked(config: Any, names: list[str]) -> None:
+    """An rm run: every dataset in rm mode, only our shards, no ``min_assistant_tokens``."""
+    for name in names:
+        mode = _options(config, name).get("mode", "sft")
+        if mode not in oasst_export.MODES:
+            modes = ", ".join(oasst_export.MODES)
+            raise DataError(f"config: datasets.{name}.mode must be one of {modes}, got {mode!r}")
+    if not is_ranked(config):
+        return
+    for name in names:
+        if _options(config, name).get("mode") != "rm":
+            raise DataError(
+                f"config: datasets.{name} is not in rm mode, but another dataset is: an rm run "
+                "writes ranked examples only (set datasets.<name>.mode=rm or drop the dataset)"
+            )
+    if _setting(config, "output_format") != "oasst_jax":
+        raise DataError(
+            f"config: output_format must be 'oasst_jax' in rm mode (Megatron's format holds no "
+            f"ranked replies), got {_setting(config, 'output_format')!r}"
+        )
+    for key in ("write_json", "min_assistant_tokens"):
+        if config.get(key):
+            raise DataError(f"config: {key} is not supported in rm mode, got {config.get(key)!r}")
+
+
+_FIELDS = (*REQUIRED, *DEFAULTS)
+
+
+def _check_output_path(out_dir: Path) -> None:
+    """``output_dir`` must be a directory or creatable as one (not a file, nor under one)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise DataError(f"config: output_dir {out_dir}: {path} is not a directory")
+            return
+
+
+def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) -> None:
+    """Refuse to write into ``out_dir`` when it holds splits of another tokenizer (our
+    shards or Megatron files, or upstream's ``special_tokens.json`` of another id layout),
+    unless ``overwrite``: the output directory's ``metadata.json``, ``stats.md`` and
+    ``special_tokens.json`` describe the last run only, so mixing tokenizers in one
+    directory invites training on the wrong one.  (The trainer checks each split's own
+    metadata, so it would still refuse.)"""
+    if overwrite or not out_dir.is_dir():
+        return
+    special = out_dir / megatron.SPECIAL_TOKENS_FILE
+    try:
+        made_special = json.loads(special.read_text())
+    except (OSError, ValueError):
+        made_special = None
+    if made_special is not None and made_special != tokenizer.special_tokens():
+        raise DataError(
+            f"{special} names other special-token ids ({made_special}) than "
+            f"{tokenizer.model_path} gives ({tokenizer.special_tokens()}); use another "
+            "output_dir or set overwrite=True"
+        )
+    files = [out_dir / shards.METADATA_FILE]
+    files += sorted(p / shards.METADATA_FILE for p in out_dir.iterdir() if p.is_dir())
+    files += sorted(out_dir.glob("*-metadata.json"))  # Megatron splits' (megatron.py)
+    for file in files:
+        try:
+            made = json.loads(file.read_text())["tokenizer"]
+            sha, vocab = str(made["sha256"]), made["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or not our metadata
+            continue
+        if sha != tokenizer.sha256:
+            where = file.parent if file.name == shards.METADATA_FILE else file
+            raise DataError(
+                f"{where} holds shards made with another tokenizer (sha256 {sha[:12]}, "
+                f"vocab {vocab}) than {tokenizer.model_path} (sha256 {tokenizer.sha256[:12]}, "
+                f"vocab {tokenizer.vocab_size}); use another output_dir or set overwrite=True"
+            )
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    """The config as JSON data, in its field order (``to_dict`` would sort the datasets)."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _split_expected(split: str, opts: Mapping[str, Any]) -> bool:
+    """Whether a dataset should put samples into ``split`` (val only with val_split > 0)."""
+    return split == "train" or float(opts.get("val_split", DEFAULT_VAL_SPLIT)) > 0
+
+
+def run(config: Any) -> dict[str, list[Stats]]:
+    """Pretokenize the mix described by ``config``; returns the stats blocks per split.
+
+    A dataset that contributes no sample to a split it should feed is a warning on
+    stderr naming it; a split left with no sample at all is an error, and then nothing
+    in ``output_dir`` is replaced.  A full disk (ENOSPC, EDQUOT, EROFS) is one line naming
+    ``output_dir`` and what it holds; every writer's temporaries are removed first."""
+    try:
+        return _run(config)
+    except OSError as e:
+        full = files.out_of_space(e)
+        if full is None or isinstance(e, files.SpaceError):  # not a full disk / said already
+            raise
+        out_dir = Path(config.output_dir)
+        if (out_dir / shards.METADATA_FILE).is_file():
+            kept = f"the previous output in {out_dir} is unchanged"
+        else:
+            kept = f"{out_dir} holds no finished output (no {shards.METADATA_FILE})"
+        raise files.space_error(out_dir, full, f"{kept}; temporaries removed") from e
+
+
+def _run(config: Any) -> dict[str, list[Stats]]:
+    names = validate_config(config)
+    tokenizer = Tokenizer(
+        hub.local_or_hub_file(config.tokenizer_path, "tokenizer.model", what="tokenizer_path"),
+        megatron_new_tokens=bool(_setting(config, "megatron_new_tokens")),
+    )
+    out_dir, prefix = Path(config.output_dir), config.filename_prefix
+    check_output_dir(out_dir, tokenizer, overwrite=bool(_setting(config, "overwrite")))
+    # Every input is read (hub datasets fetched) before anything is written, so a missing
+    # or broken one fails the run with output_dir untouched; loaders keep the conversations
+    # on disk (data.spill), so this holds per-sample bookkeeping only.
+    limit = {"max_record_bytes": _setting(config, "max_record_bytes")}
+    loaded = {name: load_dataset(name, {**limit, **_options(config, name)}) for name in names}
+    output_format, write_json = _setting(config, "output_format"), _setting(config, "write_json")
+    seed = int(_setting(config, "seed"))
+    min_tokens = config.get("min_assistant_tokens")
+    stats: dict[str, list[Stats]] = {s: [] for s in SPLITS}
+    upstream_blocks: dict[str, list[Stats]] = {s: [] for s in SPLITS}  # _stats.txt's
+    expected = {s: False for s in SPLITS}
+    load_skips: dict[str, Counter] = {}
+    common = {"tokenizer": shards.tokenizer_identity(tokenizer), "config": _config_json(config)}
+    ranked = is_ranked(config)
+
+    def split_writer(split: str) -> Any:
+        if ranked:
+            path = shards.split_path(out_dir, prefix, split)
+            return shards.RankedShardWriter(path, vocab_size=tokenizer.vocab_size)
+        return outputs.SplitWriter(
+            out_dir, prefix, split, vocab_size=tokenizer.vocab_size,
+            output_format=output_format, write_json=write_json,
+        )  # fmt: skip
+
+    with contextlib.ExitStack() as stack:
+        writers = {split: stack.enter_context(split_writer(split)) for split in SPLITS}
+        encoder = stack.enter_context(
+            Encoder(
+                tokenizer,
+                num_workers=int(_setting(config, "num_workers")),
+                check=bool(_setting(config, "check_tokenization")),
+            )
+        )
+        for name in names:
+            opts = _options(config, name)
+            result = loaded.pop(name)
+            load_skips[name] = result.skipped
+            fraction = float(opts.get("fraction", 1.0))
+            val_split = float(opts.get("val_split", DEFAULT_VAL_SPLIT))
+            parts = split_parts(
+                result.samples,
+                val_split=val_split,
+                max_val_set=opts.get("max_val_set"),
+                fraction=fraction,
+                rng=dataset_rng(seed, name),
+                groups=result.groups,
+                rounding="floor" if result.upstream_split == "random_split" else "ceil",
+            )
+            # fraction is reported on train only: val is never subsampled by it.
+            for split, samples, frac, drawn in (
+                ("train", parts.train, fraction, parts.train_subsampled),
+                ("val", parts.val, 1.0, parts.val_capped),
+            ):
+                title = dataset_title(result, split, val_split=val_split, subsampled=drawn)
+                block = Stats(result.name, len(samples), frac, key=name, title=title)
+                if ranked:
+                    block.ranked = True
+                    write_ranked(samples, encoder, writers[split], block, desc=f"{name} {split}")
+                else:
+                    write_samples(
+                        samples, encoder, writers[split], block,
+                        min_assistant_tokens=min_tokens, desc=f"{name} {split}",
+                    )  # fmt: skip
+                stats[split].append(block)
+                if _in_upstream_split(split, val_split, result):
+                    upstream_blocks[split].append(block)
+                if _split_expected(split, opts):
+                    expected[split] = True
+                    if block.accepted == 0:
+                        _warn(_empty_part(name, split, len(result.samples), block, result))
+            del result, parts, samples  # the dataset's spill file goes with its samples
+        for split, writer in writers.items():
+            if writer.num_samples == 0 and expected[split]:
+                raise DataError(
+                    f"split {split!r} is empty: no dataset gave it a sample (warnings above); "
+                    f"nothing in {out_dir} was replaced"
+                )
+        for split, w in writers.items():  # all written before the first rename
+            w.prepare({"split": split, **common})
+        _begin_commit(out_dir)
+        metas = {split: w.commit() for split, w in writers.items()}
+    outputs.remove_stale(out_dir, prefix, SPLITS, output_format, write_json)
+    report = format_report(str(out_dir), prefix, stats, load_skips)
+    outputs.write_text(out_dir / "stats.md", report)
+    print(report)
+    if "megatron" in outputs.formats(output_format):
+        megatron.write_special_tokens(out_dir, tokenizer)
+        for split, blocks in upstream_blocks.items():
+            text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
+            outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
+    meta = _output_metadata(common, metas, stats)
+    files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
+    if _setting(config, "compress"):
+        outputs.compress(config.output_dir)
+    return stats
+
+
+def _in_upstream_split(split: str, val_split: float, result: LoadResult) -> bool:
+    """Whether upstream's ``split`` holds a part of this dataset: its val has none when
+    ``train_val_dataset`` got ``val_split`` 0 (oasst's ``random_split`` always gives one)."""
+    return split == "train" or val_split > 0 or result.upstream_split == "random_split"
+
+
+def _empty_part(name: str, split: str, loaded: int, block: Stats, result: Any) -> str:
+    return (
+        f"dataset {name!r} contributes no {split} samples: {loaded} loaded, "
+        f"{block.total} went to {split}, skipped: {_reasons(block.reasons)}; "
+        f"load skips: {_reasons(result.skipped)}"
+    )
+
+
+def _begin_commit(out_dir: Path) -> None:
+    """Remove the old completion marker first, so a crash mid-commit reads as incomplete."""
+    (out_dir / shards.METADATA_FILE).unlink(missing_ok=True)
+
+
+def _output_metadata(common: dict, metas: dict, stats: dict[str, list[Stats]]) -> dict[str, Any]:
+    keys = ("num_samples", "num_tokens", "token_dtype", "max_token_id", "layout", "num_examples")
+    splits = {split: {k: meta[k] for k in keys if k in meta} for split, meta in metas.items()}
+    counts = {
+        split: {b.key: {"accepted": b.accepted, "skipped": dict(b.reasons)} for b in blocks}
+        for split, blocks in stats.items()
+    }
+    return {"format_version": shards.FORMAT_VERSION, **common, "splits": splits, "counts": counts}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main() -> None:
+    cli_main(run, "data config (configs/data/*.py)")
+
+
+if __name__ == "__main__":
+    main()
