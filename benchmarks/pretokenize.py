@@ -39,8 +39,8 @@ import psutil
 from oasst_jax.cli import pretokenize as pt
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import Sample
-from oasst_jax.text import Turn
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
+from oasst_jax.turns import Turn
 
 
 def synthetic_corpus(megabytes: float, seed: int = 0) -> list[Sample]:

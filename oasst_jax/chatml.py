@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oasst_jax.text import LOSS_MODES, ROLES, Turn
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer
+from oasst_jax.turns import LOSS_MODES, ROLES, Turn
 
 ROLE_IDS: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
 ASSISTANT = ROLE_IDS["assistant"]

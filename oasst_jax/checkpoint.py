@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from oasst_jax import distributed, files
+from oasst_jax import atomic_files, distributed
 from oasst_jax.model import LlamaConfig
 
 # OCDBT buffers a data file's worth of encoded chunks per writer before it
@@ -159,8 +159,8 @@ def _out_of_space(
     try:
         yield
     except Exception as e:
-        full = files.out_of_space(e)
-        if full is None or isinstance(e, files.SpaceError):
+        full = atomic_files.out_of_space(e)
+        if full is None or isinstance(e, atomic_files.SpaceError):
             raise
         _QUIET.tripped = True
         with contextlib.suppress(Exception):  # the writers fail alike: this error says it
@@ -168,7 +168,7 @@ def _out_of_space(
         removed = remove_partial_steps(directory, settle_s=0.5)
         kept = f"removed the partial {', '.join(removed)}" if removed else "nothing half-written"
         after = newest() if newest else "earlier steps are unchanged"
-        raise files.space_error(f"{directory}/{step}", full, f"{kept}; {after}") from e
+        raise atomic_files.space_error(f"{directory}/{step}", full, f"{kept}; {after}") from e
 
 
 class _QuietAfterFullDisk(logging.Filter):
@@ -178,7 +178,7 @@ class _QuietAfterFullDisk(logging.Filter):
     abandoned asyncio tasks finding the save aborted), and tensorstore's callbacks into
     the closed event loop of an aborted save (unraisable ``Event loop is closed``, never
     anything to act on).  The main thread says it in one line
-    (:func:`oasst_jax.files.space_error`); anything else still prints."""
+    (:func:`oasst_jax.atomic_files.space_error`); anything else still prints."""
 
     tripped = False
     installed = False
@@ -186,8 +186,8 @@ class _QuietAfterFullDisk(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         text = record.getMessage() if record.levelno >= logging.ERROR else ""
-        if (error is not None and files.out_of_space(error) is not None) or any(
-            os.strerror(code) in text for code in files.OUT_OF_SPACE
+        if (error is not None and atomic_files.out_of_space(error) is not None) or any(
+            os.strerror(code) in text for code in atomic_files.OUT_OF_SPACE
         ):
             self.tripped = True
             return False
@@ -196,7 +196,7 @@ class _QuietAfterFullDisk(logging.Filter):
 
     def drops(self, error: BaseException | None) -> bool:
         """Whether a thread's or an unraisable exception is full-disk noise."""
-        if error is not None and files.out_of_space(error) is not None:
+        if error is not None and atomic_files.out_of_space(error) is not None:
             self.tripped = True
             return True
         return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"

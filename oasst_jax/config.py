@@ -16,7 +16,7 @@ import ml_collections
 
 from oasst_jax import distributed, sharding
 from oasst_jax.model import LlamaConfig
-from oasst_jax.text import LOSS_MODES
+from oasst_jax.turns import LOSS_MODES
 
 # The normalisations ``loss.loss_sum_and_count`` implements (``loss_normalization``).
 LOSS_NORMALIZATIONS: tuple[str, ...] = ("global_token_mean", "microbatch_mean")
@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # what is trained: "sft" (next-token loss), "rm" (reward model: score head on the last
     # token, upstream's K-wise ranking loss) or "dpo" (sigmoid DPO against the load= policy);
-    # rm/dpo read ranked shards (configs/data/oasst_rm.py, oasst_jax/data/preference.py)
+    # rm/dpo read ranked shards (configs/data/oasst_rm.py, oasst_jax/data/ranked_batches.py)
     c.objective = "sft"
     # rm/dpo batches: sequence slots and groups (prompts / pairs) per micro-batch, prefix cap
     c.preference = ml_collections.ConfigDict(

@@ -9,7 +9,7 @@ settings apply unchanged: ``HF_HOME`` / ``HF_HUB_CACHE`` (where the cache lives)
 Files already cached are not downloaded again.
 
 A path that exists on disk always wins over a hub id of the same spelling.  Every failure is
-one :class:`~oasst_jax.text.DataError` line naming the setting, the repository and what to
+one :class:`~oasst_jax.turns.DataError` line naming the setting, the repository and what to
 do: a repository that does not exist, a gated one without an accepted token (the line names
 ``HF_TOKEN``), an offline cache without the file, a file the repository does not hold.
 Nothing but the library's own cache is ever written.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 # ``org/name``: a hub repository id (letters, digits, ``-``, ``_``, ``.``; no ``..``).
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

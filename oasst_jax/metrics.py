@@ -11,7 +11,7 @@ after ``N`` (logged by the run before it stopped, past its last checkpoint) are 
 from ``metrics.jsonl`` and ``samples.jsonl`` when they are opened, and tensorboard hides
 its events from step ``N + 1`` on (``purge_step``), so plots never double back
 (1, 2, 3, 4, 3, 4, 5 ...).  A full disk while writing is one line naming the file
-(:class:`oasst_jax.files.SpaceError`).
+(:class:`oasst_jax.atomic_files.SpaceError`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 
 WANDB_FIELDS = ("project", "entity", "name")  # a config's ``wandb`` section
 WANDB_RUN_ID = "wandb_run_id"
@@ -153,7 +153,7 @@ def keep_through(path: str, step: int) -> None:
         lines = f.readlines()
     kept = [line for line in lines if _line_step(line) <= step]
     if len(kept) != len(lines):
-        with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with atomic_files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
 
 
@@ -172,11 +172,11 @@ def _space_errors(path: str, step: int | None):
     try:
         yield
     except OSError as e:
-        full = files.out_of_space(e)
-        if full is None or isinstance(e, files.SpaceError):
+        full = atomic_files.out_of_space(e)
+        if full is None or isinstance(e, atomic_files.SpaceError):
             raise
         held = "what was written before" if step is None else f"the steps before {step}"
-        raise files.space_error(path, full, f"it holds {held}") from None
+        raise atomic_files.space_error(path, full, f"it holds {held}") from None
 
 
 def _wandb_options(wandb: Mapping[str, str] | None) -> dict[str, str]:
@@ -205,7 +205,7 @@ def _start_wandb(workdir: str, options: dict[str, str], run_config: dict[str, An
             run_id = f.read().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        with files.atomic_path(id_path) as tmp, open(tmp, "w") as f:
+        with atomic_files.atomic_path(id_path) as tmp, open(tmp, "w") as f:
             f.write(run_id + "\n")
     return wandb.init(
         project=options["project"],

@@ -3,7 +3,7 @@ the DPO reference pre-pass.
 
 Why a module of its own: the loop (``oasst_jax/train.py``) only asks a feed for the next
 global batch and a validation for its metrics, as it does for sft; how ranked examples
-become stacked micro-batches of whole groups (``oasst_jax/data/preference.py``), placed
+become stacked micro-batches of whole groups (``oasst_jax/data/ranked_batches.py``), placed
 per field, and how a precomputed reference's log-probs join them lives here.  It imports
 the step's shardings and metrics (``train_step``), never the loop.
 """
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from oasst_jax import lora
-from oasst_jax.data import preference as pref_data
+from oasst_jax.data import ranked_batches as pref_data
 from oasst_jax.train_step import CompiledTrainer, batch_shardings, finish_metrics
 
 

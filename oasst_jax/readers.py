@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import ijson
 
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_RECORD_BYTES = 16 * 2**20

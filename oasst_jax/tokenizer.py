@@ -47,7 +47,7 @@ from oasst_jax.readers import (
     iter_lines,
     iter_parquet_rows,
 )
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -38,7 +38,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from oasst_jax import lora, pipeline_parallel, preference, sharding
+from oasst_jax import lora, pipeline_parallel, preference_loss, sharding
 from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
 from oasst_jax.model import Llama, abstract_params, init_rows
 
@@ -53,7 +53,7 @@ class StepConfig:
     # (oasst_jax/pipeline_parallel.py); the mesh's pipeline axis size.
     pipeline_stages: int = 1
     # "sft" | "rm" | "dpo" (module doc); rm/dpo: the batch's slots S and groups P
-    # (oasst_jax/data/preference.py), the loss's beta, and where DPO's reference comes from
+    # (oasst_jax/data/ranked_batches.py), the loss's beta, and where DPO's reference comes from
     objective: str = "sft"
     num_sequences: int = 0
     num_groups: int = 0
@@ -65,7 +65,7 @@ class StepConfig:
         return self.objective == "dpo" and self.reference == "on_the_fly"
 
 
-# The device fields of an rm/dpo micro-batch beyond the token rows (data/preference.py);
+# The device fields of an rm/dpo micro-batch beyond the token rows (data/ranked_batches.py);
 # a precomputed DPO reference adds ``reference_logps`` [S].
 SLOT_FIELDS = ("sequence_row", "sequence_last", "sequence_group", "sequence_rank",
                "sequence_valid")  # fmt: skip
@@ -151,7 +151,7 @@ def _reply_scores(m: Llama, x_BLD: jax.Array, rows_S: jax.Array, last_S: jax.Arr
     """A reward model's tail on decoder outputs: :meth:`Llama.hidden`'s final norm, each
     reply's last token, :meth:`Llama.scores`; ``[S]`` fp32.  A function of the module (an
     ``apply`` method) so the pipelined step can run it on the last stage's outputs."""
-    return m.scores(preference.last_token(m.final_norm(x_BLD), rows_S, last_S))
+    return m.scores(preference_loss.last_token(m.final_norm(x_BLD), rows_S, last_S))
 
 
 def _objective_terms(
@@ -197,7 +197,7 @@ def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
 
 def _sequence_logps(logits: jax.Array, mb: dict, step_cfg: StepConfig) -> jax.Array:
     """Summed log-probs of each slot's reply loss tokens, ``[S]``."""
-    return preference.sequence_logps(
+    return preference_loss.sequence_logps(
         logits, mb["targets"], mb["weights"], mb["sequence_ids"], step_cfg.num_sequences
     )
 
@@ -205,7 +205,7 @@ def _sequence_logps(logits: jax.Array, mb: dict, step_cfg: StepConfig) -> jax.Ar
 def _rm_terms(scores_S: jax.Array, mb: dict, step_cfg: StepConfig):
     """The ranking loss of one micro-batch as a sum over its prompts (``den``: prompts),
     accuracy and margin as sums over its pairs."""
-    loss, m = preference.rm_loss(
+    loss, m = preference_loss.rm_loss(
         scores_S, mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"],
         num_groups=step_cfg.num_groups, beta=step_cfg.beta,
     )  # fmt: skip
@@ -217,11 +217,11 @@ def _rm_terms(scores_S: jax.Array, mb: dict, step_cfg: StepConfig):
 
 def _dpo_terms(logps_S: jax.Array, ref_logps_S: jax.Array, mb: dict, step_cfg: StepConfig):
     """The DPO loss of one micro-batch as a sum over its pairs (``den``: pairs), every
-    metric of :func:`~oasst_jax.preference.dpo_loss` likewise."""
+    metric of :func:`~oasst_jax.preference_loss.dpo_loss` likewise."""
     slots = (mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"])
-    pc, pr, valid = preference.pair_values(logps_S, *slots, num_pairs=step_cfg.num_groups)
-    rc, rr, _ = preference.pair_values(ref_logps_S, *slots, num_pairs=step_cfg.num_groups)
-    loss, m = preference.dpo_loss(pc, pr, rc, rr, valid, beta=step_cfg.beta)
+    pc, pr, valid = preference_loss.pair_values(logps_S, *slots, num_pairs=step_cfg.num_groups)
+    rc, rr, _ = preference_loss.pair_values(ref_logps_S, *slots, num_pairs=step_cfg.num_groups)
+    loss, m = preference_loss.dpo_loss(pc, pr, rc, rr, valid, beta=step_cfg.beta)
     n = m.pop("num_pairs")
     return loss * n, {"den": n, **{k: v * n for k, v in m.items()}}
 

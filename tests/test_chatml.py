@@ -16,8 +16,8 @@ from oasst_jax.chatml import (
     loss_mask,
     prompt_ids,
 )
-from oasst_jax.text import Turn
 from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.turns import Turn
 
 DOLLY = (
     Turn("system", "Be brief."),

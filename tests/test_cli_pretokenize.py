@@ -23,8 +23,8 @@ from oasst_jax.cli import pretokenize as pt
 from oasst_jax.data import megatron, shards
 from oasst_jax.data.conversation import Sample
 from oasst_jax.data.sources import load_dataset
-from oasst_jax.text import DataError, Turn
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
+from oasst_jax.turns import DataError, Turn
 
 SAMPLE_CONFIG = "configs/data/sample.py"
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from oasst_jax.data import pipeline, shards
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 CFG = pipeline.PipelineConfig(seq_length=8, rows_per_batch=2, num_threads=1)
 

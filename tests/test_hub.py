@@ -17,7 +17,7 @@ from hf_cache import cache_repo, fake_hub, use_cache
 from oasst_jax import hub
 from oasst_jax.cli import pretokenize
 from oasst_jax.config import load_config
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 LLAMA = "meta-llama/Llama-2-7b-hf"
 CARD_CONFIG = Path(REPO) / "configs" / "data" / "oasst_pre10_min25.py"

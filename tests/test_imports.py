@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = Path(REPO) / "oasst_jax"
-TEXT_LAYER = ("oasst_jax.text", "oasst_jax.readers", "oasst_jax.tokenizer", "oasst_jax.chatml")
+TEXT_LAYER = ("oasst_jax.turns", "oasst_jax.readers", "oasst_jax.tokenizer", "oasst_jax.chatml")
 VERBS = ("train", "sample", "convert", "pretokenize", "plan", "evaluate", "plot", "tokenizer")
 
 
@@ -106,7 +106,7 @@ def _cycle() -> list[str]:
 
 
 def test_graph_is_read():
-    assert GRAPH["oasst_jax.chatml"] >= {"oasst_jax.tokenizer", "oasst_jax.text"}
+    assert GRAPH["oasst_jax.chatml"] >= {"oasst_jax.tokenizer", "oasst_jax.turns"}
     assert "oasst_jax.data.shards" in GRAPH["oasst_jax.data.megatron"]
 
 
@@ -115,7 +115,7 @@ def test_no_import_cycle():
 
 
 def test_text_is_a_leaf():
-    assert GRAPH["oasst_jax.text"] == set()
+    assert GRAPH["oasst_jax.turns"] == set()
 
 
 def test_text_layer_does_not_depend_on_data():
@@ -156,7 +156,7 @@ def test_the_library_imports_no_command():
 def test_data_knows_nothing_of_the_model():
     """data/ builds on the text layer, the file helpers and the hub resolver only (no model,
     jax or CLI)."""
-    allowed = {"oasst_jax.text", "oasst_jax.readers", "oasst_jax.files", "oasst_jax.hub"}
+    allowed = {"oasst_jax.turns", "oasst_jax.readers", "oasst_jax.atomic_files", "oasst_jax.hub"}
     data = [m for m in GRAPH if m.startswith("oasst_jax.data")]
     bad = {m: sorted(d for d in GRAPH[m] if not d.startswith("oasst_jax.data")) for m in data}
     assert {m: deps for m, deps in bad.items() if set(deps) - allowed} == {}

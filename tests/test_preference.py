@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from oasst_jax.data.oasst_export import RankedSample, load_oasst_export
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 RM_FIXTURE = Path(__file__).parent / "data" / "oasst_rm.jsonl"
 
@@ -171,7 +171,7 @@ def _numpy_rm(scores, group, rank, valid, beta):
 def test_rm_loss_and_gradient_equal_the_formula(beta):
     import jax
 
-    from oasst_jax.preference import rm_loss
+    from oasst_jax.preference_loss import rm_loss
 
     scores, group, rank, valid = _rm_batch(seed=int(beta * 1000))
     want, want_grad, acc, margin = _numpy_rm(scores, group, rank, valid, beta)
@@ -234,7 +234,7 @@ def _trl_dpo(policy, reference, beta):
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_loss_equals_trl(beta):
-    from oasst_jax.preference import dpo_loss
+    from oasst_jax.preference_loss import dpo_loss
 
     rng = np.random.default_rng(7)
     policy = rng.normal(-60, 15, (2, 6))  # [chosen; rejected] summed log-probs
@@ -259,7 +259,7 @@ def test_dpo_loss_equals_trl(beta):
 def test_sequence_logps_equal_a_loop_and_pairs_gather():
     import jax
 
-    from oasst_jax.preference import last_token, pair_values, sequence_logps
+    from oasst_jax.preference_loss import last_token, pair_values, sequence_logps
 
     rng = np.random.default_rng(3)
     rows, length, vocab, slots = 3, 10, 11, 5
@@ -393,7 +393,7 @@ def test_rm_config_errors(tmp_path, sp_model_path):
 
 
 def test_truncate_and_pairs():
-    from oasst_jax.data.preference import make_pairs, truncate
+    from oasst_jax.data.ranked_batches import make_pairs, truncate
 
     assert truncate(10, [5, 8], 20, 6) == (10, [5, 8])  # fits: untouched
     assert truncate(10, [5, 15], 20, 6) == (6, [5, 14])  # prefix tail >= 6, reply heads
@@ -415,7 +415,7 @@ def _mask(sp_model_path):
 
 
 def _epoch(source, cfg, mask):
-    from oasst_jax.data.preference import PreferenceBatches
+    from oasst_jax.data.ranked_batches import PreferenceBatches
 
     return list(PreferenceBatches(source, cfg, mask, repeat=False))
 
@@ -428,9 +428,9 @@ def test_batches_hold_each_group_once_in_the_documented_layout(
     prefix tail + reply head, its weights the reply's loss mask on the targets, and the
     summed log-probs of a bigram "model" through the batch fields equal the same sum
     computed on the sequence alone."""
-    from oasst_jax.data.preference import PreferenceConfig, make_pairs, truncate
+    from oasst_jax.data.ranked_batches import PreferenceConfig, make_pairs, truncate
     from oasst_jax.data.shards import RankedDataSource
-    from oasst_jax.preference import last_token, sequence_logps
+    from oasst_jax.preference_loss import last_token, sequence_logps
 
     source = RankedDataSource(rm_data[0] / "oasst_rm-train")
     mask = _mask(sp_model_path)
@@ -509,7 +509,7 @@ def test_batches_hold_each_group_once_in_the_documented_layout(
 
 
 def test_batches_resume_and_refuse_bad_configs(rm_data, sp_model_path):
-    from oasst_jax.data.preference import PreferenceBatches, PreferenceConfig
+    from oasst_jax.data.ranked_batches import PreferenceBatches, PreferenceConfig
     from oasst_jax.data.shards import RankedDataSource
 
     source = RankedDataSource(rm_data[0] / "oasst_rm-train")
@@ -594,7 +594,7 @@ def _tiny(sp_model_path, **fields):
 
 
 def _micro_batches(rm_data, sp_model_path, kind, n, rows=4):
-    from oasst_jax.data.preference import PreferenceBatches, PreferenceConfig
+    from oasst_jax.data.ranked_batches import PreferenceBatches, PreferenceConfig
     from oasst_jax.data.shards import RankedDataSource
 
     source = RankedDataSource(rm_data[0] / "oasst_rm-train")
@@ -664,7 +664,7 @@ def test_preference_steps_sharded_equal_single_device(rm_data, sp_model_path, ki
     from conftest import max_diff
 
     from oasst_jax import lora
-    from oasst_jax.data.preference import stack
+    from oasst_jax.data.ranked_batches import stack
     from oasst_jax.train_step import reference_params
 
     objective = kind.removesuffix("-lora")
@@ -742,7 +742,7 @@ def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, 
     one-device trainer of the sharded-step test: its step and eval are compiled once.)"""
     import jax
 
-    from oasst_jax.data.preference import stack
+    from oasst_jax.data.ranked_batches import stack
     from oasst_jax.train_step import finish_metrics
 
     model_cfg = _tiny(sp_model_path)
@@ -931,7 +931,7 @@ def test_dpo_precomputed_reference_equals_on_the_fly(rm_data, sp_model_path, tmp
 
     from oasst_jax import checkpoint, lora
     from oasst_jax.cli import train
-    from oasst_jax.text import DataError
+    from oasst_jax.turns import DataError
 
     def config(workdir):
         cfg = _run_cfg(rm_data, sp_model_path, workdir, "dpo", train_iters=3, save_interval=0)
@@ -998,7 +998,7 @@ def test_rm_starts_from_a_language_model_with_a_fresh_score_head(
     ],
 )
 def test_damaged_reference_file_is_one_line_saying_to_delete_it(tmp_path, text):
-    from oasst_jax.data import preference as pref_data
+    from oasst_jax.data import ranked_batches as pref_data
 
     path = tmp_path / pref_data.REFERENCE_FILE
     path.write_text(text)

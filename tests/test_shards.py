@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from oasst_jax.data import megatron, outputs, shards
-from oasst_jax.text import DataError
 from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.turns import DataError
 
 
 def _samples(n=5, seed=0, vocab=300):

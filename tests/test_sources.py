@@ -30,7 +30,7 @@ from oasst_jax.data.sources import (
     load_dataset,
 )
 from oasst_jax.readers import iter_tar_jsonl, read_records
-from oasst_jax.text import ROLES, DataError, Turn
+from oasst_jax.turns import ROLES, DataError, Turn
 
 DATA = Path(__file__).parent / "data"
 CARD_CONFIG = Path(REPO) / "configs" / "data" / "oasst_pre10_min25.py"

@@ -6,7 +6,7 @@ import gc
 import weakref
 
 from oasst_jax.data.spill import SpillStore, StoredSample
-from oasst_jax.text import Turn
+from oasst_jax.turns import Turn
 
 CONVERSATIONS = [
     (Turn("system", "Be brief."), Turn("user", "héllo → 中文 🙂"), Turn("assistant", "ok\n")),

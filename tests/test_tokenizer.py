@@ -13,13 +13,13 @@ import tracemalloc
 import llama2_tokenizer
 import pytest
 
-from oasst_jax.text import DataError
 from oasst_jax.tokenizer import (
     Tokenizer,
     iter_corpus_text,
     model_dir_tokenizer,
     train_sentencepiece,
 )
+from oasst_jax.turns import DataError
 
 
 @pytest.fixture(scope="module")

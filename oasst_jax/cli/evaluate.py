@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
-from oasst_jax import cli, decode, files, sharding, weights
+from oasst_jax import atomic_files, cli, decode, sharding, weights
 
 try:
     from lm_eval import utils as lm_utils
@@ -480,10 +480,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    files.check_writable_dir(args.out)  # now, not after the evaluation
+    atomic_files.check_writable_dir(args.out)  # now, not after the evaluation
     results = evaluate(args)
     if jax.process_index() == 0:
-        files.write_json(args.out, results, indent=2, ensure_ascii=False, allow_nan=False)
+        atomic_files.write_json(args.out, results, indent=2, ensure_ascii=False, allow_nan=False)
         for task, metrics in results["results"].items():
             shown = {k: v for k, v in metrics.items() if "," in k and "stderr" not in k}
             print(f"{task}: {json.dumps(shown)}")

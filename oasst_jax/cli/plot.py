@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from oasst_jax import cli, files
+from oasst_jax import atomic_files, cli
 
 # (panel title, metric names drawn in it); the first name of a panel is a line, the
 # others markers (evaluations are sparse)
@@ -85,7 +85,7 @@ def plot_runs(run_dirs: Sequence[str], out: str, *, dpi: int = 100) -> None:
         if ax.has_data():
             ax.legend(fontsize="small")
     fig.tight_layout()
-    with files.atomic_path(out) as tmp:
+    with atomic_files.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
 
 

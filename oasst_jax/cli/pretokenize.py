@@ -72,7 +72,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oasst_jax import files, hub
+from oasst_jax import atomic_files, hub
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
 from oasst_jax.data import megatron, oasst_export, outputs, shards
@@ -82,8 +82,8 @@ from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
 from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
 from oasst_jax.data.stats import reasons_text as _reasons
 from oasst_jax.readers import MAX_RECORD_BYTES
-from oasst_jax.text import DataError, Turn
 from oasst_jax.tokenizer import Tokenizer
+from oasst_jax.turns import DataError, Turn
 
 __all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]
 
@@ -494,15 +494,15 @@ def run(config: Any) -> dict[str, list[Stats]]:
     try:
         return _run(config)
     except OSError as e:
-        full = files.out_of_space(e)
-        if full is None or isinstance(e, files.SpaceError):  # not a full disk / said already
+        full = atomic_files.out_of_space(e)
+        if full is None or isinstance(e, atomic_files.SpaceError):  # not a full disk / said already
             raise
         out_dir = Path(config.output_dir)
         if (out_dir / shards.METADATA_FILE).is_file():
             kept = f"the previous output in {out_dir} is unchanged"
         else:
             kept = f"{out_dir} holds no finished output (no {shards.METADATA_FILE})"
-        raise files.space_error(out_dir, full, f"{kept}; temporaries removed") from e
+        raise atomic_files.space_error(out_dir, full, f"{kept}; temporaries removed") from e
 
 
 def _run(config: Any) -> dict[str, list[Stats]]:
@@ -604,7 +604,7 @@ def _run(config: Any) -> dict[str, list[Stats]]:
             text = format_upstream(outputs.full_prefix(config.output_dir, prefix, split), blocks)
             outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
     meta = _output_metadata(common, metas, stats)
-    files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
+    atomic_files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
     if _setting(config, "compress"):
         outputs.compress(config.output_dir)
     return stats

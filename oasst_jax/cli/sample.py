@@ -4,7 +4,7 @@
     python -m oasst_jax.sample --ckpt ... --chat
     python -m oasst_jax.sample --ckpt ... --prompt "Hi" --prompt "2+2?" --json
     python -m oasst_jax.sample --ckpt ... --prompts prompts.jsonl --out report.json
-    python -m oasst_jax.sample compare a.json b.json ... --out compare.html
+    python -m oasst_jax.sample compare a.json b.json ... --out report_page.html
 
 Every prompt is a user turn formatted in chatml (``chatml.prompt_ids``), after a
 system turn that defaults to the model card's recommended Llama-2 system prompt
@@ -37,7 +37,7 @@ reports of two checkpoints line up prompt by prompt::
 
 ``compare`` (a first argument, before any flag) puts sampling reports side by side in
 one self-contained HTML page: prompts as rows, reports as columns, a select element
-for the sampling config (``oasst_jax.compare``).
+for the sampling config (``oasst_jax.report_page``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from oasst_jax import cli, compare, decode, files, sharding, weights
+from oasst_jax import atomic_files, cli, decode, report_page, sharding, weights
 from oasst_jax.chatml import format_turn, prompt_ids
 from oasst_jax.model import LlamaConfig
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer, model_dir_tokenizer
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = list(args.prompt) + (decode.read_prompts(args.prompts) if args.prompts else [])
     check_args(args, prompts)
     if args.out:
-        files.check_writable_dir(args.out)  # now, not after generating
+        atomic_files.check_writable_dir(args.out)  # now, not after generating
     sp = decode.SamplingParams(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
     )
@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> None:
         chat(args, *loaded)
     elif args.out:
         report = build_report(args, *loaded, prompts)
-        files.write_json(args.out, report, indent=2, ensure_ascii=False)
+        atomic_files.write_json(args.out, report, indent=2, ensure_ascii=False)
         print(f"wrote {args.out}: {len(prompts)} prompts")
     elif args.json:
         run_json(args, *loaded, prompts)
@@ -367,10 +367,10 @@ def _compare_parser() -> cli.ArgumentParser:
 
 def run_compare(args: argparse.Namespace) -> None:
     """Read and check every report before writing, then write the page atomically."""
-    files.check_writable_dir(args.out)
-    reports = [(path, compare.load_report(path)) for path in args.reports]
-    page = compare.render(reports, args.title)
-    with files.atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    atomic_files.check_writable_dir(args.out)
+    reports = [(path, report_page.load_report(path)) for path in args.reports]
+    page = report_page.render(reports, args.title)
+    with atomic_files.atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"wrote {args.out}: {len(reports)} reports")
 

@@ -20,11 +20,11 @@ import ml_collections
 import numpy as np
 
 from oasst_jax import (
+    atomic_files,
     chatml,
     checkpoint,
     decode,
     distributed,
-    files,
     hub,
     lora,
     optim,
@@ -366,13 +366,15 @@ def _raise_if_full_disk(error: OSError, cfg, ckpt: checkpoint.TrainCheckpointer)
     """A full disk met by the loop (a save, metrics, samples, tensorboard) as one line
     naming the path, what that file kept and the checkpoint a restart resumes from (a
     save's own line says that already); any other error is left to the caller."""
-    full = files.out_of_space(error)
+    full = atomic_files.out_of_space(error)
     if full is None:
         return
-    if not isinstance(error, files.SpaceError):
-        raise files.space_error(cfg.workdir, full, ckpt.newest()) from error
+    if not isinstance(error, atomic_files.SpaceError):
+        raise atomic_files.space_error(cfg.workdir, full, ckpt.newest()) from error
     if not error.path.startswith(ckpt.directory):
-        raise files.space_error(error.path, full, f"{error.kept}; {ckpt.newest()}") from error
+        raise atomic_files.space_error(
+            error.path, full, f"{error.kept}; {ckpt.newest()}"
+        ) from error
 
 
 def _start_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:

@@ -1,7 +1,7 @@
 """The conversation types every dataset loader returns.
 
 A loader turns one upstream dataset into a list of :class:`Sample` (a conversation of
-role-tagged turns, :class:`oasst_jax.text.Turn`) plus a counter of the records it skipped
+role-tagged turns, :class:`oasst_jax.turns.Turn`) plus a counter of the records it skipped
 and why, so the pretokenizer can report drops instead of crashing on bad input.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from oasst_jax.text import Turn
+from oasst_jax.turns import Turn
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 from oasst_jax.data import shards
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -200,7 +200,7 @@ class MegatronSplitWriter(shards.StagedWriter):
             "max_token_id": self._max_token_id,
             **metadata,
         }
-        files.write_json(self._meta_tmp, self._meta, indent=2)
+        atomic_files.write_json(self._meta_tmp, self._meta, indent=2)
         return self._meta
 
     def commit(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -223,7 +223,7 @@ class MegatronSplitWriter(shards.StagedWriter):
 
 def write_special_tokens(output_dir: Path, tokenizer: Any) -> None:
     """``special_tokens.json`` as upstream writes it (``json.dump``, no newline)."""
-    with files.atomic_path(Path(output_dir) / SPECIAL_TOKENS_FILE) as tmp:
+    with atomic_files.atomic_path(Path(output_dir) / SPECIAL_TOKENS_FILE) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(tokenizer.special_tokens(), f)
 

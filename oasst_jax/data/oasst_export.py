@@ -58,7 +58,7 @@ from typing import Any
 
 from oasst_jax.data.conversation import LoadResult, Sample
 from oasst_jax.readers import iter_jsonl_input, record_limit, require_path
-from oasst_jax.text import DataError, Turn
+from oasst_jax.turns import DataError, Turn
 
 NAME = "oasst_export"
 ROLE_MAP = {"prompter": "user", "assistant": "assistant"}

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 from oasst_jax.data import megatron, shards
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 OUTPUT_FORMATS = ("oasst_jax", "megatron", "both")
 
@@ -140,7 +140,7 @@ class SplitWriter(shards.StagedWriter):
 
 def write_text(path: Path, text: str) -> None:
     """``text`` to ``path`` atomically (UTF-8, exactly these characters)."""
-    with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
 
 
@@ -175,7 +175,7 @@ def compress(output_dir: str | os.PathLike) -> Path:
         name = Path(info.name).name
         return None if name.startswith(".") and (".tmp-" in name or ".old-" in name) else info
 
-    with files.atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    with atomic_files.atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(directory, arcname=arcname, filter=keep)
     return archive
 

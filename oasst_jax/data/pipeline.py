@@ -25,7 +25,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 FIELDS = ("inputs", "targets", "weights")
 # A batch's fields and their dtypes, each field [rows, seq_length]: the one list the loop,

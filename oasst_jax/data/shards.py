@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax import files
-from oasst_jax.text import ROLES, DataError
+from oasst_jax import atomic_files
+from oasst_jax.turns import ROLES, DataError
 
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.bin"
@@ -186,7 +186,7 @@ class ShardWriter(StagedWriter):
             "max_token_id": self._max_token_id,  # -1: no tokens
             **metadata,
         }
-        files.write_json(self._tmp / METADATA_FILE, self._meta, indent=2)
+        atomic_files.write_json(self._tmp / METADATA_FILE, self._meta, indent=2)
         return self._meta
 
     def commit(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -197,7 +197,7 @@ class ShardWriter(StagedWriter):
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, old)
         os.rename(self._tmp, self.path)
-        files.fsync_path(str(self.path.parent))
+        atomic_files.fsync_path(str(self.path.parent))
         if old is not None:
             shutil.rmtree(old)
         self._done = True

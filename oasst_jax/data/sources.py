@@ -35,7 +35,7 @@ from oasst_jax.data.conversation import LoadResult
 from oasst_jax.data.oasst_export import load_oasst_export
 from oasst_jax.data.spill import SpillStore, StoredSample
 from oasst_jax.readers import read_records, record_limit, require_path
-from oasst_jax.text import DataError, Turn
+from oasst_jax.turns import DataError, Turn
 
 # Upstream ``INSTRUCTION_DATASETS`` column names (role -> column).
 INSTRUCTION_COLUMNS: dict[str, dict[str, str]] = {

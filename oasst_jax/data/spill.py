@@ -22,7 +22,7 @@ import tempfile
 from array import array
 from collections.abc import Sequence
 
-from oasst_jax.text import ROLES, Turn
+from oasst_jax.turns import ROLES, Turn
 
 _ENCODING = ("utf-8", "surrogatepass")
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from oasst_jax import checkpoint, files
+from oasst_jax import atomic_files, checkpoint
 from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, llama_to_hf_config, write_json
 from oasst_jax.hf.layout import (
     LAYERS_PATH,
@@ -174,7 +174,7 @@ def orbax_to_hf(
     (``oasst_jax.hf.tokenizer``).
 
     The directory is built beside ``out`` under a hidden name and renamed into
-    place when complete (``files.atomic_dir``), so a failure leaves ``out`` as
+    place when complete (``atomic_files.atomic_dir``), so a failure leaves ``out`` as
     it was.  An existing ``out`` is replaced whole, and only when it holds
     nothing but files an export writes (a previous export); re-exporting in
     place needs disk for both copies until the swap.  Without ``tokenizer`` the
@@ -203,7 +203,7 @@ def write_hf_dir(
     hf_config = llama_to_hf_config(cfg, dtype, base)
     tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
     check_replaceable(out)
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         write_tokenizer_files(tok, out, tmp, cfg.max_position_embeddings)
         written = write_safetensors(tmp, hf_tensors(reader, cfg, dtype), dtype, max_bytes)
         write_json(os.path.join(tmp, CONFIG_FILE), hf_config)

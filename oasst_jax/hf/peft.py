@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from oasst_jax import checkpoint, files, lora
+from oasst_jax import atomic_files, checkpoint, lora
 from oasst_jax.hf.config import is_hf_dir, write_json
 from oasst_jax.hf.convert import check_replaceable, open_orbax, write_hf_dir
 from oasst_jax.hf.layout import LAYERS_PATH
@@ -100,7 +100,7 @@ def lora_to_peft(ckpt: str, out: str) -> list[str]:
     """Write the newest step's adapters of the LoRA run ``ckpt`` as a PEFT adapter dir."""
     adapters, cfg = _causal_lm_adapters(ckpt)
     check_replaceable(out, ADAPTER_EXPORT, "an adapter export")
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         save_file(peft_tensors(adapters, cfg), os.path.join(tmp, ADAPTER_FILE))
         write_json(os.path.join(tmp, ADAPTER_CONFIG), adapter_config(cfg, _recorded_base(ckpt)))
     return [ADAPTER_CONFIG, ADAPTER_FILE]

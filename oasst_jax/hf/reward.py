@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from oasst_jax import checkpoint, files, lora
+from oasst_jax import atomic_files, checkpoint, lora
 from oasst_jax.hf.config import CONFIG_FILE, hf_dtype, is_hf_dir, llama_to_hf_config, write_json
 from oasst_jax.hf.convert import check_replaceable, hf_tensors, open_orbax, write_tokenizer_files
 from oasst_jax.hf.layout import HEAD_TENSOR, get_path
@@ -169,7 +169,7 @@ def write_reward_dir(
     tensors.append((SCORE_TENSOR, score.shape, lambda: score))
     tok = tokenizer_for_vocab(tokenizer, cfg.vocab_size) if tokenizer else None
     check_replaceable(out)
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         write_tokenizer_files(tok, out, tmp, cfg.max_position_embeddings)
         written = write_safetensors(tmp, tensors, dtype, parse_size(max_shard_size))
         write_json(os.path.join(tmp, CONFIG_FILE), reward_config(cfg, dtype, pad_token_id, base))

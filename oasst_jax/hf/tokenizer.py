@@ -32,7 +32,7 @@ from typing import Any
 
 from sentencepiece import sentencepiece_model_pb2
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 from oasst_jax.tokenizer import IM_END, IM_START, Tokenizer
 
 # chatml exactly as chatml.format_turn + the generation prompt; OA's "prompter" is a user.
@@ -174,16 +174,16 @@ def _by_id(item: tuple[str, int]) -> int:
 def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -> list[str]:
     """Write the tokenizer files + ``generation_config.json``; returns their names.
 
-    Each file is written under a temporary name and renamed (``oasst_jax.files``),
+    Each file is written under a temporary name and renamed (``oasst_jax.atomic_files``),
     so an existing file is replaced whole or left as it was.
     """
     os.makedirs(out, exist_ok=True)
     config = tokenizer_config(tok, model_max_length)
     text = tokenizer_json(tok)
-    with files.atomic_path(os.path.join(out, "tokenizer.json")) as tmp:
+    with atomic_files.atomic_path(os.path.join(out, "tokenizer.json")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    with files.atomic_path(os.path.join(out, "tokenizer.model")) as tmp:
+    with atomic_files.atomic_path(os.path.join(out, "tokenizer.model")) as tmp:
         shutil.copyfile(tok.model_path, tmp)
     jsons = {
         "tokenizer_config.json": config,
@@ -198,5 +198,5 @@ def write_hf_tokenizer(tok: Tokenizer, out: str, model_max_length: int = 4096) -
         },
     }
     for name, obj in jsons.items():
-        files.write_json(os.path.join(out, name), obj, indent=2, ensure_ascii=False)
+        atomic_files.write_json(os.path.join(out, name), obj, indent=2, ensure_ascii=False)
     return ["tokenizer.json", "tokenizer.model", *jsons]

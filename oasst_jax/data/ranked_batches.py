@@ -11,7 +11,7 @@ when prefix + longest reply exceeds ``seq_length`` tokens, the prefix keeps its 
 room) and each reply its *head* (``seq_length - kept prefix`` tokens).
 
 Batch layout (static shapes; ``R = rows``, ``L = seq_length``, ``S = max_sequences``,
-``P = max_groups``), the interface of the train step (:mod:`oasst_jax.preference`):
+``P = max_groups``), the interface of the train step (:mod:`oasst_jax.preference_loss`):
 
 ==================== ========= ======= ==================================================
 field                shape     dtype   meaning
@@ -38,7 +38,7 @@ field                shape     dtype   meaning
 ==================== ========= ======= ==================================================
 
 Per-sequence log-probs are ``segment_sum(token log p(target) * weights, sequence_ids,
-num_segments=S)`` (:func:`oasst_jax.preference.sequence_logps`).  The order of groups is a
+num_segments=S)`` (:func:`oasst_jax.preference_loss.sequence_logps`).  The order of groups is a
 seeded shuffle of the examples, redrawn every epoch; :meth:`PreferenceBatches.get_state`
 is a small JSON-able dict, so a resumed run sees the same batches.
 """
@@ -53,10 +53,10 @@ from typing import Any
 
 import numpy as np
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 from oasst_jax.data.pipeline import LossMask
 from oasst_jax.data.shards import RankedDataSource, split_path
-from oasst_jax.text import DataError
+from oasst_jax.turns import DataError
 
 REFERENCE_FILE = "reference_logps.json"  # a DPO run's precomputed reference, in its workdir
 
@@ -326,7 +326,7 @@ def save_reference(
         split: {"keys": [list(k) for k in sorted(t)], "logps": [float(t[k]) for k in sorted(t)]}
         for split, t in logps.items()
     }
-    files.write_json(path, {"identity": identity, "splits": splits})
+    atomic_files.write_json(path, {"identity": identity, "splits": splits})
 
 
 def load_reference(path: str, identity: dict[str, Any]) -> dict[str, dict[tuple, float]] | None:

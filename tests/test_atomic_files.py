@@ -7,32 +7,32 @@ import os
 
 import pytest
 
-from oasst_jax import files
+from oasst_jax import atomic_files
 
 
 def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "report.json"
-    files.write_json(target, {"a": 1})
+    atomic_files.write_json(target, {"a": 1})
     assert target.read_text() == '{"a": 1}\n'
-    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_files.atomic_path(target) as tmp:
         with open(tmp, "w") as f:
             f.write("half")
         raise RuntimeError("died mid-write")
     assert target.read_text() == '{"a": 1}\n'
     assert os.listdir(tmp_path) == ["report.json"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        files.write_json(tmp_path / "missing" / "x.json", {})
+        atomic_files.write_json(tmp_path / "missing" / "x.json", {})
 
 
 def test_atomic_dir_swaps_in_only_a_complete_directory(tmp_path):
     out = tmp_path / "out"
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         open(os.path.join(tmp, "old"), "w").close()
-    with pytest.raises(RuntimeError), files.atomic_dir(out) as tmp:
+    with pytest.raises(RuntimeError), atomic_files.atomic_dir(out) as tmp:
         open(os.path.join(tmp, "new"), "w").close()
         raise RuntimeError("died mid-write")
     assert os.listdir(out) == ["old"] and os.listdir(tmp_path) == ["out"]
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         open(os.path.join(tmp, "new"), "w").close()
     assert os.listdir(out) == ["new"] and os.listdir(tmp_path) == ["out"]
 
@@ -45,11 +45,11 @@ def test_every_written_file_gets_the_usual_mode(tmp_path):
 
     old = os.umask(0o022)
     try:
-        with files.atomic_dir(tmp_path / "export") as tmp:
+        with atomic_files.atomic_dir(tmp_path / "export") as tmp:
             save_file({"w": np.zeros(2)}, os.path.join(tmp, "model.safetensors"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 f.write("{}")
-        with files.atomic_path(tmp_path / "one.safetensors") as tmp:
+        with atomic_files.atomic_path(tmp_path / "one.safetensors") as tmp:
             save_file({"w": np.zeros(2)}, tmp)
     finally:
         os.umask(old)
@@ -70,25 +70,25 @@ def test_a_full_disk_is_one_line_naming_the_path_and_what_was_kept(tmp_path, cod
     """ENOSPC / EDQUOT / EROFS while writing: the temporary is removed and the error is
     one line naming the target and what is kept (the previous file or directory)."""
     target, out = tmp_path / "report.json", tmp_path / "export"
-    with pytest.raises(OSError) as err, files.atomic_path(target) as tmp:
+    with pytest.raises(OSError) as err, atomic_files.atomic_path(target) as tmp:
         with open(tmp, "w") as f:
             f.write("half")
         raise OSError(code, os.strerror(code))
     assert err.value.errno == code and "\n" not in str(err.value)
     assert f"{os.strerror(code)} writing {target}; nothing was written" in str(err.value)
-    files.write_json(target, {"a": 1})
+    atomic_files.write_json(target, {"a": 1})
     with pytest.raises(OSError, match=f"writing {target}; the previous {target} is unchanged"):
-        with files.atomic_path(target) as tmp, open(tmp, "w") as f:
+        with atomic_files.atomic_path(target) as tmp, open(tmp, "w") as f:
             f.write("half")
             _full()
-    with files.atomic_dir(out) as tmp:
+    with atomic_files.atomic_dir(out) as tmp:
         open(os.path.join(tmp, "old"), "w").close()
     # tensorstore/orbax say it as text in another exception, the errno as its cause or not
     wrapped = ValueError(f"RESOURCE_EXHAUSTED: writing chunk: {os.strerror(code)}")
     with pytest.raises(OSError, match=f"writing {out}; the previous {out} is unchanged"):
-        with files.atomic_dir(out) as tmp:
+        with atomic_files.atomic_dir(out) as tmp:
             raise wrapped
     assert sorted(os.listdir(tmp_path)) == ["export", "report.json"]
     assert os.listdir(out) == ["old"] and target.read_text() == '{"a": 1}\n'
-    with pytest.raises(ValueError, match="not a disk"), files.atomic_dir(out):
+    with pytest.raises(ValueError, match="not a disk"), atomic_files.atomic_dir(out):
         raise ValueError("not a disk problem")

@@ -1,7 +1,7 @@
 """Preference losses (reward model, DPO) and the per-sequence reductions they start from.
 
 Pure, static-shaped, jit-able functions; no model code.  They read the batch layout of
-:mod:`oasst_jax.data.preference`: ``S`` sequence slots per batch, each a prefix plus one
+:mod:`oasst_jax.data.ranked_batches`: ``S`` sequence slots per batch, each a prefix plus one
 reply, with per-token ``sequence_ids`` (``S`` on padding) and per-slot ``sequence_row``,
 ``sequence_last``, ``sequence_group``, ``sequence_rank``, ``sequence_valid``.
 

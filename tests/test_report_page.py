@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from oasst_jax import compare
+from oasst_jax import report_page
 from oasst_jax.cli import sample
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
@@ -110,7 +110,7 @@ def _page(tmp_path, reports=(A, B)) -> str:
         path = tmp_path / f"r{n}.json"
         path.write_text(json.dumps(report))
         paths.append(str(path))
-    out = tmp_path / "compare.html"
+    out = tmp_path / "report_page.html"
     sample.main(["compare", *paths, "--out", str(out)])
     return str(out)
 
@@ -216,7 +216,7 @@ def test_bad_report_is_one_line_and_writes_nothing(tmp_path, content, message):
     bad = tmp_path / "missing.json"
     if content is not None:
         bad.write_text(content)
-    out = tmp_path / "compare.html"
+    out = tmp_path / "report_page.html"
     line = _exit_line(["compare", str(good), str(bad), "--out", str(out)])
     assert line.startswith("error: ") and message in line, line
     assert not out.exists() and sorted(os.listdir(tmp_path)) == sorted(
@@ -225,7 +225,7 @@ def test_bad_report_is_one_line_and_writes_nothing(tmp_path, content, message):
 
 
 def test_column_names_tell_same_named_reports_apart():
-    assert compare.column_names([("x/a.json", A), ("y/b.json", A), ("c.json", B)]) == [
+    assert report_page.column_names([("x/a.json", A), ("y/b.json", A), ("c.json", B)]) == [
         "ckpt-a (a.json)",
         "ckpt-a (b.json)",
         "ckpt-b",
