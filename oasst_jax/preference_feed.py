@@ -1,7 +1,7 @@
 """rm/DPO batches on the mesh for the training loop: the train feed, the validation, and
 the DPO reference pre-pass.
 
-Why a module of its own: the loop (``oasst_jax/train.py``) only asks a feed for the next
+Why a module of its own: the loop (``oasst_jax/cli/train.py``) only asks a feed for the next
 global batch and a validation for its metrics, as it does for sft; how ranked examples
 become stacked micro-batches of whole groups (``oasst_jax/data/ranked_batches.py``), placed
 per field, and how a precomputed reference's log-probs join them lives here.  It imports

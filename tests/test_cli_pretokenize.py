@@ -382,7 +382,8 @@ def test_trainer_checks_token_ids_against_the_model_without_a_tokenizer(
     tmp_path, sp_model_path, capsys
 ):
     """The tokenizer the split records is gone: the run goes on without one (a warning)."""
-    from oasst_jax.cli.train import load_tokenizer, open_split
+    from oasst_jax.cli.train import load_tokenizer
+    from oasst_jax.sft_feed import open_split
 
     gone = tmp_path / "gone.model"
     shutil.copy(sp_model_path, gone)
@@ -612,9 +613,10 @@ def test_megatron_only_output_trains_like_the_shards(tmp_path, sp_model_path):
     from conftest import tiny_llama
 
     from oasst_jax import chatml, sharding
-    from oasst_jax.cli.train import load_tokenizer, make_iterator, open_split
+    from oasst_jax.cli.train import load_tokenizer
     from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
     from oasst_jax.model import Llama
+    from oasst_jax.sft_feed import make_iterator, open_split
 
     pt.run(_card_sample_config(tmp_path / "both", sp_model_path, output_format="both"))
     pt.run(_card_sample_config(tmp_path / "mega", sp_model_path, output_format="megatron"))

@@ -18,9 +18,10 @@ import pytest
 from conftest import max_diff
 
 from oasst_jax import optim, sharding
-from oasst_jax.cli.train import open_split, run
+from oasst_jax.cli.train import run
 from oasst_jax.config import load_config
 from oasst_jax.model import Llama
+from oasst_jax.sft_feed import open_split
 from oasst_jax.train_step import StepConfig, build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def _tiny_cfg(sample_data, workdir, **overrides) -> ml_collections.ConfigDict:
     # program): runs of 1 to 40 steps share one compiled step (the persistent cache)
     cfg.optim.lr_decay_iters = 40
     # the eval-time samples run (their compile and decode) but stay short: their content
-    # is test_train_samples.py's, which decodes the same 4 tokens (one shared compile)
+    # is test_cli_train_samples.py's, which decodes the same 4 tokens (one shared compile)
     cfg.eval_max_new_tokens = 4
     for k, v in overrides.items():
         cfg[k] = v
@@ -134,9 +135,9 @@ def test_eval_continues_and_eval_full_reads_each_sample_once(sample_data, tmp_pa
     global batches at each evaluation, cycles past the end of the split, and its state
     continues it exactly; ``eval_full`` reads every sample once, the same every time."""
     from oasst_jax import chatml
-    from oasst_jax.cli.train import Validation
     from oasst_jax.config import accumulation_steps, model_config
     from oasst_jax.data import pipeline
+    from oasst_jax.sft_feed import Validation
     from oasst_jax.tokenizer import Tokenizer
 
     cfg = _tiny_cfg(sample_data, tmp_path, eval_iters=1, loss_normalization="microbatch_mean")
@@ -283,9 +284,9 @@ def test_diverged_run_halts_without_saving_nonfinite_steps(sample_data, tmp_path
 
 
 def test_split_without_batches_names_it(sample_data, tmp_path, monkeypatch):
-    from oasst_jax.cli import train
+    from oasst_jax import sft_feed
 
-    monkeypatch.setattr(train, "make_iterator", lambda *a, **k: iter(()))
+    monkeypatch.setattr(sft_feed, "make_iterator", lambda *a, **k: iter(()))
     cfg = _tiny_cfg(sample_data, tmp_path, train_iters=1, eval_interval=0)
     split = os.path.join(sample_data["data_path"], f"{sample_data['data_prefix']}-train")
     with pytest.raises(ValueError, match=f"^{split}: the split yields no batches"):

@@ -10,9 +10,9 @@ import pytest
 from conftest import max_diff, tiny_llama
 
 from oasst_jax import optim, sharding
-from oasst_jax.cli.train import eval_metrics
 from oasst_jax.config import base_config
 from oasst_jax.model import Llama, hidden_dropout_rates
+from oasst_jax.sft_feed import eval_metrics
 from oasst_jax.train_step import StepConfig, build_trainer
 
 TINY = tiny_llama(initializer_range=0.02)

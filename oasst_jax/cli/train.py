@@ -1,9 +1,10 @@
 """``python -m oasst_jax.train --config=configs/sft10.py [--config.optim.lr=2e-5 ...]``.
 
-The loop around the jitted step: data, eval, logging, checkpoints, signals (the rm/dpo
-feeds and the DPO reference pre-pass: ``oasst_jax/preference_feed.py``).  Resumes
-automatically from ``{workdir}/checkpoints``; otherwise starts from ``load`` (weights
-only when ``finetune``) or from a random init.
+The loop around the jitted step: the run's tokenizer and splits checked, eval, logging,
+checkpoints, signals.  The batches come from a feed (sft: ``oasst_jax/sft_feed.py``; rm/dpo
+and the DPO reference pre-pass: ``oasst_jax/preference_feed.py``), the start weights from
+``oasst_jax/start_weights.py``.  Resumes automatically from ``{workdir}/checkpoints``;
+otherwise starts from ``load`` (weights only when ``finetune``) or from a random init.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from oasst_jax import (
     atomic_files,
@@ -28,14 +28,13 @@ from oasst_jax import (
     hub,
     lora,
     optim,
+    sft_feed,
     sharding,
-    weights,
+    start_weights,
 )
 from oasst_jax.cli import cli_main
-from oasst_jax.config import accumulation_steps, model_config, validate
-from oasst_jax.data import outputs, pipeline
-from oasst_jax.data.pipeline import BATCH_FIELDS
-from oasst_jax.hf.config import is_hf_dir
+from oasst_jax.config import accumulation_steps, validate
+from oasst_jax.data import outputs
 from oasst_jax.metrics import MetricsLogger, Timer, progress_line
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.pipeline_parallel import bubble_fraction
@@ -72,13 +71,6 @@ class _StopFlag:
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
-    """``{data_path}/{data_prefix}-{split}``: our shards, or Megatron ``-text``/``-role``
-    indexed datasets (upstream's pretokenizer output) when that is what exists;
-    missing, unfinished or empty: a one-line error."""
-    return outputs.open_source(cfg.data_path, cfg.data_prefix, split)
 
 
 def evaluates(cfg: ml_collections.ConfigDict) -> bool:
@@ -140,59 +132,12 @@ def _recorded_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Tokenizer | Non
     return tok, ""
 
 
-def make_iterator(
-    cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool, repeat: bool = True
-):
-    """The global batch stream, ``rows`` rows per batch (shuffled when ``train``; cycling
-    through the split when ``repeat``, else one pass that drops a last partial batch).
-
-    Every process runs the same seeded pipeline over the whole split and
-    :func:`to_global` hands each device only its own rows.  Why not a strided
-    share of the samples per host: then the batches (and the losses) would
-    depend on the number of hosts, and each host's iterator state would differ
-    while a checkpoint stores one.  Reading and packing every sample on every
-    host costs a few MB of host memory per step, small next to a 70B step.
-    """
-    pc = pipeline.PipelineConfig(
-        seq_length=cfg.seq_length,
-        rows_per_batch=rows,
-        packing=cfg.packing,
-        seed=cfg.seed,
-        shuffle=train,
-        num_packing_bins=cfg.num_packing_bins,
-        num_threads=cfg.data_threads,
-    )
-    return iter(pipeline.build_dataset(source, pc, loss_mask, repeat=repeat))
-
-
-def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dict:
-    """The global batch (identical on every process) -> one global array per field,
-    each process transferring only the slices its devices hold."""
-    out = {}
-    for k in BATCH_FIELDS:
-        full = np.asarray(host_batch[k]).reshape(global_shape)
-        out[k] = jax.make_array_from_callback(global_shape, sharding_, full.__getitem__)
-    return out
-
-
-def resolve_model_config(cfg) -> LlamaConfig:
-    """The config's model, or with ``use_checkpoint_args`` the shape stored with the orbax
-    checkpoint in ``load`` (numerics and attention choices stay the run's own)."""
-    model_cfg = model_config(cfg)
-    if not (cfg.use_checkpoint_args and cfg.load) or is_hf_dir(cfg.load):
-        return model_cfg
-    stored = checkpoint.load_model_config(cfg.load)
-    keep = ("dtype", "remat_policy", "attention_impl", "attention_backend", "attention_dropout")
-    keep += tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.name.startswith("lora_"))
-    return dataclasses.replace(stored, **{k: getattr(model_cfg, k) for k in keep})
-
-
 def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """Train to ``train_iters`` (or until a signal / ``exit_interval``); returns last metrics."""
     distributed.initialize(cfg.distributed)
     validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    model_cfg = resolve_model_config(cfg)
+    model_cfg = start_weights.model_config(cfg)
     if cfg.objective == "rm":
         model_cfg = dataclasses.replace(model_cfg, score_head=True)
     tokenizer = load_tokenizer(cfg, model_cfg)
@@ -223,7 +168,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         settings = {f"optim.{k}": v for k, v in cfg.optim.items()}
         base = base_record = None
         if model_cfg.lora_rank:
-            base, base_record = _lora_base(cfg, model_cfg, trainer)
+            base, base_record = start_weights.lora_base(cfg, model_cfg, trainer)
         restored = ckpt.restore(
             trainer.abstract_state,
             model_cfg,
@@ -237,7 +182,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
             if base is not None:  # adapters and optimizer from the checkpoint, base as loaded
                 state = {**state, "frozen": trainer.init_from_params(base)["frozen"]}
             elif "reference" in trainer.abstract_state:  # DPO: the starting weights again
-                state = {**state, "reference": _reference_weights(cfg, model_cfg, trainer)}
+                state = {
+                    **state,
+                    "reference": start_weights.reference_weights(cfg, model_cfg, trainer),
+                }
             _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
         elif base is not None:
             state = trainer.init_from_params(base)
@@ -246,7 +194,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
                 f"{cfg.load or 'random init'} frozen in {model_cfg.lora_base_dtype}"
             )
         elif cfg.load:
-            state = trainer.init_from_params(_start_weights(cfg, model_cfg, trainer))
+            state = trainer.init_from_params(start_weights.load_weights(cfg, model_cfg, trainer))
             _log(f"loaded weights from {cfg.load} (fresh optimizer, step 0)")
         else:
             state = trainer.init_random(jax.random.key(cfg.seed))
@@ -254,15 +202,22 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, float]:
         step_fn = trainer.step
         val = None
         if cfg.objective == "sft":
-            train_it = SftFeed(cfg, open_split(cfg, "train"), loss_mask, trainer, accum)
+            train_it = sft_feed.SftFeed(
+                cfg, sft_feed.open_split(cfg, "train"), loss_mask, trainer, accum
+            )
             if evaluates(cfg):
-                val = Validation(
-                    cfg, open_split(cfg, "val"), loss_mask, trainer.eval, mesh, rows_per_micro
+                val = sft_feed.Validation(
+                    cfg,
+                    sft_feed.open_split(cfg, "val"),
+                    loss_mask,
+                    trainer.eval,
+                    mesh,
+                    rows_per_micro,
                 )
         else:
             table = None
             if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
-                ref = _pre_pass_weights(cfg, model_cfg, trainer, state, restored)
+                ref = start_weights.pre_pass_weights(cfg, model_cfg, trainer, state, restored)
                 splits = ("train", "val") if evaluates(cfg) else ("train",)
                 table = reference_table(cfg, trainer, ref, splits, loss_mask, mesh)
             train_it = PreferenceFeed(
@@ -377,40 +332,6 @@ def _raise_if_full_disk(error: OSError, cfg, ckpt: checkpoint.TrainCheckpointer)
         ) from error
 
 
-def _start_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
-    """The ``load=`` weights placed as the state's params (a reward model's score head,
-    which an SFT checkpoint lacks, freshly drawn from the seed; never read from ``load``)."""
-    abstract = dict(trainer.abstract_state["params"])
-    score = abstract.pop("score", None)
-    if score is not None:
-        model_cfg = dataclasses.replace(model_cfg, score_head=False)
-    params = weights.load(cfg.load, model_cfg, abstract, where=f"load={cfg.load}")
-    if score is not None:
-        kernel = score["kernel"]
-        draw = jax.random.normal(jax.random.key(cfg.seed), kernel.shape, kernel.dtype)
-        params["score"] = {
-            "kernel": jax.device_put(draw * model_cfg.initializer_range, kernel.sharding)
-        }
-    return params
-
-
-def _reference_weights(cfg, model_cfg: LlamaConfig, trainer) -> Any:
-    """A full DPO run's reference: its starting weights (``load=``, else the seed's init)."""
-    if cfg.load:
-        return _start_weights(cfg, model_cfg, trainer)
-    return trainer.init_random(jax.random.key(cfg.seed))["params"]  # = its reference
-
-
-def _pre_pass_weights(cfg, model_cfg: LlamaConfig, trainer, state: dict, restored) -> Any:
-    """The weights a DPO reference pre-pass runs: a LoRA run's base (adapters off), a
-    fresh state's own params, or ``load=`` again on resume."""
-    if "frozen" in state:
-        return model_params(jax.tree.map(np.zeros_like, state["params"]), state["frozen"])
-    if restored is None:
-        return state["params"]
-    return _reference_weights(cfg, model_cfg, trainer)
-
-
 def wandb_options(cfg: ml_collections.ConfigDict) -> dict[str, str] | None:
     """``MetricsLogger``'s ``wandb`` argument from ``cfg.logging`` (None: W&B off)."""
     lg = cfg.logging
@@ -440,22 +361,6 @@ def log_samples(
     )
     logger.log_samples(step, list(zip(prompts, replies, strict=True)))
     return time.perf_counter() - t0
-
-
-def _lora_base(cfg, model_cfg: LlamaConfig, trainer) -> tuple[Any, dict]:
-    """A LoRA run's base weights (``load``, else the seed's random init) and the record a
-    checkpoint keeps of them (path + content fingerprint), computed before any restore so
-    a checkpoint trained on another base is refused."""
-    if cfg.load:
-        base = weights.load(
-            cfg.load,
-            lora.base_model_config(model_cfg),
-            trainer.abstract_base,
-            where=f"load={cfg.load}",
-        )
-    else:
-        base = trainer.random_base(jax.random.key(cfg.seed))
-    return base, lora.base_record(cfg.load, base, model_cfg.vocab_size)
 
 
 class _Window:
@@ -514,18 +419,6 @@ def _save(ckpt, step: int, state: dict, meta: dict, model_cfg, settings, guard) 
     guard.saved = step
 
 
-def _split_name(cfg, split: str) -> str:
-    """``{data_path}/{data_prefix}-{split}``, as errors name a split."""
-    return os.path.join(cfg.data_path, f"{cfg.data_prefix}-{split}")
-
-
-def _next_batch(it, split: str) -> dict:
-    try:
-        return next(it)
-    except StopIteration:
-        raise ValueError(f"{split}: the split yields no batches (no usable samples)") from None
-
-
 def _report(
     cfg, logger, pending, window: _Window, flops_tok: float, timer: Timer, guard: _NonFiniteGuard
 ) -> dict:
@@ -554,116 +447,6 @@ def _write(cfg, logger, step: int, m: dict, window: _Window, flops_tok: float, t
     logger.write(step, m)
     _log(progress_line(step, cfg.train_iters, m))
     window.reset(step)
-
-
-class Validation:
-    """Evaluation as Megatron-LLM runs it.
-
-    One evaluation is ``eval_iters`` **global** batches (``global_batch_size`` rows
-    each: the card's 10 x 64 = 640 samples), read from one validation stream that
-    persists across evaluations: each evaluation continues where the last one
-    stopped, cycling through the split in its stored order (unshuffled).  The
-    stream's position is saved with every checkpoint (``meta["val_iterator"]``), so a
-    resumed run evaluates the samples an uninterrupted one would.  Each global batch
-    is run in the train step's micro-batches (``rows_per_micro`` rows) and the loss
-    is normalised as training's (``loss_normalization``; ``microbatch_mean`` is
-    Megatron's mean over all the evaluation's micro-batches of each one's own mean).
-
-    ``eval_full``: every sample of the split exactly once instead, in order from the
-    first (the last micro-batch filled up with empty rows), the same data at every
-    evaluation, so checkpoints compare on equal terms; there is no stream to save.
-    """
-
-    def __init__(self, cfg, source, loss_mask, eval_fn, mesh, rows_per_micro: int):
-        self.cfg, self.source, self.loss_mask = cfg, source, loss_mask
-        self.eval_fn, self.rows = eval_fn, rows_per_micro
-        self.shard = sharding.batch_sharding(mesh)
-        self.name = _split_name(cfg, "val")
-        self.stream = None
-        if not cfg.eval_full:
-            self.stream = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=False)
-
-    def get_state(self) -> dict | None:
-        """The stream's position, for the checkpoint (None with ``eval_full``)."""
-        return None if self.stream is None else self.stream.get_state()
-
-    def set_state(self, state: dict) -> None:
-        """Continue the stream from a checkpoint's ``meta["val_iterator"]``."""
-        if self.stream is not None:
-            self.stream.set_state(state)
-
-    def __call__(self, params) -> dict[str, float]:
-        chunks = self._full() if self.stream is None else self._continued()
-        shape = pipeline.batch_shape(self.rows, self.cfg.seq_length)
-        terms = [self.eval_fn(params, to_global(c, self.shard, shape)) for c in chunks]
-        if not terms:
-            raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")
-        return eval_metrics(terms)
-
-    def _continued(self):
-        """``eval_iters`` global batches from the stream, cut into micro-batches as the
-        train step cuts its global batch."""
-        for _ in range(self.cfg.eval_iters):
-            batch = _next_batch(self.stream, self.name)
-            for i in range(0, self.cfg.global_batch_size, self.rows):
-                yield {k: batch[k][i : i + self.rows] for k in BATCH_FIELDS}
-
-    def _full(self):
-        """One pass over the split, one row at a time, in micro-batches of ``rows``."""
-        it = make_iterator(self.cfg, self.source, 1, self.loss_mask, train=False, repeat=False)
-        rows = []
-        for row in it:
-            rows.append(row)
-            if len(rows) == self.rows:
-                yield _stack_rows(rows)
-                rows = []
-        if rows:
-            empty = {k: np.zeros_like(rows[0][k]) for k in BATCH_FIELDS}  # no loss tokens
-            yield _stack_rows(rows + [empty] * (self.rows - len(rows)))
-
-
-def _stack_rows(rows: list[dict]) -> dict:
-    return {k: np.concatenate([r[k] for r in rows]) for k in BATCH_FIELDS}
-
-
-def eval_metrics(terms: list) -> dict[str, float]:
-    """``val_loss`` = sum of numerators / sum of denominators over an evaluation's
-    micro-batches (:func:`~oasst_jax.train_step.make_eval_step`'s terms), its
-    perplexity, and the loss tokens it read.  NaN when it read no loss token."""
-    num, den, tokens = np.asarray(jax.device_get(terms), np.float64).sum(axis=0)
-    loss = float(num / den) if den > 0 else float("nan")
-    return {
-        "val_loss": loss,
-        "val_ppl": float(np.exp(min(loss, 50.0))),
-        "val_loss_tokens": float(tokens),
-    }
-
-
-# ------------------------------------------------------- the sft feed (rm/dpo: preference_feed)
-
-
-class SftFeed:
-    """The sft global batch stream placed on the mesh, with its host-side statistics."""
-
-    def __init__(self, cfg, source, loss_mask, trainer, accum: int):
-        self.it = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=True)
-        self.shard, self.name = trainer.batch_sharding, _split_name(cfg, "train")
-        rows = cfg.global_batch_size // accum
-        self.shape = pipeline.batch_shape(rows, cfg.seq_length, accumulation=accum)
-
-    def get_state(self) -> dict:
-        return self.it.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.it.set_state(state)
-
-    def next(self) -> tuple[dict, dict[str, float]]:
-        host = _next_batch(self.it, self.name)
-        stats = {
-            "packing_efficiency": pipeline.packing_efficiency(host),
-            "samples": pipeline.samples_in_batch(host),
-        }
-        return to_global(host, self.shard, self.shape), stats
 
 
 def main() -> None:

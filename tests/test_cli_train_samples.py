@@ -1,5 +1,5 @@
 """Eval-time generation samples and W&B logging wired into the train loop
-(oasst_jax/train.py): one short end-to-end run of configs/tiny.py."""
+(oasst_jax/cli/train.py): one short end-to-end run of configs/tiny.py."""
 
 import json
 import os
