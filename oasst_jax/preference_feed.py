@@ -19,7 +19,8 @@ import numpy as np
 
 from oasst_jax import lora
 from oasst_jax.data import ranked_batches as pref_data
-from oasst_jax.train_step import CompiledTrainer, batch_shardings, finish_metrics
+from oasst_jax.objectives import batch_shardings, finish_metrics
+from oasst_jax.train_step import CompiledTrainer
 
 
 def _log(msg: str) -> None:

@@ -8,15 +8,12 @@ host inside the step; metrics are device scalars the loop reads one step late.
 State is a plain dict ``{step, params, opt_state}``; a LoRA run's (``model.lora_rank >
 0``, ``oasst_jax/lora.py``) adds ``frozen``, the base weights, and its ``params`` are
 only the adapters (and a reward model's score head): gradients, optimizer state and fp32
-masters exist for them alone.  The per-micro-batch loss is one seam, :func:`_objective_terms`:
-the full parameter tree, a micro-batch and its decoder outputs -> ``(numerator, sums)``,
-chosen by ``StepConfig.objective``: ``sft`` (next-token cross-entropy), ``rm`` (the score
-head at each reply's last token, upstream's K-wise ranking loss) or ``dpo`` (summed reply
-log-probs against a reference's).  The decoder outputs come from the scanned layers or,
-with pipeline stages, from the last stage of the GPipe schedule (a DPO reference's through
-the same schedule), so every objective runs on every mesh axis.  ``sums``
-are additive over micro-batches (``den`` the denominator: loss tokens, prompts or pairs),
-so accumulation divides once per step and weighs every token / prompt / pair of the
+masters exist for them alone.  The per-micro-batch loss is one seam,
+:func:`oasst_jax.objectives.objective_terms` (``sft``, ``rm`` or ``dpo``, by
+``StepConfig.objective``): the decoder outputs come from the scanned layers or, with
+pipeline stages, from the last stage of the GPipe schedule (a DPO reference's through the
+same schedule), so every objective runs on every mesh axis.  Its ``sums`` are additive over
+micro-batches, so accumulation divides once per step and weighs every token / prompt / pair of the
 global batch equally.  A DPO run's reference log-probs come with the batch
 (``reference_logps``, precomputed) or from reference weights: a LoRA run's frozen base
 (adapters off), else the state's ``reference`` (the load= weights, never trained).
@@ -38,57 +35,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from oasst_jax import lora, pipeline_parallel, preference_loss, sharding
-from oasst_jax.loss import loss_sum_and_count, token_cross_entropy
+from oasst_jax import lora, objectives, pipeline_parallel, sharding
 from oasst_jax.model import Llama, abstract_params, init_rows
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    accumulation_steps: int
-    micro_batch_size: int
-    loss_normalization: str = "global_token_mean"
-    seed: int = 0
-    # > 1: the micro-batches flow through this many stages of a GPipe schedule
-    # (oasst_jax/pipeline_parallel.py); the mesh's pipeline axis size.
-    pipeline_stages: int = 1
-    # "sft" | "rm" | "dpo" (module doc); rm/dpo: the batch's slots S and groups P
-    # (oasst_jax/data/ranked_batches.py), the loss's beta, and where DPO's reference comes from
-    objective: str = "sft"
-    num_sequences: int = 0
-    num_groups: int = 0
-    beta: float = 0.0
-    reference: str = "on_the_fly"  # or "precomputed": mb["reference_logps"] [S]
-
-    @property
-    def on_the_fly_reference(self) -> bool:
-        return self.objective == "dpo" and self.reference == "on_the_fly"
-
-
-# The device fields of an rm/dpo micro-batch beyond the token rows (data/ranked_batches.py);
-# a precomputed DPO reference adds ``reference_logps`` [S].
-SLOT_FIELDS = ("sequence_row", "sequence_last", "sequence_group", "sequence_rank",
-               "sequence_valid")  # fmt: skip
-ROW_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions", "sequence_ids")
-
-
-def batch_fields(step_cfg: StepConfig) -> tuple[str, ...]:
-    """The fields the step reads from each micro-batch."""
-    if step_cfg.objective == "sft":
-        return ("inputs", "targets", "weights", "segment_ids", "positions")
-    extra = ("reference_logps",) if step_cfg.objective == "dpo" and not (
-        step_cfg.on_the_fly_reference) else ()  # fmt: skip
-    return ROW_FIELDS + SLOT_FIELDS + extra
-
-
-def batch_shardings(mesh: Mesh, step_cfg: StepConfig, leading: tuple = ()) -> Any:
-    """The batch's sharding: one for every field (sft), or per field (rm/dpo: token rows
-    over ``batch``/``length``, the small per-slot fields replicated)."""
-    rows = sharding.batch_sharding(mesh, leading)
-    if step_cfg.objective == "sft":
-        return rows
-    slots = sharding.logical_sharding(mesh, (*leading, None))
-    return {k: rows if k in ROW_FIELDS else slots for k in batch_fields(step_cfg)}
+from oasst_jax.objectives import StepConfig, batch_shardings, finish_metrics
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, frozen: Any = None) -> dict:
@@ -117,131 +66,13 @@ def _microbatch_loss(
 ):
     """``(numerator, sums)`` of one micro-batch under ``step_cfg.objective`` (module doc);
     ``reference``: an on-the-fly DPO reference's parameter tree (no gradient flows to it)."""
-    x_BLD = _trunk(model, params, mb, rng, dropout_rates, deterministic)
+    x_BLD = objectives.trunk(model, params, mb, rng, dropout_rates, deterministic)
     ref_x_BLD = None
     if step_cfg.on_the_fly_reference:
         reference = jax.lax.stop_gradient(reference)
         zero = jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
-        ref_x_BLD = _trunk(model, reference, mb, rng, zero, True)
-    return _objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
-
-
-def _trunk(
-    model: Llama,
-    params: Any,
-    mb: dict,
-    rng: jax.Array,
-    dropout_rates: jax.Array,
-    deterministic: bool,
-) -> jax.Array:
-    """The decoder stack's outputs ``[B, L, D]`` of one micro-batch (before the final norm)."""
-    return model.apply(
-        {"params": params},
-        mb["inputs"],
-        positions_BL=mb["positions"],
-        segment_ids_BL=mb["segment_ids"],
-        dropout_rates=dropout_rates,
-        deterministic=deterministic,
-        rngs={"dropout": rng},
-        method=Llama.decode,
-    )
-
-
-def _reply_scores(m: Llama, x_BLD: jax.Array, rows_S: jax.Array, last_S: jax.Array) -> jax.Array:
-    """A reward model's tail on decoder outputs: :meth:`Llama.hidden`'s final norm, each
-    reply's last token, :meth:`Llama.scores`; ``[S]`` fp32.  A function of the module (an
-    ``apply`` method) so the pipelined step can run it on the last stage's outputs."""
-    return m.scores(preference_loss.last_token(m.final_norm(x_BLD), rows_S, last_S))
-
-
-def _objective_terms(
-    model: Llama,
-    params: Any,
-    x_BLD: jax.Array,
-    mb: dict,
-    step_cfg: StepConfig,
-    reference: Any = None,
-    ref_x_BLD: jax.Array | None = None,
-):
-    """``(numerator, sums)`` of one micro-batch from its decoder outputs: the objective's
-    own tail (sft: LM head and cross-entropy; rm: :func:`_reply_scores` and the ranking
-    loss; dpo: LM head, summed reply log-probs against the reference's), shared by the
-    scanned and the pipelined step.  ``ref_x_BLD``: an on-the-fly reference's decoder
-    outputs, through ``reference``'s own head."""
-    if step_cfg.objective == "rm":
-        scores_S = model.apply({"params": params}, x_BLD, mb["sequence_row"],
-                               mb["sequence_last"], method=_reply_scores)  # fmt: skip
-        return _rm_terms(scores_S, mb, step_cfg)
-    logits = model.apply({"params": params}, x_BLD, method=Llama.head)
-    if step_cfg.objective == "sft":
-        return _loss_terms(logits, mb, step_cfg)
-    if step_cfg.on_the_fly_reference:
-        ref_logits = model.apply({"params": reference}, ref_x_BLD, method=Llama.head)
-        ref_logps = _sequence_logps(ref_logits, mb, step_cfg)
-    else:
-        ref_logps = mb["reference_logps"]
-    return _dpo_terms(_sequence_logps(logits, mb, step_cfg), ref_logps, mb, step_cfg)
-
-
-def _loss_terms(logits: jax.Array, mb: dict, step_cfg: StepConfig):
-    """``(numerator, sums)`` of one micro-batch's logits, the sft loss."""
-    nll = token_cross_entropy(logits, mb["targets"])
-    num, den = loss_sum_and_count(
-        nll,
-        mb["weights"],
-        normalization=step_cfg.loss_normalization,
-        micro_batch_size=step_cfg.micro_batch_size,
-    )
-    return num, {"den": den, "loss_tokens": jnp.sum(mb["weights"])}
-
-
-def _sequence_logps(logits: jax.Array, mb: dict, step_cfg: StepConfig) -> jax.Array:
-    """Summed log-probs of each slot's reply loss tokens, ``[S]``."""
-    return preference_loss.sequence_logps(
-        logits, mb["targets"], mb["weights"], mb["sequence_ids"], step_cfg.num_sequences
-    )
-
-
-def _rm_terms(scores_S: jax.Array, mb: dict, step_cfg: StepConfig):
-    """The ranking loss of one micro-batch as a sum over its prompts (``den``: prompts),
-    accuracy and margin as sums over its pairs."""
-    loss, m = preference_loss.rm_loss(
-        scores_S, mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"],
-        num_groups=step_cfg.num_groups, beta=step_cfg.beta,
-    )  # fmt: skip
-    pairs = m["num_pairs"]
-    sums = {"den": m["num_prompts"], "num_pairs": pairs, "accuracy": m["accuracy"] * pairs,
-            "margin": m["margin"] * pairs}  # fmt: skip
-    return loss * m["num_prompts"], sums
-
-
-def _dpo_terms(logps_S: jax.Array, ref_logps_S: jax.Array, mb: dict, step_cfg: StepConfig):
-    """The DPO loss of one micro-batch as a sum over its pairs (``den``: pairs), every
-    metric of :func:`~oasst_jax.preference_loss.dpo_loss` likewise."""
-    slots = (mb["sequence_group"], mb["sequence_rank"], mb["sequence_valid"])
-    pc, pr, valid = preference_loss.pair_values(logps_S, *slots, num_pairs=step_cfg.num_groups)
-    rc, rr, _ = preference_loss.pair_values(ref_logps_S, *slots, num_pairs=step_cfg.num_groups)
-    loss, m = preference_loss.dpo_loss(pc, pr, rc, rr, valid, beta=step_cfg.beta)
-    n = m.pop("num_pairs")
-    return loss * n, {"den": n, **{k: v * n for k, v in m.items()}}
-
-
-def finish_metrics(num: jax.Array, sums: dict, step_cfg: StepConfig) -> dict:
-    """Step (or evaluation) metrics from summed micro-batch terms: ``loss`` = num / den,
-    the sft ``loss_tokens``, or the rm/dpo means over the pairs (``num_pairs``, and the
-    rm's ``num_prompts``)."""
-    den = sums["den"]
-    loss = jnp.where(den > 0, num / jnp.maximum(den, 1e-9), 0.0)
-    if step_cfg.objective == "sft":
-        return {"loss": loss, "loss_tokens": sums["loss_tokens"]}
-    pairs = sums["den"] if step_cfg.objective == "dpo" else sums["num_pairs"]
-    out = {"loss": loss, "num_pairs": pairs}
-    if step_cfg.objective == "rm":
-        out["num_prompts"] = den
-    for k, v in sums.items():
-        if k not in ("den", "num_pairs"):
-            out[k] = v / jnp.maximum(pairs, 1.0)
-    return out
+        ref_x_BLD = objectives.trunk(model, reference, mb, rng, zero, True)
+    return objectives.objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
 
 
 def _pipelined_loss(
@@ -258,7 +89,7 @@ def _pipelined_loss(
     """Summed loss terms of all micro-batches, the decoder run as a pipeline (an
     on-the-fly DPO reference through the same schedule, without dropout or gradient).
 
-    The objective's tail (:func:`_objective_terms`) runs per micro-batch in a
+    The objective's tail (:func:`objectives.objective_terms`) runs per micro-batch in a
     checkpointed scan, so only one micro-batch's logits exist at a time (as in the
     unpipelined accumulation).
     """
@@ -274,7 +105,7 @@ def _pipelined_loss(
 
     @jax.checkpoint
     def tail(x_BLD, ref_x_BLD, mb):
-        return _objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
+        return objectives.objective_terms(model, params, x_BLD, mb, step_cfg, reference, ref_x_BLD)
 
     def micro(totals, xs):
         return jax.tree.map(jnp.add, totals, tail(*xs)), None
@@ -432,7 +263,7 @@ def _eval_trunk(
     (the whole model, for 70B)."""
     key, zero = jax.random.key(0), jnp.zeros((model.cfg.num_hidden_layers,), jnp.float32)
     if step_cfg.pipeline_stages == 1:
-        return _trunk(model, params, batch, key, zero, True)
+        return objectives.trunk(model, params, batch, key, zero, True)
     stacked = jax.tree.map(lambda x: x[None], batch)
     return pipeline_parallel.pipeline_hidden(
         model.cfg, params, stacked, key, zero, stages=step_cfg.pipeline_stages,
@@ -447,8 +278,8 @@ def _eval_terms(
     """``(numerator, sums)`` of one micro-batch without dropout (:func:`_eval_trunk`)."""
     trunk = partial(_eval_trunk, model, step_cfg, layer_specs)
     ref_x_BLD = trunk(reference, batch) if step_cfg.on_the_fly_reference else None
-    return _objective_terms(model, params, trunk(params, batch), batch, step_cfg, reference,
-                            ref_x_BLD)  # fmt: skip
+    x_BLD = trunk(params, batch)
+    return objectives.objective_terms(model, params, x_BLD, batch, step_cfg, reference, ref_x_BLD)
 
 
 def make_sequence_logps(model: Llama, step_cfg: StepConfig, layer_specs: Any = None) -> Callable:
@@ -459,7 +290,7 @@ def make_sequence_logps(model: Llama, step_cfg: StepConfig, layer_specs: Any = N
     def logps_fn(params: Any, batch: dict) -> jax.Array:
         x_BLD = _eval_trunk(model, step_cfg, layer_specs, params, batch)
         logits = model.apply({"params": params}, x_BLD, method=Llama.head)
-        return _sequence_logps(logits, batch, step_cfg)
+        return objectives.sequence_logps(logits, batch, step_cfg)
 
     return logps_fn
 

@@ -743,7 +743,7 @@ def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, 
     import jax
 
     from oasst_jax.data.ranked_batches import stack
-    from oasst_jax.train_step import finish_metrics
+    from oasst_jax.objectives import finish_metrics
 
     model_cfg = _tiny(sp_model_path)
     micro = _micro_batches(rm_data, sp_model_path, "dpo", 2)
@@ -790,7 +790,7 @@ def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, 
 
 
 def _place_eval(t, b):
-    from oasst_jax.train_step import batch_shardings
+    from oasst_jax.objectives import batch_shardings
 
     mesh = next(iter(t.batch_sharding.values())).mesh
     return {k: jax_put(b[k], s) for k, s in batch_shardings(mesh, t.step_cfg).items()}
