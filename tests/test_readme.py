@@ -1,4 +1,5 @@
-"""README.md's commands, read out of README.md itself and run as written on tiny inputs.
+"""README.md's commands, read out of README.md itself and run as written on tiny inputs,
+and the commands of the docs/ pages checked against the commands they name.
 
 A README edit that breaks a command breaks this suite.  The Pipeline table is run row by
 row in one scratch directory laid out with the README's own relative paths
@@ -19,8 +20,11 @@ subprocesses refuses to import any installed package that the base requirements 
 an extra fails here, as it would for a newcomer.
 
 The cluster section runs against stand-in ``gcloud``/``sbatch``/``srun``/``scontrol``; its
-install line (CUDA wheels) is only parsed.  The first two README commands are CI's
-(``.ci/run`` reads them from README.md); the notebook runs in ``test_notebook.py``.
+install line (CUDA wheels) is only parsed.  Every ``python -m oasst_jax.VERB ...`` of the
+``docs/`` pages (each run by its module's tests) must name a command that exists, flags its
+``--help`` lists, config files that exist and config fields they hold.  The first two
+README commands are CI's (``.ci/run`` reads them from README.md); the notebook runs in
+``test_notebook.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import pytest
 from conftest import COMPILE_FLAGS, REPO, tiny_hf_llama
 
 README = os.path.join(REPO, "README.md")
+DOCS = os.path.join(REPO, "docs")
 VOCAB = 512  # the tokenizer row's N (the fixtures hold ~450 characters); the tiny HF model matches
 
 
@@ -417,3 +422,67 @@ def test_cluster_commands_against_stand_ins(tmp_path):
             assert any(f"--config=configs/{stage}.py" in c for c in trains), (line, calls)
         ran += 1
     assert ran >= 4, lines
+
+
+def docs_commands() -> list[tuple[str, str]]:
+    """``(page, command)`` for every ``python -m oasst_jax.VERB ...`` of the docs/ pages,
+    in code blocks and code spans (a table cell's escaped ``\\|`` unescaped)."""
+    found = []
+    for page in sorted(os.listdir(DOCS)):
+        text = open(os.path.join(DOCS, page), encoding="utf-8").read()
+        blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
+        spans = re.findall(r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+        for snippet in [line for b in blocks for line in b.splitlines()] + spans:
+            start = snippet.find("python -m oasst_jax.")
+            if start >= 0 and re.match(r"python -m oasst_jax\.[a-z]", snippet[start:]):
+                found.append((page, snippet[start:].replace("\\|", "|")))
+    return found
+
+
+def _has_field(cfg, dotted: str) -> bool:
+    """Whether ``--config.a.b`` / ``--config.a['b'].c`` names a field of ``cfg``."""
+    node = cfg
+    for key in re.findall(r"\['([^']+)'\]|([^.\[\]]+)", dotted):
+        key = key[0] or key[1]
+        if not hasattr(node, "keys") or key not in node.keys():
+            return False
+        node = node[key]
+    return True
+
+
+def test_docs_commands_name_real_commands_flags_and_configs():
+    """A renamed command, a dropped flag, a moved config file or a config field that no longer
+    exists fails here, page and command named."""
+    from oasst_jax.config import load_config
+
+    commands = docs_commands()
+    assert len(commands) >= 10, commands
+    helps: dict[tuple[str, ...], str] = {}
+    wanted: list[tuple[str, str, tuple[str, ...], list[str]]] = []
+    for page, command in commands:
+        for variant in expand_optional(command):
+            argv = shlex.split(variant)
+            verb = argv[2].removeprefix("oasst_jax.")
+            where = f"docs/{page}: {variant}"
+            assert os.path.isfile(os.path.join(REPO, "oasst_jax", "cli", f"{verb}.py")), where
+            sub = argv[3:4] if argv[3:4] and not argv[3].startswith("-") else []
+            if verb not in ("convert", "tokenizer") and sub != ["compare"]:
+                sub = []  # a positional argument (plot's run directories), not a subcommand
+            options = [a for a in argv[3:] if a.startswith("--")]
+            for option in options:
+                name, _, value = option.partition("=")
+                if name == "--config":
+                    assert os.path.isfile(os.path.join(REPO, value)), where
+                    cfg = load_config(os.path.join(REPO, value))
+                elif name.startswith("--config."):
+                    assert _has_field(cfg, name.removeprefix("--config.")), (where, name)
+            flags = [o.partition("=")[0] for o in options if not o.startswith("--config")]
+            helps[(verb, *sub)] = ""
+            wanted.append((where, verb, tuple(sub), flags))
+    started = {
+        key: start(f"python -m oasst_jax.{' '.join(key)} --help", REPO) for key in helps
+    }  # side by side: each is one short process start
+    helps = {key: finish(proc) for key, proc in started.items()}
+    for where, verb, sub, flags in wanted:
+        missing = [f for f in flags if not re.search(rf"{re.escape(f)}\b", helps[(verb, *sub)])]
+        assert not missing, (where, missing)
