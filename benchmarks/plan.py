@@ -25,7 +25,7 @@ import time
 GIB = 2**30
 
 # (row name, config file, --config overrides, topology): the planner's GPU memory model
-# is held against the compiler on these (README, "Measured on accelerators").
+# is held against the compiler on these (docs/planning-and-performance.md, "Compiled for").
 GPU_TABLE = [
     ("tinyllama-full", "configs/bench_tinyllama.py", {"model.remat_policy": "full"}, "h100:1"),
     (

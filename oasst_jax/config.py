@@ -2,7 +2,7 @@
 
 ``configs/*.py`` files start from :func:`base_config` and change what the model
 card changes, so a reader can diff them against the card.  Field names follow
-Megatron-LLM's arguments (README has the flag -> field table).  Everything is
+Megatron-LLM's arguments (docs/training.md has the flag -> field table).  Everything is
 validated once at start-up and reported as one line naming the field and value.
 """
 
@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(sharding.DEFAULT_MESH))  # axis -> size, -1: the rest
     c.peak_flops_per_device = 989e12  # H100 SXM dense bf16
     # multi-process: mode auto|cluster|off, coordinator_address, num_processes, process_id
-    # (oasst_jax/distributed.py; README "Running on a cluster")
+    # (oasst_jax/distributed.py; docs/training.md, "The mesh")
     c.distributed = distributed.config()
     return c
 

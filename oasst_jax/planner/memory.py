@@ -53,7 +53,7 @@ Two programs are modelled, because the planner answers for both:
         layer at a time inside the scan (no hoisted copy) and the update tree is
         the second gradient-sized tree.  Cross-check
         against XLA's GPU compiler for abstract H100s (``benchmarks/plan.py
-        --gpu-table``, README): TinyLlama-1.1B with each remat policy, Llama-2-7B
+        --gpu-table``, docs/planning-and-performance.md): TinyLlama-1.1B with each remat policy, Llama-2-7B
         FSDP 8 and LoRA, Llama-2-70B QLoRA FSDP 8 and TP 8 x PP 4 on 4 x 8 GPUs:
         within 6%.  Not modelled yet: with context parallelism (``sequence > 1``)
         XLA:GPU builds each device's logits over the whole sequence, in about
