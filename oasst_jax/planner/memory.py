@@ -51,15 +51,14 @@ Two programs are modelled, because the planner answers for both:
         freed before the layers' backward begins, so the transient is the larger
         of the logits and one layer's recompute; the weights are cast to bf16 a
         layer at a time inside the scan (no hoisted copy) and the update tree is
-        the second gradient-sized tree.  Cross-check
-        against XLA's GPU compiler for abstract H100s (``benchmarks/plan.py
-        --gpu-table``, docs/planning-and-performance.md): TinyLlama-1.1B with each remat policy, Llama-2-7B
-        FSDP 8 and LoRA, Llama-2-70B QLoRA FSDP 8 and TP 8 x PP 4 on 4 x 8 GPUs:
-        within 6%.  Not modelled yet: with context parallelism (``sequence > 1``)
-        XLA:GPU builds each device's logits over the whole sequence, in about
-        three fp32 copies, so a small fsdp 2 x sequence 2 x tensor 2 step (512
-        wide, vocab 32000) reads -58%; gathered FSDP weights are left out too
-        (-12.5% on the same model at FSDP 8).
+        the second gradient-sized tree. Cross-check against XLA's GPU compiler for abstract
+        H100s (``benchmarks/plan.py --gpu-table``, docs/planning-and-performance.md):
+        TinyLlama-1.1B with each remat policy, Llama-2-7B FSDP 8 and LoRA, Llama-2-70B QLoRA
+        FSDP 8 and TP 8 x PP 4 on 4 x 8 GPUs: within 6%. Not modelled yet: with context
+        parallelism (``sequence > 1``) XLA:GPU builds each device's logits over the whole
+        sequence, in about three fp32 copies, so a small fsdp 2 x sequence 2 x tensor 2 step
+        (512 wide, vocab 32000) reads -58%; gathered FSDP weights are left out too (-12.5%
+        on the same model at FSDP 8).
 
 ``framework="megatron"`` -- the model card's run (Megatron-LLM, GPUs), after
   Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
