@@ -33,6 +33,7 @@ any watchdog can: that one case ends in JAX's lines, naming "the leader task".
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import itertools
@@ -113,6 +114,7 @@ def initialize(dist: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
     global _watch
     _watch = PeerWatch(timeout)
     _watch.start()
+    atexit.register(_watch.leaving)  # runs before jax's own shutdown (registered earlier)
     sys.excepthook = functools.partial(_after_the_verdict, sys.excepthook, timeout)
     return True
 
@@ -170,6 +172,13 @@ class PeerWatch(threading.Thread):
         self.timeout_s = timeout_s
         self.me, self.count = jax.process_index(), jax.process_count()
         self.done = False
+        self.exiting = False
+
+    def leaving(self) -> None:
+        """This process is exiting (atexit) and has said why, if it failed: a peer that
+        leaves first (the agreed stop of a failed checkpoint read, say) is no news worth
+        a second line, and a shutdown stuck on it still ends (:meth:`_stop`)."""
+        self.exiting = True
 
     def finished(self) -> None:
         self.done = True
@@ -203,6 +212,8 @@ class PeerWatch(threading.Thread):
         """One line, exit 1 at once (the main thread may be blocked in a collective with
         the lost peer).  Process 0 holds the coordination service, whose end aborts the
         others: it leaves last, once the others have said they are leaving."""
+        if self.exiting:  # its own line (if any) is out: exit with the status it had
+            os._exit(0 if self.done else 1)
         line = lost_peer_line(lost, self.me, self.count, self.timeout_s)
         with contextlib.suppress(Exception):
             self.client.key_value_set(f"oasst_jax/leaving/{self.me}", "1")
