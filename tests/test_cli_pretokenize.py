@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from oasst_jax.chatml import assistant_token_count, encode_turns
 from oasst_jax.cli import pretokenize as pt
+from oasst_jax.data import config as data_config
 from oasst_jax.data import megatron, shards
 from oasst_jax.data.conversation import Sample
 from oasst_jax.data.sources import load_dataset
@@ -222,12 +223,12 @@ def _data_config(name):
 
 
 def test_data_configs_build_on_the_base_config():
-    """Every field has one default, in ``pt.base_config()``; a data config sets only what it
-    changes, the card's leave ``tokenizer_path`` to the command line and write the card's
+    """Every field has one default, in ``data_config.base_config()``; a data config sets only
+    what it changes, the card's leave ``tokenizer_path`` to the command line and write the card's
     32007-token layout (``megatron_new_tokens``), the demo's the compact one."""
-    base = pt.base_config()
-    assert pt.DEFAULTS == {k: base[k] for k in base if k not in pt.REQUIRED}
-    assert set(base) == set(pt._FIELDS)
+    base = data_config.base_config()
+    assert data_config.DEFAULTS == {k: base[k] for k in base if k not in data_config.REQUIRED}
+    assert set(base) == set(data_config.FIELDS)
     for name in ("sample.py", "oasst_pre10_min25.py", "oasst_top1.py"):
         cfg = _data_config(name)
         assert list(cfg) == list(base), name
@@ -238,8 +239,10 @@ def test_data_configs_build_on_the_base_config():
         assert card <= changed <= card | {"min_assistant_tokens", "tokenizer_path"}, name
         if name != "sample.py":
             with pytest.raises(DataError, match="config: 'tokenizer_path' is required"):
-                pt.validate_config(cfg)
-    assert pt.validate_config(_data_config("sample.py")) == list(_data_config("sample.py").datasets)
+                data_config.validate_config(cfg)
+    assert data_config.validate_config(_data_config("sample.py")) == list(
+        _data_config("sample.py").datasets
+    )
 
 
 def test_failed_run_leaves_previous_output_intact(tmp_path, sp_model_path):

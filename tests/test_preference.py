@@ -366,24 +366,24 @@ def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
 
 
 def test_rm_config_errors(tmp_path, sp_model_path):
-    from oasst_jax.cli import pretokenize as pt
+    from oasst_jax.data import config as data_config
 
     cfg = _rm_config(tmp_path / "o", sp_model_path)
     cfg.output_format = "both"
     with pytest.raises(DataError, match="output_format must be 'oasst_jax' in rm mode"):
-        pt.validate_config(cfg)
+        data_config.validate_config(cfg)
     cfg = _rm_config(tmp_path / "o", sp_model_path, mode="rl")
     with pytest.raises(DataError, match="datasets.oasst_export.mode must be one of sft, rm"):
-        pt.validate_config(cfg)
+        data_config.validate_config(cfg)
     cfg = _rm_config(tmp_path / "o", sp_model_path)
     cfg.min_assistant_tokens = 5
     with pytest.raises(DataError, match="min_assistant_tokens is not supported in rm mode"):
-        pt.validate_config(cfg)
+        data_config.validate_config(cfg)
     cfg = _rm_config(tmp_path / "o", sp_model_path)
     cfg.datasets.megacode2 = {"path": "tests/data/megacode2.json"}
     with pytest.raises(DataError, match="datasets.megacode2 is not in rm mode"):
-        pt.validate_config(cfg)
-    base = pt.base_config()
+        data_config.validate_config(cfg)
+    base = data_config.base_config()
     rm = _rm_config(tmp_path / "o", sp_model_path)
     assert list(rm) == list(base)
     assert not (tmp_path / "o").exists()

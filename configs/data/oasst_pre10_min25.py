@@ -8,7 +8,7 @@ fetched into the standard Hugging Face cache on first use (``HF_HOME``/``HF_HUB_
 directory holding ``data_files`` (a copy of the repository). ``tokenizer_path``: Llama-2's
 tokenizer.model, or a hub id whose tokenizer.model to fetch (``meta-llama/Llama-2-7b-hf``
 is gated: set ``HF_TOKEN``). Fields not set here keep
-:func:`oasst_jax.cli.pretokenize.base_config`'s defaults::
+:func:`oasst_jax.data.config.base_config`'s defaults::
 
     python -m oasst_jax.pretokenize --config=configs/data/oasst_pre10_min25.py \\
       --config.tokenizer_path=/models/llama2/tokenizer.model \\
@@ -17,12 +17,12 @@ is gated: set ``HF_TOKEN``). Fields not set here keep
 
 from ml_collections import ConfigDict, config_dict
 
-from oasst_jax.cli import pretokenize
+from oasst_jax.data import config as data_config
 from oasst_jax.data.sources import REFUSAL_PHRASES
 
 
 def get_config() -> ConfigDict:
-    c = pretokenize.base_config()  # tokenizer_path: required, from the command line
+    c = data_config.base_config()  # tokenizer_path: required, from the command line
     c.output_dir = "output/oasst_pre10_min25"
     c.filename_prefix = "oasst_pre10"
     c.min_assistant_tokens = 25

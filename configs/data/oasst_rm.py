@@ -15,11 +15,11 @@ directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
 from ml_collections import ConfigDict, config_dict
 
-from oasst_jax.cli import pretokenize
+from oasst_jax.data import config as data_config
 
 
 def get_config() -> ConfigDict:
-    c = pretokenize.base_config()  # tokenizer_path: required, from the command line
+    c = data_config.base_config()  # tokenizer_path: required, from the command line
     c.output_dir = "output/oasst_rm_2023-07-23"
     c.filename_prefix = "oasst_rm"
     c.num_workers = 2

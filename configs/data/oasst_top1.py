@@ -1,7 +1,7 @@
 """Stage 2 data ``oasst_top1`` of the model card: the OA export, top-ranked replies only.
 
 Mirrors the card's pretokenizer YAML (fields not set here keep
-:func:`oasst_jax.cli.pretokenize.base_config`'s defaults); ``input_file_path`` is a local file
+:func:`oasst_jax.data.config.base_config`'s defaults); ``input_file_path`` is a local file
 (the card's export is not on the Hugging Face hub under that name; by default it is read
 from the working directory) and ``tokenizer_path`` is required (a file, or a hub id)::
 
@@ -12,11 +12,11 @@ from the working directory) and ``tokenizer_path`` is required (a file, or a hub
 
 from ml_collections import ConfigDict, config_dict
 
-from oasst_jax.cli import pretokenize
+from oasst_jax.data import config as data_config
 
 
 def get_config() -> ConfigDict:
-    c = pretokenize.base_config()  # tokenizer_path: required, from the command line
+    c = data_config.base_config()  # tokenizer_path: required, from the command line
     c.output_dir = "output/oasst_top1_2023-07-23"
     c.filename_prefix = "oasst_top1"
     # min_assistant_tokens: None (the base's), the stage-2 YAML sets none

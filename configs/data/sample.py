@@ -12,12 +12,12 @@ Split options follow the card (stage 1 sets, then the stage 2 oasst export with 
 
 from ml_collections import ConfigDict
 
-from oasst_jax.cli import pretokenize
+from oasst_jax.data import config as data_config
 from oasst_jax.data.sources import REFUSAL_PHRASES
 
 
 def get_config() -> ConfigDict:
-    c = pretokenize.base_config()
+    c = data_config.base_config()
     c.output_dir = "output/sample/data"
     c.filename_prefix = "sample"
     c.min_assistant_tokens = 25

@@ -68,31 +68,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from oasst_jax import atomic_files, hub
 from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
-from oasst_jax.data import megatron, oasst_export, outputs, shards
+from oasst_jax.data import megatron, outputs, shards
+from oasst_jax.data.config import (
+    DEFAULT_VAL_SPLIT,
+    dataset_options,
+    is_ranked,
+    setting,
+    validate_config,
+)
 from oasst_jax.data.conversation import LoadResult, Sample
 from oasst_jax.data.oasst_export import RankedSample
-from oasst_jax.data.sources import LOADERS, OPTIONS, load_dataset
+from oasst_jax.data.sources import load_dataset
 from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
 from oasst_jax.data.stats import reasons_text as _reasons
-from oasst_jax.readers import MAX_RECORD_BYTES
 from oasst_jax.tokenizer import Tokenizer
 from oasst_jax.turns import DataError, Turn
 
 __all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]
 
 SPLITS = ("train", "val")
-SPLIT_OPTIONS = ("fraction", "val_split", "max_val_set")
-PATH_OPTIONS = ("path", "input_file_path")
-# Loader options sources.OPTIONS does not list (yet): the oasst export's mode.
-MODE_OPTIONS: dict[str, tuple[str, ...]] = {"oasst_export": ("mode",)}
-DEFAULT_VAL_SPLIT = 0.2
 CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
 
 
@@ -287,146 +287,6 @@ def write_ranked(
         stats.add_replies(np.array([len(sample.replies)]))
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Every field the pretokenizer reads, at its default: ``configs/data/*.py`` start here
-    (as the train configs start from :func:`oasst_jax.config.base_config`) and set the
-    output, the datasets and what the card changes."""
-    c = ml_collections.ConfigDict(sort_keys=False)  # fields in this order
-    c.output_dir = ""  # required
-    c.filename_prefix = ""  # required: the splits are {output_dir}/{prefix}-{train,val}
-    c.tokenizer_path = ""  # required: a SentencePiece model (Llama-2's tokenizer.model)
-    c.min_assistant_tokens = ml_collections.config_dict.placeholder(int)  # None: no minimum
-    c.megatron_new_tokens = False  # True: the 32007-token layout the released model used
-    c.check_tokenization = True  # skip samples whose joined text tokenises differently
-    c.seed = 42
-    c.num_workers = 1  # encoder processes; the output is the same for any number
-    c.overwrite = False  # True: write even where shards of another tokenizer lie
-    c.max_record_bytes = MAX_RECORD_BYTES  # a longer JSON line is skipped (oversize_record)
-    c.output_format = "oasst_jax"  # | "megatron" (upstream's files) | "both"
-    c.write_json = False  # True: also {prefix}-{split}.jsonl (upstream's --write_json)
-    c.compress = False  # True: also {output_dir}.tar.gz (upstream's --compress)
-    # required: name -> loader and split options; sort_keys=False keeps the config's order
-    # (the order of the datasets in the output files)
-    c.datasets = ml_collections.ConfigDict(sort_keys=False)
-    return c
-
-
-REQUIRED = ("output_dir", "filename_prefix", "tokenizer_path", "datasets")
-# Every other field of base_config() and its default; any key outside these two is refused.
-DEFAULTS: dict[str, Any] = {k: v for k, v in base_config().items() if k not in REQUIRED}
-
-
-def _setting(config: Any, key: str) -> Any:
-    value = config.get(key)
-    return DEFAULTS[key] if value is None else value
-
-
-def _options(config: Any, name: str) -> dict[str, Any]:
-    options = config.datasets[name]
-    return dict(options.to_dict() if hasattr(options, "to_dict") else options)
-
-
-def _need_positive_int(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"config: {field} must be a positive int, got {value!r}")
-
-
-def validate_config(config: Any) -> list[str]:
-    """Check the config before any work; returns the dataset names in config order.
-
-    A key the pretokenizer does not read, at the top level or in a dataset's section,
-    is an error: a misspelt option (``valsplit``) must not be silently ignored."""
-    for key in REQUIRED:
-        if not config.get(key):
-            raise DataError(f"config: '{key}' is required")
-    unknown = [k for k in config.keys() if k not in REQUIRED and k not in DEFAULTS]
-    if unknown:
-        raise DataError(f"config: unknown field {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
-    _check_output_path(Path(config.output_dir))
-    if _setting(config, "output_format") not in outputs.OUTPUT_FORMATS:
-        raise DataError(
-            f"config: output_format must be one of {', '.join(outputs.OUTPUT_FORMATS)}, "
-            f"got {_setting(config, 'output_format')!r}"
-        )
-    for key in ("write_json", "compress", "overwrite"):
-        if not isinstance(_setting(config, key), bool):
-            raise DataError(f"config: {key} must be true or false, got {_setting(config, key)!r}")
-    _need_positive_int(_setting(config, "num_workers"), "num_workers")
-    _need_positive_int(_setting(config, "max_record_bytes"), "max_record_bytes")
-    names = list(config.datasets.keys())
-    for name in names:
-        if name not in LOADERS:
-            raise DataError(f"unknown dataset {name!r}; valid: {', '.join(LOADERS)}")
-        opts = _options(config, name)
-        valid = (*OPTIONS[name], *MODE_OPTIONS.get(name, ()), *SPLIT_OPTIONS)
-        for key in opts:
-            if key not in valid:
-                raise DataError(
-                    f"datasets.{name}: unknown option {key!r}; valid: {', '.join(valid)}"
-                )
-        val_split = opts.get("val_split", DEFAULT_VAL_SPLIT)
-        if not 0.0 <= float(val_split) < 1.0:
-            raise DataError(f"datasets.{name}.val_split must be in [0, 1), got {val_split}")
-        fraction = opts.get("fraction", 1.0)
-        if not 0.0 < float(fraction) <= 1.0:
-            raise DataError(f"datasets.{name}.fraction must be in (0, 1], got {fraction}")
-        max_val = opts.get("max_val_set")
-        if max_val is not None and int(max_val) < 0:
-            raise DataError(f"datasets.{name}.max_val_set must be >= 0, got {max_val}")
-        if opts.get("max_record_bytes") is not None:
-            _need_positive_int(opts["max_record_bytes"], f"datasets.{name}.max_record_bytes")
-        for key in PATH_OPTIONS:
-            if opts.get(key) and not Path(opts[key]).exists():
-                raise DataError(f"datasets.{name}.{key}: input not found: {opts[key]}")
-    _check_ranked(config, names)
-    return names
-
-
-def is_ranked(config: Any) -> bool:
-    """Whether the run pretokenizes rm examples (a dataset in ``mode = "rm"``)."""
-    return any(_options(config, n).get("mode") == "rm" for n in config.datasets.keys())
-
-
-def _check_ranked(config: Any, names: list[str]) -> None:
-    """An rm run: every dataset in rm mode, only our shards, no ``min_assistant_tokens``."""
-    for name in names:
-        mode = _options(config, name).get("mode", "sft")
-        if mode not in oasst_export.MODES:
-            modes = ", ".join(oasst_export.MODES)
-            raise DataError(f"config: datasets.{name}.mode must be one of {modes}, got {mode!r}")
-    if not is_ranked(config):
-        return
-    for name in names:
-        if _options(config, name).get("mode") != "rm":
-            raise DataError(
-                f"config: datasets.{name} is not in rm mode, but another dataset is: an rm run "
-                "writes ranked examples only (set datasets.<name>.mode=rm or drop the dataset)"
-            )
-    if _setting(config, "output_format") != "oasst_jax":
-        raise DataError(
-            f"config: output_format must be 'oasst_jax' in rm mode (Megatron's format holds no "
-            f"ranked replies), got {_setting(config, 'output_format')!r}"
-        )
-    for key in ("write_json", "min_assistant_tokens"):
-        if config.get(key):
-            raise DataError(f"config: {key} is not supported in rm mode, got {config.get(key)!r}")
-
-
-_FIELDS = (*REQUIRED, *DEFAULTS)
-
-
-def _check_output_path(out_dir: Path) -> None:
-    """``output_dir`` must be a directory or creatable as one (not a file, nor under one)."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise DataError(f"config: output_dir {out_dir}: {path} is not a directory")
-            return
-
-
 def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) -> None:
     """Refuse to write into ``out_dir`` when it holds splits of another tokenizer (our
     shards or Megatron files, or upstream's ``special_tokens.json`` of another id layout),
@@ -509,17 +369,19 @@ def _run(config: Any) -> dict[str, list[Stats]]:
     names = validate_config(config)
     tokenizer = Tokenizer(
         hub.local_or_hub_file(config.tokenizer_path, "tokenizer.model", what="tokenizer_path"),
-        megatron_new_tokens=bool(_setting(config, "megatron_new_tokens")),
+        megatron_new_tokens=bool(setting(config, "megatron_new_tokens")),
     )
     out_dir, prefix = Path(config.output_dir), config.filename_prefix
-    check_output_dir(out_dir, tokenizer, overwrite=bool(_setting(config, "overwrite")))
+    check_output_dir(out_dir, tokenizer, overwrite=bool(setting(config, "overwrite")))
     # Every input is read (hub datasets fetched) before anything is written, so a missing
     # or broken one fails the run with output_dir untouched; loaders keep the conversations
     # on disk (data.spill), so this holds per-sample bookkeeping only.
-    limit = {"max_record_bytes": _setting(config, "max_record_bytes")}
-    loaded = {name: load_dataset(name, {**limit, **_options(config, name)}) for name in names}
-    output_format, write_json = _setting(config, "output_format"), _setting(config, "write_json")
-    seed = int(_setting(config, "seed"))
+    limit = {"max_record_bytes": setting(config, "max_record_bytes")}
+    loaded = {
+        name: load_dataset(name, {**limit, **dataset_options(config, name)}) for name in names
+    }
+    output_format, write_json = setting(config, "output_format"), setting(config, "write_json")
+    seed = int(setting(config, "seed"))
     min_tokens = config.get("min_assistant_tokens")
     stats: dict[str, list[Stats]] = {s: [] for s in SPLITS}
     upstream_blocks: dict[str, list[Stats]] = {s: [] for s in SPLITS}  # _stats.txt's
@@ -542,12 +404,12 @@ def _run(config: Any) -> dict[str, list[Stats]]:
         encoder = stack.enter_context(
             Encoder(
                 tokenizer,
-                num_workers=int(_setting(config, "num_workers")),
-                check=bool(_setting(config, "check_tokenization")),
+                num_workers=int(setting(config, "num_workers")),
+                check=bool(setting(config, "check_tokenization")),
             )
         )
         for name in names:
-            opts = _options(config, name)
+            opts = dataset_options(config, name)
             result = loaded.pop(name)
             load_skips[name] = result.skipped
             fraction = float(opts.get("fraction", 1.0))
@@ -605,7 +467,7 @@ def _run(config: Any) -> dict[str, list[Stats]]:
             outputs.write_text(outputs.stats_path(out_dir, prefix, split), text)
     meta = _output_metadata(common, metas, stats)
     atomic_files.write_json(out_dir / shards.METADATA_FILE, meta, indent=2)
-    if _setting(config, "compress"):
+    if setting(config, "compress"):
         outputs.compress(config.output_dir)
     return stats
 
