@@ -29,17 +29,23 @@ def open_split(cfg: ml_collections.ConfigDict, split: str) -> Any:
 
 
 def make_iterator(
-    cfg, source, rows: int, loss_mask: pipeline.LossMask, *, train: bool, repeat: bool = True
-):
+    cfg,
+    source,
+    rows: int,
+    loss_mask: pipeline.LossMask,
+    *,
+    train: bool,
+    repeat: bool = True,
+    host_rows=None,
+) -> pipeline.Batches:
     """The global batch stream, ``rows`` rows per batch (shuffled when ``train``; cycling
-    through the split when ``repeat``, else one pass that drops a last partial batch).
+    through the split when ``repeat``, else one pass that drops a last partial batch), of
+    which this process reads only ``host_rows`` (``None``: all).
 
-    Every process runs the same seeded pipeline over the whole split and
-    :func:`to_global` hands each device only its own rows.  Why not a strided
-    share of the samples per host: then the batches (and the losses) would
-    depend on the number of hosts, and each host's iterator state would differ
-    while a checkpoint stores one.  Reading and packing every sample on every
-    host costs a few MB of host memory per step, small next to a 70B step.
+    Every process plans the same global batches from the samples' lengths and reads only
+    the rows its devices hold (:func:`oasst_jax.data.pipeline.host_rows`), so the batches
+    and the losses are the same for any number of hosts, and so is the iterator state a
+    checkpoint stores.
     """
     pc = pipeline.PipelineConfig(
         seq_length=cfg.seq_length,
@@ -50,17 +56,19 @@ def make_iterator(
         num_packing_bins=cfg.num_packing_bins,
         num_threads=cfg.data_threads,
     )
-    return iter(pipeline.build_dataset(source, pc, loss_mask, repeat=repeat))
+    return pipeline.Batches(source, pc, loss_mask, repeat=repeat, rows=host_rows)
 
 
-def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...]) -> dict:
-    """The global batch (identical on every process) -> one global array per field,
-    each process transferring only the slices its devices hold."""
-    out = {}
-    for k in BATCH_FIELDS:
-        full = np.asarray(host_batch[k]).reshape(global_shape)
-        out[k] = jax.make_array_from_callback(global_shape, sharding_, full.__getitem__)
-    return out
+def to_global(host_batch: dict, sharding_, global_shape: tuple[int, ...], rows=None) -> dict:
+    """This process's rows of the global batch (``rows``, global row indices; ``None``:
+    every row) -> one global array per field, each process transferring only the slices
+    its devices hold."""
+    return {
+        k: jax.make_array_from_callback(
+            global_shape, sharding_, pipeline.row_reader(host_batch[k], rows, global_shape)
+        )
+        for k in BATCH_FIELDS
+    }
 
 
 def _split_name(cfg, split: str) -> str:
@@ -99,8 +107,14 @@ class Validation:
         self.shard = sharding.batch_sharding(mesh)
         self.name = _split_name(cfg, "val")
         self.stream = None
+        shape = pipeline.batch_shape(rows_per_micro, cfg.seq_length)
+        self.micro_rows = pipeline.host_rows(self.shard, shape)  # each micro-batch's, here
         if not cfg.eval_full:
-            self.stream = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=False)
+            chunks = range(0, cfg.global_batch_size, rows_per_micro)
+            mine = np.concatenate([i + self.micro_rows for i in chunks])
+            self.stream = make_iterator(
+                cfg, source, cfg.global_batch_size, loss_mask, train=False, host_rows=mine
+            )
 
     def get_state(self) -> dict | None:
         """The stream's position, for the checkpoint (None with ``eval_full``)."""
@@ -112,9 +126,14 @@ class Validation:
             self.stream.set_state(state)
 
     def __call__(self, params) -> dict[str, float]:
-        chunks = self._full() if self.stream is None else self._continued()
         shape = pipeline.batch_shape(self.rows, self.cfg.seq_length)
-        terms = [self.eval_fn(params, to_global(c, self.shard, shape)) for c in chunks]
+        if self.stream is None:
+            terms = [self.eval_fn(params, to_global(c, self.shard, shape)) for c in self._full()]
+        else:
+            terms = [
+                self.eval_fn(params, to_global(c, self.shard, shape, self.micro_rows))
+                for c in self._continued()
+            ]
         if not terms:
             raise ValueError(f"{self.name}: the split yields no batches (no usable samples)")
         return eval_metrics(terms)
@@ -122,10 +141,11 @@ class Validation:
     def _continued(self):
         """``eval_iters`` global batches from the stream, cut into micro-batches as the
         train step cuts its global batch."""
+        n = len(self.micro_rows)  # this host's rows of each micro-batch
         for _ in range(self.cfg.eval_iters):
             batch = _next_batch(self.stream, self.name)
-            for i in range(0, self.cfg.global_batch_size, self.rows):
-                yield {k: batch[k][i : i + self.rows] for k in BATCH_FIELDS}
+            for i in range(0, len(batch["inputs"]), n):
+                yield {k: batch[k][i : i + n] for k in BATCH_FIELDS}
 
     def _full(self):
         """One pass over the split, one row at a time, in micro-batches of ``rows``."""
@@ -162,10 +182,13 @@ class SftFeed:
     """The sft global batch stream placed on the mesh, with its host-side statistics."""
 
     def __init__(self, cfg, source, loss_mask, trainer, accum: int):
-        self.it = make_iterator(cfg, source, cfg.global_batch_size, loss_mask, train=True)
         self.shard, self.name = trainer.batch_sharding, _split_name(cfg, "train")
         rows = cfg.global_batch_size // accum
         self.shape = pipeline.batch_shape(rows, cfg.seq_length, accumulation=accum)
+        self.rows = pipeline.host_rows(self.shard, self.shape)  # the rows read here
+        self.it = make_iterator(
+            cfg, source, cfg.global_batch_size, loss_mask, train=True, host_rows=self.rows
+        )
 
     def get_state(self) -> dict:
         return self.it.get_state()
@@ -175,8 +198,4 @@ class SftFeed:
 
     def next(self) -> tuple[dict, dict[str, float]]:
         host = _next_batch(self.it, self.name)
-        stats = {
-            "packing_efficiency": pipeline.packing_efficiency(host),
-            "samples": pipeline.samples_in_batch(host),
-        }
-        return to_global(host, self.shard, self.shape), stats
+        return to_global(host, self.shard, self.shape, self.rows), dict(self.it.stats)

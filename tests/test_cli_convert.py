@@ -92,7 +92,7 @@ def _damaged_copy(src: str, dst, damage: str) -> str:
     ],
 )
 def test_damaged_hf_dir_is_one_line_in_every_reader(hf_dirs, tmp_path, damage, message):
-    """convert's CLI, ``load_start_params`` (the trainer's ``load=``) and the sampler's
+    """convert's CLI, ``weights.load`` (the trainer's ``load=``) and the sampler's
     ``--ckpt`` all name the file and the field in one line (a ValueError the trainer's CLI
     prints); nothing is written."""
     broken = _damaged_copy(hf_dirs["fp32"], tmp_path / "hf", damage)

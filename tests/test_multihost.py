@@ -34,7 +34,8 @@ HEARTBEAT_S = 10
 
 # ``python -m oasst_jax.train ARGS`` after the faults the environment asks this process for:
 # OASST_TEST_STALL=FILE: after saving step SAVE, write FILE and sleep (the test kills it);
-# OASST_TEST_READ_FAULT=once|always: its checkpoint reads fail with EIO (the first only).
+# OASST_TEST_READ_FAULT=once|always: its checkpoint reads fail with EIO (the first only);
+# OASST_TEST_BATCHES=DIR: every train batch this process reads, its rows, in DIR/pI-bK.npz.
 RUNNER = f"""
 import errno, os, runpy, sys, time
 from oasst_jax import checkpoint
@@ -56,6 +57,18 @@ if fault:
             raise OSError(errno.EIO, "Input/output error (injected)", self.directory)
         return item(self, *args, **kwargs)
     checkpoint.TrainCheckpointer._item = failing
+batches = os.environ.get("OASST_TEST_BATCHES")
+if batches:
+    import numpy as np
+    from oasst_jax.data import pipeline
+    read, done = pipeline.Batches.__next__, []
+    def recording(self):
+        batch = read(self)
+        name = f"p{{os.environ['JAX_PROCESS_ID']}}-b{{len(done)}}.npz"
+        np.savez(os.path.join(batches, name), rows=self.rows, **batch)
+        done.append(name)
+        return batch
+    pipeline.Batches.__next__ = recording
 sys.argv = ["oasst_jax.train", *sys.argv[1:]]
 runpy.run_module("oasst_jax.train", run_name="__main__", alter_sys=True)
 """
@@ -96,11 +109,14 @@ def _overrides(workdir: str, data: str) -> dict:
     }
 
 
-def _launch(workdir: str, data: str, count: int = 2, **faults: dict[str, str]) -> list:
-    """``count`` processes of one job (8 devices in all); ``faults[i]``: process i's."""
+def _launch(
+    workdir: str, data: str, count: int = 2, more: dict | None = None, **faults: dict[str, str]
+) -> list:
+    """``count`` processes of one job (8 devices in all); ``faults[i]``: process i's;
+    ``more``: overrides beyond :func:`_overrides`."""
     address = f"127.0.0.1:{_free_port()}"
     args = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}"]
-    args += [f"--config.{k}={v}" for k, v in _overrides(workdir, data).items()]
+    args += [f"--config.{k}={v}" for k, v in {**_overrides(workdir, data), **(more or {})}.items()]
     procs = []
     for i in range(count):
         env = {
@@ -131,7 +147,7 @@ def _finish(procs: list, code: int = 0) -> list[str]:
     return outputs
 
 
-def _run_here(workdir: str, data: str) -> None:
+def _run_here(workdir: str, data: str, more: dict | None = None) -> None:
     """The job's run in this process, which has 8 CPU devices (conftest) and jax imported
     already: the one-process reference without a process start of its own."""
     import jax
@@ -141,7 +157,8 @@ def _run_here(workdir: str, data: str) -> None:
 
     assert jax.device_count() == 8 and jax.process_count() == 1
     cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
-    cfg.update_from_flattened_dict({**_overrides(workdir, data), "distributed.mode": "off"})
+    overrides = {**_overrides(workdir, data), **(more or {}), "distributed.mode": "off"}
+    cfg.update_from_flattened_dict(overrides)
     run(cfg)
 
 
@@ -179,6 +196,74 @@ def test_two_processes_match_one(job):
     assert "step" in outputs[0] and "step" not in outputs[1]  # progress lines: process 0 only
     for step in (SAVE, STEPS):  # saved collectively
         assert os.path.isdir(os.path.join(job["two"], "checkpoints", str(step)))
+
+
+# the batch axis over processes: data 2 x fsdp 2 (x tensor 2 inside a process), so with 2
+# processes each holds 4 of the 8 rows of a step, with 4 processes 2
+SHARED = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.pipeline": 1, "mesh.sequence": 1}
+
+
+def _batches(directory: str, process: int = 0) -> list[dict]:
+    """The train batches one process read (:data:`RUNNER`'s OASST_TEST_BATCHES), in order."""
+    out, k = [], 0
+    while os.path.exists(path := os.path.join(directory, f"p{process}-b{k}.npz")):
+        with np.load(path) as f:
+            out.append(dict(f))
+        k += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared_one(tmp_path_factory):
+    """The one-process run on the :data:`SHARED` mesh, every train batch it read recorded."""
+    from oasst_jax.data import pipeline
+
+    root = tmp_path_factory.mktemp("shared-one")
+    data = str(root / "data")
+    _write_shards(data)
+    read, done = pipeline.Batches.__next__, []
+
+    def recording(self):
+        batch = read(self)
+        np.savez(str(root / f"p0-b{len(done)}.npz"), rows=self.rows, **batch)
+        done.append(batch)
+        return batch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline.Batches, "__next__", recording)
+        _run_here(str(root / "run"), data, SHARED)
+    return {"data": data, "run": str(root / "run"), "batches": _batches(str(root))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [2, 4])
+def test_each_process_reads_its_rows_of_the_one_process_batches(count, shared_one, tmp_path):
+    """With the batch axis over processes, each of ``count`` processes reads only the rows
+    its devices hold (8 / count of each step's 8); put together they are, field for field,
+    the batches one process reads alone, and the losses are the one process's."""
+    work, recorded = str(tmp_path / "run"), str(tmp_path / "batches")
+    os.makedirs(recorded)
+    env = {"OASST_TEST_BATCHES": recorded}
+    _finish(
+        _launch(work, shared_one["data"], count, SHARED, **{f"p{i}": env for i in range(count)})
+    )
+    parts = [_batches(recorded, i) for i in range(count)]
+    want = shared_one["batches"]
+    assert len(want) == STEPS and all(len(p) == STEPS for p in parts)
+    for step, whole in enumerate(want):
+        held = [p[step] for p in parts]
+        assert [list(h["rows"]) for h in held] == [
+            list(range(i * 8 // count, (i + 1) * 8 // count)) for i in range(count)
+        ]
+        for k in whole:
+            if k != "rows":
+                np.testing.assert_array_equal(np.concatenate([h[k] for h in held]), whole[k])
+    got, one = _metrics(work), _metrics(shared_one["run"])
+    assert sorted(got) == sorted(one) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(
+        [got[s]["loss"] for s in got], [one[s]["loss"] for s in got], rtol=1e-5
+    )
+    assert [got[s]["samples"] for s in got] == [one[s]["samples"] for s in got]
 
 
 def _error_lines(out: str) -> list[str]:

@@ -4,6 +4,11 @@
 ``pallas`` (the project's flash kernel; interpret mode on CPU) and ``cudnn``
 (``jax.nn.dot_product_attention``'s fused kernel, a GPU baseline).
 Scripts rely on this signature.
+
+``pallas`` on a GPU runs the Mosaic GPU kernels (:mod:`mosaic_gpu`: TMA, wgmma,
+warp specialization) on Hopper when the installed jax has them (>= 0.11) and
+they take the shape (bf16/fp16, head dim <= 128), else the Triton kernels
+(:mod:`pallas_gpu`: older GPUs, older jax, fp32) -- :func:`gpu_backend`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from oasst_jax.attention.flash import flash_attention
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
-__all__ = ["IMPLEMENTATIONS", "BlockSizes", "dot_product_attention"]
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "dot_product_attention", "gpu_backend"]
 
 # Logical layouts of the kernel's operands; sharding.py maps them to mesh axes.
 _Q_NAMES = ("batch", "length", "act_heads", None)
@@ -44,9 +49,10 @@ def dot_product_attention(
 ) -> jax.Array:
     """``q [batch, length, heads, head_dim]``, ``k, v [batch, length, kv_heads, head_dim]``.
 
-    ``block_sizes``, ``backend`` (``'gpu'`` Triton / ``'tpu'`` Mosaic; default:
-    the current device, GPU kernel on CPU) and ``interpret`` (default: on CPU)
-    only affect ``'pallas'``.
+    ``block_sizes``, ``backend`` (``'gpu'`` Triton / ``'mosaic_gpu'`` / ``'tpu'``
+    Mosaic; default: the current device's, :func:`gpu_backend` on a GPU, the
+    Triton kernel on CPU) and ``interpret`` (default: on CPU) only affect
+    ``'pallas'``.
     """
     if implementation == "xla":
         return xla.dot_product_attention(
@@ -77,10 +83,31 @@ def dot_product_attention(
         causal=causal,
         softmax_scale=softmax_scale,
         block_sizes=block_sizes,
-        backend=backend or ("tpu" if platform == "tpu" else "gpu"),
+        backend=backend or _default_backend(platform, q),
         interpret=platform == "cpu" if interpret is None else interpret,
     )
     return _per_shard(kernel, q, k, v, segment_ids)
+
+
+def _default_backend(platform: str, q: jax.Array) -> str:
+    if platform == "tpu":
+        return "tpu"
+    if platform == "gpu":
+        return gpu_backend(jax.devices()[0], q.shape[-1], q.dtype)
+    return "gpu"  # CPU: the Triton kernels in interpret mode, the tested path
+
+
+def gpu_backend(device, head_dim: int, dtype) -> str:
+    """``'mosaic_gpu'`` on a Hopper GPU (compute capability 9.x) when the installed jax
+    has the Mosaic GPU API these kernels use and they take ``head_dim``/``dtype``;
+    ``'gpu'`` (Triton) otherwise.  Mosaic GPU is what jax maintains for GPUs -- its
+    Triton backend is deprecated from 0.11 -- and the only route to TMA, ``wgmma``
+    from shared memory and warp specialization; compiler figures are in the README."""
+    from oasst_jax.attention import mosaic_gpu
+
+    hopper = str(getattr(device, "compute_capability", "")).startswith("9")
+    usable = not mosaic_gpu.unavailable() and mosaic_gpu.supports(head_dim, dtype)
+    return "mosaic_gpu" if hopper and usable else "gpu"
 
 
 def _cudnn(q, k, v, segment_ids, *, causal: bool, softmax_scale: float | None) -> jax.Array:

@@ -3,13 +3,14 @@
 FlashAttention-2 splits into a forward kernel (online softmax over key blocks,
 saving the per-row log-sum-exp) and two backward kernels (dq over key blocks;
 dk/dv over query blocks).  This module is the backend-independent wrapper
-around the GPU (Triton) and TPU (Mosaic) kernels: padding to whole blocks,
-picking the backend, and the ``custom_vjp`` that wires forward to backward; the
-types and the in-block mask the kernels share live in :mod:`blocks`, which
-both sides import (the backends never import this module); which blocks each
-kernel program visits -- causality, packed segments, the query offset -- comes
-from one XLA pre-pass in :mod:`bounds` that both backends call.  A backend
-module provides ``default_blocks(head_dim, dtype)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
+around the GPU (Triton; Mosaic GPU on Hopper) and TPU (Mosaic) kernels:
+padding to whole blocks, picking the backend, and the ``custom_vjp`` that
+wires forward to backward; the types and the in-block mask the kernels share
+live in :mod:`blocks`, which both sides import (the backends never import this
+module); which blocks each kernel program visits -- causality, packed
+segments, the query offset -- comes from one XLA pre-pass in :mod:`bounds`
+that every backend calls.  A backend module provides
+``default_blocks(head_dim, dtype)``, ``MIN_BLOCK``, ``padded_head_dim(d)``,
 ``forward(q, k, v, mask, cfg) -> (o, lse)`` and
 ``backward(q, k, v, mask, do, lse, delta, cfg) -> (dq, dk, dv)`` on padded
 ``[batch, length, heads, head_dim]`` arrays, ``mask`` a :class:`MaskOperands`.
@@ -46,7 +47,15 @@ def _backend_module(backend: str) -> ModuleType:
         from oasst_jax.attention import pallas_tpu
 
         return pallas_tpu
-    raise ValueError(f"flash attention: unknown backend {backend!r}; choose 'gpu' or 'tpu'")
+    if backend == "mosaic_gpu":
+        from oasst_jax.attention import mosaic_gpu
+
+        if reason := mosaic_gpu.unavailable():
+            raise ValueError(f"flash attention: backend 'mosaic_gpu': {reason}")
+        return mosaic_gpu
+    raise ValueError(
+        f"flash attention: unknown backend {backend!r}; choose 'gpu', 'mosaic_gpu' or 'tpu'"
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

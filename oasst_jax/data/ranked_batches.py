@@ -236,7 +236,7 @@ class _Batch:
 class PreferenceBatches:
     """Batches (module doc) over a ranked source, epoch after epoch (``repeat``) or once
     (the last batch then partly padding).  ``loss_mask`` is ``chatml.loss_mask`` bound to
-    a tokenizer and mode, as for :func:`oasst_jax.data.pipeline.build_dataset`."""
+    a tokenizer and mode, as for :class:`oasst_jax.data.pipeline.Batches`."""
 
     def __init__(
         self, source: Any, cfg: PreferenceConfig, loss_mask: LossMask, *, repeat: bool = True
