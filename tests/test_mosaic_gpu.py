@@ -207,3 +207,11 @@ def test_unsupported_inputs_are_refused():
         mosaic_gpu.padded_head_dim(256)
     with pytest.raises(ValueError, match="float32 inputs"):
         mosaic_gpu.default_blocks(64, jnp.float32)
+
+
+def test_model_config_takes_the_backend():
+    from oasst_jax.model import LlamaConfig
+
+    assert LlamaConfig(attention_backend="mosaic_gpu").attention_backend == "mosaic_gpu"
+    with pytest.raises(ValueError, match="attention_backend='cuda'"):
+        LlamaConfig(attention_backend="cuda")
