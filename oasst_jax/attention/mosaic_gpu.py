@@ -172,17 +172,17 @@ def _dot_acc(acc: jax.Array, a: jax.Array, b, a_smem, interpret: bool) -> jax.Ar
     """``acc + a @ b`` on wgmma, ``a`` (registers) staged through shared memory ``a_smem``.
 
     On the GPU the product accumulates into ``acc``'s own registers
-    (``pl.run_state(...)(ACC.init(acc))``, as FlashAttention-3): a separate product tile
-    would not fit 168 registers a thread.  GPU interpret mode cannot run ``run_state``
-    (jax 0.11.2: "Cannot lower jaxpr with effects: {_WGMMAPipelineEffect, IOEffect}"),
-    so there the product lands in a fresh accumulator that is added -- the same sum.
+    (``pl.run_state(...)(ACC.init(acc))``, as FlashAttention-3): a separate product
+    tile is one more ``[64, d]`` fp32 tile in 168 registers a thread.  GPU interpret
+    mode cannot run ``run_state`` (jax 0.11.2: "Cannot lower jaxpr with effects:
+    {_WGMMAPipelineEffect, IOEffect}"), so there the product lands in a fresh
+    accumulator that is added -- the same sum.
     ``a`` goes through shared memory (as in FlashAttention-2, not FA3's register
     operand) on both: the interpreter's wgmma takes shared-memory operands only
     ("Expected shape (6,) but got (64, 128)" for a register one), and the kernels must
     be the code that is tested.
     """
-    a_smem[...] = a
-    plgpu.commit_smem()
+    _stage(a_smem, a)
     if interpret:
         return acc + _dot(a_smem, b, acc.shape)
 
@@ -379,7 +379,7 @@ def forward(q, k, v, mask: MaskOperands, cfg: KernelConfig) -> tuple[jax.Array, 
                 p = jnp.exp2(s - _rows(m_next, s_shape))
                 denom = denom * alpha + p.sum(axis=1)
                 acc = acc * _rows(alpha, acc.shape)
-                acc = _dot_acc(acc, p.astype(dtype), v_smem, p_smem.at[wg], cfg.interpret)
+                acc = _dot_acc(acc, p, v_smem, p_smem.at[wg], cfg.interpret)
                 ring.release(j - lo)
                 return acc, m_next, denom
 
