@@ -3,6 +3,9 @@
     python benchmarks/attention.py            # device: b=2, seq 2048/4096/8192, d=128, bf16
     python benchmarks/attention.py --smoke    # CPU: tiny shapes, interpret mode, no cudnn
 
+``pallas`` is what training runs (on Hopper with jax >= 0.11 the Mosaic GPU kernels, its
+record's ``backend``), ``pallas_triton`` the Triton kernels beside it on a GPU.
+
 Layouts are per-device head counts: Llama-2-70B under TP8 (64 q / 8 kv heads
 -> 8 / 1 per shard) and 7B (32 / 32).  Causal FLOPs count half the score
 matrix; fwd+bwd is 3.5x the forward (2 matmuls forward, 5 backward), the
@@ -25,6 +28,8 @@ import sys
 import benchlib
 import jax
 import jax.numpy as jnp
+
+from oasst_jax.attention import gpu_backend
 
 LAYOUTS = {"70b_tp8": (8, 1), "7b": (32, 32)}
 
@@ -65,8 +70,10 @@ def run_shape(
         "dtype": jnp.dtype(dtype).name,
         "causal": True,
         "segments": segments,
+        "backend": gpu_backend(jax.devices()[0], dim, dtype),
         **results,
         # Speed-ups of pallas over the others, fwd+bwd (>1: pallas is faster).
+        "pallas_vs_triton": _ratio(results, "pallas", "pallas_triton"),
         "pallas_vs_cudnn": _ratio(results, "pallas", "cudnn"),
         "pallas_vs_xla": _ratio(results, "pallas", "xla"),
     }
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "--segments", type=int, nargs="*", default=[1, 4, 8], help="samples per packed row"
     )
     args = parser.parse_args(argv)
-    impls = ["pallas", "xla"] if args.smoke else ["pallas", "xla", "cudnn"]
+    impls = ["pallas", "xla"] if args.smoke else ["pallas", "pallas_triton", "xla", "cudnn"]
     # Smoke: just proves every path still traces, runs and differentiates.
     batch, seqs, dim, iters = (
         (1, [128], 64, 1) if args.smoke else (args.batch, args.seqs, 128, args.iters)

@@ -119,9 +119,19 @@ def import_tokamax():
     return tokamax, "xprof stubbed (tokamax.benchmark unusable; not used here)"
 
 
+# Pallas with its GPU kernels pinned; plain 'pallas' picks (Mosaic GPU on Hopper, else Triton).
+PALLAS_BACKENDS = {"pallas_triton": "gpu", "pallas_mosaic": "mosaic_gpu"}
+
+
 def attention_fn(impl: str, causal: bool, segment_ids=None) -> Callable:
     """``attend(q, k, v)`` for ``impl`` in ``pallas | cudnn | xla | tokamax`` (tokamax: its
-    Mosaic GPU flash kernel, dense rows only), segment ids closed over."""
+    Mosaic GPU flash kernel, dense rows only) or :data:`PALLAS_BACKENDS`, segment ids
+    closed over."""
+    if impl in PALLAS_BACKENDS:
+        return lambda q, k, v: dot_product_attention(
+            q, k, v, segment_ids=segment_ids, causal=causal, implementation="pallas",
+            backend=PALLAS_BACKENDS[impl],
+        )  # fmt: skip
     if impl == "tokamax":
         if segment_ids is not None:
             raise ValueError("tokamax: packed rows are not benchmarked (dense mask only)")

@@ -26,7 +26,7 @@ import suite_report
 from flax import linen as nn
 
 from oasst_jax import decode, sharding
-from oasst_jax.attention import ptxas
+from oasst_jax.attention import gpu_backend, mosaic_gpu, ptxas
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
 from oasst_jax.planner import chips, memory, timing
 from oasst_jax.train_step import StepConfig, build_trainer
@@ -38,6 +38,8 @@ FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 GRAD_NAMES = ("out", "dq", "dk", "dv")
 FLASH_KERNELS = ("flash_fwd", "flash_dq", "flash_dkv")  # the Pallas calls' names in the PTX
+# ... and the Mosaic GPU kernels' (their PTX comes from Mosaic's own dump, not XLA's)
+MOSAIC_KERNELS = ("mosaic_flash_fwd", "mosaic_flash_dq", "mosaic_flash_dkv")
 # Train: fill the device's memory to this fraction by the compiler's figure; a compiled
 # program above HARD_FILL is stepped down before it runs.
 FILL = 0.85
@@ -111,21 +113,25 @@ def resources_unavailable() -> str:
     return ptxas.unavailable()
 
 
-def _pallas_grads(q, k, v, seg, causal: bool) -> tuple[list[np.ndarray], dict]:
+def _pallas_grads(impl: str, q, k, v, seg, causal: bool) -> tuple[list[np.ndarray], dict]:
     """The Pallas ``(out, dq, dk, dv)`` and its kernels' ptxas figures: the program is
-    compiled once, with XLA dumping its PTX, and that executable runs."""
+    compiled once, with XLA (Triton) or Mosaic GPU dumping its PTX, and that executable runs."""
     why = resources_unavailable()
+    mosaic = impl == "pallas_mosaic"
+    names = MOSAIC_KERNELS if mosaic else FLASH_KERNELS
     if not why:
+        lower = lambda: _loss_and_grads(impl, seg, causal).lower(q, k, v)
         try:
-            compiled, kernels = ptxas.compile_with_resources(
-                _loss_and_grads("pallas", seg, causal).lower(q, k, v), FLASH_KERNELS
-            )
+            if mosaic:  # Mosaic GPU writes part of its dump while lowering
+                compiled, kernels = ptxas.compile_mosaic_with_resources(lower, names)
+            else:
+                compiled, kernels = ptxas.compile_with_resources(lower(), names)
         except RuntimeError as e:  # ptxas refused or is too old: the correctness check runs
             why = f"ptxas: {benchlib.error_line(e)}"
     if why:
-        return _grads("pallas", q, k, v, seg, causal), {"kernel_resources_reason": why}
+        return _grads(impl, q, k, v, seg, causal), {"kernel_resources_reason": why}
     (_, out), grads = compiled(q, k, v)
-    kernels.sort(key=lambda r: FLASH_KERNELS.index(r.kernel))
+    kernels.sort(key=lambda r: names.index(r.kernel))
     resources = [r.summary() for r in kernels]
     return [np.asarray(x, np.float32) for x in (out, *grads)], {"kernel_resources": resources}
 
@@ -146,8 +152,8 @@ def kernel_case(size: dict, case: dict, seed: int) -> dict:
         a, b = size["seq"] // 4, size["seq"] // 2
         row = np.array([1] * a + [2] * b + [3] * (size["seq"] - a - b), np.int32)
         seg = jnp.asarray(np.tile(row, (size["batch"], 1)))
-    causal = case["causal"]
-    got, resources = _pallas_grads(q, k, v, seg, causal)
+    causal, impl = case["causal"], case.get("impl", "pallas_triton")
+    got, resources = _pallas_grads(impl, q, k, v, seg, causal)
     if dtype == jnp.float32:
         want = _grads("xla", q, k, v, seg, causal, precision="highest")
         tols = dict.fromkeys(GRAD_NAMES, FP32_TOL)
@@ -162,6 +168,7 @@ def kernel_case(size: dict, case: dict, seed: int) -> dict:
     finite = all(bool(np.isfinite(g).all()) for g in got)
     bad = [n for n in GRAD_NAMES if not errors[n] <= tols[n]]
     rec = {
+        "impl": impl,
         "dtype": dtype.name,
         "causal": causal,
         "packed": case["packed"],
@@ -185,7 +192,11 @@ def kernel_case(size: dict, case: dict, seed: int) -> dict:
 def run_kernels(job: dict, emit) -> None:
     size = job["size"]
     for i, case in enumerate(size["cases"]):
-        emit(case["name"], lambda case=case, i=i: kernel_case(size, case, seed=100 + i))
+        reason = available(case.get("impl", "pallas_triton"))
+        if reason:
+            emit(case["name"], lambda r=reason: {"ok": False, "skipped": True, "reason": r})
+        else:
+            emit(case["name"], lambda case=case, i=i: kernel_case(size, case, seed=100 + i))
 
 
 # ---------------------------------------------------------------- attention speed
@@ -195,6 +206,12 @@ def available(impl: str) -> str:
     """Why ``impl`` cannot run here ('' when it can)."""
     if impl == "cudnn" and jax.default_backend() != "gpu":
         return "cuDNN needs a GPU"
+    if impl == "pallas_mosaic":
+        if jax.default_backend() != "gpu":
+            return "Mosaic GPU kernels need a Hopper GPU (tests/test_mosaic_gpu.py interprets them)"
+        device = jax.devices()[0]
+        if gpu_backend(device, 128, jnp.bfloat16) != "mosaic_gpu":
+            return mosaic_gpu.unavailable() or f"{device.device_kind} is not a Hopper GPU"
     if impl == "tokamax":
         if jax.default_backend() != "gpu":
             return "tokamax's flash kernels need a GPU"
@@ -235,6 +252,8 @@ def attention_unit(size: dict, seq: int, impl: str, packed: int, cache: dict) ->
         rec["note"] = benchlib.import_tokamax()[1]
     if impl == "cudnn" and packed:
         rec["note"] = benchlib.CUDNN_PACKED_NOTE
+    if impl == "pallas":  # which kernels plain 'pallas' picked on this device
+        rec["backend"] = gpu_backend(jax.devices()[0], size["dim"], jnp.bfloat16)
     figures = benchlib.measure_attention(
         impl,
         q,

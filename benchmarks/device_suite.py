@@ -13,18 +13,20 @@ on the CPU at toy sizes (tests/test_device_suite.py), so the script cannot rot.
 
 Sections (sizes in :data:`DEVICE`):
   kernels    Pallas forward and dq/dk/dv vs the XLA reference (fp32 at 'highest' precision),
+             the Triton and (on Hopper) the Mosaic GPU kernels ('mosaic-' units),
              bf16 and fp32, causal and full, GQA 32:8 and a group of 6, packed segments,
              length 1000 (not a whole number of blocks); tolerances as tests/test_attention.py;
              on a GPU each kernel's registers, spill bytes, shared memory and wgmma use
              (``kernel_resources``: ptxas -v on the PTX XLA compiled, the same tiles as
              the attention section's pallas rows).
-  attention  forward and fwd+bwd ms and TFLOP/s of pallas, cudnn, xla and tokamax's Mosaic
-             GPU kernel (when it imports) at seq 4096/2048/8192/1024, 32k tokens per batch,
-             32 q / 8 kv heads, d 128, bf16, causal; rows packed with 4, 1 and 8 samples
-             at 4096 (``packed``: samples a row, 0 dense), with ``useful_*_tflops`` over
-             the FLOPs inside samples next to the raw (dense-row) TFLOP/s; cuDNN takes
-             packed rows as a dense mask (``note``). Pallas records carry ``vs_<impl>``
-             (fwd+bwd) and ``vs_<impl>_fwd`` speed ratios (> 1: faster).
+  attention  forward and fwd+bwd ms and TFLOP/s of pallas (the kernels training picks:
+             Mosaic GPU on Hopper, its record's 'backend'), pallas_triton, cudnn, xla and
+             tokamax's Mosaic GPU kernel (when it imports) at seq 4096/2048/8192/1024,
+             32k tokens per batch, 32 q / 8 kv heads, d 128, bf16, causal; rows packed
+             with 4, 1 and 8 samples at 4096 (``packed``: samples a row, 0 dense), with
+             ``useful_*_tflops`` over the FLOPs inside samples next to the raw (dense-row)
+             TFLOP/s; cuDNN takes packed rows as a dense mask (``note``). Pallas records
+             carry ``vs_<impl>`` (fwd+bwd) and ``vs_<impl>_fwd`` speed ratios (> 1: faster).
   train      TinyLlama-1.1B shape (configs/bench_tinyllama.py), seq 4096, packed, bf16:
              tokens/s, MFU, allocator peak and compiler bytes for attention x remat, at
              the largest micro batch (<= 16) the compiler says fits 85% of the memory.
@@ -109,16 +111,22 @@ TRAIN_GRID = [  # priority order: the budget cuts from the end
 
 def _kernel_cases() -> list[dict]:
     """Most important first (the budget cuts from the end): the training path (bf16, causal,
-    packed), then dense, fp32, non-causal and a query group of 6 (not a power of two)."""
+    packed) on the Triton and the Mosaic GPU kernels, then dense, fp32, non-causal and a
+    query group of 6 (not a power of two); Mosaic GPU takes no fp32 (Triton runs it)."""
+    t, m = "pallas_triton", "pallas_mosaic"
     cases = [
-        ("bf16-causal-packed", "bfloat16", True, True, 4),
-        ("bf16-causal", "bfloat16", True, False, 4),
-        ("fp32-causal-packed", "float32", True, True, 4),
-        ("bf16-full-packed", "bfloat16", False, True, 4),
-        ("bf16-causal-packed-group6", "bfloat16", True, True, 6),
-        ("fp32-causal", "float32", True, False, 4),
+        ("bf16-causal-packed", "bfloat16", True, True, 4, t),
+        ("mosaic-bf16-causal-packed", "bfloat16", True, True, 4, m),
+        ("bf16-causal", "bfloat16", True, False, 4, t),
+        ("mosaic-bf16-causal", "bfloat16", True, False, 4, m),
+        ("fp32-causal-packed", "float32", True, True, 4, t),
+        ("bf16-full-packed", "bfloat16", False, True, 4, t),
+        ("mosaic-bf16-full-packed", "bfloat16", False, True, 4, m),
+        ("bf16-causal-packed-group6", "bfloat16", True, True, 6, t),
+        ("mosaic-bf16-causal-packed-group6", "bfloat16", True, True, 6, m),
+        ("fp32-causal", "float32", True, False, 4, t),
     ]
-    keys = ("name", "dtype", "causal", "packed", "group")
+    keys = ("name", "dtype", "causal", "packed", "group", "impl")
     return [dict(zip(keys, c, strict=True)) for c in cases]
 
 
@@ -130,14 +138,16 @@ DEVICE = {
         "heads": 32,
         "kv_heads": 8,
         "dim": 128,
-        "impls": ["pallas", "cudnn", "xla", "tokamax"],
+        # 'pallas' is what training runs (Mosaic GPU on Hopper: the record's 'backend'),
+        # 'pallas_triton' the Triton kernels beside it.
+        "impls": ["pallas", "pallas_triton", "cudnn", "xla", "tokamax"],
         "packed_seq": 4096,
         # [samples per row, impls]: most important first (the budget cuts from the end);
         # XLA's packed figure once (it materialises the scores, whatever the packing).
         "packed_grid": [
-            [4, ["pallas", "cudnn", "xla"]],
-            [1, ["pallas", "cudnn"]],
-            [8, ["pallas", "cudnn"]],
+            [4, ["pallas", "pallas_triton", "cudnn", "xla"]],
+            [1, ["pallas", "pallas_triton", "cudnn"]],
+            [8, ["pallas", "pallas_triton", "cudnn"]],
         ],
         "repeats": 7,
         "inner": 5,

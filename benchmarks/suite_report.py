@@ -95,7 +95,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("useful fwd+bwd TFLOP/s", lambda r: _num(r.get("useful_fwd_bwd_tflops"), ".1f")),
         *[
             (f"vs {impl}", lambda r, i=impl: _num(r.get(f"vs_{i}"), ".2f"))
-            for impl in ("cudnn", "xla", "tokamax")
+            for impl in ("pallas_triton", "cudnn", "xla", "tokamax")
         ],
     ],
     "train": [

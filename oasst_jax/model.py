@@ -33,7 +33,7 @@ RESIDUAL = ("batch", "res_length", "act_embed")
 # Logical axes of a layer's decoding KV cache ``[batch, kv_heads, slots, head_dim]``: kv
 # heads only (GQA), tensor-parallel like k/v.
 CACHE_KV_NAMES = ("batch", "act_kv_heads", None, None)
-ATTENTION_BACKENDS = ("auto", "tpu", "gpu")
+ATTENTION_BACKENDS = ("auto", "tpu", "gpu", "mosaic_gpu")  # gpu: Triton; mosaic_gpu: Hopper
 # LoRA targets by their PEFT names (Llama's nn.Linear modules) -> (our module, kernel name,
 # how many leading kernel axes are its input).  Adapters live beside their kernel:
 # ``decoder/layers/attn/q_lora_a`` [layers, D, r] and ``q_lora_b`` [layers, r, H, Dh].
@@ -70,9 +70,10 @@ class LlamaConfig:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "selective"
     attention_impl: str = "xla"
-    # Which device the Pallas kernel is built for: 'auto' = the running platform; 'tpu' /
-    # 'gpu' compile the real (non-interpreted) kernel for that target even from a CPU host,
-    # as the planner's ahead-of-time compile for a TPU topology needs.  Not part of the shape.
+    # Which device the Pallas kernel is built for: 'auto' = the running platform (on a GPU:
+    # Mosaic GPU on Hopper, else Triton); 'tpu' / 'gpu' (Triton) / 'mosaic_gpu' compile the
+    # real (non-interpreted) kernel for that target even from a CPU host, as the planner's
+    # ahead-of-time compile for a TPU topology needs.  Not part of the shape.
     attention_backend: str = "auto"
     attention_dropout: float = 0.0
     initializer_range: float = 0.02

@@ -507,3 +507,19 @@ def test_plan_topology_h100_8_compiled_verdict(capsys):
     text = "\n".join(plan.describe(rec))
     assert "Triton kernel calls: flash_dkv x1" in text and "(GPU compiler)" in text
     capsys.readouterr()
+
+
+@pytest.mark.slow
+@needs_cuda_plugin
+def test_search_topology_h100_8_compiles_its_best_layout(capsys):
+    """``plan --search --topology h100:8``: the analytic ranking's best layout is compiled
+    with XLA's GPU compiler (as ``--search`` does for a TPU topology), so the winner's
+    verdict is the compiler's, with the Triton kernels in its program."""
+    cfg = gpu_cfg()
+    cfg.global_batch_size = 32
+    rec = plan_run(cfg, "h100:8", search=True)
+    assert rec["backend"] == "gpu" and rec["fits_by"] == "GPU compiler", rec
+    assert rec["fits"] is True and rec["peak_bytes_per_device"] > 0
+    assert set(rec["kernel_calls"]) == {"flash_fwd", "flash_dq", "flash_dkv"}
+    assert abs(rec["analytic_error"]) < 0.15, rec["analytic_error"]
+    assert "search:" not in capsys.readouterr().out  # json_only: JSON lines alone

@@ -1,7 +1,9 @@
 """The Mosaic GPU (Hopper) flash kernels: run in jax's GPU interpret mode on CPU against
 the XLA reference (values and gradients, the odd shapes of test_attention's Triton tests:
 lengths that are not whole blocks, many short packed samples, trailing padding, rows with
-nothing to attend, a context-parallel query offset), and the backend chooser.
+nothing to attend, a context-parallel query offset), compiled for an H100 without one
+(ptxas: no spill, registers within the launch's per-thread share, shared memory within
+227 KiB, wgmma), and the backend chooser.
 
 GPU interpret mode simulates every warpgroup, barrier and TMA copy on the CPU, so the
 shapes are the smallest the kernels take (64-row tiles, head dim 64 or 128).  It needs
@@ -16,14 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from oasst_jax.attention import gpu_backend, mosaic_gpu, xla
+from oasst_jax import sharding
+from oasst_jax.attention import dot_product_attention, gpu_backend, mosaic_gpu, ptxas, xla
 from oasst_jax.attention.flash import flash_attention
 
 needs_interpret = pytest.mark.skipif(
     bool(mosaic_gpu.unavailable()), reason=mosaic_gpu.unavailable() or "-"
 )
+needs_compiler = pytest.mark.skipif(
+    bool(mosaic_gpu.unavailable() or ptxas.unavailable()),
+    reason=mosaic_gpu.unavailable() or ptxas.unavailable() or "-",
+)
 BF16_TOL = 2e-2  # test_attention's: relative to the reference's largest magnitude
+KERNELS = ("mosaic_flash_fwd", "mosaic_flash_dq", "mosaic_flash_dkv")
+H100_SHARED_OPTIN = 232448  # bytes of shared memory one block may ask for (227 KiB)
+REGISTER_FILE = 65536  # 32-bit registers an SM has, shared by a block's threads
 
 
 def _inputs(b, q_len, kv_len, heads, kv_heads, dim, dtype, seed=0):
@@ -87,6 +98,7 @@ def _check(q, k, v, *, causal, q_seg=None, kv_seg=None, offset=0):
 
 
 @needs_interpret
+@pytest.mark.slow  # ~20 s: every warpgroup, barrier and TMA copy simulated
 def test_causal_gqa_packed_short_segments_bf16():
     """GQA 4:2 without repeating k/v, bf16, 200 tokens (not whole 128-row tiles), a long
     sample then many short ones across block edges, trailing padding, and rows whose id
@@ -116,6 +128,65 @@ def test_query_offset_with_kv_segments():
     _check(q, k, v, causal=True, q_seg=kv_seg[:, 100:172], kv_seg=kv_seg, offset=jnp.int32(100))
 
 
+@pytest.fixture(scope="module")
+def h100_mesh():
+    from oasst_jax.planner import chips
+
+    return sharding.make_mesh({"data": 1}, chips.gpu_devices("h100:1"))
+
+
+def _compiled_kernels(mesh, head_dim, heads, kv_heads, *, packed, causal, dtype=jnp.bfloat16):
+    """ptxas figures of the Mosaic GPU kernels of one fwd+bwd program compiled for sm_90a."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    q = jax.ShapeDtypeStruct((1, 512, heads, head_dim), dtype, sharding=rep)
+    kv = jax.ShapeDtypeStruct((1, 512, kv_heads, head_dim), dtype, sharding=rep)
+    seg = jax.ShapeDtypeStruct((1, 512), jnp.int32, sharding=rep) if packed else None
+
+    def loss(q, k, v, seg):
+        out = dot_product_attention(
+            q, k, v, segment_ids=seg, causal=causal, implementation="pallas",
+            backend="mosaic_gpu", interpret=False,
+        )  # fmt: skip
+        return out.astype(jnp.float32).sum()
+
+    def lower():
+        with jax.set_mesh(mesh):
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower()
+
+    _, kernels = ptxas.compile_mosaic_with_resources(lower, KERNELS)
+    return {r.kernel: r for r in kernels}
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,packed,causal,dtype",
+    [
+        pytest.param(64, 8, 2, True, True, jnp.bfloat16, id="d64-gqa-packed"),
+        pytest.param(128, 8, 1, True, True, jnp.bfloat16, id="d128-gqa-packed"),
+        pytest.param(128, 4, 4, False, False, jnp.float16, id="d128-mha-full-fp16"),
+    ],
+)
+def test_kernels_compile_for_h100_within_budget(
+    h100_mesh, head_dim, heads, kv_heads, packed, causal, dtype
+):
+    """No spill; registers within the launch's share (``65536 / threads``: 168 at two
+    compute warpgroups + one memory warpgroup) and the setmaxnreg split within the
+    register file; shared memory within 227 KiB; every kernel on wgmma.  At head dim 128
+    dk/dv is the Triton kernel (mosaic_gpu.backward), checked by test_pallas_gpu."""
+    kernels = _compiled_kernels(
+        h100_mesh, head_dim, heads, kv_heads, packed=packed, causal=causal, dtype=dtype
+    )
+    expected = KERNELS if head_dim <= mosaic_gpu.TRITON_DKV_ABOVE else KERNELS[:2]
+    assert sorted(kernels) == sorted(expected)
+    for name, r in kernels.items():
+        assert not r.problems(), (name, r.problems())
+        assert 0 < r.threads and r.registers * r.threads <= REGISTER_FILE, (name, r)
+        assert 0 < r.shared_bytes <= H100_SHARED_OPTIN, (name, r)
+        assert r.wgmma, name
+    for wgs, regs in mosaic_gpu.COMPUTE_REGISTERS.items():
+        assert 128 * (wgs * regs + mosaic_gpu.MEMORY_REGISTERS) <= REGISTER_FILE
+
+
 def _device(capability: str):
     return types.SimpleNamespace(compute_capability=capability, device_kind="test GPU")
 
@@ -136,3 +207,11 @@ def test_unsupported_inputs_are_refused():
         mosaic_gpu.padded_head_dim(256)
     with pytest.raises(ValueError, match="float32 inputs"):
         mosaic_gpu.default_blocks(64, jnp.float32)
+
+
+def test_model_config_takes_the_backend():
+    from oasst_jax.model import LlamaConfig
+
+    assert LlamaConfig(attention_backend="mosaic_gpu").attention_backend == "mosaic_gpu"
+    with pytest.raises(ValueError, match="attention_backend='cuda'"):
+        LlamaConfig(attention_backend="cuda")

@@ -7,15 +7,22 @@ reaches through its compiler's heuristics: **warp specialization** -- each
 program is ``1 + n`` warpgroups, a *memory* warpgroup that only issues TMA
 copies into a ring of shared-memory slots (``STAGES`` deep) and gives its
 registers away (``setmaxnreg``), and ``n`` *compute* warpgroups of 64 rows
-each that run asynchronous ``wgmma`` straight from shared memory and hand each
-slot back through a barrier.  The streamed blocks are exactly those the
-pre-pass marks visible, so causally-future and other-sample blocks are never
-copied; the fully-visible run skips the mask, as in the Triton kernels.
+each that run ``wgmma`` from shared memory and hand each slot back through a
+barrier.  The streamed blocks are exactly those the pre-pass marks visible, so
+causally-future and other-sample blocks are never copied; the fully-visible
+run skips the mask, as in the Triton kernels.
 
 Shapes Mosaic GPU's ``wgmma`` and 128-byte swizzled TMA need: tiles are
 multiples of 64 rows and the head dim is padded to 64 or 128 (zero columns
 change no dot product); inputs are bf16 or fp16 (fp32 accumulation).  fp32
-inputs and head dims over 128 stay on the Triton kernels (:func:`supports`).
+inputs and head dims over 128 stay on the Triton kernels (:func:`supports`),
+and so does dk/dv at head dim 128 (:func:`backward`: it spills here).
+
+Where these kernels differ from FlashAttention-3 so that GPU interpret mode --
+the only way to run them without a GPU -- runs the code the GPU runs: the
+probabilities (and dS) reach wgmma through shared memory, not registers, and
+only the forward's rescaled accumulator uses ``run_state`` (on the GPU; see
+:func:`_dot_acc`); dq, dk and dv accumulate in place in wgmma accumulators.
 
 Grouped-query attention: a forward / dq program reads the kv head of its
 query head (``h // groups``) directly; a dk/dv program streams the query
@@ -39,13 +46,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from oasst_jax.attention import bounds
+from oasst_jax.attention import bounds, pallas_gpu
 from oasst_jax.attention.blocks import (
     M_FLOOR,
     BlockSizes,
     KernelConfig,
     MaskOperands,
-    block_mask,
     div,
     rem,
 )
@@ -56,10 +62,12 @@ STAGES = 2  # depth of the shared-memory ring the memory warpgroup fills
 MAX_HEAD_DIM = 128
 LOG2E = math.log2(math.e)
 RCP_LN2 = 1.0 / math.log(2.0)
-# setmaxnreg budgets (multiples of 8): 2 compute warpgroups x 232 + 1 memory x 40, times
-# 128 threads, is 64,512 of an SM's 65,536 registers -- FlashAttention-3's split.
-COMPUTE_REGISTERS = 232
+# setmaxnreg budgets (multiples of 8) by compute warpgroups: 2 x 232 + 40 (the memory
+# warpgroup), times 128 threads, is 64,512 of an SM's 65,536 registers -- FlashAttention-3's
+# split; one compute warpgroup takes the most ptxas allocates (a multiple of 8 <= 255).
+COMPUTE_REGISTERS = {1: 248, 2: 232}
 MEMORY_REGISTERS = 40
+TRITON_DKV_ABOVE = 64  # head dims whose dk/dv run the Triton kernel (see backward)
 MIN_JAX = (0, 11)  # GPU interpret mode and the Mosaic GPU API this module is written for
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -94,19 +102,25 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def default_blocks(head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
-    """Two compute warpgroups (128 rows) per program in every kernel; streamed tiles of
-    128 keys in the forward, 64 in the backward kernels, whose warpgroups hold two
-    ``[64, 64]`` fp32 score tiles beside one (dq) or two (dk/dv) ``[64, d]`` accumulators
-    within :data:`COMPUTE_REGISTERS`."""
+    """Tiles whose kernels ptxas (sm_90a) compiles without a spill (tests/test_mosaic_gpu.py).
+
+    A program of ``w`` compute warpgroups and one memory warpgroup gets
+    ``65536 / (128 (w + 1))`` registers a thread: 168 at two compute warpgroups (128
+    query or key rows; FlashAttention-3's layout).  Forward and dq stream 128 keys at
+    head dim 64 and 64 at 128 (a ``[64, 128]`` fp32 score tile beside the ``[64, 128]``
+    accumulator spills at 168).  dk/dv (head dim 64 only, see :func:`backward`) holds
+    two ``[64, 64]`` accumulators and streams 64 queries.
+    """
     if not supports(head_dim, dtype):
         raise ValueError(
             f"flash attention (Mosaic GPU): {jnp.dtype(dtype).name} inputs at head dim "
             f"{head_dim}; the kernels take bf16/fp16 up to {MAX_HEAD_DIM} (backend='gpu' "
             "runs the Triton kernels for the rest)"
         )
+    d = padded_head_dim(head_dim)
     return BlockSizes(
         block_q=2 * ROWS,
-        block_k=128,
+        block_k=128 if d <= 64 else 64,
         block_q_dkv=64,
         block_k_dkv=2 * ROWS,
         block_q_dq=2 * ROWS,
@@ -148,21 +162,34 @@ def _dot(a, b, shape) -> jax.Array:
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
-def _dot_acc(acc: jax.Array, a: jax.Array, b, a_smem) -> jax.Array:
-    """``acc + a @ b`` with ``a`` (registers) staged through shared memory ``a_smem``.
-
-    FlashAttention-3 feeds ``a`` (the probabilities) to wgmma from registers and
-    accumulates into ``acc``'s registers (``pl.run_state(...)(ACC.init(acc))``).  Neither
-    runs in GPU interpret mode, the only way to test these kernels without a GPU (jax
-    0.11.2: a register operand fails in the interpreter's wgmma with "Expected shape (6,)
-    but got (64, 128)" -- it takes shared-memory operands only; ``run_state`` with "Cannot
-    lower jaxpr with effects: {_WGMMAPipelineEffect, IOEffect}"), and the kernels must be
-    the code that is tested; so ``a`` goes through shared memory (as in FlashAttention-2)
-    and the product lands in a fresh accumulator that is added in registers.
-    """
-    a_smem[...] = a
+def _stage(a_smem, a: jax.Array) -> None:
+    """Write ``a`` (registers) to shared memory as a wgmma operand (in the input dtype)."""
+    a_smem[...] = a.astype(a_smem.dtype)
     plgpu.commit_smem()
-    return acc + _dot(a_smem, b, acc.shape)
+
+
+def _dot_acc(acc: jax.Array, a: jax.Array, b, a_smem, interpret: bool) -> jax.Array:
+    """``acc + a @ b`` on wgmma, ``a`` (registers) staged through shared memory ``a_smem``.
+
+    On the GPU the product accumulates into ``acc``'s own registers
+    (``pl.run_state(...)(ACC.init(acc))``, as FlashAttention-3): a separate product
+    tile is one more ``[64, d]`` fp32 tile in 168 registers a thread.  GPU interpret
+    mode cannot run ``run_state`` (jax 0.11.2: "Cannot lower jaxpr with effects:
+    {_WGMMAPipelineEffect, IOEffect}"), so there the product lands in a fresh
+    accumulator that is added -- the same sum.
+    ``a`` goes through shared memory (as in FlashAttention-2, not FA3's register
+    operand) on both: the interpreter's wgmma takes shared-memory operands only
+    ("Expected shape (6,) but got (64, 128)" for a register one), and the kernels must
+    be the code that is tested.
+    """
+    _stage(a_smem, a)
+    if interpret:
+        return acc + _dot(a_smem, b, acc.shape)
+
+    def update(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b)
+
+    return pl.run_state(update)(plgpu.ACC.init(acc))
 
 
 def _zeros(shape) -> jax.Array:
@@ -258,7 +285,7 @@ def _warp_roles(wgs: int, compute, memory) -> None:
 
     @pl.when(wg < wgs)
     def _():
-        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(COMPUTE_REGISTERS[wgs], action="increase")
         compute(wg)
 
     @pl.when(wg == wgs)
@@ -283,9 +310,27 @@ def _three_loops(lo, full_lo, full_hi, hi, body, carry):
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
-def _mask_scores(s, q_pos, k_pos, q_seg, k_seg, cfg: KernelConfig):
-    mask = block_mask(q_pos, k_pos, q_seg, k_seg, cfg)
-    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+def _mask_scores(s, q_start, k_start, segs, cfg: KernelConfig, transposed: bool = False):
+    """``s`` (``[queries, keys]``, or ``[keys, queries]`` when ``transposed``) with
+    ``-inf`` where :func:`blocks.block_mask` says no; ``segs``: the shared-memory refs of
+    the block's query and key segment ids, or None.
+
+    The same predicate as ``block_mask``, applied one condition at a time with its
+    operands built right before it: at 168 registers a thread (or dk/dv's two ``[64, d]``
+    accumulators) four ``[64, 64]`` int32 tiles live at once spill.
+    """
+    q_dim, k_dim = (1, 0) if transposed else (0, 1)
+    wgmma = plgpu.Layout.WGMMA
+    k_pos = lambda: k_start + _iota(s.shape, k_dim)
+    if cfg.causal:
+        s = jnp.where(q_start + _iota(s.shape, q_dim) >= k_pos(), s, -jnp.inf)
+    if segs is not None:
+        q_seg = lax.broadcast_in_dim(_vector(segs[0], wgmma.reduce(k_dim)), s.shape, [q_dim])
+        k_seg = lax.broadcast_in_dim(_vector(segs[1], wgmma.reduce(q_dim)), s.shape, [k_dim])
+        s = jnp.where(q_seg == k_seg, s, -jnp.inf)
+    if cfg.kv_len is not None:
+        s = jnp.where(k_pos() < cfg.kv_len, s, -jnp.inf)
+    return s
 
 
 # ----------------------------------------------------------------------------- forward
@@ -320,26 +365,21 @@ def forward(q, k, v, mask: MaskOperands, cfg: KernelConfig) -> tuple[jax.Array, 
                 )
                 plgpu.barrier_wait(q_bar.at[2 * wg + 1])
             plgpu.barrier_wait(q_bar.at[2 * wg])
-            q_pos = off_ref[0] + base + _iota(s_shape, 0)
-            q_seg = None
-            if has_seg:
-                q_seg = _rows(_vector(qseg.at[wg], plgpu.Layout.WGMMA.reduce(1)), s_shape)
+            q_start = off_ref[0] + base
 
             def step(j, carry, masked: bool):
                 acc, m, denom = carry
                 k_smem, v_smem, *kseg_smem = ring.wait(j - lo)
                 s = _dot(q_smem, k_smem.transpose((1, 0)), s_shape) * scale
                 if masked:
-                    k_seg = None
-                    if has_seg:
-                        k_seg = _cols(_vector(kseg_smem[0], plgpu.Layout.WGMMA.reduce(0)), s_shape)
-                    s = _mask_scores(s, q_pos, j * bk + _iota(s_shape, 1), q_seg, k_seg, cfg)
+                    segs = (qseg.at[wg], kseg_smem[0]) if has_seg else None
+                    s = _mask_scores(s, q_start, j * bk, segs, cfg)
                 m_next = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_next)
                 p = jnp.exp2(s - _rows(m_next, s_shape))
                 denom = denom * alpha + p.sum(axis=1)
                 acc = acc * _rows(alpha, acc.shape)
-                acc = _dot_acc(acc, p.astype(dtype), v_smem, p_smem.at[wg])
+                acc = _dot_acc(acc, p, v_smem, p_smem.at[wg], cfg.interpret)
                 ring.release(j - lo)
                 return acc, m_next, denom
 
@@ -435,27 +475,28 @@ def _dq(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig) -> jax.A
                 plgpu.copy_gmem_to_smem(src, dst, q_bar.at[5 * wg + n])
             for n in range(len(loads)):
                 plgpu.barrier_wait(q_bar.at[5 * wg + n])
-            row_lse = _rows(_vector(stats.at[wg, 0], row), s_shape)
-            row_delta = _rows(_vector(stats.at[wg, 1], row), s_shape)
-            q_pos = off_ref[0] + base + _iota(s_shape, 0)
-            q_seg = _rows(_vector(qseg.at[wg], row), s_shape) if has_seg else None
+            lse, delta = _vector(stats.at[wg, 0], row), _vector(stats.at[wg, 1], row)
+            q_start = off_ref[0] + base
 
-            def step(j, dq, masked: bool):
-                k_smem, v_smem, *kseg_smem = ring.wait(j - lo)
-                s = _dot(q_smem.at[wg], k_smem.transpose((1, 0)), s_shape) * scale
-                if masked:
-                    k_seg = None
-                    if has_seg:
-                        k_seg = _cols(_vector(kseg_smem[0], plgpu.Layout.WGMMA.reduce(0)), s_shape)
-                    s = _mask_scores(s, q_pos, j * bk + _iota(s_shape, 1), q_seg, k_seg, cfg)
-                p = jnp.exp2(s - row_lse)
-                dp = _dot(do_smem.at[wg], v_smem.transpose((1, 0)), s_shape)
-                ds = p * (dp - row_delta)
-                dq = _dot_acc(dq, ds.astype(dtype), k_smem, p_smem.at[wg])
-                ring.release(j - lo)
-                return dq
+            def accumulate(dq_acc):
+                def step(j, carry, masked: bool):
+                    k_smem, v_smem, *kseg_smem = ring.wait(j - lo)
+                    s = _dot(q_smem.at[wg], k_smem.transpose((1, 0)), s_shape) * scale
+                    if masked:
+                        segs = (qseg.at[wg], kseg_smem[0]) if has_seg else None
+                        s = _mask_scores(s, q_start, j * bk, segs, cfg)
+                    p = jnp.exp2(s - _rows(lse, s_shape))
+                    dp = _dot(do_smem.at[wg], v_smem.transpose((1, 0)), s_shape)
+                    _stage(p_smem.at[wg], p * (dp - _rows(delta, s_shape)))
+                    plgpu.wgmma(dq_acc, p_smem.at[wg], k_smem)
+                    plgpu.wgmma_wait(0)  # k_smem is read until here: then hand the slot back
+                    ring.release(j - lo)
+                    return carry
 
-            dq = _three_loops(lo, full_lo, full_hi, hi, step, _zeros((ROWS, dim)))
+                _three_loops(lo, full_lo, full_hi, hi, step, None)
+                return dq_acc[...]
+
+            dq = pl.run_scoped(accumulate, plgpu.ACC((ROWS, dim), jnp.float32))
             q_smem.at[wg][...] = (dq * cfg.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[bi, rows, h])
@@ -534,31 +575,32 @@ def _dkv(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig):
                 plgpu.copy_gmem_to_smem(src, dst, kv_bar.at[3 * wg + i])
             for i in range(len(loads)):
                 plgpu.barrier_wait(kv_bar.at[3 * wg + i])
-            k_pos = base + _iota(s_shape, 0)
-            k_seg = None
-            if has_seg:
-                k_seg = _rows(_vector(kseg.at[wg], plgpu.Layout.WGMMA.reduce(1)), s_shape)
 
-            def step(c, carry, masked: bool):
-                dk, dv = carry
-                q_s, do_s, lse_s, delta_s, *qseg_s = ring.wait(c)
-                s_t = _dot(k_smem.at[wg], q_s.transpose((1, 0)), s_shape) * scale
-                if masked:
-                    i = lo + div(c, groups)
-                    q_pos = offset + i * bq + _iota(s_shape, 1)
-                    q_seg = _cols(_vector(qseg_s[0], col), s_shape) if has_seg else None
-                    s_t = _mask_scores(s_t, q_pos, k_pos, q_seg, k_seg, cfg)
-                p_t = jnp.exp2(s_t - _cols(_vector(lse_s, col), s_shape))
-                dv = _dot_acc(dv, p_t.astype(dtype), do_s, p_smem.at[wg])
-                dp_t = _dot(v_smem.at[wg], do_s.transpose((1, 0)), s_shape)
-                ds_t = p_t * (dp_t - _cols(_vector(delta_s, col), s_shape))
-                dk = _dot_acc(dk, ds_t.astype(dtype), q_s, p_smem.at[wg])
-                ring.release(c)
-                return dk, dv
+            def accumulate(dk_acc, dv_acc):
+                def step(c, carry, masked: bool):
+                    q_s, do_s, lse_s, delta_s, *qseg_s = ring.wait(c)
+                    s_t = _dot(k_smem.at[wg], q_s.transpose((1, 0)), s_shape) * scale
+                    if masked:
+                        q_start = offset + (lo + div(c, groups)) * bq
+                        segs = (qseg_s[0], kseg.at[wg]) if has_seg else None
+                        s_t = _mask_scores(s_t, q_start, base, segs, cfg, transposed=True)
+                    p_t = jnp.exp2(s_t - _cols(_vector(lse_s, col), s_shape))
+                    _stage(p_smem.at[wg], p_t)
+                    plgpu.wgmma(dv_acc, p_smem.at[wg], do_s)
+                    # reading dp_t waits for every wgmma issued, dv's too: p_smem is free
+                    dp_t = _dot(v_smem.at[wg], do_s.transpose((1, 0)), s_shape)
+                    _stage(p_smem.at[wg], p_t * (dp_t - _cols(_vector(delta_s, col), s_shape)))
+                    plgpu.wgmma(dk_acc, p_smem.at[wg], q_s)
+                    plgpu.wgmma_wait(0)  # q_s is read until here: then hand the slot back
+                    ring.release(c)
+                    return carry
 
-            carry = (_zeros((ROWS, dim)), _zeros((ROWS, dim)))
-            bounds_c = [groups * (x - lo) for x in (lo, full_lo, full_hi, hi)]
-            dk, dv = _three_loops(*bounds_c, step, carry)
+                bounds_c = [groups * (x - lo) for x in (lo, full_lo, full_hi, hi)]
+                _three_loops(*bounds_c, step, None)
+                return dk_acc[...], dv_acc[...]
+
+            acc = plgpu.ACC((ROWS, dim), jnp.float32)
+            dk, dv = pl.run_scoped(accumulate, acc, acc)
             k_smem.at[wg][...] = (dk * cfg.scale).astype(dtype)
             v_smem.at[wg][...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -608,7 +650,19 @@ def _dkv(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig):
 
 
 def backward(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig):
-    """``dq, dk, dv`` from the saved log-sum-exp (log2 units) and ``delta = rowsum(o * do)``."""
+    """``dq, dk, dv`` from the saved log-sum-exp (log2 units) and ``delta = rowsum(o * do)``.
+
+    dk/dv at head dim 128 runs the Triton kernel (:mod:`pallas_gpu`, its own tiles; the
+    same padded layout and log2 log-sum-exp): this kernel's two ``[64, 128]`` fp32
+    accumulators beside its score tiles spill even at 255 registers (ptxas, sm_90a:
+    48 B stored, 108 B loaded with one compute warpgroup), see :func:`default_blocks`.
+    """
     dq = _dq(q, k, v, mask, do, lse, delta, cfg)
-    dk, dv = _dkv(q, k, v, mask, do, lse, delta, cfg)
+    if q.shape[-1] > TRITON_DKV_ABOVE:
+        triton = dataclasses.replace(
+            cfg, blocks=pallas_gpu.default_blocks(q.shape[-1], q.dtype), backend="gpu"
+        )
+        dk, dv = pallas_gpu._dkv(q, k, v, mask, do, lse, delta, triton)
+    else:
+        dk, dv = _dkv(q, k, v, mask, do, lse, delta, cfg)
     return dq, dk, dv

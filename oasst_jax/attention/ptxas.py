@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import shutil
@@ -223,4 +224,66 @@ def compile_with_resources(lowered, prefixes: tuple[str, ...] = ("",), arch: str
                 ptx = f.read()
             if any(name.startswith(prefixes) for name in ptx_entries(ptx)):
                 kernels += module_resources(ptx, launch, arch)
+    return compiled, [k for k in kernels if k.kernel.startswith(prefixes)]
+
+
+# Mosaic GPU compiles its kernels itself (MLIR -> PTX -> cubin inside its XLA custom call),
+# so XLA's dump never holds their PTX: Mosaic writes its own where these variables say,
+# with the ptxas report of its own compile and the shared memory it reserves.
+MOSAIC_DUMP_ENV = {
+    "MOSAIC_GPU_DUMP_PTX": "1",
+    "MOSAIC_GPU_DUMP_PTXAS": "1",
+    "MOSAIC_GPU_DUMP_RESOURCES": "1",
+}
+MOSAIC_ENTRY_SUFFIX = "_mosaic_gpu_kernel"  # Mosaic's entry: <kernel_name> + this
+_SMEM_SCRATCH = re.compile(r"smem_scratch_bytes=(\d+)")
+_MAXNTID = re.compile(r"\.maxntid\s+(\d+),\s*(\d+),\s*(\d+)")
+
+
+def mosaic_kernel(directory: str, stem: str) -> KernelResources:
+    """One Mosaic GPU kernel's figures from its dump (``stem.ptx``, ``.ptxas``, ``.resources.txt``):
+    ptxas' report of Mosaic's own compile, the block size from the PTX (``.maxntid``), the
+    shared memory Mosaic reserves (all of it dynamic: ptxas sees none)."""
+    read = lambda ext: open(os.path.join(directory, stem + ext)).read()  # noqa: SIM115
+    ptx, report = read(".ptx"), parse_ptxas(read(".ptxas"))
+    (entry,) = ptx_entries(ptx)
+    r = report.get(entry)
+    if r is None or "registers" not in r:
+        raise RuntimeError(f"ptxas reported nothing for Mosaic GPU kernel {entry}")
+    smem = _SMEM_SCRATCH.search(read(".resources.txt"))
+    threads = _MAXNTID.search(ptx)
+    return KernelResources(
+        kernel=entry.removesuffix(MOSAIC_ENTRY_SUFFIX),
+        registers=r["registers"],
+        spill_stores=r.get("spill_stores", 0),
+        spill_loads=r.get("spill_loads", 0),
+        stack_bytes=r.get("stack_bytes", 0),
+        shared_bytes=r["static_shared"] + (int(smem.group(1)) if smem else 0),
+        threads=math.prod(map(int, threads.groups())) if threads else 0,
+        wgmma="wgmma.mma_async" in ptx,
+    )
+
+
+def compile_mosaic_with_resources(lower, prefixes: tuple[str, ...] = ("",)):
+    """Like :func:`compile_with_resources` for Mosaic GPU kernels: ``lower()`` (a
+    ``Lowered``; the shared-memory figure is written while lowering) and ``.compile()``
+    with Mosaic GPU dumping each kernel (the dump directory also goes into XLA's options,
+    so the compile is never a cache hit that would dump nothing)."""
+    with tempfile.TemporaryDirectory(prefix="mosaic-dump-") as tmp:
+        env = {**MOSAIC_DUMP_ENV, "MOSAIC_GPU_DUMP_TO": tmp}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            lowered = lower()
+            compiled = lowered.compile(compiler_options={"xla_dump_to": os.path.join(tmp, "xla")})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        stems = sorted(n.removesuffix(".ptx") for n in os.listdir(tmp) if n.endswith(".ptx"))
+        if not stems:
+            raise RuntimeError("Mosaic GPU wrote no PTX: no Mosaic GPU kernel compiled?")
+        kernels = [mosaic_kernel(tmp, stem) for stem in stems]
     return compiled, [k for k in kernels if k.kernel.startswith(prefixes)]
