@@ -436,6 +436,18 @@ def docs_commands() -> list[tuple[str, str]]:
             start = snippet.find("python -m oasst_jax.")
             if start >= 0 and re.match(r"python -m oasst_jax\.[a-z]", snippet[start:]):
                 found.append((page, snippet[start:].replace("\\|", "|")))
+        for row in (line for line in text.splitlines() if line.startswith("| ")):
+            # a table row's later spans of flags (``--config.x=1``, ``--config=other.py``)
+            # are what its command takes too: each checked as that command
+            command = verb = None
+            for span in re.findall(r"`([^`\n]+)`", row):
+                if span.startswith("python -m oasst_jax."):
+                    command, verb = span, " ".join(span.split()[:3])
+                elif command and span.startswith("--config="):
+                    command = f"{verb} {span}"
+                    found.append((page, command))
+                elif command and span.startswith("--"):
+                    found.append((page, f"{command} {span}".replace("\\|", "|")))
     return found
 
 
@@ -469,12 +481,14 @@ def test_docs_commands_name_real_commands_flags_and_configs():
             if verb not in ("convert", "tokenizer") and sub != ["compare"]:
                 sub = []  # a positional argument (plot's run directories), not a subcommand
             options = [a for a in argv[3:] if a.startswith("--")]
+            cfg = None
             for option in options:
                 name, _, value = option.partition("=")
                 if name == "--config":
                     assert os.path.isfile(os.path.join(REPO, value)), where
                     cfg = load_config(os.path.join(REPO, value))
                 elif name.startswith("--config."):
+                    assert cfg is not None, (where, "an override without --config=FILE")
                     assert _has_field(cfg, name.removeprefix("--config.")), (where, name)
             flags = [o.partition("=")[0] for o in options if not o.startswith("--config")]
             helps[(verb, *sub)] = ""
