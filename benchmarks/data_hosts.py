@@ -12,10 +12,12 @@ it; the trainer's loss mask; no read-ahead threads, so this is the cost, not the
 over ``--steps`` global batches, best of ``--repeats``.  One process runs the hosts one
 after the other, so the figure is each process's own cost, not H processes competing for
 this machine's cores.
-Prints one JSON line per H: packed tokens/s per process (the row slots it fills, ``rows x
-seq_length``, per second of its pipeline), the sample tokens among them, the seconds per
-global batch of the slowest host, and the share of that spent planning (the part every
-host repeats).  Goal: the per-host cost falls as ~1/H (``cost_vs_one_host`` ~ 1/H).
+Times are CPU seconds of this process (``time.process_time``: a shared machine's other
+jobs count little).  Prints one JSON line per H: packed tokens/s per process (the row slots
+it fills, ``rows x seq_length``, per CPU second of its pipeline), the sample tokens among
+them, the CPU seconds per global batch of the costliest host, and the share of that spent
+planning (the part every host repeats).  Goal: the per-host cost falls as ~1/H
+(``cost_vs_one_host`` ~ 1/H).
 """
 
 from __future__ import annotations
@@ -49,21 +51,22 @@ def write_split(path: Path, samples: int, seed: int = 0) -> None:
 
 
 def host_cost(source, cfg: pipeline.PipelineConfig, mask, rows: np.ndarray, steps: int) -> dict:
-    """One host's pipeline over ``steps`` global batches: seconds, planning seconds, tokens."""
+    """One host's pipeline over ``steps`` global batches: CPU seconds (this process's, so
+    what else loads the machine counts little), planning CPU seconds, sample tokens."""
     it = pipeline.Batches(source, cfg, mask, rows=rows)
     next(it)  # opened, first batch read
     plan = pipeline.PackPlan(it.plan.lengths, cfg, repeat=True)
     plan.set_state(it.get_state())
-    start = time.perf_counter()
+    start = time.process_time()
     tokens = 0
     for _ in range(steps):
         batch = next(it)
         tokens += int((batch["segment_ids"] > 0).sum())
-    seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    seconds = time.process_time() - start
+    start = time.process_time()
     for _ in range(steps * cfg.rows_per_batch):
         next(plan)
-    return {"seconds": seconds, "plan_seconds": time.perf_counter() - start, "tokens": tokens}
+    return {"seconds": seconds, "plan_seconds": time.process_time() - start, "tokens": tokens}
 
 
 def main() -> None:
@@ -108,7 +111,7 @@ def main() -> None:
                 "sample_tokens_per_s_per_process": round(
                     np.mean([r["tokens"] / r["seconds"] for r in runs])
                 ),
-                "seconds_per_global_batch": round(slowest / args.steps, 4),
+                "cpu_seconds_per_global_batch": round(slowest / args.steps, 4),
                 "plan_share": round(max(r["plan_seconds"] for r in runs) / slowest, 3),
                 "cost_vs_one_host": round(slowest / base, 3),
                 "seq_length": args.seq_length,

@@ -15,9 +15,14 @@ sizes (``benchmarks/card_data.py``, ~2.6 GB under the system temp directory, rem
 slice of them unless ``--tokenizer`` names one, then runs ``python -m oasst_jax.pretokenize
 --config=configs/data/oasst_pre10_min25.py`` pointed at them (``--checkout DIR``: another
 checkout's package and configs; ``--override KEY=VALUE``: more ``--config.`` overrides) and
-prints one JSON line: wall seconds, the pretokenize process's peak RSS (``ru_maxrss``),
+prints one JSON line: wall seconds, CPU seconds (the process and its encoder workers: the
+work, whatever else loads the machine), the pretokenize process's peak RSS (``ru_maxrss``),
 the peak RSS of it and its encoder workers together (sampled every 50 ms), the tokens
 written, the machine's load.  Goal: peak RSS <= 2 GiB, <= 3 min on 2 cores.
+``--compare-checkout DIR`` also runs another checkout's stage 1 on the same files and
+tokenizer (e.g. one before streaming, ``git archive 12389fa^``; both then read oa_leet10k's
+``oa_leet10k.parquet`` alone, the file that checkout reads) and lists the output files that
+differ in a byte (shards, Megatron files, statistics; none: ``differing_files: []``).
 """
 
 from __future__ import annotations
@@ -99,10 +104,13 @@ def run_stage1(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
     proc, peak, done = psutil.Process(child.pid), [0], threading.Event()
+    own = [0.0]  # the pretokenize process's own CPU seconds, without its workers
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], _tree_rss(proc))
+            with contextlib.suppress(psutil.Error):
+                own[0] = sum(proc.cpu_times()[:2])
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -117,6 +125,9 @@ def run_stage1(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
         raise SystemExit(f"pretokenize failed ({child.returncode}): {' '.join(cmd)}")
     return {
         "seconds": round(seconds, 1),
+        # CPU seconds of it and its reaped encoder workers: the work, whatever the load
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "main_cpu_seconds": round(own[0], 1),  # reading, filtering, writing (the rest encodes)
         "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),
         "peak_tree_rss_gib": round(peak[0] / GIB, 3),
         "stdout_tail": stdout.strip().splitlines()[-12:],
@@ -142,18 +153,19 @@ def card_scale(args: argparse.Namespace) -> None:
             sample = card_data.Text(1).texts(4000, 2000)
             tok = str(train_sentencepiece(sample, work / "tok", args.vocab_size))
         checkout = Path(args.checkout).resolve() if args.checkout else REPO
-        cmd = [
-            sys.executable, "-m", "oasst_jax.pretokenize",
-            "--config=configs/data/oasst_pre10_min25.py",
-            f"--config.tokenizer_path={tok}",
-            f"--config.output_dir={work / 'out'}",
-            *(f"--config.datasets{_key(n)}.path={p}" for n, p in paths.items()),
-            *(f"--config.{o}" for o in args.override),
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(checkout), "TQDM_DISABLE": "1"}
-        result = run_stage1(cmd, checkout, env)
+        if args.compare_checkout:  # a checkout before hub layouts reads oa_leet10k's one file
+            paths["oa_leet10k"] = str(Path(paths["oa_leet10k"]) / "data" / card_data.LEET_FILES[0])
+        result = stage1(checkout, tok, paths, work / "out", args.override)
         meta = json.loads((work / "out" / shards.METADATA_FILE).read_text())
         input_bytes = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+        if args.compare_checkout:
+            other = Path(args.compare_checkout).resolve()
+            theirs = stage1(other, tok, paths, work / "compare", args.override)
+            result["compare_checkout"] = str(other)
+            result["compare_seconds"] = theirs["seconds"]
+            result["compare_cpu_seconds"] = theirs["cpu_seconds"]
+            result["compare_peak_rss_gib"] = theirs["peak_rss_gib"]
+            result["differing_files"] = differing_files(work / "out", work / "compare")
     splits = meta["splits"]
     print(
         json.dumps(
@@ -172,6 +184,35 @@ def card_scale(args: argparse.Namespace) -> None:
     )
 
 
+def stage1(checkout: Path, tok: str, paths: dict, out: Path, override: list[str]) -> dict:
+    """Stage 1 of ``checkout`` (its package and the card config) on ``paths`` into ``out``."""
+    cmd = [
+        sys.executable, "-m", "oasst_jax.pretokenize",
+        "--config=configs/data/oasst_pre10_min25.py",
+        f"--config.tokenizer_path={tok}",
+        f"--config.output_dir={out}",
+        *(f"--config.datasets{_key(n)}.path={p}" for n, p in paths.items()),
+        *(f"--config.{o}" for o in override),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(checkout), "TQDM_DISABLE": "1"}
+    return run_stage1(cmd, checkout, env)
+
+
+def differing_files(a: Path, b: Path) -> list[str]:
+    """The files of two output directories that are not the same bytes (or not in both);
+    ``stats.md`` names its output directory, so that line is left out of its comparison."""
+    names = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
+    names |= {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    out = []
+    for name in sorted(names):
+        x, y = a / name, b / name
+        if not (x.is_file() and y.is_file()):
+            out.append(str(name))
+        elif x.read_bytes().replace(bytes(a), b"OUT") != y.read_bytes().replace(bytes(b), b"OUT"):
+            out.append(str(name))
+    return out
+
+
 def _key(name: str) -> str:
     return f"['{name}']" if "-" in name else f".{name}"
 
@@ -187,6 +228,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="card-scale: a tokenizer.model (default: trained)")
     parser.add_argument("--checkout", help="card-scale: run this checkout's pretokenize")
     parser.add_argument("--override", action="append", default=[], help="card-scale: KEY=VALUE")
+    parser.add_argument(
+        "--compare-checkout", help="card-scale: also run this checkout; name differing outputs"
+    )
     args = parser.parse_args()
     if args.card_scale:
         card_scale(args)
