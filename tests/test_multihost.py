@@ -4,7 +4,10 @@ together.  The mesh (pipeline 2 x sequence 2 x tensor 2) puts pipeline stages, c
 tensor parallelism across the process boundary.  Faults: a process killed mid-step ends
 every other one within a minute, with one line naming it, and the restarted job resumes
 bit-exactly; a checkpoint read error on one process only makes every process retry, or
-every process stop, together.  Plus the decision table of ``oasst_jax.distributed``.
+every process stop, together.  Input: with the batch axis over processes, 2 and 4
+processes each read only their rows, of the one process's batches, to its losses, and 4
+resume the one process's checkpoint on its batches.  Plus the decision table of
+``oasst_jax.distributed``.
 
 Every process runs ``python -m oasst_jax.train`` (the CLI, so its one-line errors are
 what is checked), started through :data:`RUNNER`, which injects a test's faults first.
@@ -264,6 +267,33 @@ def test_each_process_reads_its_rows_of_the_one_process_batches(count, shared_on
         [got[s]["loss"] for s in got], [one[s]["loss"] for s in got], rtol=1e-5
     )
     assert [got[s]["samples"] for s in got] == [one[s]["samples"] for s in got]
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes(shared_one, tmp_path):
+    """The one process's checkpoint at step SAVE, resumed by 4 processes: the data position
+    it stores is the global plan's, so they read their rows of the very batches the one
+    process read next, and the losses are its losses."""
+    work, recorded = str(tmp_path / "run"), str(tmp_path / "batches")
+    os.makedirs(os.path.join(work, "checkpoints"))
+    os.makedirs(recorded)
+    saved = os.path.join(shared_one["run"], "checkpoints", str(SAVE))
+    subprocess.run(["cp", "-r", saved, os.path.join(work, "checkpoints")], check=True)
+    env = {"OASST_TEST_BATCHES": recorded}
+    outputs = _finish(
+        _launch(work, shared_one["data"], 4, SHARED, **{f"p{i}": env for i in range(4)})
+    )
+    assert f"resumed from {work}/checkpoints at step {SAVE}" in outputs[0]
+    parts = [_batches(recorded, i) for i in range(4)]
+    for k, whole in enumerate(shared_one["batches"][SAVE:]):
+        for field in (f for f in whole if f != "rows"):
+            got = np.concatenate([p[k][field] for p in parts])
+            np.testing.assert_array_equal(got, whole[field])
+    got, one = _metrics(work), _metrics(shared_one["run"])
+    assert sorted(got) == list(range(SAVE + 1, STEPS + 1))
+    np.testing.assert_allclose(
+        [got[s]["loss"] for s in got], [one[s]["loss"] for s in got], rtol=1e-5
+    )
 
 
 def _error_lines(out: str) -> list[str]:
