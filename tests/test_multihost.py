@@ -189,6 +189,7 @@ def job(tmp_path_factory):
     return {"data": data, "two": two, "one": one, "outputs": outputs, "root": root}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(job):
     want, got = _metrics(job["one"]), _metrics(job["two"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -335,6 +336,7 @@ def test_killed_process_stops_the_job_and_restart_resumes_bit_exact(job):
     assert _metrics(work) == _metrics(job["two"])
 
 
+@pytest.mark.slow
 def test_read_error_on_one_process_stops_every_process(job):
     """Process 1's checkpoint reads always fail: after the retries every process stops
     with the same one line naming process 1 (none waits for the others), and nothing
