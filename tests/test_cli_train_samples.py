@@ -4,12 +4,15 @@
 import json
 import os
 
+import pytest
+
 from oasst_jax.config import load_config
 from oasst_jax.decode import eval_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_samples_at_each_evaluation_and_wandb_offline(sample_data, tmp_path, monkeypatch):
     from oasst_jax.cli import train
 

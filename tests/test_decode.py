@@ -138,6 +138,7 @@ def test_eval_prompts(tmp_path):
         decode.eval_prompts(str(path))
 
 
+@pytest.mark.slow
 def test_benchmark_smoke():
     """``benchmarks/decode.py --smoke``: a JSON line for batch 2, ours and transformers'
     greedy ids equal, every measured time positive.  (``step_ms`` is a difference of two

@@ -106,6 +106,7 @@ def test_every_parameter_has_a_logical_spec(tiny_params):
         assert isinstance(spec, P) and len(spec) == leaf.ndim, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_sharded_forward_and_grads_match_single_device(tiny_params):
     params = nn.meta.unbox(tiny_params)
     tokens = _tokens((4, 16))

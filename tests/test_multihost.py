@@ -4,7 +4,10 @@ together.  The mesh (pipeline 2 x sequence 2 x tensor 2) puts pipeline stages, c
 tensor parallelism across the process boundary.  Faults: a process killed mid-step ends
 every other one within a minute, with one line naming it, and the restarted job resumes
 bit-exactly; a checkpoint read error on one process only makes every process retry, or
-every process stop, together.  Plus the decision table of ``oasst_jax.distributed``.
+every process stop, together.  Input: with the batch axis over processes, 2 and 4
+processes each read only their rows, of the one process's batches, to its losses, and 4
+resume the one process's checkpoint on its batches.  Plus the decision table of
+``oasst_jax.distributed``.
 
 Every process runs ``python -m oasst_jax.train`` (the CLI, so its one-line errors are
 what is checked), started through :data:`RUNNER`, which injects a test's faults first.
@@ -186,6 +189,7 @@ def job(tmp_path_factory):
     return {"data": data, "two": two, "one": one, "outputs": outputs, "root": root}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(job):
     want, got = _metrics(job["one"]), _metrics(job["two"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -236,7 +240,9 @@ def shared_one(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("count", [2, 4])
+# 2 here; 4 processes (2 rows each) in test_resume_with_another_number_of_processes, which
+# checks the same rows and losses from the resumed step on (one 4-process job, not two)
+@pytest.mark.parametrize("count", [2])
 def test_each_process_reads_its_rows_of_the_one_process_batches(count, shared_one, tmp_path):
     """With the batch axis over processes, each of ``count`` processes reads only the rows
     its devices hold (8 / count of each step's 8); put together they are, field for field,
@@ -264,6 +270,34 @@ def test_each_process_reads_its_rows_of_the_one_process_batches(count, shared_on
         [got[s]["loss"] for s in got], [one[s]["loss"] for s in got], rtol=1e-5
     )
     assert [got[s]["samples"] for s in got] == [one[s]["samples"] for s in got]
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes(shared_one, tmp_path):
+    """The one process's checkpoint at step SAVE, resumed by 4 processes: the data position
+    it stores is the global plan's, so each reads only its 2 rows of the very batches the
+    one process read next, and the losses are its losses."""
+    work, recorded = str(tmp_path / "run"), str(tmp_path / "batches")
+    os.makedirs(os.path.join(work, "checkpoints"))
+    os.makedirs(recorded)
+    saved = os.path.join(shared_one["run"], "checkpoints", str(SAVE))
+    subprocess.run(["cp", "-r", saved, os.path.join(work, "checkpoints")], check=True)
+    env = {"OASST_TEST_BATCHES": recorded}
+    outputs = _finish(
+        _launch(work, shared_one["data"], 4, SHARED, **{f"p{i}": env for i in range(4)})
+    )
+    assert f"resumed from {work}/checkpoints at step {SAVE}" in outputs[0]
+    parts = [_batches(recorded, i) for i in range(4)]
+    for k, whole in enumerate(shared_one["batches"][SAVE:]):
+        assert [list(p[k]["rows"]) for p in parts] == [[2 * i, 2 * i + 1] for i in range(4)]
+        for field in (f for f in whole if f != "rows"):
+            got = np.concatenate([p[k][field] for p in parts])
+            np.testing.assert_array_equal(got, whole[field])
+    got, one = _metrics(work), _metrics(shared_one["run"])
+    assert sorted(got) == list(range(SAVE + 1, STEPS + 1))
+    np.testing.assert_allclose(
+        [got[s]["loss"] for s in got], [one[s]["loss"] for s in got], rtol=1e-5
+    )
 
 
 def _error_lines(out: str) -> list[str]:
@@ -305,6 +339,7 @@ def test_killed_process_stops_the_job_and_restart_resumes_bit_exact(job):
     assert _metrics(work) == _metrics(job["two"])
 
 
+@pytest.mark.slow
 def test_read_error_on_one_process_stops_every_process(job):
     """Process 1's checkpoint reads always fail: after the retries every process stops
     with the same one line naming process 1 (none waits for the others), and nothing

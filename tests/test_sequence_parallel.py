@@ -41,7 +41,7 @@ def _loss_and_grads(cfg: LlamaConfig, boxed, mesh):
         )
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_sequence_and_context_parallel_match_one_device(implementation):
     cfg = _cfg(implementation)
     boxed = jax.jit(Llama(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -59,6 +59,7 @@ def test_sequence_and_context_parallel_match_one_device(implementation):
         assert err < 1e-5
 
 
+@pytest.mark.slow
 def test_residual_stream_is_split_over_tensor():
     """Megatron SP: a layer's output (the residual stream) is sharded along the sequence
     over sequence x tensor, not replicated over tensor."""
