@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_hf_llama
+from conftest import COMPILE_FLAGS, tiny_hf_llama
 
 from oasst_jax import weights
 from oasst_jax.cli import convert, sample
@@ -48,7 +48,7 @@ def _tensors(hf_dir: str) -> dict[str, np.ndarray]:
 
 def test_cli_round_trip_with_chatml(hf_dirs, tmp_path):
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": COMPILE_FLAGS}  # one device
     args = ["hf-to-orbax", "--hf-dir", hf_dirs["fp32"], "--out", ckpt, "--add-chatml-tokens"]
     run = subprocess.run(
         [sys.executable, "-m", "oasst_jax.convert", *args], capture_output=True, text=True, env=env

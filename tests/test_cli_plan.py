@@ -1,11 +1,15 @@
 """Planner: analytic memory/time models (hand-computed cases), layout enumeration,
 and AOT compiles of the tiny model for emulated CPU devices, abstract TPU devices and
-abstract H100s (XLA's GPU compiler, the project's Triton kernels inside)."""
+abstract GPUs (XLA's GPU compiler, with the kernels a run on that GPU uses: Mosaic GPU on
+H100/H200 with jax >= 0.11, the Triton kernels on A100 or older jax)."""
 
+import dataclasses
 import json
 import math
 import os
+import types
 
+import jax
 import ml_collections
 import pytest
 
@@ -309,16 +313,60 @@ def test_tpu_topology_compile_tiny_pallas_builds_mosaic_kernel():
     assert sum(r.kernel_calls.values()) > 0  # tpu_custom_call in the compiled HLO, not XLA
 
 
-def test_cpu_compile_pallas_falls_back_to_xla_attention():
-    from oasst_jax.model import LlamaConfig
+def _device(platform, capability=""):
+    return types.SimpleNamespace(platform=platform, compute_capability=capability)
+
+
+# the jax that has the Mosaic GPU kernels' API (oasst_jax.attention.mosaic_gpu.MIN_JAX)
+MOSAIC_JAX = jax.__version_info__ >= (0, 11)
+TRITON_KERNELS = {"flash_fwd", "flash_dq", "flash_dkv"}
+MOSAIC_KERNELS = {"mosaic_flash_fwd", "mosaic_flash_dq", "mosaic_flash_dkv"}
+
+
+def test_target_model_config_picks_the_gpu_kernels_a_run_would():
+    """A TPU compile builds Mosaic; a GPU compile the kernels a run there picks (Mosaic GPU
+    on Hopper with jax >= 0.11 at head dim <= 128 in bf16/fp16, else Triton); a CPU
+    compile XLA's attention."""
     from oasst_jax.planner import aot
 
-    c = LlamaConfig(attention_impl="pallas")
-    assert aot.target_model_config(c, "tpu").attention_backend == "tpu"
-    assert aot.target_model_config(c, "gpu").attention_backend == "gpu"  # Triton, compiled
-    assert aot.target_model_config(c, "cpu").attention_impl == "xla"
+    c = LlamaConfig(attention_impl="pallas", dtype="bfloat16")  # head dim 128
+    hopper = "mosaic_gpu" if MOSAIC_JAX else "gpu"
+    assert aot.target_model_config(c, _device("tpu")).attention_backend == "tpu"
+    assert aot.target_model_config(c, _device("gpu", "9.0")).attention_backend == hopper
+    assert aot.target_model_config(c, _device("gpu", "8.0")).attention_backend == "gpu"  # A100
+    fp32 = dataclasses.replace(c, dtype="float32")
+    assert aot.target_model_config(fp32, _device("gpu", "9.0")).attention_backend == "gpu"
+    assert aot.target_model_config(c, _device("cpu")).attention_impl == "xla"
+    xla = dataclasses.replace(c, attention_impl="xla")
+    assert aot.target_model_config(xla, _device("gpu", "9.0")) == xla
     stored = {k: v for k, v in c.__dict__.items() if k != "attention_backend"}
     assert LlamaConfig.from_mapping(stored).attention_backend == "auto"  # old checkpoints load
+
+
+def test_kernel_calls_name_triton_and_mosaic_gpu_kernels():
+    """Compiled-HLO lines of both GPU kernel families (abridged from a program compiled for
+    an abstract H100 at head dim 128: Mosaic GPU forward and dq, Triton dk/dv): a Triton
+    call names its kernel in its config, a Mosaic GPU call in its ``op_name`` scope."""
+    from oasst_jax.planner import aot
+
+    program = "\n".join(
+        [
+            '%mpmd_map.7 = (bf16[1,512,4,64]) custom-call(%q.1), custom_call_target="mosaic_gpu_'
+            'v2", metadata={op_name="jit(step)/jvp()/mosaic_flash_fwd/mpmd_map" scheduling_'
+            'name="mpmd_map.7"}, backend_config={kernel_hash = "x", module = "ML\\EFR"}',
+            '%mpmd_map.10 = bf16[1,512,4,64] custom-call(%q.1), custom_call_target="mosaic_gpu_'
+            'v2", metadata={op_name="jit(step)/transpose(jvp())/mosaic_flash_dq/mpmd_map"}',
+            '%triton.3 = bf16[1,512,2,64] custom-call(%q.1), custom_call_target="__gpu$xla.gpu.'
+            'triton", backend_config={name = "flash_dkv", ir = "..."}',
+            '%fusion.2 = f32[8] fusion(%p), kind=kLoop, metadata={op_name="jit(step)/add"}',
+        ]
+    )
+    calls = aot.kernel_calls(program, "gpu")
+    assert calls == {"mosaic_flash_fwd": 1, "mosaic_flash_dq": 1, "flash_dkv": 1}
+    assert aot.kernel_kinds(program, "gpu") == ("Mosaic GPU", "Triton")
+    assert aot.kernel_calls(program, "tpu") == {} and aot.kernel_kinds(program, "cpu") == ()
+    lowered = "stablehlo.custom_call @mosaic_gpu_v2(%0) {mhlo.backend_config = {}}"
+    assert aot.kernel_calls(lowered, "gpu") == {"mosaic_gpu_v2": 1}  # no scope in a lowering
 
 
 # ------------------------------------------------------------------ GPU topologies
@@ -427,10 +475,10 @@ def test_refused_topology_is_one_line_and_analytic_figures(monkeypatch, capsys):
 
 
 def gpu_cfg():
-    """A small model as a GPU trains it: bf16 compute, the Pallas (Triton) attention at
-    head dim 64 with GQA, seq 2048, Llama's 32000-word vocabulary (the logits, the largest
-    transient, as in the real runs): small enough to compile fast, large enough that the
-    compiler's fixed workspaces do not dominate its peak."""
+    """A small model as a GPU trains it: bf16 compute, the Pallas attention at head dim 64
+    with GQA, seq 2048, Llama's 32000-word vocabulary (the logits, the largest transient,
+    as in the real runs): small enough to compile fast, large enough that the compiler's
+    fixed workspaces do not dominate its peak."""
     cfg = tiny_cfg()
     cfg.seq_length = 2048
     cfg.model.update(
@@ -464,23 +512,41 @@ def test_gpu_devices_for_several_hosts_and_each_chip():
     assert {d.platform for d in devices} == {"gpu"}
     assert "H200" in chips.gpu_devices("h200:1")[0].device_kind
     assert "A100" in chips.gpu_devices("a100:2")[0].device_kind
+    # each compiles the kernels a run on it picks, by the capability its target reports
+    from oasst_jax.planner import aot
+
+    c = model_config(gpu_cfg())
+    hopper = "mosaic_gpu" if MOSAIC_JAX else "gpu"
+    for topology, backend in (("h100:1", hopper), ("h200:1", hopper), ("a100:1", "gpu")):
+        device = chips.gpu_devices(topology)[0]
+        assert aot.target_model_config(c, device).attention_backend == backend, topology
+
+
+def gpu_kernels(topology: str) -> set[str]:
+    """The attention kernels a run on the topology's GPU uses at ``gpu_cfg``'s head dim 64:
+    Mosaic GPU's on Hopper with jax >= 0.11, else Triton's."""
+    return MOSAIC_KERNELS if MOSAIC_JAX and topology[:4] in ("h100", "h200") else TRITON_KERNELS
 
 
 @pytest.mark.slow
 @needs_cuda_plugin
-def test_gpu_compile_one_h100_builds_the_triton_kernels():
-    """One abstract H100: the step compiles with XLA's GPU compiler, the forward and both
-    backward kernels are Triton calls in the program, the state is the arguments, and the
+@pytest.mark.parametrize("topology,kind", [("h100:1", "H100"), ("a100:1", "A100")])
+def test_gpu_compile_one_gpu_builds_the_kernels_a_run_uses(topology, kind):
+    """One abstract GPU: the step compiles with XLA's GPU compiler, the forward and both
+    backward kernels in the program are the ones a run there uses (Mosaic GPU on an H100
+    with jax >= 0.11, Triton on an A100 or older jax), the state is the arguments, and the
     analytic GPU model is within 15 % of the compiled peak."""
     from oasst_jax.planner import aot
 
-    devices = chips.gpu_devices("h100:1")
-    assert devices[0].platform == "gpu" and "H100" in devices[0].device_kind
+    devices = chips.gpu_devices(topology)
+    assert devices[0].platform == "gpu" and kind in devices[0].device_kind
     cfg = gpu_cfg()
     layout = memory.Layout(mesh(), 2, "selective")
     r = aot.compile_step(cfg, layout, devices)
     assert r.backend == "gpu" and r.attention_impl == "pallas"
-    assert set(r.kernel_calls) == {"flash_fwd", "flash_dq", "flash_dkv"}, r.kernel_calls
+    assert set(r.kernel_calls) == gpu_kernels(topology), r.kernel_calls
+    mosaic = gpu_kernels(topology) == MOSAIC_KERNELS
+    assert r.kernel_kinds == (("Mosaic GPU",) if mosaic else ("Triton",))
     assert r.argument_bytes >= r.param_bytes + r.optimizer_bytes > 0
     est = memory.jax_memory(model_config(cfg), layout, 2048, 8, platform="gpu")
     assert est.total == pytest.approx(r.peak_bytes, rel=0.15), (est, r)
@@ -490,8 +556,9 @@ def test_gpu_compile_one_h100_builds_the_triton_kernels():
 @needs_cuda_plugin
 def test_plan_topology_h100_8_compiled_verdict(capsys):
     """``plan --topology h100:8`` (FSDP 8): the compiler's per-GPU figures decide the
-    verdict, the report names the Triton kernels, and the analytic model is within 15 % of
-    the peak (-12.5 % here: the gathered weights are not modelled)."""
+    verdict, the report names the kernels a run uses (Mosaic GPU with jax >= 0.11, else
+    Triton), and the analytic model is within 15 % of the peak (the gathered weights are
+    not modelled)."""
     from oasst_jax.cli import plan
 
     cfg = gpu_cfg()
@@ -502,10 +569,12 @@ def test_plan_topology_h100_8_compiled_verdict(capsys):
     assert rec["compiler_capacity_bytes"] == chips.target_memory_bytes(
         chips.target_config(chips.CHIPS["h100"])
     )
-    assert set(rec["kernel_calls"]) == {"flash_fwd", "flash_dq", "flash_dkv"}
+    assert set(rec["kernel_calls"]) == gpu_kernels("h100")
     assert abs(rec["analytic_error"]) < 0.15, rec["analytic_error"]
     text = "\n".join(plan.describe(rec))
-    assert "Triton kernel calls: flash_dkv x1" in text and "(GPU compiler)" in text
+    label = "Mosaic GPU kernel calls: mosaic_" if MOSAIC_JAX else "Triton kernel calls: "
+    assert label + "flash_dkv x1" in text, text
+    assert "(GPU compiler)" in text
     capsys.readouterr()
 
 
@@ -514,12 +583,12 @@ def test_plan_topology_h100_8_compiled_verdict(capsys):
 def test_search_topology_h100_8_compiles_its_best_layout(capsys):
     """``plan --search --topology h100:8``: the analytic ranking's best layout is compiled
     with XLA's GPU compiler (as ``--search`` does for a TPU topology), so the winner's
-    verdict is the compiler's, with the Triton kernels in its program."""
+    verdict is the compiler's, with the kernels a run uses in its program."""
     cfg = gpu_cfg()
     cfg.global_batch_size = 32
     rec = plan_run(cfg, "h100:8", search=True)
     assert rec["backend"] == "gpu" and rec["fits_by"] == "GPU compiler", rec
     assert rec["fits"] is True and rec["peak_bytes_per_device"] > 0
-    assert set(rec["kernel_calls"]) == {"flash_fwd", "flash_dq", "flash_dkv"}
+    assert set(rec["kernel_calls"]) == gpu_kernels("h100"), rec["kernel_calls"]
     assert abs(rec["analytic_error"]) < 0.15, rec["analytic_error"]
     assert "search:" not in capsys.readouterr().out  # json_only: JSON lines alone

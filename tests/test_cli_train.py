@@ -182,6 +182,7 @@ def test_eval_continues_and_eval_full_reads_each_sample_once(sample_data, tmp_pa
     assert sum(m["val_loss_tokens"] for m in [first, *later]) > want  # it cycled
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back(sample_data, tmp_path):
     cfg = _tiny_cfg(sample_data, tmp_path, train_iters=4, eval_interval=0, save_interval=2)
     run(cfg)
@@ -216,6 +217,7 @@ def _cli(sample_data, workdir, *overrides) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_nonfinite_params_unsaved_and_changed_optimizer_refused(sample_data, tmp_path, monkeypatch):
     """Two refusals on one short run (each run costs a compile): parameters holding NaN/Inf
     are never saved; and the reported case, clipping turned off on resume, which used to
@@ -257,6 +259,7 @@ def _strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_diverged_run_halts_without_saving_nonfinite_steps(sample_data, tmp_path):
     """lr=1e10: NaN losses from step 3 on (the reported run saved checkpoints throughout and
     exited 0).  Five NaN steps in a row end the run (non-zero exit, one line); no save

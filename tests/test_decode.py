@@ -89,6 +89,7 @@ def test_greedy_replies_from_sharded_training_params_equal_unsharded(tok, axes):
     assert any(replies)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4"])  # sub-byte: the layout case; int8 decodes alike
 def test_greedy_replies_over_a_quantized_lora_base(tok, kind):
     """QLoRA's eval samples: the adapters merged into the qwix-quantized frozen base as the

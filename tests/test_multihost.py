@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import COMPILE_FLAGS
 
 from oasst_jax.data.shards import ShardWriter, split_path
 from oasst_jax.distributed import initialize_kwargs, lost_peer_line
@@ -125,7 +126,8 @@ def _launch(
         env = {
             **os.environ,
             **faults.get(f"p{i}", {}),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // count}",
+            # conftest's compile flags (its quick XLA:CPU compiles), this process's devices
+            "XLA_FLAGS": f"{COMPILE_FLAGS} --xla_force_host_platform_device_count={8 // count}",
             "JAX_PLATFORMS": "cpu",
             "JAX_DEFAULT_MATMUL_PRECISION": "highest",
             "JAX_COORDINATOR_ADDRESS": address,

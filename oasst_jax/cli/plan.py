@@ -9,7 +9,8 @@ which layout is best.  Flags:
   ``h200:N``, ``a100:N``) does the same with XLA's GPU compiler for abstract
   GPUs (jax's CUDA plugin in compile-only mode, no GPU needed:
   ``pip install -e '.[gpu-aot]'``), with ``attention_impl='pallas'`` built as the
-  project's Triton kernels; without a topology the step is compiled for emulated
+  kernels a run there would use (Mosaic GPU on H100/H200 with jax >= 0.11, else
+  the Triton kernels); without a topology the step is compiled for emulated
   CPU devices, which proves it compiles and shards but whose memory figures are
   not predictive.
 * ``--search`` enumerates layouts for the device count, prunes and ranks them
@@ -183,6 +184,7 @@ def compile_record(cfg, layout: memory.Layout, target: Target) -> dict:
         "compile_s": r.compile_s,
         "attention_impl_compiled": r.attention_impl,
         "kernel_calls": r.kernel_calls,
+        "kernel_kinds": list(r.kernel_kinds),
     }
 
 
@@ -209,17 +211,15 @@ def gib(x: float | None) -> str:
     return "-" if x is None else f"{x / GIB:7.2f} GiB"
 
 
-KERNEL_KINDS = {"tpu": "Mosaic", "gpu": "Triton"}
-
-
 def attention_label(rec: dict) -> str:
     """Which attention the compiled program holds: a config's ``pallas`` is the Mosaic
-    kernel on TPU, the Triton kernels on GPU, but XLA attention under CPU emulation."""
+    kernel on TPU, the Mosaic GPU or Triton kernels on GPU (``planner.aot``), but XLA
+    attention under CPU emulation."""
     impl, calls = rec["attention_impl_compiled"], rec["kernel_calls"]
     if not calls:
         return impl
     found = ", ".join(f"{name} x{n}" for name, n in sorted(calls.items()))
-    return f"{impl} ({KERNEL_KINDS.get(rec['backend'], '')} kernel calls: {found})"
+    return f"{impl} ({' + '.join(rec['kernel_kinds'])} kernel calls: {found})"
 
 
 def describe(rec: dict) -> list[str]:

@@ -22,11 +22,12 @@ carry their ``NamedSharding``s, the step is the trainer's own jitted step
   temporaries for 70B), so its memory figures are *not predictive*.
 
 With ``attention_impl='pallas'`` a TPU compile builds the project's Mosaic flash
-kernel and a GPU compile its Triton kernels (``LlamaConfig.attention_backend``:
+kernel and a GPU compile the kernels a run on that GPU would pick -- Mosaic GPU on
+Hopper with jax >= 0.11, Triton on older GPUs or jax (``LlamaConfig.attention_backend``:
 the dispatch would otherwise pick the kernel from the running CPU platform); a
 CPU compile uses the XLA attention instead, since the interpreted kernel says
 nothing about any device.  The report counts the kernel calls found in the
-compiled program and says which attention was compiled.
+compiled program, names their families and says which attention was compiled.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from oasst_jax import optim, sharding
+from oasst_jax.attention import gpu_backend
 from oasst_jax.config import micro_steps, model_config
 from oasst_jax.data import pipeline
 from oasst_jax.model import Llama, LlamaConfig, hidden_dropout_rates
@@ -71,7 +73,8 @@ class CompileReport:
     fits: bool | None  # False: the compiler refused; None: compare ``peak_bytes`` with the HBM
     compile_s: float
     attention_impl: str
-    kernel_calls: dict[str, int]  # Pallas kernels in the program by name (Mosaic or Triton)
+    kernel_calls: dict[str, int]  # Pallas kernels in the program by name
+    kernel_kinds: tuple[str, ...] = ()  # their families: 'Mosaic', 'Triton', 'Mosaic GPU'
     error: str = ""
 
 
@@ -141,22 +144,45 @@ def parse_oom(message: str) -> tuple[int, int, bool] | None:
     return int(used), int(cap), temps_only
 
 
-KERNEL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+# custom-call targets of Pallas kernels on each platform -> the kernel family they build
+KERNEL_TARGETS = {
+    "tpu": {"tpu_custom_call": "Mosaic"},
+    "gpu": {"__gpu$xla.gpu.triton": "Triton", "mosaic_gpu_v2": "Mosaic GPU"},
+}
+
+
+def _kernel_name(line: str, target: str) -> str:
+    """A kernel's name from its custom-call line: Mosaic (TPU) and Triton calls carry it in
+    their config (``kernel_name``/``name``); a Mosaic GPU call carries only a serialized
+    module, so its name is the named scope ``plgpu.kernel`` wraps the call in, the last
+    scope of the call's ``op_name`` (absent from a lowering's text: the target stands in)."""
+    if target == "mosaic_gpu_v2":
+        m = re.search(r'\bop_name="([^"]*)"', line)
+        scopes = m.group(1).split("/") if m else []
+        return scopes[-2] if len(scopes) > 1 else target
+    names = re.findall(r'\b(?:kernel_)?name\s*=\s*"([\w.$-]+)"', line)
+    return names[-1] if names else target
 
 
 def kernel_calls(program_text: str, backend: str) -> dict[str, int]:
     """Pallas kernel calls in an HLO/StableHLO text by kernel name (Mosaic custom calls on
-    TPU, Triton custom calls on GPU): proof that the kernel, not a fallback, is what the
-    compiler built (a refused program counts from its lowering)."""
-    target = KERNEL_TARGETS.get(backend)
+    TPU; Triton or Mosaic GPU custom calls on GPU): proof that the kernel, not a fallback,
+    is what the compiler built (a refused program counts from its lowering)."""
+    targets = KERNEL_TARGETS.get(backend, {})
     calls: dict[str, int] = {}
-    for line in program_text.splitlines() if target else ():
-        if target not in line:
-            continue
-        names = re.findall(r'\b(?:kernel_)?name\s*=\s*"([\w.$-]+)"', line)
-        name = names[-1] if names else target
-        calls[name] = calls.get(name, 0) + line.count(target)
+    for line in program_text.splitlines() if targets else ():
+        for target in targets:
+            if target in line:
+                name = _kernel_name(line, target)
+                calls[name] = calls.get(name, 0) + line.count(target)
     return calls
+
+
+def kernel_kinds(program_text: str, backend: str) -> tuple[str, ...]:
+    """The kernel families in the program (``('Mosaic GPU', 'Triton')``: a Hopper program at
+    head dim 128 runs Triton's dk/dv beside Mosaic GPU's forward and dq)."""
+    targets = KERNEL_TARGETS.get(backend, {})
+    return tuple(sorted(kind for target, kind in targets.items() if target in program_text))
 
 
 def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -> dict:
@@ -168,14 +194,20 @@ def abstract_batch(cfg: ml_collections.ConfigDict, accum: int, batch_sharding) -
     }
 
 
-def target_model_config(model_cfg: LlamaConfig, platform: str) -> LlamaConfig:
-    """The model as compiled for ``platform``: the Pallas kernel is built for a TPU (Mosaic)
-    or GPU (Triton) target, not interpreted, rather than for the CPU host this runs on; on
-    CPU the XLA attention stands in, as interpreting the kernel would only slow the compile."""
+def target_model_config(model_cfg: LlamaConfig, device: jax.Device) -> LlamaConfig:
+    """The model as compiled for ``device``: the Pallas kernel is built for its TPU (Mosaic)
+    or GPU target, not interpreted, rather than for the CPU host this runs on -- on a GPU
+    the kernels a run on that GPU picks (:func:`oasst_jax.attention.gpu_backend`: Mosaic
+    GPU on Hopper when the installed jax has it and it takes the head dim and dtype, else
+    Triton; a compile-only device reports its target's compute capability).  On CPU the
+    XLA attention stands in, as interpreting the kernel would only slow the compile."""
     if model_cfg.attention_impl != "pallas":
         return model_cfg
-    if platform in ("tpu", "gpu"):
-        return dataclasses.replace(model_cfg, attention_backend=platform)
+    if device.platform == "tpu":
+        return dataclasses.replace(model_cfg, attention_backend="tpu")
+    if device.platform == "gpu":
+        backend = gpu_backend(device, model_cfg.head_size, model_cfg.dtype)
+        return dataclasses.replace(model_cfg, attention_backend=backend)
     return dataclasses.replace(model_cfg, attention_impl="xla")
 
 
@@ -185,7 +217,7 @@ def compile_step(
     """Lower and compile ``cfg``'s train step for ``devices`` in ``layout``: its mesh sizes
     (already resolved for ``devices``), micro batch and remat policy stand in for the config's."""
     model_cfg = dataclasses.replace(model_config(cfg), remat_policy=layout.remat)
-    model_cfg = target_model_config(model_cfg, devices[0].platform)
+    model_cfg = target_model_config(model_cfg, devices[0])
     sizes = dict(layout.mesh)
     accum = micro_steps(cfg.global_batch_size, layout.micro_batch_size, layout.data_parallel)
     order = tuple(sizes[a] for a in sharding.MESH_AXES)
@@ -222,7 +254,9 @@ def compile_step(
                     f"{first or type(e).__name__}"
                 ) from e
             requested, capacity, temps_only = oom
-            base["kernel_calls"] = kernel_calls(lowered.as_text(), base["backend"])
+            text = lowered.as_text()
+            base["kernel_calls"] = kernel_calls(text, base["backend"])
+            base["kernel_kinds"] = kernel_kinds(text, base["backend"])
             state_bytes = base["param_bytes"] + base["optimizer_bytes"]
             return CompileReport(
                 **base,
@@ -236,7 +270,9 @@ def compile_step(
                 compile_s=time.perf_counter() - t0,
                 error=str(e).strip().splitlines()[0][:300],
             )
-    base["kernel_calls"] = kernel_calls(compiled.as_text(), base["backend"])
+    text = compiled.as_text()
+    base["kernel_calls"] = kernel_calls(text, base["backend"])
+    base["kernel_kinds"] = kernel_kinds(text, base["backend"])
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes
