@@ -262,6 +262,7 @@ def test_cpu_compile_tiny_last_line_json(capsys):
     assert rec["param_bytes_per_device"] == pytest.approx(rec["analytic"]["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "nf4"])
 def test_lora_compile_state_bytes_match_the_analytic_model(capsys, base_dtype):
     """A LoRA step compiles (frozen base + adapters as the state) and its state's bytes per
@@ -290,6 +291,7 @@ def test_lora_compile_state_bytes_match_the_analytic_model(capsys, base_dtype):
     assert "frozen base" in rec["notes"][0]
 
 
+@pytest.mark.slow
 def test_tpu_topology_compile_tiny():
     pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
     from oasst_jax.planner import aot
@@ -301,6 +303,7 @@ def test_tpu_topology_compile_tiny():
     assert r.peak_bytes >= r.param_bytes + r.optimizer_bytes > 0
 
 
+@pytest.mark.slow
 def test_tpu_topology_compile_tiny_pallas_builds_mosaic_kernel():
     pytest.importorskip("libtpu", reason="libtpu missing: pip install -e '.[plan]'")
     from oasst_jax.planner import aot
