@@ -245,6 +245,28 @@ class _Ring:
         plgpu.barrier_arrive(self.consumed.at[rem(c, STAGES)])
 
 
+def _kv_ring(bk: int, dim: int, dtype, has_segments: bool) -> list:
+    """The ring buffers of a pass that streams K/V blocks (forward, dq): K, V and, with
+    packed rows, the keys' segment ids, ``bk`` rows a slot."""
+    ring = [_tiled((STAGES, bk, dim), dtype)] * 2
+    if has_segments:
+        ring.append(plgpu.SMEM((STAGES, bk), jnp.int32))
+    return ring
+
+
+def _produce_kv(ring: _Ring, refs, bi, kv_head, lo, hi, bk: int) -> None:
+    """The memory warpgroup of a K/V-streaming pass: K/V blocks ``lo..hi-1`` of batch row
+    ``bi`` and KV head ``kv_head`` into ``ring`` (``refs``: K, V, key segment ids or None)."""
+    k_ref, v_ref, kseg_ref = refs
+
+    def sources(c):
+        rows = pl.ds((lo + c) * bk, bk)
+        srcs = [k_ref.at[bi, rows, kv_head], v_ref.at[bi, rows, kv_head]]
+        return srcs + ([kseg_ref.at[bi, rows]] if kseg_ref is not None else [])
+
+    ring.produce(sources, hi - lo)
+
+
 def _ring_scratch(shapes, wgs: int) -> dict:
     """Scratch of a :class:`_Ring`: ``shapes`` are (SMEM type per slot) for each buffer."""
     return dict(
@@ -400,20 +422,11 @@ def forward(q, k, v, mask: MaskOperands, cfg: KernelConfig) -> tuple[jax.Array, 
             plgpu.wait_smem_to_gmem(0)
 
         def memory():
-            kv_head = div(h, groups)
-
-            def sources(c):
-                rows = pl.ds((lo + c) * bk, bk)
-                srcs = [k_ref.at[bi, rows, kv_head], v_ref.at[bi, rows, kv_head]]
-                return srcs + ([kseg_ref.at[bi, rows]] if has_seg else [])
-
-            ring.produce(sources, hi - lo)
+            _produce_kv(ring, (k_ref, v_ref, kseg_ref), bi, div(h, groups), lo, hi, bk)
 
         _warp_roles(wgs, compute, memory)
 
-    ring = [_tiled((STAGES, bk, dim), dtype)] * 2
-    if has_seg:
-        ring.append(plgpu.SMEM((STAGES, bk), jnp.int32))
+    ring = _kv_ring(bk, dim, dtype, has_seg)
     scratch = dict(
         qo=_tiled((wgs, ROWS, dim), dtype),
         p_smem=_tiled((wgs, ROWS, bk), dtype),
@@ -503,20 +516,11 @@ def _dq(q, k, v, mask: MaskOperands, do, lse, delta, cfg: KernelConfig) -> jax.A
             plgpu.wait_smem_to_gmem(0)
 
         def memory():
-            kv_head = div(h, groups)
-
-            def sources(c):
-                rows = pl.ds((lo + c) * bk, bk)
-                srcs = [k_ref.at[bi, rows, kv_head], v_ref.at[bi, rows, kv_head]]
-                return srcs + ([kseg_ref.at[bi, rows]] if has_seg else [])
-
-            ring.produce(sources, hi - lo)
+            _produce_kv(ring, (k_ref, v_ref, kseg_ref), bi, div(h, groups), lo, hi, bk)
 
         _warp_roles(wgs, compute, memory)
 
-    ring = [_tiled((STAGES, bk, dim), dtype)] * 2
-    if has_seg:
-        ring.append(plgpu.SMEM((STAGES, bk), jnp.int32))
+    ring = _kv_ring(bk, dim, dtype, has_seg)
     scratch = dict(
         q_smem=_tiled((wgs, ROWS, dim), dtype),
         do_smem=_tiled((wgs, ROWS, dim), dtype),
