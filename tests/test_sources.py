@@ -26,6 +26,7 @@ from oasst_jax.data.sources import (
     LOADERS,
     OPTIONS,
     REFUSAL_PHRASES,
+    PhraseFilter,
     clean_context,
     load_dataset,
 )
@@ -369,6 +370,23 @@ def test_refusal_phrases_are_upstreams():
     assert len(set(REFUSAL_PHRASES)) == 34
     assert REFUSAL_PHRASES[3] == "As an AI " and REFUSAL_PHRASES[-1] == "OpenAI"
     assert {"I'm an AI ", "I am an AI "} < set(REFUSAL_PHRASES)  # trailing space matters
+
+
+def test_phrase_filter_matches_upstreams_per_phrase_search():
+    """The one-pass automaton drops exactly the texts upstream's ``any(word.lower() in
+    text.lower() ...)`` drops: phrases inside phrases, trailing spaces, case, non-ASCII,
+    a phrase at either end of the text or across a line break."""
+    refused = PhraseFilter(REFUSAL_PHRASES)
+    rng = np.random.default_rng(0)
+    words = ["as", "an", "AI", "ai ", "I'm", "OpenAI", "language", "model,", "Äs", "中文", "\n",
+             "cannot", "assist", "my", "knowledge", "cut", "off", "sorry,", " ", "İ", "🙂"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(3000)]
+    texts += [p for p in REFUSAL_PHRASES] + [p.upper()[1:] for p in REFUSAL_PHRASES] + [""]
+    upstream = [any(p.lower() in t.lower() for p in REFUSAL_PHRASES) for t in texts]
+    assert [refused(t) for t in texts] == upstream
+    assert 200 < sum(upstream) < len(texts) - 200  # both outcomes well exercised
+    assert refused("fine", "As an AI model") and not refused("fine", "fine too")
+    assert not PhraseFilter(())("As an AI ") and not PhraseFilter([""])("anything")
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from oasst_jax.turns import ROLES, Turn
 
 _ENCODING = ("utf-8", "surrogatepass")
+_BUFFER = 1 << 20  # bytes written at a time: one write call per ~500 of the card's rows
 
 
 class SpillStore:
     """Append-only conversations (tuples of :class:`Turn`) in an unnamed temporary file."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="oasst_jax-spill-")
+        self._file = tempfile.TemporaryFile(prefix="oasst_jax-spill-", buffering=_BUFFER)
         self._first_turn = array("q", [0])  # conversation i: turns first_turn[i]:first_turn[i+1]
         self._roles = array("B")  # per turn: index into ROLES
         self._ends = array("q")  # per turn: end offset of its UTF-8 text in the file
