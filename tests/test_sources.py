@@ -378,8 +378,29 @@ def test_phrase_filter_matches_upstreams_per_phrase_search():
     a phrase at either end of the text or across a line break."""
     refused = PhraseFilter(REFUSAL_PHRASES)
     rng = np.random.default_rng(0)
-    words = ["as", "an", "AI", "ai ", "I'm", "OpenAI", "language", "model,", "Äs", "中文", "\n",
-             "cannot", "assist", "my", "knowledge", "cut", "off", "sorry,", " ", "İ", "🙂"]
+    words = [
+        "as",
+        "an",
+        "AI",
+        "ai ",
+        "I'm",
+        "OpenAI",
+        "language",
+        "model,",
+        "Äs",
+        "中文",
+        "\n",
+        "cannot",
+        "assist",
+        "my",
+        "knowledge",
+        "cut",
+        "off",
+        "sorry,",
+        " ",
+        "İ",
+        "🙂",
+    ]
     texts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(3000)]
     texts += [p for p in REFUSAL_PHRASES] + [p.upper()[1:] for p in REFUSAL_PHRASES] + [""]
     upstream = [any(p.lower() in t.lower() for p in REFUSAL_PHRASES) for t in texts]
