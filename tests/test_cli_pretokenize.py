@@ -470,6 +470,47 @@ def test_dataset_with_no_samples_warns_and_empty_split_fails(tmp_path, sp_model_
     assert _snapshot(tmp_path / "out") == before  # nothing replaced
 
 
+def test_a_later_dataset_failing_leaves_no_trace(tmp_path, sp_model_path):
+    """Datasets are loaded ahead in a thread while earlier ones encode (``load_ahead``):
+    a truncated file in the second dataset fails the run with its one-line error after the
+    first was encoded, and leaves neither the output directory this run made, nor its
+    parents, nor a temporary; an existing output directory keeps its files."""
+    broken = tmp_path / "orca.json"
+    broken.write_text('[{"instruction": "", "conversation": [{"input": "a", "output": "b"}]}, {"in')
+    datasets = {
+        "megacode2": {"path": str(_megacode_file(tmp_path))},
+        "orca-chat": {"path": str(broken)},
+    }
+    cfg = _config(tmp_path, sp_model_path, **datasets)
+    cfg.output_dir = str(tmp_path / "new" / "out")
+    cfg.num_workers = 2
+    with pytest.raises(DataError, match="orca.json: invalid or truncated JSON in array element 1"):
+        pt.run(cfg)
+    assert not (tmp_path / "new").exists()
+    cfg.output_dir = str(tmp_path / "old")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    with pytest.raises(DataError, match="truncated"):
+        pt.run(cfg)
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["keep.txt"]
+
+
+def test_load_ahead_yields_in_order_and_raises_at_the_failing_turn():
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        if name == "c":
+            raise DataError("c is broken")
+        return name.upper()
+
+    loaded = pt.load_ahead(["a", "b", "c", "d"], load)
+    assert [next(loaded), next(loaded)] == ["A", "B"]
+    with pytest.raises(DataError, match="c is broken"):
+        next(loaded)
+    assert calls == ["a", "b", "c"]  # nothing loaded past the failure
+
+
 def test_unknown_config_keys_are_refused(tmp_path, sp_model_path):
     path = str(_megacode_file(tmp_path))
     cfg = _config(tmp_path, sp_model_path, megacode2={"path": path, "valsplit": 0.5})
