@@ -173,12 +173,28 @@ class PeerWatch(threading.Thread):
         self.me, self.count = jax.process_index(), jax.process_count()
         self.done = False
         self.exiting = False
+        self._quiet = threading.Event()  # set once no client call can still be under way
+        self._wake = threading.Event()  # ends the wait between beats early
 
     def leaving(self) -> None:
         """This process is exiting (atexit) and has said why, if it failed: a peer that
         leaves first (the agreed stop of a failed checkpoint read, say) is no news worth
-        a second line, and a shutdown stuck on it still ends (:meth:`_stop`)."""
+        a second line, and a shutdown stuck on it still ends (:meth:`_wait_for_exit`).
+
+        Waits until the thread is out of its last key-value call: a daemon thread inside
+        a C++ call when the interpreter finalizes is ended by ``pthread_exit`` as it
+        returns, and that unwinding through jaxlib's frames aborted the process
+        ("FATAL: exception not rethrown", exit -6) after a run that had succeeded."""
         self.exiting = True
+        self._wake.set()
+        self._quiet.wait(timeout=self.PERIOD_S + 5)
+
+    def _wait_for_exit(self) -> None:
+        """Make no more calls; end a process whose shutdown is stuck (jax's shutdown
+        barrier waiting on a lost peer) with the status it had, after ``timeout_s``."""
+        self._quiet.set()
+        time.sleep(self.timeout_s + 3 * self.PERIOD_S)
+        os._exit(0 if self.done else 1)
 
     def finished(self) -> None:
         self.done = True
@@ -189,6 +205,8 @@ class PeerWatch(threading.Thread):
         seen: dict[int, tuple[str, float]] = {}  # process -> (its mark, when it last moved)
         start = time.monotonic()
         for beat in itertools.count():
+            if self.exiting:
+                self._wait_for_exit()
             now = time.monotonic()
             try:
                 if not self.done:
@@ -206,7 +224,7 @@ class PeerWatch(threading.Thread):
                     lost.append(p)
             if lost:
                 self._stop(lost)
-            time.sleep(self.PERIOD_S)
+            self._wake.wait(self.PERIOD_S)
 
     def _stop(self, lost: list[int]) -> None:
         """One line, exit 1 at once (the main thread may be blocked in a collective with
