@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pretokenize.py --card-scale [--scale 1.0] [--tokenizer T]
 
 Generates a synthetic chat corpus (>= ``--mb`` MB of text, deterministic), trains a tiny
-BPE model on a slice of it, then times :func:`oasst_jax.cli.pretokenize.write_samples` (the
+BPE model on a slice of it, then times :func:`oasst_jax.encode_pool.write_samples` (the
 pool start-up included), best of ``--repeats`` interleaved runs since the machine may be
 shared, and prints one JSON line. Goal: >= 1M tokens/s with 2 workers.
 The 1-worker run encodes in-process; the 2-worker run uses the spawn pool.
@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from oasst_jax.cli import pretokenize as pt
+from oasst_jax import encode_pool
 from oasst_jax.data import shards
 from oasst_jax.data.conversation import Sample
+from oasst_jax.data.stats import Stats
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
 from oasst_jax.turns import Turn
 
@@ -74,13 +75,13 @@ def synthetic_corpus(megabytes: float, seed: int = 0) -> list[Sample]:
 
 
 def measure(samples: list[Sample], tok: Tokenizer, workers: int, out: Path) -> dict:
-    stats = pt.Stats("bench", len(samples))
+    stats = Stats("bench", len(samples))
     start = time.perf_counter()
     with (
         shards.ShardWriter(out / f"w{workers}", vocab_size=tok.vocab_size) as writer,
-        pt.Encoder(tok, num_workers=workers) as encoder,
+        encode_pool.Encoder(tok, num_workers=workers) as encoder,
     ):
-        pt.write_samples(samples, encoder, writer, stats, min_assistant_tokens=25)
+        encode_pool.write_samples(samples, encoder, writer, stats, min_assistant_tokens=25)
         writer.commit({})
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 3), "tokens": stats.tokens, "tok_s": stats.tokens / seconds}

@@ -1,8 +1,7 @@
-"""Pretokenizer: splits, fraction/val caps, min_assistant_tokens, report, determinism, CLI."""
+"""Pretokenizer: fraction/val caps in a run, min_assistant_tokens, report, determinism, CLI."""
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -18,106 +17,18 @@ import pytest
 from conftest import sp_corpus
 from ml_collections import ConfigDict
 
+from oasst_jax import encode_pool
 from oasst_jax.chatml import assistant_token_count, encode_turns
 from oasst_jax.cli import pretokenize as pt
 from oasst_jax.data import config as data_config
 from oasst_jax.data import megatron, shards
-from oasst_jax.data.conversation import Sample
 from oasst_jax.data.sources import load_dataset
+from oasst_jax.data.splits import dataset_rng, split_dataset
+from oasst_jax.encode_pool import Encoder
 from oasst_jax.tokenizer import Tokenizer, train_sentencepiece
-from oasst_jax.turns import DataError, Turn
+from oasst_jax.turns import DataError
 
 SAMPLE_CONFIG = "configs/data/sample.py"
-
-
-def _samples(n_groups, per_group=1):
-    return [
-        Sample((Turn("user", f"q{g}.{k}"), Turn("assistant", f"a{g}.{k}")), f"g{g}")
-        for g in range(n_groups)
-        for k in range(per_group)
-    ]
-
-
-def _split(samples, seed=0, **kw):
-    kw = {"val_split": 0.2, "max_val_set": None, "fraction": 1.0, **kw}
-    return pt.split_dataset(samples, rng=pt.dataset_rng(seed, "x"), **kw)
-
-
-# ----------------------------------------------------------------------------- splits
-
-
-def test_val_split_counts_and_partition():
-    samples = _samples(101)
-    train, val = _split(samples, val_split=0.05)
-    assert len(val) == math.ceil(0.05 * 101) == 6
-    assert len(train) == 95
-    assert sorted(s.group for s in train + val) == sorted(s.group for s in samples)
-
-
-def test_groups_never_straddle_splits():
-    samples = _samples(40, per_group=3)
-    train, val = _split(samples, val_split=0.25)
-    assert {s.group for s in train}.isdisjoint({s.group for s in val})
-    assert len(val) == 3 * math.ceil(0.25 * 40)
-
-
-def test_oasst_trees_never_straddle_splits():
-    result = load_dataset("oasst_export", {"input_file_path": "tests/data/oasst_ready.tar.gz",
-                                           "lang": "en,de,es,fr", "top_k": None})  # fmt: skip
-    assert len({s.group for s in result.samples}) < len(result.samples)  # trees with branches
-    train, val = _split(result.samples, val_split=0.5)
-    assert val and train
-    assert {s.group for s in train}.isdisjoint({s.group for s in val})
-
-
-def test_max_val_set_and_fraction_counts():
-    samples = _samples(1000)
-    train, val = _split(samples, val_split=0.1, max_val_set=30, fraction=0.5)
-    assert len(val) == 30
-    assert len(train) == int(900 * 0.5) == 450
-    assert len({s.group for s in train}) == 450  # without replacement
-    order = {s.group: i for i, s in enumerate(samples)}
-    assert [order[s.group] for s in train] == sorted(order[s.group] for s in train)
-
-
-def test_splits_are_seeded():
-    samples = _samples(200)
-    a, b, c = _split(samples, fraction=0.3), _split(samples, fraction=0.3), _split(samples, 1)
-    assert a == b and a != c
-
-
-def test_zero_val_split():
-    train, val = _split(_samples(10), val_split=0.0)
-    assert len(train) == 10 and val == []
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def test_stats_block_format():
-    s = pt.Stats("megacode2", 4, 0.5)
-    s.add(np.array([30, 50, 40]), {"min_assistant_tokens": 1})
-    assert s.format() == (
-        "## Stats for 'megacode2' (4 samples (50.0%))\n"
-        "-----------------\n"
-        "  Accepted: 3/4 (75.0%)\n"
-        "  Accepted tokens: 120\n"
-        "  Skipped: 1 (25.0%)\n"
-        "  Min tokens per sample: 30\n"
-        "  Max tokens per sample: 50\n"
-        "  Avg tokens per sample: 40.0\n"
-        "-----------------\n"
-    )
-
-
-def test_stats_with_nothing_accepted_does_not_crash():
-    s = pt.Stats("empty", 2)
-    s.add(np.array([], dtype=np.int64), {"min_assistant_tokens": 2})
-    empty = pt.Stats("none", 0)
-    total = pt.total_stats([s, empty])
-    assert "Accepted: 0/2 (0.0%)" in total.format()
-    assert "Avg tokens per sample: 0.0" in total.format()
-    assert "Accepted: 0/0 (0.0%)" in empty.format()
 
 
 # ----------------------------------------------------------------------------- run
@@ -154,9 +65,9 @@ def test_run_filters_and_reports(tmp_path, sp_model_path, capsys):
     stats = pt.run(cfg)
     tok = Tokenizer(sp_model_path)
     samples = load_dataset("megacode2", {"path": str(path)}).samples
-    train, val = pt.split_dataset(
+    train, val = split_dataset(
         samples, val_split=0.1, max_val_set=None, fraction=1.0,
-        rng=pt.dataset_rng(42, "megacode2"),  # the rng run() uses for this dataset
+        rng=dataset_rng(42, "megacode2"),  # the rng run() uses for this dataset
     )  # fmt: skip
     for split, part in (("train", train), ("val", val)):
         encoded = [encode_turns(tok, s.turns) for s in part]
@@ -187,7 +98,7 @@ def test_default_val_split_is_point_two(tmp_path, sp_model_path):
 
 
 def test_one_and_two_workers_give_identical_bytes(tmp_path, sp_model_path, monkeypatch):
-    monkeypatch.setattr(pt, "CHUNK_SIZE", 4)  # several chunks per dataset, out of order risk
+    monkeypatch.setattr(encode_pool, "CHUNK_SIZE", 4)  # several chunks a dataset: order at risk
     outs = []
     for workers in (1, 2):
         cfg = _sample_config(tmp_path / f"w{workers}", sp_model_path)
@@ -732,31 +643,6 @@ def test_compress_and_stale_outputs(tmp_path, sp_model_path, monkeypatch):
     ]
 
 
-def test_oasst_val_is_floor_of_all_accepted_trees():
-    """Upstream: torch ``random_split`` of every tree that passed the tree filter (trees
-    without a thread included), ``floor(val_split * n)`` to val; sklearn's ``ceil`` for
-    the other datasets."""
-    result = load_dataset("oasst_export", {"input_file_path": "tests/data/oasst_ready.tar.gz",
-                                           "lang": "en,de,es,fr", "top_k": 1})  # fmt: skip
-    assert len(result.groups) == 7 and len({s.group for s in result.samples}) == 4
-    for val_split, n_val in ((0.2, 1), (0.3, 2), (0.42, 2), (0.99, 6)):
-        for seed in range(5):
-            parts = pt.split_parts(
-                result.samples, val_split=val_split, max_val_set=None, fraction=1.0,
-                rng=pt.dataset_rng(seed, "oasst_export"), groups=result.groups, rounding="floor",
-            )  # fmt: skip
-            assert {s.group for s in parts.train}.isdisjoint(s.group for s in parts.val)
-            assert len(parts.train) + len(parts.val) == len(result.samples)
-            # the val trees are n_val of the 7, so at most n_val of the 4 with threads
-            assert len({s.group for s in parts.val}) <= n_val
-    trees_in_val = set()
-    for seed in range(40):  # every tree, threadless ones included, can be drawn for val
-        rng = pt.dataset_rng(seed, "oasst_export")
-        trees_in_val |= set(np.array(result.groups)[rng.permutation(7)[:1]])
-    assert trees_in_val == set(result.groups)
-    assert len(_split(_samples(19), val_split=0.1)[1]) == math.ceil(0.1 * 19) == 2
-
-
 class _MergingTokenizer(Tokenizer):
     """Tokenises joined multi-turn text differently, as a cross-boundary merge would."""
 
@@ -873,7 +759,7 @@ def test_encoded_ids_and_roles_follow_upstreams_rule(sp_models, megatron):
                                        "lang": "en", "mode": "rm"}).samples  # fmt: skip
     convs += [c for s in rm for c in (s.prefix, *((r,) for r in s.replies))]
     assert any("</s>" in t.text for c in convs for t in c) and len(convs) > 100
-    with pt.Encoder(tok, num_workers=1) as encoder:
+    with Encoder(tok, num_workers=1) as encoder:
         batches = list(encoder.encode_conversations(convs))
     got = [
         (b.tokens[end - n : end].tolist(), b.roles[end - n : end].tolist())

@@ -312,16 +312,16 @@ def rm_data(tmp_path_factory, sp_model_path):
 
 def test_rm_pretokenize_writes_ranked_shards(rm_data, sp_model_path):
     from oasst_jax.chatml import encode_turns
-    from oasst_jax.cli import pretokenize as pt
     from oasst_jax.data import shards
+    from oasst_jax.data.splits import dataset_rng, split_parts
     from oasst_jax.tokenizer import Tokenizer
 
     out, stats = rm_data
     tok = Tokenizer(sp_model_path)
     result = load_oasst_export({"input_file_path": str(RM_FIXTURE), "lang": "en", "mode": "rm"})
-    parts = pt.split_parts(
+    parts = split_parts(
         result.samples, val_split=0.3, max_val_set=None, fraction=1.0,
-        rng=pt.dataset_rng(42, "oasst_export"), groups=result.groups, rounding="floor",
+        rng=dataset_rng(42, "oasst_export"), groups=result.groups, rounding="floor",
     )  # fmt: skip
     assert len(parts.val) and len(parts.train)
     for split, samples in (("train", parts.train), ("val", parts.val)):

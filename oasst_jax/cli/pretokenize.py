@@ -6,22 +6,17 @@
 Per dataset, in the config's order (upstream ``custom_datasets/__init__.py``):
 
 1. load with the dataset's loader (``sources.load_dataset``), malformed records counted;
-2. ``val_split`` (default 0.2): a seeded shuffle of the *groups*, the first ``n_val`` go to
-   val.  As upstream: oasst splits every message tree that passed the tree filter (those
-   yielding no thread included; threads of a tree never straddle splits) and
-   ``n_val = floor(val_split * n_trees)`` (torch ``random_split``); the other datasets split
-   their records with ``n_val = ceil(val_split * n)`` (sklearn ``train_test_split``);
-3. ``max_val_set`` (unset or 0: no cap, as upstream): a seeded subset of val of that many
-   samples, drawn without replacement;
-4. ``fraction``: a seeded subset of ``int(len(train) * fraction)`` train samples;
-5. chatml encoding (:mod:`oasst_jax.chatml`) in a process pool; samples whose assistant turns
-   have fewer than ``min_assistant_tokens`` tokens (header, text, ``<|im_end|>``, newline) are
-   skipped, and so are samples failing upstream's joined-text tokenisation check.
+   the next datasets load in a background thread while this one encodes (:func:`load_ahead`);
+2. split: ``val_split`` (default 0.2) by group, the ``max_val_set`` cap, the train
+   ``fraction``, seeded per dataset (:mod:`oasst_jax.data.splits`);
+3. chatml encoding (:mod:`oasst_jax.chatml`) in a process pool
+   (:mod:`oasst_jax.encode_pool`); samples whose assistant turns have fewer than
+   ``min_assistant_tokens`` tokens (header, text, ``<|im_end|>``, newline) are skipped, and
+   so are samples failing upstream's joined-text tokenisation check.
 
-Each dataset has its own RNG seeded by ``(seed, crc32(name))``, so editing one dataset does
-not reshuffle the others. Samples keep their (loader) order inside a split and datasets are
-concatenated in config order; the trainer's sampler shuffles (upstream permuted the file).
-The output is byte-identical for any ``num_workers``.
+Samples keep their (loader) order inside a split and datasets are concatenated in config
+order; the trainer's sampler shuffles (upstream permuted the file).  The output is
+byte-identical for any ``num_workers``.
 
 Outputs (:mod:`oasst_jax.data.outputs`), by ``output_format``: ``oasst_jax`` our shard
 directories ``{prefix}-train``, ``{prefix}-val``; ``megatron`` upstream's files
@@ -58,23 +53,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import multiprocessing
 import queue
 import sys
 import threading
-import zlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 from oasst_jax import atomic_files, hub
-from oasst_jax.chatml import EncodedBatch, encode_batch, format_chatml
 from oasst_jax.cli import cli_main
 from oasst_jax.data import megatron, outputs, shards
 from oasst_jax.data.config import (
@@ -84,209 +71,16 @@ from oasst_jax.data.config import (
     setting,
     validate_config,
 )
-from oasst_jax.data.conversation import LoadResult, Sample
-from oasst_jax.data.oasst_export import RankedSample
+from oasst_jax.data.conversation import LoadResult
 from oasst_jax.data.sources import load_dataset
-from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream, total_stats
+from oasst_jax.data.splits import dataset_rng, split_parts
+from oasst_jax.data.stats import Stats, dataset_title, format_report, format_upstream
 from oasst_jax.data.stats import reasons_text as _reasons
+from oasst_jax.encode_pool import Encoder, write_ranked, write_samples
 from oasst_jax.tokenizer import Tokenizer
-from oasst_jax.turns import DataError, Turn
-
-__all__ = ["Stats", "total_stats", "format_report", "run", "split_dataset", "write_samples"]
+from oasst_jax.turns import DataError
 
 SPLITS = ("train", "val")
-CHUNK_SIZE = 256  # samples per worker task: amortises IPC, keeps the pipeline streaming
-
-
-# ----------------------------------------------------------------------------- splits
-
-
-def dataset_rng(seed: int, name: str) -> np.random.Generator:
-    """The RNG of one dataset, independent of the other datasets of the mix."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-@dataclass
-class Split:
-    """One dataset's train and val parts, and whether ``fraction`` / ``max_val_set`` drew
-    from them (upstream then wraps them in another ``Subset``: stats titles)."""
-
-    train: list[Sample]
-    val: list[Sample]
-    train_subsampled: bool = False
-    val_capped: bool = False
-
-
-def split_parts(
-    samples: Sequence[Sample],
-    *,
-    val_split: float,
-    max_val_set: int | None,
-    fraction: float,
-    rng: np.random.Generator,
-    groups: Sequence[str] | None = None,
-    rounding: str = "ceil",
-) -> Split:
-    """Split by group, then the val cap, then the train fraction (module doc).  ``groups``:
-    every split unit in order, also those without a sample (default: the samples')."""
-    units = list(dict.fromkeys(s.group for s in samples) if groups is None else groups)
-    units = list(dict.fromkeys(units))
-    share = val_split * len(units)
-    n_val = min(len(units), math.floor(share) if rounding == "floor" else math.ceil(share))
-    val_groups = {units[i] for i in rng.permutation(len(units))[:n_val]}
-    out = Split(
-        train=[s for s in samples if s.group not in val_groups],
-        val=[s for s in samples if s.group in val_groups],
-    )
-    if max_val_set and len(out.val) > max_val_set:
-        out.val, out.val_capped = _subset(out.val, max_val_set, rng), True
-    if fraction < 1.0 and int(len(out.train) * fraction) < len(out.train):
-        out.train = _subset(out.train, int(len(out.train) * fraction), rng)
-        out.train_subsampled = True
-    return out
-
-
-def split_dataset(samples: Sequence[Sample], **kwargs: Any) -> tuple[list[Sample], list[Sample]]:
-    """``(train, val)`` of :func:`split_parts`."""
-    parts = split_parts(samples, **kwargs)
-    return parts.train, parts.val
-
-
-def _subset(samples: list[Sample], size: int, rng: np.random.Generator) -> list[Sample]:
-    """A seeded random subset without replacement, in the original order."""
-    return [samples[i] for i in np.sort(rng.choice(len(samples), size, replace=False))]
-
-
-# ----------------------------------------------------------------------------- encoding
-
-_WORKER: dict[str, Any] = {}  # per worker process: set once by the pool initializer
-
-
-def _init_worker(tokenizer: Tokenizer, check: bool) -> None:
-    _WORKER["tokenizer"] = tokenizer
-    _WORKER["check"] = check
-
-
-def _encode_chunk(conversations: list[tuple[tuple[str, str], ...]]) -> EncodedBatch:
-    """Worker task; turns travel as ``(role, text)`` tuples (pickling dataclasses is slower)."""
-    turns = [tuple(Turn(role, text) for role, text in c) for c in conversations]
-    return encode_batch(_WORKER["tokenizer"], turns, check=_WORKER["check"])
-
-
-class Encoder:
-    """Encodes samples in fixed-size chunks, in a process pool when ``num_workers > 1``.
-
-    Results come back in submission order with a bounded number of chunks in flight, so
-    output is identical for any worker count and memory stays flat.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, *, num_workers: int, check: bool = True):
-        self._tokenizer = tokenizer
-        self._check = check
-        self._window = 2 * num_workers
-        self._pool = None
-        if num_workers > 1:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-            self._pool = ctx.Pool(num_workers, _init_worker, (tokenizer, check))
-
-    def __enter__(self) -> Encoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-
-    def encode(self, samples: Sequence[Sample]) -> Iterator[EncodedBatch]:
-        """Encoded chunks of ``CHUNK_SIZE`` samples, in order; a chunk's turns are read
-        when it is sent (a loader may keep them on disk: ``data.spill``)."""
-        starts = range(0, len(samples), CHUNK_SIZE)
-        return self._encode_chunks([s.turns for s in samples[i : i + CHUNK_SIZE]] for i in starts)
-
-    def encode_conversations(self, convs: Sequence[Sequence[Turn]]) -> Iterator[EncodedBatch]:
-        """Encoded chunks of ``CHUNK_SIZE`` conversations, in order."""
-        starts = range(0, len(convs), CHUNK_SIZE)
-        return self._encode_chunks(convs[i : i + CHUNK_SIZE] for i in starts)
-
-    def _encode_chunks(self, chunks: Iterator[Sequence[Sequence[Turn]]]) -> Iterator[EncodedBatch]:
-        if self._pool is None:
-            for chunk in chunks:
-                yield encode_batch(self._tokenizer, chunk, check=self._check)
-            return
-        pending: deque = deque()
-        for convs in chunks:
-            chunk = [tuple((t.role, t.text) for t in c) for c in convs]
-            pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= self._window:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def write_samples(
-    samples: Sequence[Sample],
-    encoder: Encoder,
-    writer: Any,
-    stats: Stats,
-    *,
-    min_assistant_tokens: int | None,
-    desc: str = "",
-) -> None:
-    """Encode, filter and append ``samples`` to ``writer`` (a :class:`shards.ShardWriter`
-    or :class:`outputs.SplitWriter`; the latter also takes the accepted samples' chatml
-    text when it writes a jsonl), updating ``stats``."""
-    start = 0
-    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None) as bar:
-        for batch in encoder.encode(samples):
-            too_short = np.zeros(batch.lengths.size, dtype=bool)
-            if min_assistant_tokens:
-                too_short = ~batch.mismatch & (batch.assistant_tokens() < min_assistant_tokens)
-            keep = ~(batch.mismatch | too_short)
-            token_keep = np.repeat(keep, batch.lengths)
-            writer.add_batch(batch.tokens[token_keep], batch.roles[token_keep], batch.lengths[keep])
-            if getattr(writer, "write_text", False):
-                chunk = samples[start : start + batch.lengths.size]
-                writer.add_texts([format_chatml(chunk[i].turns) for i in np.flatnonzero(keep)])
-            start += batch.lengths.size
-            reasons = {
-                "min_assistant_tokens": int(too_short.sum()),
-                "tokenization_mismatch": int(batch.mismatch.sum()),
-            }
-            stats.add(batch.lengths[keep], reasons)
-            bar.update(batch.lengths.size)
-
-
-def _conversations(batches: Iterator[EncodedBatch]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(tokens, roles)`` per conversation of encoded chunks; a failed check: ``None``s."""
-    for batch in batches:
-        ends = np.cumsum(batch.lengths)
-        for end, n, bad in zip(ends, batch.lengths, batch.mismatch, strict=True):
-            if bad:
-                yield None, None
-            else:
-                yield batch.tokens[end - n : end], batch.roles[end - n : end]
-
-
-def write_ranked(
-    samples: Sequence[RankedSample],
-    encoder: Encoder,
-    writer: shards.RankedShardWriter,
-    stats: Stats,
-    *,
-    desc: str = "",
-) -> None:
-    """Encode rm examples (prefix, then each reply as an assistant turn) and append them to
-    ``writer``; a prompt with a piece failing the tokenisation check is skipped."""
-    convs = [c for s in samples for c in (s.prefix, *((r,) for r in s.replies))]
-    pieces = _conversations(encoder.encode_conversations(convs))
-    for sample in tqdm(samples, desc=desc, unit="prompt", disable=None):
-        parts = [next(pieces) for _ in range(1 + len(sample.replies))]
-        if any(tokens is None for tokens, _ in parts):
-            stats.add(np.zeros(0, np.int64), {"tokenization_mismatch": 1})
-            continue
-        writer.add_example(parts)
-        stats.add(np.array([sum(len(t) for t, _ in parts)]), {})
-        stats.add_replies(np.array([len(sample.replies)]))
 
 
 def check_output_dir(out_dir: Path, tokenizer: Tokenizer, *, overwrite: bool) -> None:
