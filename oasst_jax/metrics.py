@@ -118,6 +118,19 @@ class MetricsLogger:
             table = wandb.Table(columns=["step", "prompt", "reply"], data=self._sample_rows)
             self._wandb.log({"samples": table}, step=step)
 
+    def _finish_wandb(self) -> None:
+        """End the W&B run, then W&B's service (``wandb.teardown``, which waits for it).
+
+        ``run.finish`` can return before the service has written the run's last records:
+        once, under load, an offline run file read right after held no history rows.  A
+        training process usually ends right after this (a cluster job's last step), so
+        waiting here is what makes its run file (``wandb/offline-run-*``, what ``wandb
+        sync`` uploads) complete."""
+        import wandb
+
+        self._wandb.finish()
+        wandb.teardown()
+
     def close(self) -> None:
         """Close every sink, each even when another fails (a full disk fails the flush of
         every buffered file); the first failure is raised after, as one line."""
@@ -128,7 +141,7 @@ class MetricsLogger:
         if self._samples is not None:
             sinks.append((os.path.join(self.workdir, SAMPLES_FILE), self._samples.close))
         if self._wandb is not None:
-            sinks.append((os.path.join(self.workdir, "wandb"), self._wandb.finish))
+            sinks.append((os.path.join(self.workdir, "wandb"), self._finish_wandb))
         first = None
         for path, close in sinks:
             try:
