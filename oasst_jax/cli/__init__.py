@@ -61,6 +61,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
 
+    def add_model_arguments(self) -> None:
+        """``--ckpt`` and ``--tokenizer`` as the inference commands (sample, evaluate) take
+        them: the same model source and the same refusal of a tokenizer that differs."""
+        self.add_argument(
+            "--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory"
+        )
+        self.add_argument(
+            "--tokenizer",
+            help="SentencePiece model (default: CKPT/tokenizer.model; one that tokenizes "
+            "differently from it is refused)",
+        )
+
 
 def cli_main(
     fn: Callable[[ml_collections.ConfigDict], object],

@@ -452,12 +452,7 @@ def _limit(text: str) -> int | float:
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m oasst_jax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
-    p.add_argument(
-        "--tokenizer",
-        help="SentencePiece model (default: CKPT/tokenizer.model; one that tokenizes "
-        "differently from it is refused)",
-    )
+    p.add_model_arguments()
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="directory of task YAMLs (searched first)")
     p.add_argument("--limit", type=_limit, help="examples per task (< 1: a fraction)")

@@ -277,12 +277,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="python -m oasst_jax.sample compare REPORT.json ... --out PAGE.html puts "
         "sampling reports side by side (compare --help)",
     )
-    p.add_argument("--ckpt", required=True, help="orbax checkpoint root or Hugging Face directory")
-    p.add_argument(
-        "--tokenizer",
-        help="SentencePiece model (default: CKPT/tokenizer.model; one that tokenizes "
-        "differently from it is refused)",
-    )
+    p.add_model_arguments()
     p.add_argument("--step", type=int, help="orbax step (default: the newest)")
     p.add_argument("--adapter", help="a LoRA run's checkpoint root: its adapters merged in")
     p.add_argument(

@@ -128,8 +128,8 @@ class PhraseFilter:
     per-phrase ``in``."""
 
     def __init__(self, phrases: Iterable[str]):
-        self.phrases = tuple(dict.fromkeys(p.lower() for p in phrases if p))
-        self._automaton = ahocorasick_rs.AhoCorasick(list(self.phrases)) if self.phrases else None
+        lowered = list(dict.fromkeys(p.lower() for p in phrases if p))
+        self._automaton = ahocorasick_rs.AhoCorasick(lowered) if lowered else None
 
     def __call__(self, *texts: str) -> bool:
         if self._automaton is None:
