@@ -5,6 +5,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import threading
 
 # The suite's time is XLA:CPU compiling its many small distinct programs, not running them.
 # Its older (LLVM IR) fusion emitters without the backend's optimisation passes (LLVM -O0,
@@ -233,8 +234,22 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: rest in order
+    if any({"llama2", "sp_models"} & set(item.fixturenames) for item in items):
+        threading.Thread(target=_prefetch_llama2, daemon=True).start()
+
+
+def _prefetch_llama2() -> None:
+    """Build Meta's tokenizer into its cache from the start of the session, beside the
+    first tests' compiles: a cold cache (a fresh CI machine) otherwise kept the first test
+    that needs it, and every worker waiting on its lock, idle for the download and build.
+    Its errors are left to the ``llama2`` fixture, which builds again and says why."""
+    try:
+        llama2_tokenizer.build()
+    except Exception:  # noqa: BLE001 -- a head start only; the fixture reports
+        pass
 
 
 # Meta's Llama-2 tokenizer (built from a public sdist, cached outside the repo): `llama2`,
 # and `sp_models` (the tiny model, then Meta's) for the tests of upstream's rules
+import llama2_tokenizer  # noqa: E402
 from llama2_tokenizer import llama2, sp_models  # noqa: E402,F401

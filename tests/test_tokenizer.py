@@ -119,7 +119,7 @@ def test_llama2_build_never_trusts_a_stale_cache_and_says_why_it_skips(tmp_path,
     cache.mkdir()
     (cache / llama2_tokenizer.MODEL_FILE).write_bytes(b"not the model")
     (cache / llama2_tokenizer.CASES_FILE).write_text("[]")
-    monkeypatch.setattr(llama2_tokenizer.sys, "executable", "false")  # `false -m pip ...`
+    monkeypatch.setattr(llama2_tokenizer, "INDEX", "http://127.0.0.1:9/simple")  # refused
     with pytest.raises(llama2_tokenizer.Unavailable, match="could not fetch the sdist "
                        "llama-cpp-python==0.3.36"):  # fmt: skip
         llama2_tokenizer.build(cache)
