@@ -55,18 +55,36 @@ def latest_step(directory: str) -> int | None:
         return mngr.latest_step()
 
 
-def _in_place_pytree_handler() -> ocp.PyTreeCheckpointHandler:
-    """A pytree handler that writes numpy leaves from their own buffers.
+# Orbax splits each replicated shard among its replicas to write it (replica-parallel, its
+# default off GPUs): each slice is an eager device op, compiled once per shape and
+# sharding, for the few KB of a norm or a small shard a cost far above the write it splits
+# (on CPU ~0.2 s per distinct shape: ~100 s of the test suite's compiles).  Below this many
+# bytes per replica one replica writes the whole shard; a large model's shards are far above.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
-    Orbax's default numpy handler deep-copies every host array before writing
-    (a guard for asynchronous saves, whose caller may mutate the arrays
-    meanwhile); :func:`save_weights` is synchronous, and for a converted 70B
-    model held in ``np.memmap`` files the copy would pull the whole fp32 tree
-    into RAM.  Without it tensorstore reads each leaf straight from the map.
+
+def _pytree_handler(*, copy_host_arrays: bool) -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler with two of its type handlers set.
+
+    ``jax.Array``: replica-parallel writes only from :data:`REPLICA_PARALLEL_MIN_BYTES`.
+    ``np.ndarray``: orbax's default deep-copies every host array before writing (a guard
+    for asynchronous saves, whose caller may mutate the arrays meanwhile);
+    ``copy_host_arrays=False`` is for :func:`save_weights`, which is synchronous, and for a
+    converted 70B model held in ``np.memmap`` files the copy would pull the whole fp32 tree
+    into RAM: without it tensorstore reads each leaf straight from the map.
     """
-    others = (jax.Array, np.number, int, float)
+    # orbax's default jax.Array handler but for the threshold (its metadata store included;
+    # orbax's v0 API exports no other way to set it)
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    arrays = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+    )
+    others = (np.number, int, float)
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=copy_host_arrays)),
+        (jax.Array, arrays),
         *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
@@ -93,7 +111,7 @@ def save_weights(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
         item_handlers={
-            "params": _in_place_pytree_handler(),
+            "params": _pytree_handler(copy_host_arrays=False),
             **{name: ocp.JsonCheckpointHandler() for name in ("model", *extra)},
         },
     ) as mngr:
@@ -522,11 +540,19 @@ class TrainCheckpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         # cleanup_tmp_directories: a step a killed run left half-written goes at start-up
-        self._mngr = _manager(
+        self._mngr = ocp.CheckpointManager(
             self.directory,
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            ),
+            item_handlers={
+                "params": _pytree_handler(copy_host_arrays=True),
+                "opt_state": _pytree_handler(copy_host_arrays=True),
+                "meta": ocp.JsonCheckpointHandler(),
+                "model": ocp.JsonCheckpointHandler(),
+            },
         )
         self._saving: int | None = None  # the step whose (async) save may still fail
 
@@ -545,8 +571,8 @@ class TrainCheckpointer:
             self._mngr.save(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(state["params"]),
-                    opt_state=ocp.args.StandardSave(state["opt_state"]),
+                    params=ocp.args.PyTreeSave(state["params"]),
+                    opt_state=ocp.args.PyTreeSave(state["opt_state"]),
                     meta=ocp.args.JsonSave(
                         {"step": step, **meta, "settings": dict(settings or {})}
                     ),
