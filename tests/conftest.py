@@ -1,6 +1,7 @@
 """Test session setup: 8 emulated CPU devices and one XLA compilation cache per run, set
 before jax is imported anywhere."""
 
+import gc
 import importlib.metadata
 import os
 import shutil
@@ -30,6 +31,10 @@ for _flag in (*COMPILE_FLAGS.split(), "--xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Each lowered op's MLIR location holds its whole Python traceback by default (for
+# profilers): building it, and XLA carrying it through every pass, is ~5 % of a test's
+# CPU; the innermost frame (what an error names) stays.  Inherited by subprocesses too.
+os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "0")
 
 # Many tests compile the very same programs (the tiny model's train/eval steps in every
 # short training run, decoding, the same kernels), in different tests, xdist workers and the
@@ -221,6 +226,18 @@ LONGEST_FIRST = (
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.8
         config.option.loadscopereorder = False
+
+
+def pytest_collection_finish(session):
+    """Python's cyclic GC, tuned for a process that traces thousands of programs: what the
+    imports and collection made is frozen out of every later collection, and the youngest
+    generation is collected every 50,000 allocations, not 700.  Tracing allocates heavily
+    and a worker's heap grows to GBs of long-lived objects (compiled programs, caches),
+    which each full collection walked again (tracing ~18 % faster, measured on
+    test_train_step.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def pytest_xdist_auto_num_workers(config):
