@@ -203,23 +203,36 @@ def max_diff(a, b) -> float:
 
 # --------------------------------------------------------------------------- scheduling
 
-# The longest files first (measured on 2 cores), then the rest in their usual order, and
-# xdist told to keep this order (its default hands out the files with the most tests first):
-# with --dist=loadfile a long file started last is a tail only one worker works through.
+# The longest files first, longest to shortest (summed test durations on 2 cores, 3
+# workers), then the rest in their usual order, and xdist told to keep this order (its
+# default hands out the files with the most tests first): with --dist=loadfile a long file
+# started late is a tail only one worker works through, and the shortest last even out the
+# workers' ends.
 LONGEST_FIRST = (
-    "test_attention.py",
-    "test_lora.py",
-    "test_preference.py",
-    "test_cli_train.py",
-    "test_readme.py",
-    "test_notebook.py",
-    "test_cli_sample.py",
-    "test_cli_evaluate.py",
-    "test_hf_peft.py",
-    "test_decode.py",
-    "test_device_suite.py",
-    "test_train_step.py",
-    "test_multihost.py",
+    "test_cli_train.py",  # 251 s
+    "test_multihost.py",  # 218
+    "test_preference.py",  # 211
+    "test_attention.py",  # 151
+    "test_readme.py",  # 129
+    "test_lora.py",  # 96
+    "test_cli_sample.py",  # 90
+    "test_device_suite.py",  # 82
+    "test_cli_plan.py",  # 74
+    "test_decode.py",  # 64
+    "test_pipeline_parallel.py",  # 59
+    "test_model.py",  # 47
+    "test_checkpoint.py",  # 36
+    "test_hf_peft.py",  # 35
+    "test_notebook.py",  # 34
+    "test_sequence_parallel.py",  # 33
+    "test_data_pipeline.py",  # 27
+    "test_cli_pretokenize.py",  # 26
+    "test_cli.py",  # 25
+    "test_train_step.py",  # 22
+    "test_cli_train_samples.py",  # 21
+    "test_cli_evaluate.py",  # 18
+    "test_hf_tokenizer.py",  # 13
+    "test_cli_convert.py",  # 13
 )
 
 
