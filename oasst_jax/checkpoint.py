@@ -41,9 +41,11 @@ from oasst_jax.model import LlamaConfig
 WEIGHTS_DATA_FILE_BYTES = 64 << 20
 
 
-def _manager(directory: str, **options) -> ocp.CheckpointManager:
+def _manager(directory: str, item_handlers: dict | None = None, **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(**options)
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(**options),
+        item_handlers=item_handlers,
     )
 
 
@@ -540,19 +542,17 @@ class TrainCheckpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         # cleanup_tmp_directories: a step a killed run left half-written goes at start-up
-        self._mngr = ocp.CheckpointManager(
+        self._mngr = _manager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,
-            ),
             item_handlers={
                 "params": _pytree_handler(copy_host_arrays=True),
                 "opt_state": _pytree_handler(copy_host_arrays=True),
                 "meta": ocp.JsonCheckpointHandler(),
                 "model": ocp.JsonCheckpointHandler(),
             },
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
         )
         self._saving: int | None = None  # the step whose (async) save may still fail
 
