@@ -349,16 +349,27 @@ def test_target_model_config_picks_the_gpu_kernels_a_run_would():
 def test_kernel_calls_name_triton_and_mosaic_gpu_kernels():
     """Compiled-HLO lines of both GPU kernel families (abridged from a program compiled for
     an abstract H100 at head dim 128: Mosaic GPU forward and dq, Triton dk/dv): a Triton
-    call names its kernel in its config, a Mosaic GPU call in its ``op_name`` scope."""
+    call names its kernel in its config, a Mosaic GPU call in its serialized module's kernel
+    function -- whether or not the ``op_name`` keeps the scope (it does not when jax keeps
+    one frame per location), and in a lowering's text too."""
     from oasst_jax.planner import aot
+
+    def module(kernel: str) -> str:  # the string table's neighbours, as jax 0.11.2 writes them
+        return (
+            'module = "ML\\EFR\\01MLIR24.0.0git\\00\\11builtin\\00stable_mosaic_gpu\\00llvm'
+            f"\\00mosaic_gpu.dump_basename\\00{kernel}_0\\00stable_mosaic_gpu.version\\00"
+            f'llvm.emit_c_interface\\00{kernel}_mosaic_gpu\\00order"'
+        )
 
     program = "\n".join(
         [
             '%mpmd_map.7 = (bf16[1,512,4,64]) custom-call(%q.1), custom_call_target="mosaic_gpu_'
             'v2", metadata={op_name="jit(step)/jvp()/mosaic_flash_fwd/mpmd_map" scheduling_'
-            'name="mpmd_map.7"}, backend_config={kernel_hash = "x", module = "ML\\EFR"}',
+            f'name="mpmd_map.7"}}, backend_config={{kernel_hash = "x", '
+            f"{module('mosaic_flash_fwd')}}}",
             '%mpmd_map.10 = bf16[1,512,4,64] custom-call(%q.1), custom_call_target="mosaic_gpu_'
-            'v2", metadata={op_name="jit(step)/transpose(jvp())/mosaic_flash_dq/mpmd_map"}',
+            'v2", metadata={op_name="mpmd_map" scheduling_name="mpmd_map.10"}, backend_config='
+            f'{{kernel_hash = "y", {module("mosaic_flash_dq")}}}',
             '%triton.3 = bf16[1,512,2,64] custom-call(%q.1), custom_call_target="__gpu$xla.gpu.'
             'triton", backend_config={name = "flash_dkv", ir = "..."}',
             '%fusion.2 = f32[8] fusion(%p), kind=kLoop, metadata={op_name="jit(step)/add"}',
@@ -368,8 +379,13 @@ def test_kernel_calls_name_triton_and_mosaic_gpu_kernels():
     assert calls == {"mosaic_flash_fwd": 1, "mosaic_flash_dq": 1, "flash_dkv": 1}
     assert aot.kernel_kinds(program, "gpu") == ("Mosaic GPU", "Triton")
     assert aot.kernel_calls(program, "tpu") == {} and aot.kernel_kinds(program, "cpu") == ()
-    lowered = "stablehlo.custom_call @mosaic_gpu_v2(%0) {mhlo.backend_config = {}}"
-    assert aot.kernel_calls(lowered, "gpu") == {"mosaic_gpu_v2": 1}  # no scope in a lowering
+    lowered = (
+        '%1 = stablehlo.custom_call @mosaic_gpu_v2(%0) {backend_config = "", mhlo.backend_'
+        f'config = {{kernel_hash = "z", {module("mosaic_flash_dkv")}}}}}'
+    )
+    assert aot.kernel_calls(lowered, "gpu") == {"mosaic_flash_dkv": 1}
+    unnamed = "stablehlo.custom_call @mosaic_gpu_v2(%0) {mhlo.backend_config = {}}"
+    assert aot.kernel_calls(unnamed, "gpu") == {"mosaic_gpu_v2": 1}  # the target stands in
 
 
 # ------------------------------------------------------------------ GPU topologies

@@ -151,15 +151,22 @@ KERNEL_TARGETS = {
 }
 
 
+# The kernel function in a Mosaic GPU call's serialized module: jax's Mosaic GPU lowering
+# names it ``{kernel_name}_mosaic_gpu``, a NUL-terminated entry of the module's string table
+# (printed ``\00``), beside the dialect's own ``stable_mosaic_gpu``.
+_MOSAIC_GPU_FUNC = re.compile(r"\\00(?!stable_mosaic_gpu\\00)([A-Za-z_]\w*)_mosaic_gpu(?=\\00)")
+
+
 def _kernel_name(line: str, target: str) -> str:
     """A kernel's name from its custom-call line: Mosaic (TPU) and Triton calls carry it in
     their config (``kernel_name``/``name``); a Mosaic GPU call carries only a serialized
-    module, so its name is the named scope ``plgpu.kernel`` wraps the call in, the last
-    scope of the call's ``op_name`` (absent from a lowering's text: the target stands in)."""
+    module, whose kernel function bears the name.  Not the call's ``op_name`` scope: that is
+    only ``mpmd_map`` when jax keeps one frame per location
+    (``JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS=0``), and the module is the same in a
+    lowering's text and a compiled program's."""
     if target == "mosaic_gpu_v2":
-        m = re.search(r'\bop_name="([^"]*)"', line)
-        scopes = m.group(1).split("/") if m else []
-        return scopes[-2] if len(scopes) > 1 else target
+        m = _MOSAIC_GPU_FUNC.search(line)
+        return m.group(1) if m else target
     names = re.findall(r'\b(?:kernel_)?name\s*=\s*"([\w.$-]+)"', line)
     return names[-1] if names else target
 
