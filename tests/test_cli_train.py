@@ -442,12 +442,13 @@ def _tb_scalar_steps(workdir, tag: str) -> list[int]:
     return steps
 
 
-@pytest.mark.slow  # two resumed 20-step runs (~50 s on 2 loaded cores)
+@pytest.mark.slow
 def test_full_disk_at_a_save_is_one_line_and_the_restart_resumes(tiny_run, tmp_path, capfd):
     """Resumed from the module run's step 20 on a tmpfs that holds it but not another
-    step: the save of step 40 fails as one line naming it, its partial folder is removed,
-    no background thread prints a traceback; once there is space the same run resumes
-    from 20 and finishes, and metrics.jsonl and tensorboard hold each step once."""
+    step: the save of the last step (21: one step is all a save needs) fails as one line
+    naming it, its partial folder is removed, no background thread prints a traceback; once
+    there is space the same run resumes from 20 and finishes, and metrics.jsonl and
+    tensorboard hold each step once (step 21 was logged by both starts)."""
     from oasst_jax import cli
 
     base_dir, base = tiny_run
@@ -455,29 +456,29 @@ def test_full_disk_at_a_save_is_one_line_and_the_restart_resumes(tiny_run, tmp_p
     _mount_tmpfs(work, "256m")
     try:
         shutil.copytree(base_dir, work, dirs_exist_ok=True)
-        shutil.rmtree(work / "checkpoints" / "40")  # resume at 20: steps 21-40 are logged again
+        shutil.rmtree(work / "checkpoints" / "40")  # resume at 20
         step_bytes = sum(p.stat().st_size for p in (base_dir / "checkpoints/40").rglob("*"))
         disk = os.statvfs(work)
         used = (disk.f_blocks - disk.f_bfree) * disk.f_frsize
         _mount_tmpfs(work, str(used + step_bytes // 2), remount=True)
         cfg = ml_collections.ConfigDict(base.to_dict())
-        cfg.workdir = str(work)
+        cfg.workdir, cfg.train_iters = str(work), 21
         capfd.readouterr()
         with pytest.raises(SystemExit) as err:
             cli.run_main(run, cfg)
         line, stderr = err.value.code, capfd.readouterr().err
         ckpts = work / "checkpoints"
         assert line.startswith(
-            f"error: [Errno 28] No space left on device writing {ckpts}/40; removed the "
-            f"partial {ckpts}/40.orbax-checkpoint-tmp"
+            f"error: [Errno 28] No space left on device writing {ckpts}/21; removed the "
+            f"partial {ckpts}/21.orbax-checkpoint-tmp"
         ), line
         assert f"newest checkpoint: {ckpts}/20 (the next start resumes there)" in line
         assert "\n" not in line and "Traceback" not in stderr, stderr[-3000:]
         assert sorted(os.listdir(ckpts)) == ["20"]
         _mount_tmpfs(work, "256m", remount=True)  # space is back: the same run resumes
         run(cfg)
-        assert sorted(os.listdir(ckpts)) == ["20", "40"]
-        assert [m["step"] for m in _metrics(work)] == list(range(1, 41))
-        assert _tb_scalar_steps(work, "loss") == list(range(1, 41))
+        assert sorted(os.listdir(ckpts)) == ["20", "21"]
+        assert [m["step"] for m in _metrics(work)] == list(range(1, 22))
+        assert _tb_scalar_steps(work, "loss") == list(range(1, 22))
     finally:
         subprocess.run(["umount", "-l", str(work)], capture_output=True)
