@@ -164,8 +164,8 @@ def test_query_offset_and_kv_segments(backend, q_len, kv_len, offset, causal, pa
     """A slice of queries at ``q_offset`` against all keys (one context-parallel shard):
     kernel == XLA reference in output and dq/dk/dv.  Lengths are not whole blocks
     and the offset is not block-aligned, so the offset block bounds are exercised."""
-    q, _, _ = _inputs(2, q_len, 8, 2, 32, jnp.float32, seed=6)
-    _, k, v = _inputs(2, kv_len, 8, 2, 32, jnp.float32, seed=7)
+    q, _, _ = _inputs(2, q_len, 4, 1, 32, jnp.float32, seed=6)
+    _, k, v = _inputs(2, kv_len, 4, 1, 32, jnp.float32, seed=7)
     kv_seg = _segments(kv_len, 2) if packed else None
     q_seg = kv_seg[:, offset : offset + q_len] if packed else None
     kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal)

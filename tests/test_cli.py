@@ -58,6 +58,7 @@ def runs(tmp_path_factory) -> dict:
     return {"tmp": tmp, "out": out}
 
 
+@pytest.mark.slow  # the module fixture starts 17 CLI processes (~20 s on 2 loaded cores)
 @pytest.mark.parametrize("name", CLIS)
 def test_help_exits_0_in_one_layout(name, runs):
     proc, stdout, stderr = runs["out"][(name, "--help")]
@@ -66,6 +67,7 @@ def test_help_exits_0_in_one_layout(name, runs):
     assert "\noptions:\n  -h, --help" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(_bad_inputs("T"))))
 def test_bad_input_is_one_error_line(case, runs):
     argv, expected = _bad_inputs(runs["tmp"])[case]
@@ -75,6 +77,7 @@ def test_bad_input_is_one_error_line(case, runs):
     assert line.startswith("error: ") and expected in line, line
 
 
+@pytest.mark.slow
 def test_bad_inputs_write_nothing(runs):
     assert os.listdir(runs["tmp"]) == []
 

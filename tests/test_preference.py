@@ -733,6 +733,7 @@ def _hf_logps(params, model_cfg, out_dir, b):
     return out
 
 
+@pytest.mark.slow  # TRL's trainer on torch beside ours (~10 s on 2 cores)
 def test_dpo_step_equals_trl_and_raises_reward_accuracy(rm_data, sp_model_path, tmp_path):
     """A tiny DPO run (policy and on-the-fly reference from one random init, at most 12
     steps on the 4 training pairs): from a tie on every pair (policy = reference) to

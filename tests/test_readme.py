@@ -462,6 +462,7 @@ def _has_field(cfg, dotted: str) -> bool:
     return True
 
 
+@pytest.mark.slow  # one --help process per documented command (~10 s of process starts)
 def test_docs_commands_name_real_commands_flags_and_configs():
     """A renamed command, a dropped flag, a moved config file or a config field that no longer
     exists fails here, page and command named."""
