@@ -41,9 +41,9 @@ def _tiny_cfg(sample_data, workdir, **overrides) -> ml_collections.ConfigDict:
     # one learning-rate schedule whatever the run's length (it is a constant in the step's
     # program): runs of 1 to 40 steps share one compiled step (the persistent cache)
     cfg.optim.lr_decay_iters = 40
-    # the eval-time samples run (their compile and decode) but stay short: their content
-    # is test_cli_train_samples.py's, which decodes the same 4 tokens (one shared compile)
-    cfg.eval_max_new_tokens = 4
+    # no eval-time samples: they are test_cli_train_samples.py's subject, and here every
+    # evaluation (each step in the resume test) would decode them (~8 CPU s in this file)
+    cfg.eval_prompts = ""
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
@@ -331,8 +331,9 @@ def test_sigterm_saves_and_exits_zero(sample_data, tmp_path):
         "--config.train_iters=100000",
         "--config.log_interval=1",
         "--config.eval_interval=0",
-        "--config.seq_length=64",
-        "--config.eval_max_new_tokens=4",
+        # the module run's step program (a persistent-cache hit): its length and schedule
+        "--config.seq_length=128",
+        "--config.optim.lr_decay_iters=40",
     ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
