@@ -197,3 +197,24 @@ def test_a_full_disk_while_logging_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(OSError, match=f"writing {tmp_path / 'metrics.jsonl'}; it holds what"):
         logger.close()  # every sink closed all the same
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1
+
+
+def test_the_tensorboard_writer_does_not_load_torch(tmp_path):
+    """A training process where torch is installed (the test extras; many GPU images) writes
+    tensorboard events without loading torch (metrics.summary_writer_class: ~1.5 s of every
+    start), and leaves ``import torch`` working."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("torch") is not None  # installed, so it could be loaded
+    code = (
+        "import sys; from oasst_jax import metrics\n"
+        "m = metrics.MetricsLogger(sys.argv[1]); m.write(1, {'loss': 2.5}); m.close()\n"
+        "assert 'torch' not in sys.modules, 'torch loaded'; print('tb ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "tb ok", out.stderr[-2000:]
+    assert list((tmp_path / "tb").glob("events.*")), list(tmp_path.rglob("*"))
