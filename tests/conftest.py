@@ -254,11 +254,12 @@ def pytest_collection_finish(session):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``--numprocesses=auto`` (setup.cfg): one worker more than the cores this process may
-    use.  A worker often waits (subprocess CLIs, multi-process jobs waiting on each other,
-    a lost peer's heartbeat timeout, checkpoint I/O) while XLA compiles on one thread in
-    the others, so one extra keeps the cores busy (setup.cfg's --maxprocesses caps it)."""
-    return len(os.sched_getaffinity(0)) + 1
+    """``--numprocesses=auto`` (setup.cfg): one worker per core this process may use.  A
+    third worker on 2 cores kept them busier (99 % against 95 %) but cost more CPU than it
+    filled: 1144-1153 CPU s and 570-583 s of wall time in three runs, against 1068 CPU s and
+    566 s with two (the waits it filled -- subprocess CLIs, multi-process jobs, checkpoint
+    I/O -- are short next to the compiles the workers then contend for)."""
+    return len(os.sched_getaffinity(0))
 
 
 def pytest_collection_modifyitems(config, items):
