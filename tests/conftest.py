@@ -254,12 +254,13 @@ def pytest_collection_finish(session):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``--numprocesses=auto`` (setup.cfg): one worker per core this process may use.  A
-    third worker on 2 cores kept them busier (99 % against 95 %) but cost more CPU than it
-    filled: 1144-1153 CPU s and 570-583 s of wall time in three runs, against 1068 CPU s and
-    566 s with two (the waits it filled -- subprocess CLIs, multi-process jobs, checkpoint
-    I/O -- are short next to the compiles the workers then contend for)."""
-    return len(os.sched_getaffinity(0))
+    """``--numprocesses=auto`` (setup.cfg): one worker more than the cores this process may
+    use.  A worker often waits (subprocess CLIs, multi-process jobs waiting on each other,
+    checkpoint I/O) while XLA compiles in the others.  Measured on 2 cores: the fast tier
+    takes 167 s with 3 workers and 181 s with 2; the whole suite 565-591 s with 2 (1068 CPU
+    s) and 573-583 s with 3 (1144-1153 CPU s: contention costs about what the waits
+    fill)."""
+    return len(os.sched_getaffinity(0)) + 1
 
 
 def pytest_collection_modifyitems(config, items):
