@@ -256,10 +256,10 @@ def pytest_collection_finish(session):
 def pytest_xdist_auto_num_workers(config):
     """``--numprocesses=auto`` (setup.cfg): one worker more than the cores this process may
     use.  A worker often waits (subprocess CLIs, multi-process jobs waiting on each other,
-    checkpoint I/O) while XLA compiles in the others.  Measured on 2 cores: the fast tier
-    takes 167 s with 3 workers and 181 s with 2; the whole suite 565-591 s with 2 (1068 CPU
-    s) and 573-583 s with 3 (1144-1153 CPU s: contention costs about what the waits
-    fill)."""
+    checkpoint I/O) while XLA compiles in the others (setup.cfg's --maxprocesses caps it).
+    Measured on 2 cores: the fast tier takes 167 s with 3 workers and 181 s with 2; the
+    whole suite 565-591 s with 2 (1068 CPU s) and 557-583 s with 3 (1144-1153 CPU s:
+    contention costs about what the waits fill)."""
     return len(os.sched_getaffinity(0)) + 1
 
 
