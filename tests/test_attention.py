@@ -112,7 +112,9 @@ def test_gpu_kernel_fp32(length, heads, kv_heads, dim, packed, blocks, scale, ca
     ],
 )
 def test_bf16(backend, blocks, causal, packed):
-    q, k, v = _inputs(1, 200, 8, 2, 64, jnp.bfloat16, seed=1)
+    # 4 query heads on 2 KV heads: GQA, and a wrong query -> KV head map shows (an
+    # interpreted kernel's time follows its grid, heads included)
+    q, k, v = _inputs(1, 200, 4, 2, 64, jnp.bfloat16, seed=1)
     seg = _segments(200) if packed else None
     exact = _loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, causal)
     kernel = _loss_and_grads("pallas", q, k, v, seg, causal, block_sizes=blocks, backend=backend)
@@ -126,7 +128,7 @@ def test_bf16(backend, blocks, causal, packed):
 
 @pytest.mark.parametrize(
     "length,heads,kv_heads,causal,packed",
-    [(200, 8, 2, True, True), (200, 4, 4, False, False)],
+    [(200, 4, 2, True, True), (200, 4, 4, False, False)],
     ids=["gqa-causal-packed-len200", "mha-full-len200"],
 )
 def test_tpu_kernel_fp32(length, heads, kv_heads, causal, packed):
@@ -529,7 +531,8 @@ def test_offset_kernel_lowers_for_real_hardware(backend, platform, marker):
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')"
 )
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])  # v4, v6e also compile
+# v4 and v6e also compile; the fast tier compiles for one topology
+@pytest.mark.parametrize("topology", ["v5e:2x2", pytest.param("v5p:2x2x1", marks=pytest.mark.slow)])
 def test_compiles_with_mosaic_for_tpu(topology, monkeypatch):
     """Ahead-of-time compile fwd+bwd with libtpu's real Mosaic compiler, no TPU needed.
 

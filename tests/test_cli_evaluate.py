@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import os
 from functools import partial
+from typing import TYPE_CHECKING
 
-import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_llama
 from flax import linen as nn
-from lm_eval.api.instance import Instance
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 
 from oasst_jax import checkpoint
 from oasst_jax.cli import convert, evaluate
 from oasst_jax.model import Llama
 from oasst_jax.tokenizer import Tokenizer
+
+# lm-eval (with datasets, ~2 s) is imported where it is used: every xdist worker collects
+# this file, and only the one that runs it needs lm-eval
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
 
 TASKS = os.path.join(REPO, "tests", "data", "eval_tasks")
 # fp32 sums of up to ~130 log-probabilities; XLA and torch differ in summation order
@@ -33,6 +35,8 @@ WORDS = "the quick brown fox jumps over the lazy dog while a helpful assistant a
 def models(tmp_path_factory, sp_model_path):
     """A random tiny checkpoint (hidden 64, 2 layers, vocab 302 padded to 384), its HF
     export, and both as lm-eval models: ours sharded fsdp 2 x tensor 2 (x data 2)."""
+    from lm_eval.models.huggingface import HFLM
+
     tok = Tokenizer(sp_model_path)
     cfg = tiny_llama(
         vocab_size=tok.vocab_size,
@@ -56,6 +60,8 @@ def models(tmp_path_factory, sp_model_path):
 
 
 def _requests(kind: str, args: list[tuple]) -> list[Instance]:
+    from lm_eval.api.instance import Instance
+
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
@@ -125,6 +131,10 @@ def test_chat_template_is_the_exported_tokenizers(models):
 
 
 def test_cli_multiple_choice_accuracy_equals_hf(models, tmp_path, monkeypatch, capsys):
+    import datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     monkeypatch.chdir(REPO)  # the task's data_files are relative to the repository root
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
     out = tmp_path / "results.json"
@@ -135,8 +145,6 @@ def test_cli_multiple_choice_accuracy_equals_hf(models, tmp_path, monkeypatch, c
     )
     ours = json.loads(out.read_text())
     assert "oasst_tiny_mc" in capsys.readouterr().out
-    import lm_eval
-
     hf = lm_eval.simple_evaluate(
         model=models["hf"],
         tasks=["oasst_tiny_mc"],
@@ -161,6 +169,8 @@ def test_cli_multiple_choice_accuracy_equals_hf(models, tmp_path, monkeypatch, c
     ],
 )
 def test_bad_input_is_one_line(models, tmp_path, monkeypatch, flags, message):
+    from lm_eval.tasks import TaskManager
+
     # lm-eval's ~15k built-in tasks are indexed when a name is not in --include-path;
     # the error line is the same without them, which keeps the test fast
     monkeypatch.setattr("lm_eval.tasks.TaskManager", partial(TaskManager, include_defaults=False))

@@ -193,6 +193,7 @@ def tiny_ckpt(tmp_path_factory, sp_model_path):
     return path, params, cfg, tok
 
 
+@pytest.mark.slow  # a CLI process start
 def test_cli_json_lines(tiny_ckpt, sp_model_path):
     path, params, cfg, tok = tiny_ckpt
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -230,6 +230,7 @@ def test_merge_refuses_a_base_the_adapters_were_not_trained_on(trained, tmp_path
     assert "\n" not in line and not out.exists()
 
 
+@pytest.mark.slow  # a reward model exported twice (~10 s on 2 loaded cores)
 def test_rm_to_hf_refuses_a_lora_reward_models_rewritten_base(tmp_path):
     """``rm-to-hf`` merges a LoRA reward model into the base its run recorded: exported
     while that base is the one trained on, refused in one line once it was rewritten."""
