@@ -157,7 +157,7 @@ OFFSET_CASES = [
     pytest.param("gpu", 48, 160, 112, True, False, False, id="gpu-causal-last-rows"),
     pytest.param("gpu", 48, 160, 70, False, True, True, id="gpu-full-packed-traced"),
     pytest.param("tpu", 100, 300, 150, True, True, True, id="tpu-causal-packed-traced"),
-    pytest.param("tpu", 100, 300, 150, False, False, False, id="tpu-full"),
+    pytest.param("tpu", 100, 300, 150, False, False, False, id="tpu-full", marks=pytest.mark.slow),
 ]
 
 
@@ -205,7 +205,7 @@ PACKED_ROW_CASES = [
     # covers 80 % (GPU) / 85 % (TPU), so causal blocks wholly inside it exist
     pytest.param("gpu", GPU_MIXED, True, 160, id="gpu-causal"),
     pytest.param("gpu", GPU_MIXED, False, 160, id="gpu-full"),
-    pytest.param("tpu", TPU_BLOCKS, True, 300, id="tpu-causal"),
+    pytest.param("tpu", TPU_BLOCKS, True, 300, id="tpu-causal", marks=pytest.mark.slow),
 ]
 
 
@@ -531,8 +531,8 @@ def test_offset_kernel_lowers_for_real_hardware(backend, platform, marker):
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')"
 )
-# v4 and v6e also compile; the fast tier compiles for one topology
-@pytest.mark.parametrize("topology", ["v5e:2x2", pytest.param("v5p:2x2x1", marks=pytest.mark.slow)])
+@pytest.mark.slow  # libtpu's compiler (the fast tier lowers the kernels for TPU)
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])  # v4, v6e also compile
 def test_compiles_with_mosaic_for_tpu(topology, monkeypatch):
     """Ahead-of-time compile fwd+bwd with libtpu's real Mosaic compiler, no TPU needed.
 

@@ -232,6 +232,7 @@ def _trl_dpo(policy, reference, beta):
     return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
+@pytest.mark.slow  # TRL's trainer
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_loss_equals_trl(beta):
     from oasst_jax.preference_loss import dpo_loss
